@@ -1,0 +1,156 @@
+"""Gateway configuration: a YAML file validated by pydantic.
+
+Unknown keys are errors (a typo must not silently disable a limit), ``${VAR}`` and
+``${VAR:-default}`` are read from the environment, and API keys are ``SecretStr`` so they
+never appear in a repr, a log line or an error message.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from keel._classify import Dialect
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message says where and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Timeouts(_Strict):
+    """Seconds. ``first_token`` runs from sending the request to the first content token (for a
+    non-stream request: to the complete response), ``idle`` between content tokens — keep-alive
+    comments do not reset it — and ``total`` bounds one attempt."""
+
+    connect: float = Field(5.0, gt=0)
+    first_token: float = Field(60.0, gt=0)
+    idle: float = Field(30.0, gt=0)
+    total: float = Field(600.0, gt=0)
+
+
+class TimeoutOverrides(_Strict):
+    connect: float | None = Field(None, gt=0)
+    first_token: float | None = Field(None, gt=0)
+    idle: float | None = Field(None, gt=0)
+    total: float | None = Field(None, gt=0)
+
+    def apply(self, base: Timeouts) -> Timeouts:
+        return base.model_copy(update=self.model_dump(exclude_none=True))
+
+
+Continuation = Literal["prefill", "instruct", "none"]
+
+
+class DeploymentConfig(_Strict):
+    base_url: str
+    api_key: SecretStr = SecretStr("")
+    model: str | None = None  # the upstream's model name; default: the group name
+    dialect: Dialect = Dialect.OPENAI
+    name: str | None = None  # shown in logs/headers; default "<group>/<index>"
+    weight: float = Field(1.0, gt=0)
+    timeouts: TimeoutOverrides = TimeoutOverrides()
+    headers: dict[str, str] = {}
+    continuation: Continuation | None = None  # default by dialect
+    # limits (enforced by the limiter layer)
+    rpm: int | None = Field(None, gt=0)
+    tpm: int | None = Field(None, gt=0)
+    max_concurrency: int | None = Field(None, gt=0)
+
+
+class ModelGroup(_Strict):
+    deployments: list[DeploymentConfig] = Field(min_length=1)
+    fallbacks: list[str] = []
+    on_content_filter: Literal["pass", "failover"] = "pass"
+
+
+class RetryPolicy(_Strict):
+    max_attempts: int = Field(8, ge=1)  # all attempts of one request, across deployments
+    max_retries_per_deployment: int = Field(2, ge=0)
+    backoff_base: float = Field(0.1, ge=0)
+    backoff_cap: float = Field(2.0, ge=0)
+    max_retry_wait: float = Field(5.0, ge=0)  # a longer retry-after hint → fail over instead
+    budget_ratio: float = Field(0.2, ge=0)
+    budget_floor_per_s: float = Field(5.0, ge=0)
+    deadline: float = Field(300.0, gt=0)  # whole request, all attempts
+    auth_cooldown: float = Field(300.0, ge=0)  # a key that failed auth sits out this long
+    quota_cooldown: float = Field(3600.0, ge=0)  # a key out of quota/billing sits out this long
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(4000, ge=0, le=65535)
+    max_body_bytes: int = Field(8 * 1024 * 1024, gt=0)
+    api_keys: list[SecretStr] = []  # empty → any bearer token is accepted (local use)
+
+
+class GatewayConfig(_Strict):
+    server: ServerConfig = ServerConfig()
+    timeouts: Timeouts = Timeouts()
+    retry: RetryPolicy = RetryPolicy()
+    redis_url: str | None = None
+    models: dict[str, ModelGroup] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _fallbacks_exist(self) -> GatewayConfig:
+        for name, group in self.models.items():
+            for fb in group.fallbacks:
+                if fb not in self.models:
+                    raise ValueError(f"models.{name}.fallbacks names unknown model group {fb!r}")
+        return self
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(value: Any, where: str) -> Any:
+    if isinstance(value, str):
+
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is not None:
+                return default
+            raise ConfigError(f"{where}: environment variable {name} is not set")
+
+        return _VAR.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: _expand(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def parse_config(data: Any) -> GatewayConfig:
+    try:
+        return GatewayConfig.model_validate(_expand(data, "config"))
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "config"
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"  {loc}: {msg}")
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping with a 'models' key")
+    return parse_config(data)

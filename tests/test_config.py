@@ -1,0 +1,72 @@
+import pytest
+
+from keel.config import ConfigError, load_config, parse_config
+
+MINIMAL = """
+models:
+  chat:
+    deployments:
+      - base_url: http://127.0.0.1:9101/v1
+        api_key: ${UPSTREAM_KEY}
+        model: gpt-4o-mini
+        dialect: openai
+      - base_url: http://127.0.0.1:9102/v1
+        api_key: sk-other
+    fallbacks: [chat-cheap]
+  chat-cheap:
+    deployments:
+      - base_url: https://dashscope.aliyuncs.com/compatible-mode/v1
+        api_key: ${DASHSCOPE_API_KEY}
+        model: qwen-turbo
+        dialect: dashscope
+"""
+
+
+def test_the_issue_example_loads(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("UPSTREAM_KEY", "sk-upstream-secret")
+    monkeypatch.setenv("DASHSCOPE_API_KEY", "sk-ds-secret")
+    path = tmp_path / "keel.yaml"
+    path.write_text(MINIMAL)
+    cfg = load_config(path)
+    chat = cfg.models["chat"]
+    assert chat.deployments[0].api_key.get_secret_value() == "sk-upstream-secret"
+    assert chat.deployments[1].model is None and chat.deployments[1].dialect == "openai"
+    assert cfg.models["chat-cheap"].deployments[0].dialect == "dashscope"
+    assert cfg.server.host == "127.0.0.1" and cfg.server.port == 4000
+    # keys never show in a repr
+    assert "sk-upstream-secret" not in repr(cfg)
+
+
+def test_missing_env_var_is_named(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv("UPSTREAM_KEY", raising=False)
+    monkeypatch.setenv("DASHSCOPE_API_KEY", "x")
+    path = tmp_path / "keel.yaml"
+    path.write_text(MINIMAL)
+    with pytest.raises(ConfigError, match="UPSTREAM_KEY is not set"):
+        load_config(path)
+
+
+def test_env_default() -> None:
+    cfg = parse_config(
+        {"models": {"m": {"deployments": [{"base_url": "${NOPE_URL:-http://x/v1}"}]}}}
+    )
+    assert cfg.models["m"].deployments[0].base_url == "http://x/v1"
+
+
+def test_unknown_key_is_an_error_naming_it() -> None:
+    with pytest.raises(ConfigError, match=r"models\.m\.deployments\.0\.rmp: unknown key"):
+        parse_config({"models": {"m": {"deployments": [{"base_url": "http://x", "rmp": 5}]}}})
+
+
+def test_unknown_fallback_group() -> None:
+    with pytest.raises(ConfigError, match="unknown model group 'nope'"):
+        parse_config(
+            {"models": {"m": {"deployments": [{"base_url": "http://x"}], "fallbacks": ["nope"]}}}
+        )
+
+
+def test_not_yaml(tmp_path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("models: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
