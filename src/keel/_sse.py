@@ -7,38 +7,178 @@ UTF-8 decoded only at line boundaries so a multi-byte character split across rea
 damaged. Comments are surfaced (not dropped) so callers can tell keep-alives from content —
 a keep-alive must not reset an inter-token idle timer.
 
-TODO(issue 2): implementation pending.
+Hot path: a feed holding whole ``data: {...}\\n\\n`` frames and no CR costs one ``rfind``, one
+UTF-8 decode and one ``str.split`` for the whole chunk, then a few string operations per line.
+Bytes are never rescanned: an unterminated line waits as a list of pieces that is joined once,
+when its terminator arrives.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+_BOM = b"\xef\xbb\xbf"
+_LF = 0x0A
+_CR = 0x0D
+_setattr = object.__setattr__
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True, slots=True, init=False)
 class ServerSentEvent:
     data: str
     event: str = "message"
-    id: str | None = None
-    retry: int | None = None
+    id: str | None = None  # the stream's last event ID when dispatched (it persists, per spec)
+    retry: int | None = None  # a valid ``retry:`` field inside this event's block, if any
+
+    # Hand-written because one event is built per relayed frame: the generated frozen __init__
+    # looks up ``object.__setattr__`` for every field and costs about twice as much.
+    def __init__(
+        self, data: str, event: str = "message", id: str | None = None, retry: int | None = None
+    ) -> None:
+        _setattr(self, "data", data)
+        _setattr(self, "event", event)
+        _setattr(self, "id", id)
+        _setattr(self, "retry", retry)
 
 
 @dataclass(frozen=True, slots=True)
 class Comment:
-    text: str
+    text: str  # the text after ``:``, with one leading space removed (``: ping`` -> "ping")
 
 
 class SSEDecoder:
     """Incremental decoder. ``feed`` returns the events completed by these bytes."""
 
+    __slots__ = (
+        "_at_start",
+        "_data",
+        "_event",
+        "_head",
+        "_in_event",
+        "_last_id",
+        "_retry",
+        "_skip_lf",
+        "_stream_retry",
+        "_tail",
+    )
+
+    def __init__(self) -> None:
+        # Pieces of the current unterminated line. Invariant: they contain no CR or LF, so a
+        # newline search only ever needs to look at newly fed bytes.
+        self._tail: list[bytes] = []
+        # Until the first 3 bytes are seen we cannot tell a leading BOM from content.
+        self._at_start = True
+        self._head = b""
+        # The previous feed ended with CR: an LF opening the next feed completes that CRLF.
+        self._skip_lf = False
+        # The event being built (the spec's data/event type buffers).
+        self._data: list[str] = []
+        self._event = ""
+        self._retry: int | None = None
+        self._in_event = False  # a field line arrived since the last blank line
+        self._last_id: str | None = None
+        self._stream_retry: int | None = None
+
+    @property
+    def last_event_id(self) -> str | None:
+        """The spec's last event ID buffer (``None`` until an ``id:`` field arrives)."""
+        return self._last_id
+
+    @property
+    def retry(self) -> int | None:
+        """The reconnection time (ms) most recently announced by a valid ``retry:`` field."""
+        return self._stream_retry
+
     def feed(self, data: bytes) -> list[ServerSentEvent | Comment]:
-        raise NotImplementedError
+        if self._at_start:
+            data = self._strip_bom(data)
+        if self._skip_lf and data:
+            self._skip_lf = False
+            if data[0] == _LF:
+                data = data[1:]
+        if _CR in data:  # an int membership test is a plain memchr, cheaper than b"\r" in data
+            # Rare: normalise CRLF and lone CR to LF. A trailing CR is a complete line ending
+            # already; remember it so an LF at the start of the next feed is not a blank line.
+            self._skip_lf = data[-1] == _CR
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        end = data.rfind(b"\n")
+        if end < 0:
+            if data:
+                self._tail.append(data)
+            return []
+        if self._tail:
+            new_len = len(data)
+            self._tail.append(data)
+            data = b"".join(self._tail)
+            end += len(data) - new_len
+            self._tail = []
+        # Decoding all complete lines at once is safe: LF never occurs inside a multi-byte
+        # UTF-8 sequence, and "replace" treats an invalid sequence the same whether or not the
+        # following line is decoded along with it.
+        if end == len(data) - 1:
+            lines = data.decode("utf-8", "replace").split("\n")
+        else:
+            self._tail.append(data[end + 1 :])
+            lines = data[: end + 1].decode("utf-8", "replace").split("\n")
+        lines.pop()  # the "" after the final LF
+        return self._lines(lines)
 
     def close(self) -> list[ServerSentEvent | Comment]:
-        """End of stream. Per the spec an event without its blank line is discarded."""
-        raise NotImplementedError
+        """End of stream. Per the spec an event without its blank line is discarded.
+
+        The buffered state is kept so that ``has_partial`` still reports the truncation."""
+        return []
 
     @property
     def has_partial(self) -> bool:
         """True when bytes of an unfinished line or event are buffered (a truncation sign)."""
-        raise NotImplementedError
+        return bool(self._tail or self._head or self._in_event)
+
+    def _strip_bom(self, data: bytes) -> bytes:
+        head = self._head + data
+        if len(head) < 3 and _BOM.startswith(head):
+            self._head = head  # could still become a BOM: wait for more bytes
+            return b""
+        self._at_start = False
+        self._head = b""
+        return head[3:] if head.startswith(_BOM) else head
+
+    def _lines(self, lines: list[str]) -> list[ServerSentEvent | Comment]:
+        out: list[ServerSentEvent | Comment] = []
+        data = self._data
+        for line in lines:
+            if not line:
+                # Blank line: dispatch if any data line arrived, then reset the event buffers.
+                if data:
+                    out.append(
+                        ServerSentEvent(
+                            data[0] if len(data) == 1 else "\n".join(data),
+                            self._event or "message",
+                            self._last_id,
+                            self._retry,
+                        )
+                    )
+                    data.clear()
+                if self._in_event:
+                    self._event = ""
+                    self._retry = None
+                    self._in_event = False
+                continue
+            name, _, value = line.partition(":")
+            if not name:
+                out.append(Comment(value[1:] if value[:1] == " " else value))
+                continue
+            if value[:1] == " ":
+                value = value[1:]
+            self._in_event = True
+            if name == "data":
+                data.append(value)
+            elif name == "event":
+                self._event = value
+            elif name == "id":
+                if "\0" not in value:
+                    self._last_id = value
+            elif name == "retry" and value.isascii() and value.isdigit():
+                self._retry = self._stream_retry = int(value)
+            # any other field name is ignored, per spec
+        return out
