@@ -1,0 +1,90 @@
+"""``keel sim``: run the simulator as a process.
+
+Prints exactly one line, ``keel-sim listening on http://HOST:PORT/v1``, once it accepts
+connections (so a parent started with ``--port 0`` learns the port), then serves until SIGTERM
+or SIGINT and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from typing import Annotated
+
+import typer
+
+from keel.sim._answer import DEFAULT_LENGTH
+
+
+async def _serve(sim_kwargs: dict[str, object], host: str, port: int) -> None:
+    from keel.sim._server import Simulator
+
+    sim = Simulator(**sim_kwargs)  # type: ignore[arg-type]
+    url = await sim.start(host, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"keel-sim listening on {url}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await sim.stop()
+
+
+def sim_command(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port; 0 picks a free one.")] = 9101,
+    name: Annotated[
+        str, typer.Option(help="Name for [[sim@NAME:...]] targeting and logs.")
+    ] = "sim",
+    dialect: Annotated[
+        str, typer.Option(help="Error dialect: openai, dashscope, anthropic, azure.")
+    ] = "openai",
+    faults: Annotated[
+        str, typer.Option(help='Random faults with probabilities, e.g. "r429=0.1,trunc=0.05".')
+    ] = "",
+    seed: Annotated[int, typer.Option(help="Seed of the random fault sequence.")] = 0,
+    length: Annotated[int, typer.Option(help="Answer length in tokens.")] = DEFAULT_LENGTH,
+    token_delay: Annotated[float, typer.Option(help="Seconds between content chunks.")] = 0.0,
+    first_token_delay: Annotated[
+        float, typer.Option(help="Extra seconds before the first content chunk.")
+    ] = 0.0,
+    max_concurrency: Annotated[
+        int, typer.Option(help="Requests beyond this many in flight get a 429 (0 = no limit).")
+    ] = 0,
+    key_faults: Annotated[
+        str, typer.Option(help='Persistent faults per API key, e.g. "sk-dead=auth,sk-b=quota".')
+    ] = "",
+    keys: Annotated[
+        str, typer.Option(help="Comma-separated allowed API keys (others get 401); empty = any.")
+    ] = "",
+    models: Annotated[
+        str, typer.Option(help="Comma-separated model ids listed by /v1/models.")
+    ] = "sim-model",
+) -> None:
+    """Run the OpenAI-compatible upstream simulator with fault injection."""
+    kwargs: dict[str, object] = {
+        "name": name,
+        "dialect": dialect,
+        "faults": faults,
+        "seed": seed,
+        "length": length,
+        "token_delay": token_delay,
+        "first_token_delay": first_token_delay,
+        "max_concurrency": max_concurrency,
+        "key_faults": key_faults,
+        "keys": keys,
+        "models": [m.strip() for m in models.split(",") if m.strip()],
+    }
+    try:
+        if sys.platform != "win32":
+            import uvloop
+
+            uvloop.run(_serve(kwargs, host, port))
+        else:
+            asyncio.run(_serve(kwargs, host, port))
+    except ValueError as e:  # bad --faults / --dialect / --key-faults
+        typer.echo(f"keel sim: {e}", err=True)
+        raise typer.Exit(2) from None

@@ -1,0 +1,558 @@
+"""The simulator's HTTP server: an OpenAI-compatible chat endpoint with fault injection.
+
+Request path: read and validate the body -> work out the conversation (plain, prefill or
+instruct continuation, tool call) -> choose the faults (allow-list, concurrency, key fault,
+forced directives, seeded draw - first match wins) -> reply with an error, a reset, or a planned
+body (``_stream.py``) executed op by op. Runs with ``handler_cancellation=True`` so a client that
+leaves cancels its handler; all bookkeeping happens in ``finally``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from keel.sim._answer import (
+    CONTINUE_MARKER,
+    DEFAULT_LENGTH,
+    content_text,
+    default_overlap,
+    pieces_from,
+    prompt_tokens,
+    strip_directives,
+    tokens_for,
+    tool_call_for,
+)
+from keel.sim._errors import (
+    ErrorReply,
+    bad_request,
+    error_reply,
+    key_fingerprint,
+    non_stream_mid_error,
+)
+from keel.sim._faults import (
+    TERMINAL,
+    AttemptCounter,
+    DirectiveError,
+    Directives,
+    Fault,
+    draw,
+    parse_directives,
+    parse_header,
+    parse_key_faults,
+    parse_rates,
+)
+from keel.sim._log import LogEntry, RequestLog
+from keel.sim._stream import Abort, Op, Sleep, Stall, StreamSpec, Write, body_plan, stream_plan
+
+DIALECTS = ("openai", "dashscope", "anthropic", "azure")
+_MID_ERRORS = ("err_mid", "inspect_mid", "anth_err_mid")
+
+
+@dataclass(slots=True)
+class _Turn:
+    """What the conversation asks for."""
+
+    user: str  # raw text of the message the answer is computed from
+    prefix: str | None = None  # assistant text already produced (continuation)
+    kind: str | None = None  # "prefill" | "instruct"
+    marker: str = ""  # raw text of the instruct message (may carry directives too)
+
+
+def _turn(messages: list[Any]) -> _Turn:
+    def last_user(before: int) -> str:
+        for m in reversed(messages[:before]):
+            if isinstance(m, dict) and m.get("role") == "user":
+                return content_text(m.get("content"))
+        return ""
+
+    last = messages[-1] if isinstance(messages[-1], dict) else {}
+    role, text = last.get("role"), content_text(last.get("content"))
+    n = len(messages)
+    if role == "assistant" and text:
+        return _Turn(last_user(n - 1), text, "prefill")
+    if role == "user" and CONTINUE_MARKER in text and n >= 3:
+        prev = messages[-2] if isinstance(messages[-2], dict) else {}
+        prev_text = content_text(prev.get("content"))
+        if prev.get("role") == "assistant" and prev_text:
+            return _Turn(last_user(n - 2), prev_text, "instruct", text)
+    return _Turn(text if role == "user" else last_user(n))
+
+
+def _api_key(request: web.Request) -> str | None:
+    auth = request.headers.get("authorization")
+    if auth and auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    return request.headers.get("api-key") or request.headers.get("x-api-key")
+
+
+class Simulator:
+    """An in-process simulator. ``base_url = await sim.start()``; ``await sim.stop()``."""
+
+    def __init__(
+        self,
+        name: str = "sim",
+        dialect: str = "openai",
+        faults: str | None = None,
+        seed: int = 0,
+        length: int = DEFAULT_LENGTH,
+        token_delay: float = 0.0,
+        first_token_delay: float = 0.0,
+        max_concurrency: int = 0,
+        key_faults: str | Mapping[str, str] | None = None,
+        keys: Iterable[str] | str | None = None,
+        models: Iterable[str] = ("sim-model",),
+    ) -> None:
+        self.name = name
+        self.models = list(models)
+        self.base_url = ""
+        self._log = RequestLog()
+        self._counter = AttemptCounter()
+        self._rid = os.urandom(4).hex()
+        self._runner: web.AppRunner | None = None
+        self._stopping = asyncio.Event()
+        self.dialect = "openai"
+        self.rates: tuple[tuple[str, float], ...] = ()
+        self.seed = seed
+        self._rng = random.Random(seed)
+        self.length = length
+        self.token_delay = token_delay
+        self.first_token_delay = first_token_delay
+        self.max_concurrency = max_concurrency
+        self.key_faults: dict[str, Fault] = {}
+        self.keys: frozenset[str] = frozenset()
+        self.configure(dialect=dialect, faults=faults or "", key_faults=key_faults, keys=keys)
+
+    # -- configuration ------------------------------------------------------------------------
+
+    def configure(
+        self,
+        *,
+        faults: str | None = None,
+        seed: int | None = None,
+        max_concurrency: int | None = None,
+        token_delay: float | None = None,
+        first_token_delay: float | None = None,
+        length: int | None = None,
+        key_faults: str | Mapping[str, str] | None = None,
+        keys: Iterable[str] | str | None = None,
+        dialect: str | None = None,
+    ) -> dict[str, Any]:
+        """Change settings at run time (None = unchanged; ``faults=""`` = none). Setting
+        ``faults`` or ``seed`` restarts the seeded fault sequence."""
+        if dialect is not None:
+            if dialect not in DIALECTS:
+                raise ValueError(f"unknown dialect {dialect!r}; expected one of {DIALECTS}")
+            self.dialect = dialect
+        if faults is not None:
+            self.rates = parse_rates(faults)
+        if seed is not None:
+            self.seed = seed
+        if faults is not None or seed is not None:
+            self._rng = random.Random(self.seed)
+        if key_faults is not None:
+            if not isinstance(key_faults, str):
+                key_faults = ",".join(f"{k}={v}" for k, v in key_faults.items())
+            self.key_faults = parse_key_faults(key_faults)
+        if keys is not None:
+            items = keys.split(",") if isinstance(keys, str) else keys
+            self.keys = frozenset(k.strip() for k in items if k.strip())
+        if max_concurrency is not None:
+            self.max_concurrency = max_concurrency
+        if token_delay is not None:
+            self.token_delay = token_delay
+        if first_token_delay is not None:
+            self.first_token_delay = first_token_delay
+        if length is not None:
+            self.length = length
+        return self.config()
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "dialect": self.dialect,
+            "faults": ",".join(f"{n}={p:g}" for n, p in self.rates),
+            "seed": self.seed,
+            "length": self.length,
+            "token_delay": self.token_delay,
+            "first_token_delay": self.first_token_delay,
+            "max_concurrency": self.max_concurrency,
+            "key_faults": len(self.key_faults),  # keys are secrets: count only
+            "keys": len(self.keys),
+            "models": self.models,
+        }
+
+    # -- lifecycle and introspection ----------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        r = app.router
+        r.add_post("/v1/chat/completions", self._chat)
+        r.add_post("/chat/completions", self._chat)
+        r.add_post("/openai/deployments/{deployment}/chat/completions", self._chat)  # Azure
+        r.add_get("/v1/models", self._models)
+        r.add_get("/_sim/log", self._get_log)
+        r.add_delete("/_sim/log", self._delete_log)
+        r.add_get("/_sim/stats", self._get_stats)
+        r.add_get("/_sim/config", self._get_config)
+        r.add_post("/_sim/config", self._post_config)
+        r.add_post("/_sim/reset", self._post_reset)
+        r.add_get("/_sim/health", self._health)
+        return app
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Listen on ``host:port`` (0 = a free port); returns the base URL ending in ``/v1``."""
+        self._stopping = asyncio.Event()
+        runner = web.AppRunner(
+            self.app(), handler_cancellation=True, access_log=None, shutdown_timeout=1.0
+        )
+        await runner.setup()
+        await web.TCPSite(runner, host, port, backlog=1024, reuse_address=True).start()
+        self._runner = runner
+        bound_port = runner.addresses[0][1]
+        url_host = f"[{host}]" if ":" in host else host
+        self.base_url = f"http://{url_host}:{bound_port}/v1"
+        return self.base_url
+
+    async def stop(self) -> None:
+        self._stopping.set()  # releases stalled handlers
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> Simulator:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def log(self) -> list[LogEntry]:
+        return self._log.since(0)
+
+    def log_since(self, seq: int) -> list[LogEntry]:
+        return self._log.since(seq)
+
+    def stats(self) -> dict[str, Any]:
+        return self._log.stats()
+
+    def clear_log(self) -> None:
+        self._log.clear()
+
+    def reset(self) -> None:
+        """Clear the log, statistics and ``*K`` counters; restart the seeded fault sequence."""
+        self._log.reset()
+        self._counter.clear()
+        self._rng = random.Random(self.seed)
+
+    async def wait_for(
+        self,
+        predicate: Callable[[list[LogEntry]], bool],
+        timeout: float = 5.0,  # noqa: ASYNC109 - a test helper; a deadline is its whole point
+    ) -> list[LogEntry]:
+        """Wait until ``predicate(log)`` holds (checked whenever a request opens or closes)."""
+        await self._log.wait_for(lambda: predicate(self.log), timeout)
+        return self.log
+
+    # -- admin endpoints ----------------------------------------------------------------------
+
+    async def _models(self, request: web.Request) -> web.Response:
+        data = [
+            {"id": m, "object": "model", "created": 0, "owned_by": "keel-sim"} for m in self.models
+        ]
+        return _json({"object": "list", "data": data})
+
+    async def _get_log(self, request: web.Request) -> web.Response:
+        since = int(request.query.get("since", "0") or 0)
+        return _json([e.to_dict() for e in self._log.since(since)])
+
+    async def _delete_log(self, request: web.Request) -> web.Response:
+        self._log.clear()
+        return _json({"ok": True})
+
+    async def _get_stats(self, request: web.Request) -> web.Response:
+        return _json(self._log.stats())
+
+    async def _get_config(self, request: web.Request) -> web.Response:
+        return _json(self.config())
+
+    async def _post_config(self, request: web.Request) -> web.Response:
+        try:
+            return _json(self.configure(**orjson.loads(await request.read())))
+        except (TypeError, ValueError) as e:
+            return _reply(bad_request(f"bad sim config: {e}"), "")
+
+    async def _post_reset(self, request: web.Request) -> web.Response:
+        self.reset()
+        return _json({"ok": True})
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return _json({"ok": True, "name": self.name})
+
+    # -- chat completions ---------------------------------------------------------------------
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        entry = self._log.open(self.name)
+        entry.request_id = f"req_{self._rid}{entry.seq}"
+        try:
+            return await self._handle(request, entry)
+        except asyncio.CancelledError:  # handler cancellation: the client went away
+            entry.client_disconnected = True
+            raise
+        finally:
+            self._log.close(entry)
+
+    async def _handle(self, request: web.Request, entry: LogEntry) -> web.StreamResponse:
+        rid = entry.request_id
+        api_key = _api_key(request)
+        entry.key = key_fingerprint(api_key)
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            return self._error(entry, bad_request("request body is not valid JSON"))
+        messages = body.get("messages") if isinstance(body, dict) else None
+        if not isinstance(messages, list) or not messages:
+            return self._error(entry, bad_request("'messages' must be a non-empty array"))
+        model = str(body.get("model") or request.match_info.get("deployment") or self.models[0])
+        stream = bool(body.get("stream"))
+        entry.model, entry.stream = model, stream
+
+        turn = _turn(messages)
+        try:
+            d = parse_directives(turn.user, self.name) or Directives()
+            if turn.marker and (more := parse_directives(turn.marker, self.name)):
+                d.update(more)
+            if (header := request.headers.get("x-sim-fault")) and (
+                more := parse_header(header, self.name)
+            ):
+                d.update(more)
+        except DirectiveError as e:
+            return self._error(entry, bad_request(str(e)))
+        prompt = strip_directives(turn.user)
+        entry.prompt = prompt[:80]
+        tokens = tokens_for(prompt, d.length if d.length is not None else self.length)
+
+        # What to send: text pieces (maybe a continuation) or a tool call.
+        tools = body.get("tools")
+        choice = body.get("tool_choice")
+        tool_name = None
+        if (
+            tools
+            and choice != "none"
+            and (d.tool or choice == "required" or isinstance(choice, dict))
+        ):
+            fn = choice.get("function") if isinstance(choice, dict) else None
+            tool_name = (fn or {}).get("name") or (tools[0].get("function") or {}).get("name")
+        pieces: list[str]
+        finish = "stop"
+        if tool_name:
+            call = tool_call_for(prompt, str(tool_name))
+            pieces, finish, entry.tool_call = list(call.pieces), "tool_calls", True
+        elif turn.prefix is not None and "".join(tokens).startswith(turn.prefix):
+            start = len(turn.prefix)
+            if turn.kind == "instruct":
+                ov = d.overlap if d.overlap is not None else default_overlap(tokens, start)
+                start -= max(0, min(ov, start))
+            pieces = pieces_from(tokens, start)
+            entry.continuation, entry.continuation_kind = True, turn.kind
+        else:
+            pieces = list(tokens)
+        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        if not tool_name and isinstance(limit, int) and 0 <= limit < len(pieces):
+            pieces, finish = pieces[:limit], "length"
+
+        faults = self._choose_faults(api_key, prompt, d, len(pieces))
+        if faults:
+            entry.fault = ",".join(f.name for f in faults)
+            for f in faults:
+                if f.spec.phase == "error":
+                    reply = error_reply(
+                        f.name, f.value, self.dialect, api_key=api_key, model=model, request_id=rid
+                    )
+                    return self._error(entry, reply)
+                if f.spec.phase == "reset":
+                    return _reset(request)
+        active = {f.name: f.param() for f in faults if f.spec.phase == "stream"}
+        if "slow_first" in active:
+            await asyncio.sleep(active["slow_first"])
+
+        created = int(time.time())
+        usage = {
+            "prompt_tokens": (p := prompt_tokens(m for m in messages if isinstance(m, dict))),
+            "completion_tokens": len(pieces),
+            "total_tokens": p + len(pieces),
+        }
+        complete = not any(name in TERMINAL for name in active)
+        if stream:
+            role: dict[str, Any] = {"role": "assistant", "content": ""}
+            if tool_name:
+                role = {"role": "assistant", "content": None, "tool_calls": [
+                    {"index": 0, "id": call.id, "type": "function",
+                     "function": {"name": call.name, "arguments": ""}},
+                ]}  # fmt: skip
+                deltas = [
+                    {"tool_calls": [{"index": 0, "function": {"arguments": a}}]} for a in pieces
+                ]
+            else:
+                deltas = [{"content": piece} for piece in pieces]
+            opts = body.get("stream_options")
+            spec = StreamSpec(
+                chunk_id=f"chatcmpl-{rid[4:]}",
+                request_id=rid,
+                created=created,
+                model=model,
+                role_delta=role,
+                deltas=deltas,
+                finish_reason=finish,
+                usage=usage if isinstance(opts, dict) and opts.get("include_usage") else None,
+                token_delay=d.delay if d.delay is not None else self.token_delay,
+                first_delay=self.first_token_delay + active.get("slow_token", 0.0),
+            )
+            plan = stream_plan(spec, active)
+            resp = web.StreamResponse(headers={
+                "content-type": "text/event-stream; charset=utf-8",
+                "cache-control": "no-cache",
+                "x-accel-buffering": "no",
+                "x-request-id": rid,
+            })  # fmt: skip
+        else:
+            for name in _MID_ERRORS:
+                if name in active:
+                    return self._error(entry, non_stream_mid_error(name, f"chatcmpl-{rid}", rid))
+            if "stall" in active or "stall_ka" in active:
+                await self._stopping.wait()  # silent before the headers, until the client leaves
+                return _reset(request)
+            message: dict[str, Any] = {"role": "assistant", "content": "".join(pieces)}
+            if tool_name:
+                message["content"] = None
+                message["tool_calls"] = [{"id": call.id, "type": "function",
+                                          "function": {"name": call.name,
+                                                       "arguments": call.arguments}}]  # fmt: skip
+            choice0: dict[str, Any] = {"index": 0, "message": message, "logprobs": None}
+            if "no_finish" not in active:
+                choice0["finish_reason"] = (
+                    None if "null_finish" in active else "" if "empty_finish" in active else finish
+                )
+            data = orjson.dumps({
+                "id": f"chatcmpl-{rid[4:]}", "object": "chat.completion", "created": created,
+                "model": model, "choices": [choice0], "usage": usage,
+            })  # fmt: skip
+            if "garbage_fatal" in active:
+                data, complete = data[: len(data) // 2], False
+            plan = body_plan(data, active)
+            resp = web.StreamResponse(
+                headers={"content-type": "application/json", "x-request-id": rid}
+            )
+            resp.content_length = len(data)
+            entry.tokens = len(pieces)  # counted up front; a truncated body shows finished=False
+            complete = complete and "trunc" not in active and "trunc_mid" not in active
+        await resp.prepare(request)
+        entry.status = 200
+        if await self._run(request, resp, plan, entry, count_tokens=stream):
+            entry.finished = complete
+        return resp
+
+    def _choose_faults(
+        self, api_key: str | None, prompt: str, d: Directives, n: int
+    ) -> list[Fault]:
+        if self.keys and api_key not in self.keys:
+            return [Fault("auth")]
+        if self.max_concurrency and self._log.in_flight > self.max_concurrency:
+            return [Fault("concurrency")]
+        if api_key is not None and (kf := self.key_faults.get(api_key)) is not None:
+            return [kf]
+        drawn = draw(self.rates, self._rng, n) if self.rates else None
+        forced = [f for f in d.faults if self._counter.allow(prompt, f)]
+        if forced or d.faults:
+            return forced
+        return [drawn] if drawn is not None else []
+
+    async def _run(
+        self,
+        request: web.Request,
+        resp: web.StreamResponse,
+        plan: list[Op],
+        entry: LogEntry,
+        count_tokens: bool,
+    ) -> bool:
+        """Execute a plan; True when the body was closed normally."""
+        try:
+            return await self._execute(request, resp, plan, entry, count_tokens)
+        except ConnectionResetError:  # a write found the connection already gone
+            entry.client_disconnected = True
+            return False
+
+    async def _execute(
+        self,
+        request: web.Request,
+        resp: web.StreamResponse,
+        plan: list[Op],
+        entry: LogEntry,
+        count_tokens: bool,
+    ) -> bool:
+        for op in plan:
+            if isinstance(op, Write):
+                await resp.write(op.data)
+                if count_tokens:
+                    entry.tokens += op.tokens
+            elif isinstance(op, Sleep):
+                await asyncio.sleep(op.seconds)
+            elif isinstance(op, Abort):
+                transport = request.transport
+                if transport is not None:
+                    if op.tail:  # an HTTP chunk header promising more than we send
+                        transport.write(b"%x\r\n" % op.claimed + op.tail)
+                    transport.abort()
+                return False
+            elif isinstance(op, Stall):
+                if op.keepalive is None:
+                    await self._stopping.wait()
+                else:
+                    while not self._stopping.is_set():
+                        await asyncio.sleep(0.2)
+                        await resp.write(op.keepalive)
+                if request.transport is not None:
+                    request.transport.abort()
+                return False
+        await resp.write_eof()
+        return True
+
+    def _error(self, entry: LogEntry, reply: ErrorReply) -> web.Response:
+        entry.status = reply.status
+        return _reply(reply, entry.request_id)
+
+
+def _reply(reply: ErrorReply, request_id: str) -> web.Response:
+    headers = {**reply.headers, "content-type": reply.content_type}
+    if request_id:
+        headers["x-request-id"] = request_id
+    return web.Response(status=reply.status, body=reply.body, headers=headers)
+
+
+def _json(obj: Any) -> web.Response:
+    return web.Response(body=orjson.dumps(obj), content_type="application/json")
+
+
+def _reset(request: web.Request) -> web.Response:
+    """Drop the connection with a TCP RST (SO_LINGER 0) before any response byte."""
+    transport = request.transport
+    if transport is not None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass  # still aborts, just with a FIN instead of a RST
+        transport.abort()
+    return web.Response()
