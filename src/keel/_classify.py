@@ -51,11 +51,11 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
-from keel._hints import retry_after_hint_with_source
+from keel._hints import lower_headers, retry_after_hint_with_source
 
 __all__ = [
     "AUTH_DISABLE_SECONDS",
@@ -106,72 +106,68 @@ class ErrorKind(StrEnum):
     PROTOCOL = "protocol"  # invalid SSE/JSON, missing finish_reason/[DONE]: retry
 
 
-@dataclass(frozen=True, slots=True)
-class _Policy:
+class _Attempt(NamedTuple):
+    """What the attempt loop does with this kind of error."""
+
     retryable: bool
     failover: bool
     disable_key_for: float | None
-    client_status: int
-    client_type: str
-    client_code: str | None  # None: pass the normalised upstream code through
-    client_should_retry: bool
 
 
-_POLICY: dict[ErrorKind, _Policy] = {
-    ErrorKind.RATE_LIMIT: _Policy(
-        True, True, None, 429, "rate_limit_error", "rate_limit_exceeded", True
-    ),
-    # OpenAI "Request too large for …" (a 429!): the same request exceeds the TPM limit of every
-    # deployment with that limit, so never retry; another deployment with a larger limit can
-    # serve it, so fail over.
-    ErrorKind.REQUEST_TOO_LARGE: _Policy(
-        False, True, None, 413, "invalid_request_error", "request_too_large", False
-    ),
-    ErrorKind.QUOTA: _Policy(
-        False,
-        True,
-        QUOTA_DISABLE_SECONDS,
-        502,
-        "upstream_quota_error",
-        "insufficient_quota",
-        False,
-    ),
-    ErrorKind.AUTH: _Policy(
-        False,
-        True,
-        AUTH_DISABLE_SECONDS,
-        502,
-        "upstream_auth_error",
-        "upstream_auth_error",
-        False,
-    ),
-    ErrorKind.INVALID_REQUEST: _Policy(
-        False, False, None, 400, "invalid_request_error", None, False
-    ),
-    # A model missing on one deployment may exist on another of the same group.
-    ErrorKind.NOT_FOUND: _Policy(
-        False, True, None, 404, "invalid_request_error", "model_not_found", False
-    ),
-    # faults.md §1: "fail over only to a larger context". Choosing a larger-context deployment
-    # is a routing feature; to the attempt loop this is a client mistake.
-    ErrorKind.CONTEXT_LENGTH: _Policy(
-        False, False, None, 400, "invalid_request_error", "context_length_exceeded", False
-    ),
-    # faults.md §1: "same input fails everywhere on that provider". The code is passed through
-    # (content_filter / data_inspection_failed) so clients can tell the filters apart.
-    ErrorKind.MODERATION: _Policy(False, False, None, 400, "invalid_request_error", None, False),
-    ErrorKind.OVERLOADED: _Policy(
-        True, True, None, 503, "server_error", "server_is_overloaded", True
-    ),
-    ErrorKind.SERVER: _Policy(True, True, None, 502, "server_error", "upstream_server_error", True),
-    ErrorKind.TIMEOUT: _Policy(True, True, None, 504, "timeout_error", "upstream_timeout", True),
-    ErrorKind.CONNECTION: _Policy(
-        True, True, None, 502, "server_error", "upstream_connection_error", True
-    ),
-    ErrorKind.PROTOCOL: _Policy(
-        True, True, None, 502, "server_error", "upstream_protocol_error", True
-    ),
+class _Client(NamedTuple):
+    """What keel shows its client when this kind of error is final."""
+
+    status: int
+    type: str
+    code: str | None  # None: pass the normalised upstream code through
+    should_retry: bool
+
+
+_AUTH, _QUOTA = AUTH_DISABLE_SECONDS, QUOTA_DISABLE_SECONDS
+
+# Why the less obvious flags:
+# * REQUEST_TOO_LARGE: OpenAI's "Request too large for …" (a 429!) fails on every deployment
+#   with the same TPM limit, so never retry; one with a larger limit can serve it: fail over.
+# * NOT_FOUND: a model missing on one deployment may exist on another of the same group.
+# * CONTEXT_LENGTH: faults.md §1 "fail over only to a larger context"; picking a larger-context
+#   deployment is a routing feature, so to the attempt loop this is a client mistake.
+# * MODERATION: faults.md §1 "same input fails everywhere on that provider".
+# fmt: off
+_ATTEMPT: dict[ErrorKind, _Attempt] = {
+    ErrorKind.RATE_LIMIT:        _Attempt(retryable=True,  failover=True,  disable_key_for=None),
+    ErrorKind.REQUEST_TOO_LARGE: _Attempt(retryable=False, failover=True,  disable_key_for=None),
+    ErrorKind.QUOTA:             _Attempt(retryable=False, failover=True,  disable_key_for=_QUOTA),
+    ErrorKind.AUTH:              _Attempt(retryable=False, failover=True,  disable_key_for=_AUTH),
+    ErrorKind.INVALID_REQUEST:   _Attempt(retryable=False, failover=False, disable_key_for=None),
+    ErrorKind.NOT_FOUND:         _Attempt(retryable=False, failover=True,  disable_key_for=None),
+    ErrorKind.CONTEXT_LENGTH:    _Attempt(retryable=False, failover=False, disable_key_for=None),
+    ErrorKind.MODERATION:        _Attempt(retryable=False, failover=False, disable_key_for=None),
+    ErrorKind.OVERLOADED:        _Attempt(retryable=True,  failover=True,  disable_key_for=None),
+    ErrorKind.SERVER:            _Attempt(retryable=True,  failover=True,  disable_key_for=None),
+    ErrorKind.TIMEOUT:           _Attempt(retryable=True,  failover=True,  disable_key_for=None),
+    ErrorKind.CONNECTION:        _Attempt(retryable=True,  failover=True,  disable_key_for=None),
+    ErrorKind.PROTOCOL:          _Attempt(retryable=True,  failover=True,  disable_key_for=None),
 }
+
+# The table in the module docstring. MODERATION passes its code through (content_filter /
+# data_inspection_failed) so clients can tell the filters apart.
+_INVALID = "invalid_request_error"
+_CLIENT: dict[ErrorKind, _Client] = {
+    ErrorKind.RATE_LIMIT:        _Client(429, "rate_limit_error", "rate_limit_exceeded", True),
+    ErrorKind.OVERLOADED:        _Client(503, "server_error", "server_is_overloaded", True),
+    ErrorKind.QUOTA:             _Client(502, "upstream_quota_error", "insufficient_quota", False),
+    ErrorKind.AUTH:              _Client(502, "upstream_auth_error", "upstream_auth_error", False),
+    ErrorKind.REQUEST_TOO_LARGE: _Client(413, _INVALID, "request_too_large", False),
+    ErrorKind.INVALID_REQUEST:   _Client(400, _INVALID, None, False),
+    ErrorKind.CONTEXT_LENGTH:    _Client(400, _INVALID, "context_length_exceeded", False),
+    ErrorKind.MODERATION:        _Client(400, _INVALID, None, False),
+    ErrorKind.NOT_FOUND:         _Client(404, _INVALID, "model_not_found", False),
+    ErrorKind.SERVER:            _Client(502, "server_error", "upstream_server_error", True),
+    ErrorKind.CONNECTION:        _Client(502, "server_error", "upstream_connection_error", True),
+    ErrorKind.PROTOCOL:          _Client(502, "server_error", "upstream_protocol_error", True),
+    ErrorKind.TIMEOUT:           _Client(504, "timeout_error", "upstream_timeout", True),
+}
+# fmt: on
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,14 +192,14 @@ class UpstreamError:
     def client_status(self) -> int:
         """The HTTP status keel shows its client when this is the final error (see the table
         in the module docstring)."""
-        return _POLICY[self.kind].client_status
+        return _CLIENT[self.kind].status
 
     @property
     def client_should_retry(self) -> bool:
         """The value of the ``x-should-retry`` header keel sends its client: false when
         retrying cannot help (quota, auth, client mistakes) or when the wait is longer than
         SDKs honor, so that SDKs in front of keel do not retry it three times."""
-        if not _POLICY[self.kind].client_should_retry:
+        if not _CLIENT[self.kind].should_retry:
             return False
         return self.retry_after is None or self.retry_after <= CLIENT_RETRY_AFTER_CAP
 
@@ -216,7 +212,7 @@ class UpstreamError:
 
     def client_body(self) -> dict[str, Any]:
         """OpenAI-shaped ``{"error": {message, type, param, code}}``."""
-        policy = _POLICY[self.kind]
+        client = _CLIENT[self.kind]
         message = self.message
         # The client did nothing wrong here; say whose credentials/account failed so an
         # upstream "Incorrect API key provided" is not mistaken for the client's key.
@@ -227,9 +223,9 @@ class UpstreamError:
         return {
             "error": {
                 "message": message,
-                "type": self.type or policy.client_type,
+                "type": self.type or client.type,
                 "param": self.param,
-                "code": policy.client_code or self.code,
+                "code": client.code or self.code,
             }
         }
 
@@ -237,17 +233,18 @@ class UpstreamError:
 def transport_error(kind: ErrorKind, message: str, *, status: int = 0) -> UpstreamError:
     """An error without an upstream error body: connect refused/reset and truncated streams
     (CONNECTION), connect/first-token/idle/total timeouts (TIMEOUT), invalid SSE/JSON or a
-    stream without a terminal chunk (PROTOCOL). Flags come from the kind's policy."""
-    policy = _POLICY[kind]
+    stream without a terminal chunk (PROTOCOL). Flags come from the kind's row in
+    ``_ATTEMPT``."""
+    attempt, client = _ATTEMPT[kind], _CLIENT[kind]
     return UpstreamError(
         kind=kind,
         message=_clean_message(message),
         status=status,
-        retryable=policy.retryable,
-        failover=policy.failover,
-        disable_key_for=policy.disable_key_for,
-        code=policy.client_code,
-        type=policy.client_type,
+        retryable=attempt.retryable,
+        failover=attempt.failover,
+        disable_key_for=attempt.disable_key_for,
+        code=client.code,
+        type=client.type,
     )
 
 
@@ -364,11 +361,14 @@ def _fields(payload: object) -> _Fields | None:
 def _parse_body(status: int, body: bytes) -> _Fields:
     """Parse the body once; a non-JSON body becomes a message about the body, not the body."""
     try:
-        fields = _fields(orjson.loads(body))
+        payload = orjson.loads(body)
     except orjson.JSONDecodeError:  # also raised for invalid UTF-8
-        fields = None
-    if fields is not None:
-        return fields
+        pass
+    else:
+        fields = _fields(payload)
+        if fields is not None:
+            return fields
+        return _Fields(f"upstream returned HTTP {status} with a JSON body that is not an error")
     if not body.strip():
         return _Fields(f"upstream returned HTTP {status} with an empty body")
     message = f"upstream returned HTTP {status} with a non-JSON body"
@@ -530,9 +530,9 @@ def _decide(status: int, f: _Fields, dialect: Dialect) -> tuple[ErrorKind, str |
         return ErrorKind.TIMEOUT, "upstream_timeout"
     if 400 <= status < 500 and status != 409:
         return ErrorKind.INVALID_REQUEST, f.code
-    # 5xx, 409 (a transient conflict the openai SDK retries), a server error type in a
-    # stream (status 0) or a 2xx carrying an error body.
-    if status >= 409 or status == 0 or tokens & _SERVER_TOKENS:
+    # 5xx, 409 (a transient conflict the openai SDK retries), an unrecognised error frame in
+    # a stream (status 0) or a 2xx carrying a server error body.
+    if status >= 500 or status in (0, 409) or tokens & _SERVER_TOKENS:
         return ErrorKind.SERVER, "upstream_server_error"
     return ErrorKind.PROTOCOL, "upstream_protocol_error"
 
@@ -557,14 +557,6 @@ def _dialect(dialect: Dialect | str) -> Dialect:
         return Dialect.OPENAI
 
 
-def _header(headers: Mapping[str, str], *names: str) -> str | None:
-    wanted = set(names)
-    for name, value in headers.items():
-        if name.lower() in wanted and isinstance(value, str):
-            return value.strip().lower()
-    return None
-
-
 def _build(
     kind: ErrorKind,
     code: str | None,
@@ -573,14 +565,15 @@ def _build(
     headers: Mapping[str, str],
     now: float,
 ) -> UpstreamError:
-    policy = _POLICY[kind]
+    attempt = _ATTEMPT[kind]
     # 1xx/3xx: a redirect or similar that an API should never send; asking again won't help.
-    retryable = policy.retryable and not (100 <= status < 200 or 300 <= status < 400)
+    retryable = attempt.retryable and not (100 <= status < 200 or 300 <= status < 400)
     # x-should-retry is the provider saying whether *this* request may succeed if repeated
     # (Anthropic 529 sends "true"). It overrides the status default, except for a bad key or
     # an unpaid bill, which benching decides; it never changes ``failover``, so a client
     # mistake stays a client mistake.
-    should_retry = _header(headers, "x-should-retry")
+    h = lower_headers(headers)
+    should_retry = h.get("x-should-retry", "").strip().lower()
     if kind not in (ErrorKind.AUTH, ErrorKind.QUOTA) and should_retry in ("true", "false"):
         retryable = should_retry == "true"
 
@@ -594,7 +587,7 @@ def _build(
     source: str | None = None
     if retryable:
         hint = retry_after_hint_with_source(
-            headers,
+            h,
             message,
             now,
             limit=_rate_limit_dimension(f) if kind is ErrorKind.RATE_LIMIT else None,
@@ -604,29 +597,24 @@ def _build(
         if hint is not None:
             retry_after, source = hint
 
-    request_id = f.request_id or _request_id(headers)
+    request_id = (
+        f.request_id or h.get("x-request-id") or h.get("request-id") or h.get("apim-request-id")
+    )
     return UpstreamError(
         kind=kind,
         message=message,
         status=status,
         retryable=retryable,
-        failover=policy.failover,
+        failover=attempt.failover,
         retry_after=retry_after,
-        disable_key_for=policy.disable_key_for,
+        disable_key_for=attempt.disable_key_for,
         code=code,
-        type=policy.client_type,
+        type=_CLIENT[kind].type,
         param=f.param,
         upstream_code=f.code or f.type or (str(f.status_hint) if f.status_hint else None),
         retry_after_source=source,
         request_id=request_id,
     )
-
-
-def _request_id(headers: Mapping[str, str]) -> str | None:
-    for name, value in headers.items():
-        if name.lower() in ("x-request-id", "request-id", "apim-request-id"):
-            return value
-    return None
 
 
 def classify_response(
@@ -648,17 +636,9 @@ def classify_stream_error(dialect: Dialect | str, payload: Mapping[str, Any]) ->
     Moderation inside a stream is output moderation (``output_filter``) unless the message
     says it was the input, so the gateway can end the stream with ``content_filter``.
     """
-    fields = _fields(dict(payload)) or _Fields("")
+    fields = _fields(payload if isinstance(payload, dict) else dict(payload)) or _Fields("")
     if not fields.message:
-        fields = _Fields(
-            "upstream sent an error frame inside the stream",
-            type=fields.type,
-            code=fields.code,
-            param=fields.param,
-            inner_code=fields.inner_code,
-            status_hint=fields.status_hint,
-            request_id=fields.request_id,
-        )
+        fields = replace(fields, message="upstream sent an error frame inside the stream")
     kind, code = _decide(fields.status_hint, fields, _dialect(dialect))
     # The HTTP status was 200; message hints need no clock, and there are no headers.
     error = _build(kind, code, fields, 200, {}, 0.0)

@@ -24,7 +24,12 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
-__all__ = ["parse_go_duration", "retry_after_hint", "retry_after_hint_with_source"]
+__all__ = [
+    "lower_headers",
+    "parse_go_duration",
+    "retry_after_hint",
+    "retry_after_hint_with_source",
+]
 
 # Go's time.ParseDuration units as (multiplier, divisor): dividing by 1000 rather than
 # multiplying by 1e-3 keeps "644ms" == 0.644 exactly. "ms" must precede "m" and "s" in the
@@ -111,7 +116,7 @@ def retry_after_hint_with_source(
 ) -> tuple[float, str] | None:
     """Like ``retry_after_hint`` but also names the source (a header name or ``"message"``),
     for logging why keel waited."""
-    h = _lower(headers)
+    h = lower_headers(headers)
 
     ms = _plain_seconds(h.get("retry-after-ms"))
     if ms is not None:
@@ -130,7 +135,7 @@ def retry_after_hint_with_source(
     return _ratelimit_reset(h, limit) or _anthropic_reset(h, now)
 
 
-def _lower(headers: Mapping[str, str]) -> dict[str, str]:
+def lower_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """Lower-cased header names. Works for plain dicts with mixed-case keys as well as
     multidicts (first value wins, like ``CIMultiDict.get``)."""
     out: dict[str, str] = {}
