@@ -1173,6 +1173,19 @@ def test_stream_error(row: StreamRow) -> None:
     assert err.message
 
 
+@pytest.mark.parametrize(
+    ("message", "output_filter"),
+    [
+        ("Output data may contain inappropriate content.", True),
+        ("Input data may contain inappropriate content.", False),
+    ],
+)
+def test_non_stream_output_moderation(message: str, output_filter: bool) -> None:
+    body = openai_body(message, "data_inspection_failed", "data_inspection_failed")
+    err = classify_response(DS, 400, {}, orjson.dumps(body), NOW)
+    assert (err.kind, err.output_filter) == (ErrorKind.MODERATION, output_filter)
+
+
 def test_stream_error_without_message() -> None:
     err = classify_stream_error(OA, {"error": {"type": "server_error"}})
     assert err.message == "upstream sent an error frame inside the stream"
@@ -1231,3 +1244,65 @@ def test_classify_response_never_raises(status: int, body: bytes, dialect: Diale
 def test_classify_stream_error_never_raises(payload: dict[str, Any]) -> None:
     err = classify_stream_error(Dialect.OPENAI, payload)
     assert err.message
+
+
+# --- the simulator's faults classify as faults.md says ------------------------------------------
+
+SIM_FAULTS: dict[tuple[str, str], tuple[ErrorKind, bool, bool]] = {
+    # (fault, sim dialect): (kind, retryable, failover)
+    ("r429", "openai"): (ErrorKind.RATE_LIMIT, True, True),
+    ("r429", "dashscope"): (ErrorKind.RATE_LIMIT, True, True),
+    ("r429", "anthropic"): (ErrorKind.RATE_LIMIT, True, True),
+    ("r429", "azure"): (ErrorKind.RATE_LIMIT, True, True),
+    ("r429_long", "azure"): (ErrorKind.RATE_LIMIT, True, True),
+    ("concurrency", "openai"): (ErrorKind.RATE_LIMIT, True, True),
+    ("quota", "openai"): (ErrorKind.QUOTA, False, True),
+    ("quota_ds", "dashscope"): (ErrorKind.RATE_LIMIT, True, True),
+    ("free_quota_ds", "dashscope"): (ErrorKind.QUOTA, False, True),
+    ("too_large", "openai"): (ErrorKind.REQUEST_TOO_LARGE, False, True),
+    ("auth", "openai"): (ErrorKind.AUTH, False, True),
+    ("auth", "dashscope"): (ErrorKind.AUTH, False, True),
+    ("auth", "anthropic"): (ErrorKind.AUTH, False, True),
+    ("arrearage", "dashscope"): (ErrorKind.QUOTA, False, True),
+    ("balance", "deepseek"): (ErrorKind.QUOTA, False, True),
+    ("ctx", "openai"): (ErrorKind.CONTEXT_LENGTH, False, False),
+    ("inspect", "dashscope"): (ErrorKind.MODERATION, False, False),
+    ("content_filter_az", "azure"): (ErrorKind.MODERATION, False, False),
+    ("e500", "openai"): (ErrorKind.SERVER, True, True),
+    ("e500", "anthropic"): (ErrorKind.SERVER, True, True),
+    ("e503", "openai"): (ErrorKind.OVERLOADED, True, True),
+    ("e503", "anthropic"): (ErrorKind.OVERLOADED, True, True),
+    ("e529", "anthropic"): (ErrorKind.OVERLOADED, True, True),
+    ("e502_html", "openai"): (ErrorKind.SERVER, True, True),
+    ("e504_html", "openai"): (ErrorKind.SERVER, True, True),
+    ("moonshot", "moonshot"): (ErrorKind.OVERLOADED, True, True),
+}
+
+
+@pytest.mark.parametrize(("fault", "dialect"), SIM_FAULTS.keys(), ids=map(str, SIM_FAULTS))
+def test_simulator_faults(fault: str, dialect: str) -> None:
+    sim_errors = pytest.importorskip("keel.sim._errors")
+    key = "sk-simkey0123456789abcdefXYZ"
+    reply = sim_errors.error_reply(fault, None, dialect, api_key=key, model="m", request_id="rid-1")
+    err = classify_response(dialect, reply.status, reply.headers, reply.body, NOW)
+    assert (err.kind, err.retryable, err.failover) == SIM_FAULTS[fault, dialect]
+    assert key[3:] not in err.message
+    assert err.message
+
+
+@pytest.mark.parametrize(
+    ("payload_fn", "dialect", "kind", "output_filter"),
+    [
+        ("err_mid_payload", "openai", ErrorKind.SERVER, False),
+        ("inspect_mid_payload", "dashscope", ErrorKind.MODERATION, True),
+        ("anth_err_payload", "anthropic", ErrorKind.OVERLOADED, False),
+    ],
+)
+def test_simulator_mid_stream_frames(
+    payload_fn: str, dialect: str, kind: ErrorKind, output_filter: bool
+) -> None:
+    sim_errors = pytest.importorskip("keel.sim._errors")
+    fn = getattr(sim_errors, payload_fn)
+    args = {"err_mid_payload": (), "inspect_mid_payload": ("c1", "r1"), "anth_err_payload": ("r1",)}
+    err = classify_stream_error(dialect, orjson.loads(fn(*args[payload_fn])))
+    assert (err.kind, err.output_filter) == (kind, output_filter)

@@ -624,7 +624,13 @@ def classify_response(
     dates and RFC 3339 reset timestamps)."""
     fields = _parse_body(status, body)
     kind, code = _decide(status, fields, _dialect(dialect))
-    return _build(kind, code, fields, status, headers, now)
+    error = _build(kind, code, fields, status, headers, now)
+    # DashScope answers a non-stream request whose *output* failed moderation with a 400
+    # "Output data may contain inappropriate content."; the gateway can end it as
+    # finish_reason "content_filter", as it does mid-stream.
+    if kind is ErrorKind.MODERATION and "output" in error.message.lower():
+        error = replace(error, output_filter=True)
+    return error
 
 
 def classify_stream_error(dialect: Dialect | str, payload: Mapping[str, Any]) -> UpstreamError:
