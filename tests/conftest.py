@@ -18,3 +18,6 @@ async def sim() -> AsyncIterator[Simulator]:
         yield s
     finally:
         await s.stop()
+
+
+pytest_plugins = ["gw_fixtures"]

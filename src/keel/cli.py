@@ -19,6 +19,32 @@ def _register() -> None:
     )
 
 
+@app.command()
+def serve(
+    config: str = typer.Option(
+        None, "--config", "-c", help="YAML config (default: built-in simulator)"
+    ),
+    host: str = typer.Option(None, help="Bind address (default from config: 127.0.0.1)"),
+    port: int = typer.Option(None, help="Port (default from config: 4000; 0 = any free port)"),
+    log_level: str = typer.Option("info", help="debug | info | warning | error"),
+) -> None:
+    """Run the gateway."""
+    import logging
+
+    from keel.config import ConfigError, load_config
+    from keel.gateway import run
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        cfg = load_config(config) if config else None
+    except ConfigError as exc:
+        typer.echo(f"keel: {exc}", err=True)
+        raise typer.Exit(2) from None
+    run(cfg, host, port)
+
+
 def main() -> None:
     _register()
     app()

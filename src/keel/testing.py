@@ -167,3 +167,34 @@ def spawn_sim(
     """Start ``python -m keel sim --port 0 *args`` and wait until it listens."""
     cmd = [sys.executable, "-m", "keel", "sim", "--port", "0", *args]
     return SimProcess(*_start(cmd, r"keel-sim listening on (\S+)", timeout, env))
+
+
+class GatewayProcess(ListeningProcess):
+    """``keel serve`` in a subprocess."""
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+
+def spawn_gateway(
+    config: Mapping[str, Any] | str,
+    *args: str,
+    workdir: str | None = None,
+    timeout: float = 15.0,
+    env: Mapping[str, str] | None = None,
+) -> GatewayProcess:
+    """Start ``python -m keel serve --port 0`` with ``config`` (a mapping, written to a YAML file
+    in ``workdir`` or a temp dir, or a path) and wait until it listens."""
+    import tempfile
+
+    import yaml
+
+    if isinstance(config, str):
+        path = config
+    else:
+        fd, path = tempfile.mkstemp(suffix=".yaml", prefix="keel-", dir=workdir)
+        with os.fdopen(fd, "w") as f:
+            yaml.safe_dump(dict(config), f)
+    cmd = [sys.executable, "-m", "keel", "serve", "--config", path, "--port", "0", *args]
+    return GatewayProcess(*_start(cmd, r"keel listening on (\S+)", timeout, env))

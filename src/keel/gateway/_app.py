@@ -1,0 +1,299 @@
+"""The gateway's HTTP face: routes, request parsing, and the two request paths
+(non-stream and stream) that hand each attempt to the attempt loop."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import random
+import time
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from keel._assembly import FrameKind, StreamAssembler
+from keel._backoff import RetryBudget
+from keel._classify import ErrorKind
+from keel.config import GatewayConfig
+from keel.gateway._attempts import Attempts, Exhausted, run_attempts
+from keel.gateway._deployment import Deployment
+from keel.gateway._errors import ClientError, final_error
+from keel.gateway._relay import StreamRelay, finish_chunk, frame_bytes
+from keel.gateway._router import Router
+from keel.gateway._upstream import AttemptFailed, complete, post, stream_frames
+from keel.gateway._validate import parse_chat_request
+
+log = logging.getLogger("keel.gateway")
+
+GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway")
+
+
+class Gateway:
+    """Long-lived state shared by all requests of one process."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.router = Router(config)
+        self.budget = RetryBudget(
+            ratio=config.retry.budget_ratio,
+            floor_per_s=config.retry.budget_floor_per_s,
+            clock=time.monotonic,
+        )
+        self.session: aiohttp.ClientSession | None = None
+        self.client_keys = {k.get_secret_value() for k in config.server.api_keys}
+        self._ids = random.Random()
+        self._pid = f"{os.getpid():x}"
+        self._seq = 0
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
+        self.session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=True, skip_auto_headers=("User-Agent",)
+        )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    def request_id(self) -> str:
+        self._seq += 1
+        return f"keel-{self._pid}-{self._seq:x}-{self._ids.getrandbits(32):08x}"
+
+    def authenticate(self, request: web.Request) -> None:
+        if not self.client_keys:
+            return
+        header = request.headers.get("authorization", "")
+        token = header[7:] if header[:7].lower() == "bearer " else ""
+        if token not in self.client_keys:
+            raise ClientError(
+                401,
+                "Invalid or missing API key for this gateway.",
+                type="invalid_request_error",
+                code="invalid_api_key",
+            )
+
+    def upstream_body(self, body: dict[str, Any], dep: Deployment) -> bytes:
+        return orjson.dumps({**body, "model": dep.model})
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise ClientError(413, f"The request body is larger than {limit} bytes.", code="too_large")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise ClientError(
+            413, f"The request body is larger than {limit} bytes.", code="too_large"
+        ) from None
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    gw = request.app[GATEWAY_KEY]
+    rid = gw.request_id()
+    try:
+        gw.authenticate(request)
+        body = parse_chat_request(await _read_body(request, gw.config.server.max_body_bytes))
+        model = body["model"]
+        if model not in gw.router:
+            raise ClientError(
+                404,
+                f"The model '{model}' does not exist on this gateway. "
+                f"Available: {', '.join(sorted(gw.router.groups))}.",
+                code="model_not_found",
+                param="model",
+            )
+    except ClientError as exc:
+        return exc.response(rid)
+    loop = asyncio.get_running_loop()
+    state = Attempts(deadline=loop.time() + gw.config.retry.deadline)
+    if body.get("stream"):
+        return await _stream(request, gw, rid, body, state)
+    return await _complete(gw, rid, body, state)
+
+
+def _meta_headers(rid: str, state: Attempts) -> dict[str, str]:
+    h = {"x-request-id": rid, "x-keel-attempts": str(state.count)}
+    if state.last is not None:
+        h["x-keel-deployment"] = state.last.name
+    return h
+
+
+def _exhausted_response(rid: str, state: Attempts, exc: Exhausted) -> web.Response:
+    if not exc.tried:
+        err = ClientError(503, exc.reason, type="server_error", code="no_deployment_available")
+        resp = err.response(rid)
+        resp.headers.update(_meta_headers(rid, state))
+        return resp
+    status, body, headers = final_error(exc.tried, exc.reason)
+    return web.Response(
+        status=status,
+        body=orjson.dumps(body),
+        content_type="application/json",
+        headers={**headers, **_meta_headers(rid, state)},
+    )
+
+
+async def _complete(
+    gw: Gateway, rid: str, body: dict[str, Any], state: Attempts
+) -> web.StreamResponse:
+    assert gw.session is not None
+    session = gw.session
+
+    async def attempt(dep: Deployment) -> bytes:
+        raw, _ = await complete(session, dep, gw.upstream_body(body, dep), state.deadline)
+        return raw
+
+    try:
+        raw = await run_attempts(
+            body["model"], gw.router, gw.config.retry, gw.budget, state, attempt
+        )
+    except Exhausted as exc:
+        return _exhausted_response(rid, state, exc)
+    return web.Response(
+        body=raw, content_type="application/json", headers=_meta_headers(rid, state)
+    )
+
+
+async def _stream(
+    request: web.Request, gw: Gateway, rid: str, body: dict[str, Any], state: Attempts
+) -> web.StreamResponse:
+    assert gw.session is not None
+    session = gw.session
+    relay = StreamRelay(request, {"x-request-id": rid})
+    group_cfg = gw.config.models[body["model"]]
+
+    async def attempt(dep: Deployment) -> None:
+        loop = asyncio.get_running_loop()
+        first_deadline = loop.time() + dep.timeouts.first_token
+        resp = await post(session, dep, gw.upstream_body(body, dep), state.deadline)
+        asm = StreamAssembler(dialect=dep.dialect, require_done=True)
+        clean = False
+        relay.discard_held()
+        try:
+            async for frames in stream_frames(resp, dep, asm, state.deadline, first_deadline):
+                out: list[bytes] = []
+                for f in frames:
+                    kind = f.kind
+                    if kind is FrameKind.CHUNK:
+                        if not relay.committed:
+                            if not (f.content or f.finish_reason or asm.tool_calls):
+                                relay.hold(frame_bytes(f.data))
+                                continue
+                            await relay.commit(_meta_headers(rid, state))
+                        out.append(frame_bytes(f.data))
+                    elif kind is FrameKind.ERROR or kind is FrameKind.INVALID:
+                        assert f.error is not None
+                        err = f.error
+                        if (
+                            err.kind is ErrorKind.MODERATION
+                            and group_cfg.on_content_filter == "pass"
+                        ):
+                            # Output moderation: end the answer the way OpenAI does.
+                            if not relay.committed:
+                                await relay.commit(_meta_headers(rid, state))
+                            out.append(
+                                finish_chunk(asm.id, asm.model, asm.created, "content_filter")
+                            )
+                            await relay.send(out)
+                            await relay.end()
+                            clean = True
+                            return
+                        if err.kind is ErrorKind.MODERATION:
+                            err = dataclasses.replace(err, failover=True, retryable=False)
+                        if out:
+                            await relay.send(out)
+                        raise AttemptFailed(err)
+                if out:
+                    await relay.send(out)
+            outcome = asm.finish()
+            if not outcome.complete:
+                assert outcome.failure is not None
+                raise AttemptFailed(outcome.failure)
+            if not relay.committed:  # an empty answer: nothing was worth committing before
+                await relay.commit(_meta_headers(rid, state))
+            await relay.send([])
+            await relay.end()
+            clean = True
+        finally:
+            if clean:
+                resp.release()
+            else:
+                resp.close()  # never hand a half-read stream back to the pool
+
+    def eligible(dep: Deployment) -> bool:
+        # Until mid-stream continuation lands, a committed stream is never restarted.
+        return not relay.committed
+
+    try:
+        await run_attempts(
+            body["model"], gw.router, gw.config.retry, gw.budget, state, attempt, eligible
+        )
+    except Exhausted as exc:
+        if not relay.committed:
+            return _exhausted_response(rid, state, exc)
+        _, err_body, _ = final_error(exc.tried, exc.reason)
+        await relay.end_with_error(err_body)
+    assert relay.response is not None
+    return relay.response
+
+
+async def models(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY_KEY]
+    created = int(time.time())
+    data = [
+        {"id": name, "object": "model", "created": created, "owned_by": "keel"}
+        for name in gw.router.groups
+    ]
+    return web.json_response(
+        {"object": "list", "data": data}, dumps=lambda o: orjson.dumps(o).decode()
+    )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+@web.middleware
+async def _never_500(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Last line of defence: an unexpected bug answers with an OpenAI-shaped 500 naming no
+    internals, and is logged with its traceback for us."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status >= 400:
+            return ClientError(exc.status, exc.reason, code=None).response()
+        raise
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("unexpected error handling %s %s", request.method, request.path)
+        return ClientError(
+            500, "keel hit an internal error; it has been logged.", type="server_error"
+        ).response()
+
+
+def create_app(config: GatewayConfig) -> web.Application:
+    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[_never_500])
+    gw = Gateway(config)
+    app[GATEWAY_KEY] = gw
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/healthz", healthz)
+
+    async def lifecycle(app: web.Application) -> Any:
+        await gw.start()
+        yield
+        await gw.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    if not gw.client_keys:
+        log.warning("no client api_keys configured: any bearer token is accepted (local use only)")
+    return app

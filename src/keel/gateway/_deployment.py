@@ -1,0 +1,91 @@
+"""A deployment at run time: its config plus the facts the attempt loop and balancer read.
+
+Health here is the minimum issue 3 needs — a cooldown (from a long retry hint) and benching
+(auth/billing). Breakers, limiters and latency EWMA plug in as fields of this object so that
+every layer looks at one place per deployment.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from keel._classify import Dialect, UpstreamError
+from keel.config import DeploymentConfig, Timeouts
+
+log = logging.getLogger("keel.deployment")
+
+_DEFAULT_CONTINUATION = {
+    # Providers that continue a trailing assistant message (prefill) natively or with a flag.
+    Dialect.DASHSCOPE: "prefill",
+    Dialect.DEEPSEEK: "prefill",
+    Dialect.VLLM: "prefill",
+    Dialect.ANTHROPIC: "prefill",
+    Dialect.MOONSHOT: "prefill",
+    # OpenAI and Azure ignore a trailing assistant message as a prefix: ask in words instead.
+    Dialect.OPENAI: "instruct",
+    Dialect.AZURE: "instruct",
+}
+
+
+@dataclass(eq=False, slots=True)
+class Deployment:
+    group: str
+    index: int
+    cfg: DeploymentConfig
+    timeouts: Timeouts
+    name: str = ""
+    url: str = ""
+    model: str = ""
+    auth_header: str = ""
+    continuation: str = "none"
+    in_flight: int = 0
+    # health
+    benched_until: float = 0.0  # monotonic; auth/billing: out of rotation
+    cooldown_until: float = 0.0  # monotonic; a rate-limit hint longer than we wait for
+    bench_reason: str = ""
+    successes: int = field(default=0)
+    failures: int = field(default=0)
+
+    def __post_init__(self) -> None:
+        self.name = self.cfg.name or f"{self.group}/{self.index}"
+        self.url = self.cfg.base_url.rstrip("/") + "/chat/completions"
+        self.model = self.cfg.model or self.group
+        key = self.cfg.api_key.get_secret_value()
+        self.auth_header = f"Bearer {key}" if key else ""
+        self.continuation = self.cfg.continuation or _DEFAULT_CONTINUATION.get(
+            self.cfg.dialect, "none"
+        )
+
+    @property
+    def dialect(self) -> Dialect:
+        return self.cfg.dialect
+
+    def available(self, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        return now >= self.benched_until and now >= self.cooldown_until
+
+    def record_success(self) -> None:
+        self.successes += 1
+
+    def record_failure(self, err: UpstreamError, now: float | None = None) -> None:
+        """Report one failed attempt; benches the key on auth/billing errors."""
+        self.failures += 1
+        now = time.monotonic() if now is None else now
+        if err.disable_key_for:
+            self.benched_until = max(self.benched_until, now + err.disable_key_for)
+            self.bench_reason = err.kind.value
+            # Loud on purpose: an operator has to act (rotate a key, pay a bill). No key here.
+            log.error(
+                "deployment %s (%s) taken out of rotation for %.0fs: %s — %s",
+                self.name,
+                self.cfg.base_url,
+                err.disable_key_for,
+                err.kind.value,
+                err.message,
+            )
+
+    def cool_down(self, seconds: float, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self.cooldown_until = max(self.cooldown_until, now + seconds)

@@ -1,0 +1,86 @@
+"""The relay: the only writer of a streaming response to the client.
+
+It holds what the client has been shown. Nothing is sent until the first content (the
+*commit*): before that, any upstream failure is retried or failed over invisibly. After the
+commit the client sees exactly one stream ending: the upstream's terminal chunk and one
+``[DONE]``, a ``content_filter`` finish for output moderation, or an OpenAI-shaped error
+frame followed by ``[DONE]`` — never a silent close.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+_SSE_HEADERS = {
+    "content-type": "text/event-stream; charset=utf-8",
+    "cache-control": "no-cache",
+    "x-accel-buffering": "no",  # nginx & co. must not batch the stream
+}
+DONE = b"data: [DONE]\n\n"
+
+
+class StreamRelay:
+    __slots__ = ("committed", "ended", "extra_headers", "held", "request", "response")
+
+    def __init__(self, request: web.Request, extra_headers: dict[str, str]) -> None:
+        self.request = request
+        self.response: web.StreamResponse | None = None
+        self.extra_headers = extra_headers  # request id & co., completed at commit
+        self.committed = False
+        self.ended = False
+        self.held: list[bytes] = []  # frames before the commit (the role chunk)
+
+    def hold(self, frame: bytes) -> None:
+        self.held.append(frame)
+
+    def discard_held(self) -> None:
+        self.held.clear()
+
+    async def commit(self, headers: dict[str, str]) -> None:
+        response = web.StreamResponse(status=200, headers={**_SSE_HEADERS, **self.extra_headers})
+        response.headers.update(headers)
+        await response.prepare(self.request)
+        self.response = response
+        self.committed = True
+
+    async def send(self, frames: list[bytes]) -> None:
+        assert self.response is not None
+        if self.held:
+            frames = self.held + frames
+            self.held = []
+        await self.response.write(b"".join(frames))
+
+    async def end(self) -> None:
+        """Write the single ``[DONE]`` and finish the response."""
+        if self.ended or self.response is None:
+            return
+        self.ended = True
+        await self.response.write(DONE)
+        await self.response.write_eof()
+
+    async def end_with_error(self, body: dict[str, Any]) -> None:
+        """A committed stream that cannot be completed: an error frame, then ``[DONE]``."""
+        await self.send([b"data: " + orjson.dumps(body) + b"\n\n"])
+        await self.end()
+
+
+def frame_bytes(data: str) -> bytes:
+    return b"data: " + data.encode() + b"\n\n"
+
+
+def finish_chunk(
+    chunk_id: str | None, model: str | None, created: int | None, reason: str
+) -> bytes:
+    """A terminal chunk keel writes itself (e.g. ``content_filter`` for output moderation)."""
+    chunk = {
+        "id": chunk_id or "chatcmpl-keel",
+        "object": "chat.completion.chunk",
+        "created": created or int(time.time()),
+        "model": model or "",
+        "choices": [{"index": 0, "delta": {}, "finish_reason": reason}],
+    }
+    return b"data: " + orjson.dumps(chunk) + b"\n\n"

@@ -1,0 +1,86 @@
+"""Running the gateway: the aiohttp runner, signals, and the built-in simulated model."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from typing import Any
+
+from aiohttp import web
+
+from keel.config import GatewayConfig, parse_config
+from keel.gateway._app import create_app
+
+log = logging.getLogger("keel")
+
+
+async def start_site(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    # handler_cancellation: a client that leaves cancels its handler, which closes the
+    # upstream connection in the handler's `finally` within a loop iteration.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
+    await site.start()
+    server = site._server
+    assert server is not None
+    sock: socket.socket = server.sockets[0]  # type: ignore[attr-defined]
+    return runner, sock.getsockname()[1]
+
+
+async def builtin_config() -> tuple[GatewayConfig, list[Any]]:
+    """No config given: serve model ``chat`` from two in-process simulators, so that a
+    newcomer's first curl works without any API key."""
+    from keel.sim import Simulator
+
+    sims = [Simulator(name="sim-a"), Simulator(name="sim-b")]
+    urls = [await s.start("127.0.0.1", 0) for s in sims]
+    config = parse_config(
+        {
+            "models": {
+                "chat": {
+                    "deployments": [
+                        {"base_url": url, "api_key": "sk-sim", "model": "sim", "name": s.name}
+                        for url, s in zip(urls, sims, strict=True)
+                    ]
+                }
+            }
+        }
+    )
+    return config, sims
+
+
+async def serve(config: GatewayConfig | None, host: str | None, port: int | None) -> None:
+    sims: list[Any] = []
+    if config is None:
+        config, sims = await builtin_config()
+        log.warning("no --config given: serving model 'chat' from two built-in simulators")
+    host = host or config.server.host
+    port = config.server.port if port is None else port
+    app = create_app(config)
+    runner, bound = await start_site(app, host, port)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"keel listening on http://{shown}:{bound}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        for s in sims:
+            await s.stop()
+
+
+def run(config: GatewayConfig | None, host: str | None, port: int | None) -> None:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
+        pass
+    asyncio.run(serve(config, host, port))

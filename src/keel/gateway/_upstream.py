@@ -1,0 +1,191 @@
+"""Upstream adapter: one attempt against one deployment over aiohttp.
+
+It turns everything that can go wrong on the wire into a classified ``UpstreamError`` (raised
+as ``AttemptFailed``) and never decides what to do about it — that is the attempt loop's job.
+
+Timeouts: ``asyncio.timeout`` bounds the phase up to the response headers; after that a lazy
+watchdog (one timer per attempt, re-armed only when it fires) enforces first-token, idle and
+total deadlines without touching a timer per frame. Keep-alive comments are not progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+
+from keel._assembly import Frame, FrameKind, StreamAssembler
+from keel._classify import ErrorKind, UpstreamError, classify_response, transport_error
+from keel._sse import Comment, SSEDecoder
+from keel.gateway._deployment import Deployment
+
+
+class AttemptFailed(Exception):
+    def __init__(self, error: UpstreamError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def _headers(dep: Deployment) -> dict[str, str]:
+    h = {"content-type": "application/json", **dep.cfg.headers}
+    if dep.auth_header:
+        h["authorization"] = dep.auth_header
+    return h
+
+
+async def _error_from_response(dep: Deployment, resp: aiohttp.ClientResponse) -> AttemptFailed:
+    try:
+        body = await resp.read()
+    except (TimeoutError, aiohttp.ClientError):
+        body = b""
+    err = classify_response(dep.dialect, resp.status, resp.headers, body, time.time())
+    return AttemptFailed(err)
+
+
+def _transport_failure(exc: BaseException, phase: str) -> AttemptFailed:
+    if isinstance(exc, TimeoutError):
+        return AttemptFailed(transport_error(ErrorKind.TIMEOUT, f"upstream timed out {phase}"))
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        text = "upstream closed the connection inside the response body (truncated)"
+        return AttemptFailed(transport_error(ErrorKind.CONNECTION, text))
+    detail = type(exc).__name__
+    return AttemptFailed(
+        transport_error(ErrorKind.CONNECTION, f"upstream connection failed {phase}: {detail}")
+    )
+
+
+async def post(
+    session: aiohttp.ClientSession, dep: Deployment, body: bytes, deadline: float
+) -> aiohttp.ClientResponse:
+    """Send the request and wait for a 2xx response's headers (first-token timeout bounds it)."""
+    loop = asyncio.get_running_loop()
+    t = dep.timeouts
+    limit = min(deadline, loop.time() + min(t.first_token, t.total))
+    try:
+        async with asyncio.timeout_at(limit):
+            resp = await session.post(
+                dep.url,
+                data=body,
+                headers=_headers(dep),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=t.connect),
+            )
+            if resp.status >= 300:
+                try:
+                    raise await _error_from_response(dep, resp)
+                finally:
+                    resp.close()
+            return resp
+    except AttemptFailed:
+        raise
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        raise _transport_failure(exc, "before the response") from None
+
+
+async def complete(
+    session: aiohttp.ClientSession, dep: Deployment, body: bytes, deadline: float
+) -> tuple[bytes, dict[str, Any]]:
+    """A non-stream attempt: the raw body (relayed unchanged) and its parsed form."""
+    loop = asyncio.get_running_loop()
+    resp = await post(session, dep, body, deadline)
+    t = dep.timeouts
+    try:
+        async with asyncio.timeout_at(min(deadline, loop.time() + t.total)):
+            raw = await resp.read()
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        resp.close()
+        raise _transport_failure(exc, "while reading the response") from None
+    finally:
+        resp.release()
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        obj = None
+    if not isinstance(obj, dict) or not isinstance(obj.get("choices"), list):
+        raise AttemptFailed(
+            transport_error(ErrorKind.PROTOCOL, "upstream returned a malformed chat completion")
+        )
+    return raw, obj
+
+
+class _Watchdog:
+    """Closes the upstream response when a deadline passes without progress."""
+
+    __slots__ = ("_due", "_handle", "_idle", "_loop", "_resp", "_total", "expired", "progressed")
+
+    def __init__(
+        self, resp: aiohttp.ClientResponse, dep: Deployment, deadline: float, first: float
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._resp = resp
+        self._idle = dep.timeouts.idle
+        self._total = min(deadline, self._loop.time() + dep.timeouts.total)
+        self._due = min(first, self._total)
+        self.progressed = 0.0  # loop time of the last content; 0 until the first token
+        self.expired = ""
+        self._handle = self._loop.call_at(self._due, self._fire)
+
+    def _fire(self) -> None:
+        now = self._loop.time()
+        due = self._due if not self.progressed else min(self.progressed + self._idle, self._total)
+        if now < due:
+            self._handle = self._loop.call_at(due, self._fire)
+            return
+        self.expired = (
+            "waiting for the first token" if not self.progressed else "between stream chunks"
+        )
+        if now >= self._total:
+            self.expired = "(attempt deadline)"
+        self._resp.close()
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+
+async def stream_frames(
+    resp: aiohttp.ClientResponse,
+    dep: Deployment,
+    assembler: StreamAssembler,
+    deadline: float,
+    first_token_deadline: float,
+) -> AsyncIterator[list[Frame]]:
+    """Validated frames, one list per network read. Raises AttemptFailed on timeouts and
+    truncation; protocol verdicts (error frames, missing finish_reason) are left to the caller
+    through the frames and ``assembler.finish()``."""
+    decoder = SSEDecoder()
+    dog = _Watchdog(resp, dep, deadline, first_token_deadline)
+    loop = dog._loop
+    try:
+        while True:
+            try:
+                data = await resp.content.readany()
+            except (aiohttp.ClientError, OSError) as exc:
+                if dog.expired:
+                    break
+                raise _transport_failure(exc, "inside the stream") from None
+            if not data:
+                break
+            frames: list[Frame] = []
+            for ev in decoder.feed(data):
+                if type(ev) is Comment:
+                    continue  # keep-alives are not progress
+                frame = assembler.feed(ev)  # type: ignore[arg-type]
+                # The role-only opening chunk is not a token; anything after it is.
+                if frame.kind is FrameKind.CHUNK and (frame.content or assembler.chunks > 1):
+                    dog.progressed = loop.time()
+                frames.append(frame)
+            if frames:
+                yield frames
+        if dog.expired:
+            raise AttemptFailed(
+                transport_error(ErrorKind.TIMEOUT, f"upstream stream stalled {dog.expired}")
+            )
+        if decoder.has_partial and not assembler.done:
+            raise AttemptFailed(
+                transport_error(ErrorKind.CONNECTION, "upstream stream ended inside an event")
+            )
+    finally:
+        dog.cancel()
