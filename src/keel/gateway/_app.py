@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import random
@@ -15,16 +14,14 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from keel._assembly import FrameKind, StreamAssembler
 from keel._backoff import RetryBudget
-from keel._classify import ErrorKind
 from keel.config import GatewayConfig
 from keel.gateway._attempts import Attempts, Exhausted, run_attempts
 from keel.gateway._deployment import Deployment
-from keel.gateway._errors import ClientError, final_error
-from keel.gateway._relay import StreamRelay, finish_chunk, frame_bytes
+from keel.gateway._errors import ClientError, exhausted_response
 from keel.gateway._router import Router
-from keel.gateway._upstream import AttemptFailed, complete, post, stream_frames
+from keel.gateway._streaming import stream
+from keel.gateway._upstream import complete
 from keel.gateway._validate import parse_chat_request
 
 log = logging.getLogger("keel.gateway")
@@ -114,30 +111,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     loop = asyncio.get_running_loop()
     state = Attempts(deadline=loop.time() + gw.config.retry.deadline)
     if body.get("stream"):
-        return await _stream(request, gw, rid, body, state)
+        return await stream(request, gw, rid, body, state)
     return await _complete(gw, rid, body, state)
-
-
-def _meta_headers(rid: str, state: Attempts) -> dict[str, str]:
-    h = {"x-request-id": rid, "x-keel-attempts": str(state.count)}
-    if state.last is not None:
-        h["x-keel-deployment"] = state.last.name
-    return h
-
-
-def _exhausted_response(rid: str, state: Attempts, exc: Exhausted) -> web.Response:
-    if not exc.tried:
-        err = ClientError(503, exc.reason, type="server_error", code="no_deployment_available")
-        resp = err.response(rid)
-        resp.headers.update(_meta_headers(rid, state))
-        return resp
-    status, body, headers = final_error(exc.tried, exc.reason)
-    return web.Response(
-        status=status,
-        body=orjson.dumps(body),
-        content_type="application/json",
-        headers={**headers, **_meta_headers(rid, state)},
-    )
 
 
 async def _complete(
@@ -155,93 +130,8 @@ async def _complete(
             body["model"], gw.router, gw.config.retry, gw.budget, state, attempt
         )
     except Exhausted as exc:
-        return _exhausted_response(rid, state, exc)
-    return web.Response(
-        body=raw, content_type="application/json", headers=_meta_headers(rid, state)
-    )
-
-
-async def _stream(
-    request: web.Request, gw: Gateway, rid: str, body: dict[str, Any], state: Attempts
-) -> web.StreamResponse:
-    assert gw.session is not None
-    session = gw.session
-    relay = StreamRelay(request, {"x-request-id": rid})
-    group_cfg = gw.config.models[body["model"]]
-
-    async def attempt(dep: Deployment) -> None:
-        loop = asyncio.get_running_loop()
-        first_deadline = loop.time() + dep.timeouts.first_token
-        resp = await post(session, dep, gw.upstream_body(body, dep), state.deadline)
-        asm = StreamAssembler(dialect=dep.dialect, require_done=True)
-        clean = False
-        relay.discard_held()
-        try:
-            async for frames in stream_frames(resp, dep, asm, state.deadline, first_deadline):
-                out: list[bytes] = []
-                for f in frames:
-                    kind = f.kind
-                    if kind is FrameKind.CHUNK:
-                        if not relay.committed:
-                            if not (f.content or f.finish_reason or asm.tool_calls):
-                                relay.hold(frame_bytes(f.data))
-                                continue
-                            await relay.commit(_meta_headers(rid, state))
-                        out.append(frame_bytes(f.data))
-                    elif kind is FrameKind.ERROR or kind is FrameKind.INVALID:
-                        assert f.error is not None
-                        err = f.error
-                        if (
-                            err.kind is ErrorKind.MODERATION
-                            and group_cfg.on_content_filter == "pass"
-                        ):
-                            # Output moderation: end the answer the way OpenAI does.
-                            if not relay.committed:
-                                await relay.commit(_meta_headers(rid, state))
-                            out.append(
-                                finish_chunk(asm.id, asm.model, asm.created, "content_filter")
-                            )
-                            await relay.send(out)
-                            await relay.end()
-                            clean = True
-                            return
-                        if err.kind is ErrorKind.MODERATION:
-                            err = dataclasses.replace(err, failover=True, retryable=False)
-                        if out:
-                            await relay.send(out)
-                        raise AttemptFailed(err)
-                if out:
-                    await relay.send(out)
-            outcome = asm.finish()
-            if not outcome.complete:
-                assert outcome.failure is not None
-                raise AttemptFailed(outcome.failure)
-            if not relay.committed:  # an empty answer: nothing was worth committing before
-                await relay.commit(_meta_headers(rid, state))
-            await relay.send([])
-            await relay.end()
-            clean = True
-        finally:
-            if clean:
-                resp.release()
-            else:
-                resp.close()  # never hand a half-read stream back to the pool
-
-    def eligible(dep: Deployment) -> bool:
-        # Until mid-stream continuation lands, a committed stream is never restarted.
-        return not relay.committed
-
-    try:
-        await run_attempts(
-            body["model"], gw.router, gw.config.retry, gw.budget, state, attempt, eligible
-        )
-    except Exhausted as exc:
-        if not relay.committed:
-            return _exhausted_response(rid, state, exc)
-        _, err_body, _ = final_error(exc.tried, exc.reason)
-        await relay.end_with_error(err_body)
-    assert relay.response is not None
-    return relay.response
+        return exhausted_response(rid, state, exc)
+    return web.Response(body=raw, content_type="application/json", headers=state.headers(rid))
 
 
 async def models(request: web.Request) -> web.Response:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from keel._backoff import RetryBudget, backoff_delay
+from keel._classify import ErrorKind, UpstreamError
 from keel.config import RetryPolicy
 from keel.gateway._deployment import Deployment
 from keel.gateway._errors import Tried
@@ -49,6 +50,21 @@ class Attempts:
     tried: list[Tried] = field(default_factory=list)
     count: int = 0
     last: Deployment | None = None
+
+    def headers(self, request_id: str) -> dict[str, str]:
+        """Response headers that tell the client how its request was served."""
+        h = {"x-request-id": request_id, "x-keel-attempts": str(self.count)}
+        if self.last is not None:
+            h["x-keel-deployment"] = self.last.name
+        return h
+
+
+def _bench_for(err: UpstreamError, policy: RetryPolicy) -> float | None:
+    """How long a key-level failure (auth, billing) takes the deployment out: the operator's
+    configured cooldown, not the classifier's default."""
+    if not err.disable_key_for:
+        return None
+    return policy.quota_cooldown if err.kind is ErrorKind.QUOTA else policy.auth_cooldown
 
 
 async def run_attempts(
@@ -91,7 +107,7 @@ async def run_attempts(
                 except AttemptFailed as failed:
                     err = failed.error
                     state.tried.append(Tried(dep.name, err))
-                    dep.record_failure(err)
+                    dep.record_failure(err, bench_for=_bench_for(err, policy))
                     log.info("attempt %d on %s failed: %s", state.count, dep.name, err.message)
                     if not err.failover:
                         raise give_up() from None

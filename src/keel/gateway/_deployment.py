@@ -69,19 +69,21 @@ class Deployment:
     def record_success(self) -> None:
         self.successes += 1
 
-    def record_failure(self, err: UpstreamError, now: float | None = None) -> None:
-        """Report one failed attempt; benches the key on auth/billing errors."""
+    def record_failure(
+        self, err: UpstreamError, bench_for: float | None = None, now: float | None = None
+    ) -> None:
+        """Report one failed attempt; ``bench_for`` seconds takes the key out of rotation."""
         self.failures += 1
         now = time.monotonic() if now is None else now
-        if err.disable_key_for:
-            self.benched_until = max(self.benched_until, now + err.disable_key_for)
+        if bench_for:
+            self.benched_until = max(self.benched_until, now + bench_for)
             self.bench_reason = err.kind.value
             # Loud on purpose: an operator has to act (rotate a key, pay a bill). No key here.
             log.error(
                 "deployment %s (%s) taken out of rotation for %.0fs: %s — %s",
                 self.name,
                 self.cfg.base_url,
-                err.disable_key_for,
+                bench_for,
                 err.kind.value,
                 err.message,
             )

@@ -5,12 +5,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
 
 from keel._classify import UpstreamError
+
+if TYPE_CHECKING:
+    from keel.gateway._attempts import Attempts, Exhausted
 
 
 @dataclass(slots=True)
@@ -79,3 +82,19 @@ def final_error(
 
 def _short(err: UpstreamError) -> str:
     return f"{err.kind.value} (HTTP {err.status})" if err.status else err.kind.value
+
+
+def exhausted_response(request_id: str, state: Attempts, exc: Exhausted) -> web.Response:
+    """The HTTP error for a request none of whose attempts succeeded (nothing was streamed)."""
+    if not exc.tried:
+        err = ClientError(503, exc.reason, type="server_error", code="no_deployment_available")
+        resp = err.response(request_id)
+        resp.headers.update(state.headers(request_id))
+        return resp
+    status, body, headers = final_error(exc.tried, exc.reason)
+    return web.Response(
+        status=status,
+        body=orjson.dumps(body),
+        content_type="application/json",
+        headers={**headers, **state.headers(request_id)},
+    )
