@@ -32,10 +32,17 @@ class ListeningProcess:
     """A child process that printed its URL. Its output keeps being drained in background
     threads (so it can never block on a full pipe) and the last lines are kept for diagnostics."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], url: str, tail: collections.deque[str]):
+    def __init__(
+        self,
+        proc: subprocess.Popen[bytes],
+        url: str,
+        tail: collections.deque[str],
+        threads: Sequence[threading.Thread] = (),
+    ) -> None:
         self.proc = proc
         self.url = url
         self._tail = tail
+        self._threads = threads
 
     @property
     def pid(self) -> int:
@@ -53,6 +60,8 @@ class ListeningProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout)
+        for t in self._threads:
+            t.join(timeout)  # they close the pipes at EOF
         return self.proc.returncode
 
     def __enter__(self) -> Self:
@@ -65,23 +74,30 @@ class ListeningProcess:
 
 
 def _drain(stream: Any, lines: queue.Queue[str | None], tail: collections.deque[str]) -> None:
-    for raw in iter(stream.readline, b""):
-        line = raw.decode("utf-8", "replace")
-        tail.append(line)
-        lines.put(line)
-    lines.put(None)
+    try:
+        for raw in iter(stream.readline, b""):
+            line = raw.decode("utf-8", "replace")
+            tail.append(line)
+            lines.put(line)
+    finally:
+        stream.close()
+        lines.put(None)
 
 
 def _start(
     cmd: Sequence[str], pattern: str, timeout: float, env: Mapping[str, str] | None
-) -> tuple[subprocess.Popen[bytes], str, collections.deque[str]]:
+) -> tuple[subprocess.Popen[bytes], str, collections.deque[str], list[threading.Thread]]:
     regex = re.compile(pattern)
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env)
     tail: collections.deque[str] = collections.deque(maxlen=200)
     lines: queue.Queue[str | None] = queue.Queue()
-    for stream in (proc.stdout, proc.stderr):
-        threading.Thread(target=_drain, args=(stream, lines, tail), daemon=True).start()
+    threads = [
+        threading.Thread(target=_drain, args=(stream, lines, tail), daemon=True)
+        for stream in (proc.stdout, proc.stderr)
+    ]
+    for t in threads:
+        t.start()
     deadline = time.monotonic() + timeout
     open_streams = 2
     while open_streams:
@@ -93,9 +109,11 @@ def _start(
             open_streams -= 1
             continue
         if m := regex.search(line):
-            return proc, m.group(1), tail
+            return proc, m.group(1), tail, threads
     proc.kill()
     proc.wait()
+    for t in threads:
+        t.join(5)
     out = "".join(tail)
     raise RuntimeError(f"{cmd!r} did not print /{pattern}/ within {timeout}s; output:\n{out}")
 

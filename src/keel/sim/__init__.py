@@ -1,9 +1,28 @@
 """``keel sim``: an OpenAI-compatible upstream simulator with deterministic answers and fault
 injection, used by every test and benchmark of keel.
 
-Quick reference (also in the README): directives go in the last user message as
-``[[sim:trunc=3,len=40]]`` or ``[[sim@name:e500*2]]``, or in the ``x-sim-fault`` header; the
-answer text is :func:`answer_text` of the directive-free prompt.
+Answers: the text is :func:`answer_text` of the last user message with ``[[sim:...]]``
+directives removed (24 tokens by default; ``len=N`` or ``--length``). An assistant message
+that is a prefix of the answer is continued (prefill); ``[..., user U, assistant A, user M]``
+with :data:`CONTINUE_MARKER` (``[[continue]]``) in M is continued too, repeating the last
+``overlap`` characters of A first (instruct).
+
+How to ask for a fault:
+
+* directive in the last user message: ``[[sim:trunc=3,len=40]]``; ``[[sim@a:e500*2]]`` only on
+  the simulator named ``a``; ``*K``: only the first K attempts of this prompt on this simulator;
+* header ``x-sim-fault: trunc=3`` (or ``@a:trunc=3``), same syntax;
+* per API key: ``--key-faults "sk-dead=auth,sk-broke=quota"``; ``--keys`` allow-list;
+* random: ``--faults "r429=0.1,trunc=0.05" --seed 7`` (at most one per request, reproducible).
+
+Errors before any byte: ``r429[=S]`` ``r429_ds`` ``r429_long[=S]`` ``quota`` ``quota_ds``
+``free_quota_ds`` ``too_large`` ``auth`` ``arrearage`` ``balance`` ``ctx`` ``inspect``
+``content_filter_az`` ``e500`` ``e503`` ``e529`` ``e502_html`` ``e504_html`` ``moonshot``;
+``reset`` drops the TCP connection. In the stream (N = content chunks sent first):
+``trunc=N`` ``trunc_mid=N`` ``stall=N`` ``stall_ka=N`` ``err_mid=N`` ``inspect_mid=N``
+``anth_err_mid=N`` ``garbage_fatal=N`` ``no_finish`` ``null_finish`` ``empty_finish``
+``no_done`` ``garbage`` ``crlf`` ``cr`` ``frag`` ``keepalive`` ``slow_first=S``
+``slow_token=S``. Settings: ``len=N`` ``delay=S`` ``overlap=N`` ``tool``.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ import orjson
 DEFAULT_LENGTH = 24
 
 #: keel puts this marker into its "please continue" instruction; the simulator recognises it.
-CONTINUE_MARKER = "[[continue]]"
+CONTINUE_MARKER = "Your previous reply was cut off."
 
 # 64 entries: ~40 % English words, ~45 % Chinese, a few punctuation marks and ~5 % emoji.
 VOCAB: tuple[str, ...] = (

@@ -16,23 +16,13 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from keel.sim._answer import (
-    CONTINUE_MARKER,
-    DEFAULT_LENGTH,
-    content_text,
-    default_overlap,
-    pieces_from,
-    prompt_tokens,
-    strip_directives,
-    tokens_for,
-    tool_call_for,
-)
+from keel.sim._answer import DEFAULT_LENGTH, prompt_tokens, strip_directives
+from keel.sim._compose import completion_json, compose, stream_deltas, turn_of
 from keel.sim._errors import (
     ErrorReply,
     bad_request,
@@ -53,40 +43,25 @@ from keel.sim._faults import (
     parse_rates,
 )
 from keel.sim._log import LogEntry, RequestLog
-from keel.sim._stream import Abort, Op, Sleep, Stall, StreamSpec, Write, body_plan, stream_plan
+from keel.sim._stream import (
+    KEEPALIVE_INTERVAL,
+    Abort,
+    Op,
+    Sleep,
+    Stall,
+    StreamSpec,
+    Write,
+    body_plan,
+    stream_plan,
+)
 
 DIALECTS = ("openai", "dashscope", "anthropic", "azure")
 _MID_ERRORS = ("err_mid", "inspect_mid", "anth_err_mid")
-
-
-@dataclass(slots=True)
-class _Turn:
-    """What the conversation asks for."""
-
-    user: str  # raw text of the message the answer is computed from
-    prefix: str | None = None  # assistant text already produced (continuation)
-    kind: str | None = None  # "prefill" | "instruct"
-    marker: str = ""  # raw text of the instruct message (may carry directives too)
-
-
-def _turn(messages: list[Any]) -> _Turn:
-    def last_user(before: int) -> str:
-        for m in reversed(messages[:before]):
-            if isinstance(m, dict) and m.get("role") == "user":
-                return content_text(m.get("content"))
-        return ""
-
-    last = messages[-1] if isinstance(messages[-1], dict) else {}
-    role, text = last.get("role"), content_text(last.get("content"))
-    n = len(messages)
-    if role == "assistant" and text:
-        return _Turn(last_user(n - 1), text, "prefill")
-    if role == "user" and CONTINUE_MARKER in text and n >= 3:
-        prev = messages[-2] if isinstance(messages[-2], dict) else {}
-        prev_text = content_text(prev.get("content"))
-        if prev.get("role") == "assistant" and prev_text:
-            return _Turn(last_user(n - 2), prev_text, "instruct", text)
-    return _Turn(text if role == "user" else last_user(n))
+_SSE_HEADERS = {
+    "content-type": "text/event-stream; charset=utf-8",
+    "cache-control": "no-cache",
+    "x-accel-buffering": "no",  # tell nginx-style proxies not to batch the stream
+}
 
 
 def _api_key(request: web.Request) -> str | None:
@@ -325,147 +300,96 @@ class Simulator:
         if not isinstance(messages, list) or not messages:
             return self._error(entry, bad_request("'messages' must be a non-empty array"))
         model = str(body.get("model") or request.match_info.get("deployment") or self.models[0])
-        stream = bool(body.get("stream"))
-        entry.model, entry.stream = model, stream
+        entry.model, entry.stream = model, bool(body.get("stream"))
 
-        turn = _turn(messages)
+        turn = turn_of(messages)
         try:
             d = parse_directives(turn.user, self.name) or Directives()
             if turn.marker and (more := parse_directives(turn.marker, self.name)):
                 d.update(more)
-            if (header := request.headers.get("x-sim-fault")) and (
-                more := parse_header(header, self.name)
-            ):
+            header = request.headers.get("x-sim-fault")
+            if header and (more := parse_header(header, self.name)):
                 d.update(more)
         except DirectiveError as e:
             return self._error(entry, bad_request(str(e)))
         prompt = strip_directives(turn.user)
         entry.prompt = prompt[:80]
-        tokens = tokens_for(prompt, d.length if d.length is not None else self.length)
+        answer = compose(body, turn, d, prompt, self.length)
+        entry.tool_call = answer.call is not None
+        entry.continuation, entry.continuation_kind = bool(answer.continuation), answer.continuation
 
-        # What to send: text pieces (maybe a continuation) or a tool call.
-        tools = body.get("tools")
-        choice = body.get("tool_choice")
-        tool_name = None
-        if (
-            tools
-            and choice != "none"
-            and (d.tool or choice == "required" or isinstance(choice, dict))
-        ):
-            fn = choice.get("function") if isinstance(choice, dict) else None
-            tool_name = (fn or {}).get("name") or (tools[0].get("function") or {}).get("name")
-        pieces: list[str]
-        finish = "stop"
-        if tool_name:
-            call = tool_call_for(prompt, str(tool_name))
-            pieces, finish, entry.tool_call = list(call.pieces), "tool_calls", True
-        elif turn.prefix is not None and "".join(tokens).startswith(turn.prefix):
-            start = len(turn.prefix)
-            if turn.kind == "instruct":
-                ov = d.overlap if d.overlap is not None else default_overlap(tokens, start)
-                start -= max(0, min(ov, start))
-            pieces = pieces_from(tokens, start)
-            entry.continuation, entry.continuation_kind = True, turn.kind
-        else:
-            pieces = list(tokens)
-        limit = body.get("max_completion_tokens") or body.get("max_tokens")
-        if not tool_name and isinstance(limit, int) and 0 <= limit < len(pieces):
-            pieces, finish = pieces[:limit], "length"
-
-        faults = self._choose_faults(api_key, prompt, d, len(pieces))
+        faults = self._choose_faults(api_key, prompt, d, len(answer.pieces))
         if faults:
             entry.fault = ",".join(f.name for f in faults)
-            for f in faults:
-                if f.spec.phase == "error":
-                    reply = error_reply(
-                        f.name, f.value, self.dialect, api_key=api_key, model=model, request_id=rid
-                    )
-                    return self._error(entry, reply)
-                if f.spec.phase == "reset":
-                    return _reset(request)
+        for f in faults:
+            if f.spec.phase == "error":
+                reply = error_reply(
+                    f.name, f.value, self.dialect, api_key=api_key, model=model, request_id=rid
+                )
+                return self._error(entry, reply)
+            if f.spec.phase == "reset":
+                return _reset(request)
         active = {f.name: f.param() for f in faults if f.spec.phase == "stream"}
-        if "slow_first" in active:
+        if "slow_first" in active:  # before the response headers
             await asyncio.sleep(active["slow_first"])
 
-        created = int(time.time())
-        usage = {
-            "prompt_tokens": (p := prompt_tokens(m for m in messages if isinstance(m, dict))),
-            "completion_tokens": len(pieces),
-            "total_tokens": p + len(pieces),
-        }
+        n = len(answer.pieces)
+        p = prompt_tokens(m for m in messages if isinstance(m, dict))
+        usage = {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}
+        chunk_id = f"chatcmpl-{rid[4:]}"
         complete = not any(name in TERMINAL for name in active)
-        if stream:
-            role: dict[str, Any] = {"role": "assistant", "content": ""}
-            if tool_name:
-                role = {"role": "assistant", "content": None, "tool_calls": [
-                    {"index": 0, "id": call.id, "type": "function",
-                     "function": {"name": call.name, "arguments": ""}},
-                ]}  # fmt: skip
-                deltas = [
-                    {"tool_calls": [{"index": 0, "function": {"arguments": a}}]} for a in pieces
-                ]
-            else:
-                deltas = [{"content": piece} for piece in pieces]
+        if entry.stream:
+            role, deltas = stream_deltas(answer)
             opts = body.get("stream_options")
             spec = StreamSpec(
-                chunk_id=f"chatcmpl-{rid[4:]}",
+                chunk_id=chunk_id,
                 request_id=rid,
-                created=created,
+                created=int(time.time()),
                 model=model,
                 role_delta=role,
                 deltas=deltas,
-                finish_reason=finish,
+                finish_reason=answer.finish,
                 usage=usage if isinstance(opts, dict) and opts.get("include_usage") else None,
                 token_delay=d.delay if d.delay is not None else self.token_delay,
                 first_delay=self.first_token_delay + active.get("slow_token", 0.0),
             )
             plan = stream_plan(spec, active)
-            resp = web.StreamResponse(headers={
-                "content-type": "text/event-stream; charset=utf-8",
-                "cache-control": "no-cache",
-                "x-accel-buffering": "no",
-                "x-request-id": rid,
-            })  # fmt: skip
+            resp = web.StreamResponse(headers=_SSE_HEADERS | {"x-request-id": rid})
         else:
             for name in _MID_ERRORS:
                 if name in active:
-                    return self._error(entry, non_stream_mid_error(name, f"chatcmpl-{rid}", rid))
+                    return self._error(entry, non_stream_mid_error(name, chunk_id, rid))
             if "stall" in active or "stall_ka" in active:
                 await self._stopping.wait()  # silent before the headers, until the client leaves
                 return _reset(request)
-            message: dict[str, Any] = {"role": "assistant", "content": "".join(pieces)}
-            if tool_name:
-                message["content"] = None
-                message["tool_calls"] = [{"id": call.id, "type": "function",
-                                          "function": {"name": call.name,
-                                                       "arguments": call.arguments}}]  # fmt: skip
-            choice0: dict[str, Any] = {"index": 0, "message": message, "logprobs": None}
-            if "no_finish" not in active:
-                choice0["finish_reason"] = (
-                    None if "null_finish" in active else "" if "empty_finish" in active else finish
-                )
-            data = orjson.dumps({
-                "id": f"chatcmpl-{rid[4:]}", "object": "chat.completion", "created": created,
-                "model": model, "choices": [choice0], "usage": usage,
-            })  # fmt: skip
+            finish: str | bool | None = True
+            if "no_finish" in active or "null_finish" in active or "empty_finish" in active:
+                finish = False if "no_finish" in active else None if "null_finish" in active else ""
+            data = completion_json(
+                answer, chunk_id=chunk_id, created=int(time.time()), model=model, usage=usage,
+                finish=finish,
+            )  # fmt: skip
             if "garbage_fatal" in active:
                 data, complete = data[: len(data) // 2], False
+            complete = complete and "trunc" not in active and "trunc_mid" not in active
             plan = body_plan(data, active)
             resp = web.StreamResponse(
                 headers={"content-type": "application/json", "x-request-id": rid}
             )
             resp.content_length = len(data)
-            entry.tokens = len(pieces)  # counted up front; a truncated body shows finished=False
-            complete = complete and "trunc" not in active and "trunc_mid" not in active
+            entry.tokens = n  # counted up front; a truncated body shows finished=False
         await resp.prepare(request)
         entry.status = 200
-        if await self._run(request, resp, plan, entry, count_tokens=stream):
+        if await self._run(request, resp, plan, entry, count_tokens=entry.stream):
             entry.finished = complete
         return resp
 
     def _choose_faults(
         self, api_key: str | None, prompt: str, d: Directives, n: int
     ) -> list[Fault]:
+        """First match wins: allow-list, concurrency limit, key fault, forced (header or
+        directives, after the ``*K`` counters), seeded draw. A request whose forced faults are
+        all used up gets none - ``[[sim:r429*1]]`` means "then succeed", whatever the odds."""
         if self.keys and api_key not in self.keys:
             return [Fault("auth")]
         if self.max_concurrency and self._log.in_flight > self.max_concurrency:
@@ -520,7 +444,7 @@ class Simulator:
                     await self._stopping.wait()
                 else:
                     while not self._stopping.is_set():
-                        await asyncio.sleep(0.2)
+                        await asyncio.sleep(KEEPALIVE_INTERVAL)
                         await resp.write(op.keepalive)
                 if request.transport is not None:
                     request.transport.abort()

@@ -186,6 +186,8 @@ def stream_plan(spec: StreamSpec, faults: Mapping[str, float]) -> list[Op]:
     finish += b"}]}"
     if terminal is not None:  # N >= number of chunks: break just before the finish chunk
         return _terminal(b, terminal[1], b.encode(finish), spec)
+    if fatal_at >= n:  # likewise: the cut copy goes just before the finish chunk
+        b.raw(b"data: " + finish[: len(finish) // 2] + eol + eol)
     if garbage:
         b.raw(b"event: ping" + eol + b"data: {}" + eol + eol)
     b.frame(finish)
