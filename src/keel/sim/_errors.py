@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -57,6 +58,7 @@ def mask_key(key: str) -> str:
     return key[:3] + "*" * (len(key) - 7) + key[-4:]
 
 
+@lru_cache(maxsize=1024)  # a handful of keys, thousands of requests per second
 def key_fingerprint(key: str | None) -> str | None:
     """What the request log stores instead of an API key."""
     if not key:
@@ -94,6 +96,8 @@ _DIALECT_ALIASES = {
     ("anthropic", "e500"): "e500_anth",
     ("anthropic", "e503"): "e529",
     ("azure", "r429"): "r429_az",
+    ("deepseek", "quota"): "balance",  # DeepSeek's "out of money" is 402 Insufficient Balance
+    ("moonshot", "e503"): "moonshot",  # Moonshot reports overload as 429 engine_overloaded
 }
 
 

@@ -87,7 +87,11 @@ class RequestLog:
             self._changed.set()
             self._changed = None
 
-    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:  # noqa: ASYNC109
+    async def wait_for(
+        self,
+        predicate: Callable[[], bool],
+        timeout: float = 5.0,  # noqa: ASYNC109 - a test helper; a deadline is its whole point
+    ) -> None:
         """Wait until ``predicate()`` is true, re-checking whenever a request opens or closes.
         Raises TimeoutError after ``timeout`` seconds."""
         async with asyncio.timeout(timeout):

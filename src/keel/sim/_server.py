@@ -55,7 +55,8 @@ from keel.sim._stream import (
     stream_plan,
 )
 
-DIALECTS = ("openai", "dashscope", "anthropic", "azure")
+# keel's dialects; the last three answer like openai except where _errors aliases a name.
+DIALECTS = ("openai", "dashscope", "anthropic", "azure", "deepseek", "moonshot", "vllm")
 _MID_ERRORS = ("err_mid", "inspect_mid", "anth_err_mid")
 _SSE_HEADERS = {
     "content-type": "text/event-stream; charset=utf-8",
