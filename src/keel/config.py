@@ -35,6 +35,10 @@ class Timeouts(_Strict):
     first_token: float = Field(60.0, gt=0)
     idle: float = Field(30.0, gt=0)
     total: float = Field(600.0, gt=0)
+    # Minimum throughput after the first token: fewer than ``min_tokens`` chunks in any
+    # ``min_tokens_window`` seconds counts as a stall (0 = off; ``idle`` still applies).
+    min_tokens: int = Field(0, ge=0)
+    min_tokens_window: float = Field(10.0, gt=0)
 
 
 class TimeoutOverrides(_Strict):
@@ -42,6 +46,8 @@ class TimeoutOverrides(_Strict):
     first_token: float | None = Field(None, gt=0)
     idle: float | None = Field(None, gt=0)
     total: float | None = Field(None, gt=0)
+    min_tokens: int | None = Field(None, ge=0)
+    min_tokens_window: float | None = Field(None, gt=0)
 
     def apply(self, base: Timeouts) -> Timeouts:
         return base.model_copy(update=self.model_dump(exclude_none=True))
@@ -66,10 +72,35 @@ class DeploymentConfig(_Strict):
     max_concurrency: int | None = Field(None, gt=0)
 
 
+class CommitBuffer(_Strict):
+    """Hold the first ``tokens`` content chunks or ``ms`` milliseconds of a stream (whichever
+    comes first) before the client sees anything: a failure inside the buffer restarts the
+    answer invisibly, even on deployments that cannot continue a stream. 0/0 = commit at the
+    first token (lowest first-token latency)."""
+
+    tokens: int = Field(0, ge=0)
+    ms: float = Field(0.0, ge=0)
+
+
+class Hedge(_Strict):
+    """Start a second attempt on another deployment when the first token is late; the first
+    to produce a token wins and the other is cancelled at once."""
+
+    enabled: bool = False
+    after: float | None = Field(None, gt=0)  # fixed threshold in seconds, or:
+    percentile: float = Field(0.95, gt=0, lt=1)  # of the group's recent first-token times
+    min_after: float = Field(0.2, ge=0)  # never hedge sooner than this
+    max_ratio: float = Field(0.1, ge=0, le=1)  # hedges ≤ this share of requests
+
+
 class ModelGroup(_Strict):
     deployments: list[DeploymentConfig] = Field(min_length=1)
     fallbacks: list[str] = []
+    # Output moderation mid-stream: end with finish_reason content_filter (pass), or continue
+    # the answer on another deployment (failover) — providers' moderation differs.
     on_content_filter: Literal["pass", "failover"] = "pass"
+    commit_buffer: CommitBuffer = CommitBuffer()
+    hedge: Hedge = Hedge()
 
 
 class RetryPolicy(_Strict):

@@ -72,15 +72,20 @@ def frame_bytes(data: str) -> bytes:
     return b"data: " + data.encode() + b"\n\n"
 
 
-def finish_chunk(
-    chunk_id: str | None, model: str | None, created: int | None, reason: str
-) -> bytes:
-    """A terminal chunk keel writes itself (e.g. ``content_filter`` for output moderation)."""
-    chunk = {
+Meta = tuple[str | None, int | None, str | None]  # id, created, model of the client's stream
+
+
+def keel_chunk(meta: Meta, choices: list[Any], usage: dict[str, int] | None = None) -> bytes:
+    """A chunk keel writes itself (a terminal ``content_filter``/``length``, a continuation's
+    chunk, the summed usage) with the committed stream's id/created/model."""
+    chunk_id, created, model = meta
+    chunk: dict[str, Any] = {
         "id": chunk_id or "chatcmpl-keel",
         "object": "chat.completion.chunk",
         "created": created or int(time.time()),
         "model": model or "",
-        "choices": [{"index": 0, "delta": {}, "finish_reason": reason}],
+        "choices": choices,
     }
+    if usage is not None:
+        chunk["usage"] = usage
     return b"data: " + orjson.dumps(chunk) + b"\n\n"

@@ -112,33 +112,70 @@ async def complete(
 
 
 class _Watchdog:
-    """Closes the upstream response when a deadline passes without progress."""
+    """Closes the upstream response when a deadline passes without progress: first token,
+    idle gap between tokens, minimum throughput, attempt total. One timer, re-armed only
+    when it fires, so the per-chunk cost is two attribute writes."""
 
-    __slots__ = ("_due", "_handle", "_idle", "_loop", "_resp", "_total", "expired", "progressed")
+    __slots__ = (
+        "_due", "_handle", "_idle", "_loop", "_min_tokens", "_resp", "_total", "_window",
+        "_window_end", "_window_tokens", "expired", "progressed", "tokens",
+    )  # fmt: skip
 
     def __init__(
         self, resp: aiohttp.ClientResponse, dep: Deployment, deadline: float, first: float
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._resp = resp
-        self._idle = dep.timeouts.idle
-        self._total = min(deadline, self._loop.time() + dep.timeouts.total)
+        t = dep.timeouts
+        self._idle = t.idle
+        self._min_tokens = t.min_tokens
+        self._window = t.min_tokens_window
+        self._window_end = 0.0
+        self._window_tokens = 0
+        self._total = min(deadline, self._loop.time() + t.total)
         self._due = min(first, self._total)
         self.progressed = 0.0  # loop time of the last content; 0 until the first token
+        self.tokens = 0  # content chunks so far
         self.expired = ""
         self._handle = self._loop.call_at(self._due, self._fire)
 
+    def first_token(self, now: float) -> None:
+        """Switch from the first-token deadline to the idle/throughput checks."""
+        self.progressed = now
+        self._window_end = now + self._window
+        self._window_tokens = self.tokens
+        self._handle.cancel()
+        self._fire()
+
     def _fire(self) -> None:
         now = self._loop.time()
-        due = self._due if not self.progressed else min(self.progressed + self._idle, self._total)
+        if not self.progressed:
+            due = self._due
+        else:
+            due = min(self.progressed + self._idle, self._total)
+            if self._min_tokens:
+                if now >= self._window_end:
+                    if self.tokens - self._window_tokens < self._min_tokens:
+                        self._expire(
+                            f"too slowly (fewer than {self._min_tokens} tokens in "
+                            f"{self._window:g}s)"
+                        )
+                        return
+                    self._window_end = now + self._window
+                    self._window_tokens = self.tokens
+                due = min(due, self._window_end)
         if now < due:
             self._handle = self._loop.call_at(due, self._fire)
             return
-        self.expired = (
-            "waiting for the first token" if not self.progressed else "between stream chunks"
-        )
         if now >= self._total:
-            self.expired = "(attempt deadline)"
+            self._expire("past the attempt deadline")
+        elif not self.progressed:
+            self._expire("waiting for the first token")
+        else:
+            self._expire("between stream chunks")
+
+    def _expire(self, why: str) -> None:
+        self.expired = why
         self._resp.close()
 
     def cancel(self) -> None:
@@ -175,13 +212,19 @@ async def stream_frames(
                 frame = assembler.feed(ev)  # type: ignore[arg-type]
                 # The role-only opening chunk is not a token; anything after it is.
                 if frame.kind is FrameKind.CHUNK and (frame.content or assembler.chunks > 1):
-                    dog.progressed = loop.time()
+                    dog.tokens += 1
+                    if dog.progressed:
+                        dog.progressed = loop.time()
+                    else:
+                        dog.first_token(loop.time())
                 frames.append(frame)
             if frames:
                 yield frames
         if dog.expired:
             raise AttemptFailed(
-                transport_error(ErrorKind.TIMEOUT, f"upstream stream stalled {dog.expired}")
+                transport_error(
+                    ErrorKind.TIMEOUT, f"upstream stream stalled: no progress {dog.expired}"
+                )
             )
         if decoder.has_partial and not assembler.done:
             raise AttemptFailed(
