@@ -17,6 +17,9 @@ def _register() -> None:
     app.command("sim", help="Run the OpenAI-compatible upstream simulator with fault injection.")(
         sim_command
     )
+    from keel.bench._cli import bench_command
+
+    app.command("bench", help="Measure keel against a bare proxy (and the peers).")(bench_command)
 
 
 @app.command()

@@ -1,0 +1,186 @@
+"""The ``keel bench`` command: start everything, run the cells, report, stop everything."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+CELLS = ("throughput", "latency", "first_token", "frames", "equal_load", "streams", "disconnect")
+
+
+def _run_target(
+    target: Any, direct: Any, sim: Any, plan: Any, cells: set[str], load_cores: set[int],
+    fd_limit: int, say: Callable[[str], None],
+) -> dict[str, Any]:  # fmt: skip
+    from keel.bench import _cells as c
+
+    out: dict[str, Any] = {}
+    repeated: list[tuple[str, str, Callable[[], dict[str, Any]]]] = [
+        ("throughput", "throughput", lambda: c.throughput(target, plan)),
+        ("latency", "latency_c1", lambda: c.latency_c1(target, direct, plan)),
+        ("first_token", "first_token", lambda: c.first_token(target, direct, plan)),
+        ("frames", "per_frame", lambda: c.per_frame(target, plan)),
+        ("equal_load", "equal_load", lambda: c.equal_load(target, plan)),
+    ]
+    for cell, key, fn in repeated:
+        if cell not in cells:
+            continue
+        say(f"{target.name}: {cell}")
+        out[key] = c.median_of([fn() for _ in range(plan.repeats)])
+        sim.clear_log()  # keep the simulator's log small between cells
+    if "streams" in cells and target.name in ("bare", "keel"):
+        say(f"{target.name}: streams {plan.stream_levels}")
+        out["streams"] = c.streams(target, plan, load_cores, fd_limit)
+        sim.clear_log()
+    if "disconnect" in cells:
+        say(f"{target.name}: disconnect")
+        out["disconnect"] = c.disconnect(target, sim, plan)
+    return out
+
+
+def bench(
+    quick: bool, out_dir: Path, peers: bool, repeats: int | None, cells: set[str],
+    only: set[str] | None,
+) -> dict[str, Any]:  # fmt: skip
+    from keel.bench import _cells as c
+    from keel.bench import _report, _targets
+    from keel.bench._config import UPSTREAM_MODEL, keel_config
+    from keel.bench._measure import core_plan, pin, raise_fd_limit
+    from keel.testing import spawn_sim
+
+    plan = c.QUICK if quick else c.FULL
+    if repeats:
+        plan = replace(plan, repeats=repeats)
+    fd_limit = raise_fd_limit()  # inherited by every child we start
+    gw_cores, load_cores = core_plan()
+    pin(os.getpid(), load_cores)  # before any child exists: children inherit it
+    t0 = time.monotonic()
+
+    def say(msg: str) -> None:
+        typer.echo(f"[{time.monotonic() - t0:6.1f}s] {msg}", err=True)
+
+    workdir = tempfile.mkdtemp(prefix="keel-bench-")
+    results: dict[str, Any] = {}
+    notes: list[str] = []
+    sim = spawn_sim("--name", "bench")
+    try:
+        direct = _targets.Target("direct", sim.base_url, None, UPSTREAM_MODEL, measure_pid=sim.pid)
+        starters: list[tuple[str, Callable[[], _targets.Target]]] = [
+            ("bare", lambda: _targets.start_bare(sim.base_url)),
+            ("keel", lambda: _targets.start_keel(sim.base_url, workdir)),
+        ]
+        if peers:
+            if _targets.litellm_command():
+                starters.append(("litellm", lambda: _targets.start_litellm(sim.base_url, workdir)))
+            else:
+                notes.append("litellm not installed: skipped (see docs/performance.md)")
+            if _targets.portkey_script():
+                starters.append(("portkey", lambda: _targets.start_portkey(sim.base_url)))
+            else:
+                notes.append("portkey not installed: skipped (see docs/performance.md)")
+        if "throughput" in cells and (only is None or "direct" in only):
+            say("direct: throughput (simulator alone, sharing the load generator's core)")
+            results["direct"] = {"throughput": c.throughput(direct, plan)}
+            sim.clear_log()
+        for name, start in starters:
+            if only is not None and name not in only:
+                continue
+            say(f"starting {name}")
+            try:
+                target = start()
+            except RuntimeError as exc:
+                notes.append(f"{name} did not start: {exc}")
+                continue
+            try:
+                if target.measure_pid:
+                    pin(target.measure_pid, gw_cores)
+                results[name] = _run_target(
+                    target, direct, sim, plan, cells, load_cores, fd_limit, say
+                )
+            finally:
+                target.stop()
+    finally:
+        sim.terminate()
+        shutil.rmtree(workdir, ignore_errors=True)
+    import keel.bench._config as cfg_mod
+
+    report: dict[str, Any] = {
+        "meta": {
+            "mode": plan.name,
+            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "seconds": round(time.monotonic() - t0, 1),
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "gateway_cores": sorted(gw_cores),
+            "load_cores": sorted(load_cores),
+            "fd_limit": fd_limit,
+            "plan": c.plan_dict(plan),
+            "keel_config": keel_config("<simulator>"),
+            "keel_config_source": cfg_mod.__name__,
+            "notes": notes,
+        },
+        "results": results,
+        "ratios": _report.ratios(results),
+        "targets": _report.check_targets(results, plan.stream_levels),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _report.print_table(results)
+    for name, check in report["targets"].items():
+        typer.echo(
+            f"{'MET ' if check['met'] else 'MISS'} {name}: {check['value']} ({check['limit']})"
+        )
+    _report.write_json(out_dir / "bench.json", report)
+    (out_dir / "bench.md").write_text(_report.markdown_table(results) + "\n")
+    note = _report.write_chart(out_dir / "bench.png", results)
+    if note:
+        notes.append(note)
+        typer.echo(note, err=True)
+        _report.write_json(out_dir / "bench.json", report)
+    for n in notes:
+        typer.echo(f"note: {n}", err=True)
+    typer.echo(
+        f"wrote {out_dir / 'bench.json'}" + ("" if note else f" and {out_dir / 'bench.png'}")
+    )
+    return report
+
+
+def bench_command(
+    quick: Annotated[
+        bool, typer.Option(help="Small counts (1k streams): under 2 minutes.")
+    ] = False,
+    out: Annotated[Path, typer.Option(help="Output directory for bench.json/.png/.md.")] = Path(
+        "bench-results"
+    ),
+    peers: Annotated[
+        bool, typer.Option(help="Also run LiteLLM and Portkey when installed (never in CI).")
+    ] = False,
+    repeats: Annotated[
+        int, typer.Option(help="Repeats per cell (0 = the mode's default).", min=0)
+    ] = 0,
+    cells: Annotated[str, typer.Option(help=f"Comma-separated subset of: {', '.join(CELLS)}.")] = (
+        ",".join(CELLS)
+    ),
+    only: Annotated[
+        str,
+        typer.Option(help="Comma-separated targets to run (direct, bare, keel, litellm, portkey)."),
+    ] = "",
+) -> None:
+    """Measure keel against a bare proxy from the same stack: throughput, latency, CPU per
+    request and per frame, memory per open stream, and disconnect → upstream close."""
+    chosen = {x.strip() for x in cells.split(",") if x.strip()}
+    unknown = chosen - set(CELLS)
+    if unknown:
+        typer.echo(f"keel bench: unknown cells {sorted(unknown)}; choose from {CELLS}", err=True)
+        raise typer.Exit(2)
+    targets = {x.strip() for x in only.split(",") if x.strip()} or None
+    bench(quick, out, peers, repeats or None, chosen, targets)

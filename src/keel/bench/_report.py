@@ -1,0 +1,296 @@
+"""Turning results into a table (rich), a JSON file, and a PNG chart (matplotlib, optional).
+
+Ratios to the bare proxy are the headline: absolute numbers move with the machine, ratios
+measured in one run on one machine mostly do not.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+GiB = 1024**3
+Getter = Callable[[dict[str, Any]], float | None]
+
+
+def _get(*path: str) -> Getter:
+    def get(r: dict[str, Any]) -> float | None:
+        cur: Any = r
+        for p in path:
+            if not isinstance(cur, dict) or p not in cur:
+                return None
+            cur = cur[p]
+        return float(cur) if isinstance(cur, (int, float)) and not isinstance(cur, bool) else None
+
+    return get
+
+
+def _level(i: int, key: str) -> Getter:
+    def get(r: dict[str, Any]) -> float | None:
+        levels = r.get("streams", {}).get("levels", [])
+        if i >= len(levels) or levels[i].get(key) is None:
+            return None
+        return float(levels[i][key])
+
+    return get
+
+
+def rows(results: dict[str, Any]) -> list[tuple[str, Getter, bool]]:
+    """(label, getter, higher_is_better) for every row of the table."""
+    out: list[tuple[str, Getter, bool]] = [
+        ("non-stream req/s (fixed concurrency)", _get("throughput", "rps"), True),
+        ("non-stream p50 ms", _get("throughput", "p50_ms"), False),
+        ("non-stream p99 ms", _get("throughput", "p99_ms"), False),
+        ("CPU µs per request", _get("throughput", "cpu_us_per_req"), False),
+        ("gateway CPU utilisation", _get("throughput", "cpu_util"), False),
+        ("added latency c=1 p50 ms", _get("latency_c1", "added_p50_ms"), False),
+        ("added latency c=1 p99 ms", _get("latency_c1", "added_p99_ms"), False),
+        ("first-token overhead p50 ms", _get("first_token", "overhead_p50_ms"), False),
+        ("first-token overhead p99 ms", _get("first_token", "overhead_p99_ms"), False),
+        ("CPU µs per relayed frame", _get("per_frame", "cpu_us_per_frame"), False),
+        ("CPU µs per stream (setup)", _get("per_frame", "cpu_us_per_stream"), False),
+        ("p50 ms at equal load", _get("equal_load", "p50_ms"), False),
+        ("p99 ms at equal load", _get("equal_load", "p99_ms"), False),
+    ]
+    n_levels = max(
+        (len(r.get("streams", {}).get("levels", [])) for r in results.values()), default=0
+    )
+    for i in range(n_levels):
+        label = next(
+            (
+                r["streams"]["levels"][i]["streams"]
+                for r in results.values()
+                if len(r.get("streams", {}).get("levels", [])) > i
+            ),
+            "?",
+        )
+        out += [
+            (f"RSS MiB, {label} slow streams", _level(i, "rss_mib"), False),
+            (f"  streams receiving of {label}", _level(i, "receiving"), True),
+            (f"  KiB per stream at {label}", _level(i, "kib_per_stream"), False),
+        ]
+    for phase in ("prefirst", "midstream", "nonstream"):
+        out += [
+            (
+                f"disconnect→upstream close {phase} p50 ms",
+                _get("disconnect", phase, "p50_ms"),
+                False,
+            ),
+            (
+                f"disconnect→upstream close {phase} p99 ms",
+                _get("disconnect", phase, "p99_ms"),
+                False,
+            ),
+        ]
+    return out
+
+
+def _fmt(v: float | None) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def ratios(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Each target's value / the bare proxy's value, for every row both have."""
+    bare = results.get("bare")
+    out: dict[str, dict[str, float]] = {}
+    if not bare:
+        return out
+    for name, r in results.items():
+        if name in ("bare", "direct"):
+            continue
+        out[name] = {}
+        for label, get, _ in rows(results):
+            a, b = get(r), get(bare)
+            if (
+                a is not None
+                and b not in (None, 0.0)
+                and "added" not in label
+                and "overhead" not in label
+            ):
+                out[name][label] = a / b  # type: ignore[operator]
+    return out
+
+
+def check_targets(results: dict[str, Any], plan_levels: tuple[int, ...]) -> dict[str, Any]:
+    """The issue's targets, each with its value, limit and verdict."""
+    keel, bare = results.get("keel", {}), results.get("bare", {})
+    checks: dict[str, Any] = {}
+
+    def ratio(get: Getter) -> float | None:
+        a, b = get(keel), get(bare)
+        return a / b if a is not None and b else None
+
+    tput = ratio(_get("throughput", "rps"))
+    checks["nonstream_throughput_vs_bare"] = {
+        "value": tput, "limit": ">= 0.8", "met": tput is not None and tput >= 0.8,
+    }  # fmt: skip
+    added = _get("latency_c1", "added_p50_ms")(keel)
+    checks["added_latency_c1_p50_ms"] = {
+        "value": added, "limit": "<= 1.0", "met": added is not None and added <= 1.0,
+    }  # fmt: skip
+    frame = ratio(_get("per_frame", "cpu_us_per_frame"))
+    checks["cpu_per_frame_vs_bare"] = {
+        "value": frame, "limit": "<= 1.3", "met": frame is not None and frame <= 1.3,
+    }  # fmt: skip
+    levels = keel.get("streams", {}).get("levels", [])
+    if levels:
+        top = levels[-1]
+        all_receiving = top["receiving"] == top["streams"]
+        rss = top["rss_mib"] * 1024 * 1024 if top["rss_mib"] is not None else None
+        value: dict[str, Any] = {
+            "streams": top["streams"], "receiving": top["receiving"], "rss_mib": top["rss_mib"],
+        }  # fmt: skip
+        met = rss is not None and all_receiving
+        want = max(plan_levels)
+        if rss is not None and top["streams"] < want and top.get("kib_per_stream"):
+            # Capped by the fd limit: extrapolate linearly to the wanted level and say so.
+            base = keel["streams"]["baseline_rss_mib"] * 1024 * 1024
+            rss = base + top["kib_per_stream"] * 1024 * want
+            value["extrapolated_rss_mib_at"] = {str(want): rss / 1024 / 1024}
+        met = met and rss is not None and rss <= GiB
+        checks[f"streams_{want}_rss_le_1GiB_all_receiving"] = {
+            "value": value, "limit": "<= 1024 MiB, all receiving", "met": met,
+        }  # fmt: skip
+    for phase in ("prefirst", "midstream", "nonstream"):
+        d = keel.get("disconnect", {}).get(phase, {})
+        p99 = d.get("p99_ms")
+        ok = p99 is not None and not math.isnan(p99) and p99 <= 20.0
+        ok = ok and not d.get("not_closed") and not d.get("missing")
+        checks[f"disconnect_{phase}_p99_ms"] = {"value": p99, "limit": "<= 20", "met": ok}
+    return checks
+
+
+def print_table(results: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    names = [n for n in ("direct", "bare", "keel") if n in results]
+    names += [n for n in results if n not in names]
+    compared = [n for n in names if n not in ("direct", "bare")]
+    table = Table(title="keel bench (ratios: target / bare proxy)")
+    table.add_column("metric")
+    for n in names:
+        table.add_column(n, justify="right")
+    for n in compared:
+        table.add_column(f"{n}/bare", justify="right")
+    rt = ratios(results)
+    for label, get, _ in rows(results):
+        vals = [_fmt(get(results[n])) for n in names]
+        if all(v == "-" for v in vals):
+            continue
+        table.add_row(label, *vals, *(_fmt(rt.get(n, {}).get(label)) for n in compared))
+    Console(width=160).print(table)
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """The same table as Markdown, for docs/performance.md."""
+    names = [n for n in ("direct", "bare", "keel") if n in results]
+    names += [n for n in results if n not in names]
+    compared = [n for n in names if n not in ("direct", "bare")]
+    head = ["metric", *names, *(f"{n}/bare" for n in compared)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rt = ratios(results)
+    for label, get, _ in rows(results):
+        vals = [_fmt(get(results[n])) for n in names]
+        if all(v == "-" for v in vals):
+            continue
+        rs = [_fmt(rt.get(n, {}).get(label)) for n in compared]
+        lines.append("| " + " | ".join([label.strip(), *vals, *rs]) + " |")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, report: dict[str, Any]) -> None:
+    path.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+
+
+def write_chart(path: Path, results: dict[str, Any]) -> str | None:
+    """A PNG with the ratios and the memory curve; returns a note instead when matplotlib is
+    missing (it is an optional dependency: ``pip install 'keel[bench]'``)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no chart (pip install 'keel[bench]')"
+    names = [n for n in results if n not in ("direct",)]
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    metrics = [
+        ("req/s", _get("throughput", "rps")),
+        ("CPU/req", _get("throughput", "cpu_us_per_req")),
+        ("CPU/frame", _get("per_frame", "cpu_us_per_frame")),
+        ("p99 @equal load", _get("equal_load", "p99_ms")),
+    ]
+    ax = axes[0][0]
+    width = 0.8 / max(len(names), 1)
+    bare = results.get("bare", {})
+    for i, n in enumerate(names):
+        vals = []
+        for _, get in metrics:
+            a, b = get(results[n]), get(bare)
+            vals.append(a / b if a is not None and b else 0.0)
+        ax.bar([k + i * width for k in range(len(metrics))], vals, width, label=n)
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xticks([k + width * (len(names) - 1) / 2 for k in range(len(metrics))])
+    ax.set_xticklabels([m for m, _ in metrics])
+    ax.set_title("ratio to the bare proxy (req/s: higher is better; others: lower)")
+    ax.legend()
+
+    ax = axes[0][1]
+    for n in names:
+        levels = results[n].get("streams", {}).get("levels", [])
+        if levels:
+            ax.plot(
+                [lv["streams"] for lv in levels], [lv["rss_mib"] for lv in levels], "o-", label=n
+            )
+    ax.axhline(1024, color="red", lw=0.8, ls="--", label="1 GiB target")
+    ax.set_xlabel("concurrent slow streams (all receiving)")
+    ax.set_ylabel("gateway RSS MiB")
+    ax.set_title("memory held by open streams")
+    ax.legend()
+
+    ax = axes[1][0]
+    phases = ("prefirst", "midstream", "nonstream")
+    dnames = [n for n in results if results[n].get("disconnect")]
+    width = 0.8 / max(len(dnames), 1)
+    for i, n in enumerate(dnames):
+        vals = [_get("disconnect", p, "p99_ms")(results[n]) or 0.0 for p in phases]
+        ax.bar([k + i * width for k in range(3)], vals, width, label=n)
+    ax.axhline(20, color="red", lw=0.8, ls="--", label="20 ms target")
+    ax.set_xticks([k + width * (len(dnames) - 1) / 2 for k in range(3)])
+    ax.set_xticklabels(phases)
+    ax.set_ylabel("ms (p99)")
+    ax.set_title("client disconnect → upstream closed")
+    ax.legend()
+
+    ax = axes[1][1]
+    lat = [
+        ("added c=1 p50", _get("latency_c1", "added_p50_ms")),
+        ("added c=1 p99", _get("latency_c1", "added_p99_ms")),
+        ("1st token p50", _get("first_token", "overhead_p50_ms")),
+        ("1st token p99", _get("first_token", "overhead_p99_ms")),
+    ]
+    width = 0.8 / max(len(names), 1)
+    for i, n in enumerate(names):
+        vals = [get(results[n]) or 0.0 for _, get in lat]
+        ax.bar([k + i * width for k in range(len(lat))], vals, width, label=n)
+    ax.axhline(1.0, color="red", lw=0.8, ls="--", label="1 ms target (c=1 p50)")
+    ax.set_xticks([k + width * (len(names) - 1) / 2 for k in range(len(lat))])
+    ax.set_xticklabels([m for m, _ in lat])
+    ax.set_ylabel("ms over the simulator hit directly")
+    ax.set_title("latency added at concurrency 1")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None

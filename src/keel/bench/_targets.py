@@ -1,0 +1,133 @@
+"""The processes under test: the simulator, the bare proxy, keel, and (optionally) the peers.
+
+Every target is a real subprocess started the same way the tests start keel (``keel.testing``):
+a gateway prints its address, we pin it (and its descendants) to the gateway core, and we stop
+it in ``finally`` whatever happened.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from keel.bench._config import MODEL, UPSTREAM_MODEL, keel_config
+from keel.testing import ListeningProcess, spawn_gateway, spawn_listening
+
+
+@dataclass
+class Target:
+    name: str
+    base_url: str  # ends in /v1
+    proc: ListeningProcess | None  # None: not ours to stop (the simulator hit directly)
+    model: str = MODEL
+    headers: Mapping[str, str] = field(default_factory=dict)
+    measure_pid: int | None = None  # whose /proc CPU and RSS count
+
+    @property
+    def chat_url(self) -> str:
+        return self.base_url + "/chat/completions"
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def start_bare(upstream: str) -> Target:
+    cmd = [sys.executable, "-m", "keel.bench._bare", "--upstream", upstream, "--port", "0"]
+    proc = spawn_listening(cmd, r"bare listening on (\S+)")
+    return Target("bare", proc.url + "/v1", proc, model=UPSTREAM_MODEL, measure_pid=proc.pid)
+
+
+def start_keel(upstream: str, workdir: str) -> Target:
+    proc = spawn_gateway(keel_config(upstream), "--log-level", "warning", workdir=workdir)
+    return Target("keel", proc.base_url, proc, model=MODEL, measure_pid=proc.pid)
+
+
+# -- peers (never in CI; only when installed) ------------------------------------------------
+
+
+def litellm_command() -> str | None:
+    """``$KEEL_BENCH_LITELLM``, else ``litellm`` on PATH, else the documented side venv."""
+    for cand in (os.environ.get("KEEL_BENCH_LITELLM"), shutil.which("litellm")):
+        if cand and Path(cand).exists():
+            return cand
+    side = Path("/tmp/peers-venv/bin/litellm")
+    return str(side) if side.exists() else None
+
+
+def portkey_script() -> str | None:
+    """``$KEEL_BENCH_PORTKEY`` (path to ``start-server.js``), else the documented side install."""
+    for cand in (
+        os.environ.get("KEEL_BENCH_PORTKEY"),
+        "/tmp/portkey/node_modules/@portkey-ai/gateway/build/start-server.js",
+    ):
+        if cand and Path(cand).exists() and shutil.which("node"):
+            return cand
+    return None
+
+
+def start_litellm(upstream: str, workdir: str) -> Target:
+    cmd_path = litellm_command()
+    if cmd_path is None:
+        raise RuntimeError("litellm is not installed (see docs/performance.md)")
+    cfg = {
+        "model_list": [
+            {
+                "model_name": MODEL,
+                "litellm_params": {
+                    "model": f"openai/{UPSTREAM_MODEL}",
+                    "api_base": upstream,
+                    "api_key": "sk-bench-a",
+                },
+            }
+        ],
+        "litellm_settings": {"telemetry": False, "drop_params": True},
+    }
+    fd, path = tempfile.mkstemp(suffix=".yaml", prefix="litellm-", dir=workdir)
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(cfg, f)
+    port = _free_port()
+    cmd = [cmd_path, "--config", path, "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--num_workers", "1"]
+    # LiteLLM fetches a model price list from the internet at start unless told not to.
+    env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"}
+    proc = spawn_listening(cmd, r"Uvicorn running on (\S+)", timeout=120.0, env=env)
+    return Target("litellm", f"http://127.0.0.1:{port}/v1", proc, model=MODEL, measure_pid=proc.pid)
+
+
+def start_portkey(upstream: str) -> Target:
+    script = portkey_script()
+    if script is None:
+        raise RuntimeError("the Portkey gateway is not installed (see docs/performance.md)")
+    port = _free_port()
+    node = shutil.which("node") or "node"
+    cmd = [node, script, f"--port={port}", "--headless"]
+    proc = spawn_listening(cmd, r"(Ready) for connections", timeout=60.0)
+    headers = {
+        "x-portkey-provider": "openai",
+        "x-portkey-custom-host": upstream,
+        "authorization": "Bearer sk-bench-a",
+    }
+    return Target(
+        "portkey",
+        f"http://127.0.0.1:{port}/v1",
+        proc,
+        model=UPSTREAM_MODEL,
+        headers=headers,
+        measure_pid=proc.pid,
+    )
