@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -150,6 +151,28 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+_ENDPOINTS = "POST /v1/chat/completions, GET /v1/models, GET /healthz"
+
+
+def _routing_error(request: web.Request, exc: web.HTTPException) -> ClientError:
+    """aiohttp's own 4xx (unknown path, wrong method) as an OpenAI-shaped error naming it."""
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return ClientError(
+            405,
+            f"Method {request.method} is not allowed on {request.path}; use {allowed}.",
+            code="method_not_allowed",
+            headers={"allow": allowed},
+        )
+    if isinstance(exc, web.HTTPNotFound):
+        return ClientError(
+            404,
+            f"Unknown path {request.path!r}; keel serves {_ENDPOINTS}.",
+            code="unknown_url",
+        )
+    return ClientError(exc.status, exc.reason, code=None)
+
+
 @web.middleware
 async def _never_500(request: web.Request, handler: Any) -> web.StreamResponse:
     """Last line of defence: an unexpected bug answers with an OpenAI-shaped 500 naming no
@@ -158,15 +181,30 @@ async def _never_500(request: web.Request, handler: Any) -> web.StreamResponse:
         return await handler(request)
     except web.HTTPException as exc:
         if exc.status >= 400:
-            return ClientError(exc.status, exc.reason, code=None).response()
+            return _routing_error(request, exc).response()
         raise
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:
         log.exception("unexpected error handling %s %s", request.method, request.path)
-        return ClientError(
+        err = ClientError(
             500, "keel hit an internal error; it has been logged.", type="server_error"
-        ).response()
+        )
+        if request.writer.output_size > 0:
+            # A stream was already committed: a second HTTP response would corrupt it. End it
+            # the one well-formed way left; aiohttp then closes the connection.
+            await _end_committed_stream(request, err.body())
+            raise
+        return err.response()
+
+
+async def _end_committed_stream(request: web.Request, body: dict[str, Any]) -> None:
+    writer = request.writer
+    if getattr(writer, "_eof", False):  # the stream had already ended
+        return
+    with contextlib.suppress(Exception):
+        await writer.write(b"data: " + orjson.dumps(body) + b"\n\ndata: [DONE]\n\n")
+        await writer.write_eof()
 
 
 def create_app(config: GatewayConfig) -> web.Application:

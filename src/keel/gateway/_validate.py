@@ -21,8 +21,9 @@ def parse_chat_request(raw: bytes) -> dict[str, Any]:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        reason = "is not valid UTF-8" if "utf-8" in str(exc).lower() else "is not valid JSON"
-        raise bad(f"The request body {reason}: {exc}", code="invalid_json") from None
+        if "utf-8" in str(exc).lower():
+            raise bad("The request body is not valid UTF-8.", code="invalid_json") from None
+        raise bad(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad("The request body must be a JSON object.", code="invalid_json")
     model = body.get("model")
