@@ -1,0 +1,42 @@
+"""`keel bench --quick` still runs end to end. No timing asserts: CI machines are noisy and
+the numbers belong in docs/performance.md, not in a pass/fail."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_bench_quick_runs_and_writes_its_report(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, "-m", "keel", "bench", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "bench.json").read_text())
+    assert set(report) >= {"meta", "results", "ratios", "targets"}
+    assert report["meta"]["mode"] == "quick"
+    results = report["results"]
+    assert {"bare", "keel"} <= set(results)
+    for name in ("bare", "keel"):
+        cells = results[name]
+        assert set(cells) >= {
+            "throughput", "latency_c1", "first_token", "per_frame", "equal_load", "streams",
+            "disconnect",
+        }  # fmt: skip
+        assert cells["throughput"]["requests"] > 0
+        assert cells["streams"]["levels"][0]["streams"] == 1000
+        assert set(cells["disconnect"]) == {"prefirst", "midstream", "nonstream"}
+    assert "keel" in report["ratios"]
+    assert {
+        "nonstream_throughput_vs_bare", "added_latency_c1_p50_ms", "cpu_per_frame_vs_bare",
+        "disconnect_prefirst_p99_ms", "disconnect_midstream_p99_ms", "disconnect_nonstream_p99_ms",
+    } <= set(report["targets"])  # fmt: skip
+    assert (out / "bench.md").exists()
+    # The chart is optional (matplotlib is an extra); when it is missing a note says so.
+    assert (out / "bench.png").exists() or any("matplotlib" in n for n in report["meta"]["notes"])
