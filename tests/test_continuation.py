@@ -71,6 +71,15 @@ def cgw(
             "fallbacks": ["qwen"],
         },
     }
+    # Two deployments on the same simulator: with `[[sim:slow_token=2*1]]` whichever is tried
+    # first is slow and the hedge (the prompt's second attempt there) is fast.
+    models["hedged"] = {
+        "deployments": [
+            dep(a.base_url, UPSTREAM_KEY_A, name="h1"),
+            dep(a.base_url, UPSTREAM_KEY_A, name="h2"),
+        ],
+        "hedge": {"enabled": True, "after": 0.3, "max_ratio": 1.0},
+    }
     cfg = {"retry": {"backoff_base": 0.01, "backoff_cap": 0.05}, "models": models}
     with spawn_gateway(cfg, workdir=str(tmp_path_factory.mktemp("cgw"))) as gw:
         yield gw
@@ -255,3 +264,28 @@ async def test_minimum_throughput_guard_moves_a_crawling_stream(cgw, sims) -> No
     assert slow and all(e.client_disconnected and e.tokens < 24 for e in slow)
     (fast,) = entries_for(sims[1], prompt)
     assert fast.continuation
+
+
+@pytest.mark.parametrize("slow", ["slow_token=3", "slow_first=3"])
+async def test_hedge_wins_and_the_loser_is_cancelled(cgw, sims, slow) -> None:
+    prompt = unique()
+    body = {
+        "model": "hedged",
+        "messages": [{"role": "user", "content": f"{prompt} [[sim:{slow}*1]]"}],
+    }
+    text, _ = check_one_stream(await sse(cgw, body))
+    assert text == answer_text(prompt)
+    log = sims[0].wait_for(lambda log: all(e.t_close for e in log if prompt in e.prompt))
+    loser, winner = [e for e in log if prompt in e.prompt]
+    assert winner.finished and winner.fault is None
+    assert loser.client_disconnected and not loser.finished and loser.tokens == 0
+    # the loser was closed as soon as the winner produced its token, not when it finished
+    assert loser.t_close - winner.t_open < 0.2
+
+
+async def test_no_hedge_when_the_first_token_is_on_time(cgw, sims) -> None:
+    prompt = unique()
+    body = {"model": "hedged", "messages": [{"role": "user", "content": prompt}]}
+    text, _ = check_one_stream(await sse(cgw, body))
+    assert text == answer_text(prompt)
+    assert len(entries_for(sims[0], prompt)) == 1

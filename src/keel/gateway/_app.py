@@ -16,6 +16,7 @@ import orjson
 from aiohttp import web
 
 from keel._backoff import RetryBudget
+from keel._hedge import HedgePolicy
 from keel.config import GatewayConfig
 from keel.gateway._attempts import Attempts, Exhausted, run_attempts
 from keel.gateway._deployment import Deployment
@@ -36,6 +37,17 @@ class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.router = Router(config)
+        # Hedging state per model group that hedges (first-token history, hedge budget).
+        self.hedges = {
+            name: HedgePolicy(
+                after=g.hedge.after,
+                percentile=g.hedge.percentile,
+                min_after=g.hedge.min_after,
+                max_ratio=g.hedge.max_ratio,
+            )
+            for name, g in config.models.items()
+            if g.hedge.enabled
+        }
         self.budget = RetryBudget(
             ratio=config.retry.budget_ratio,
             floor_per_s=config.retry.budget_floor_per_s,

@@ -24,7 +24,7 @@ DONE = b"data: [DONE]\n\n"
 
 
 class StreamRelay:
-    __slots__ = ("committed", "ended", "extra_headers", "held", "request", "response")
+    __slots__ = ("committed", "ended", "extra_headers", "request", "response")
 
     def __init__(self, request: web.Request, extra_headers: dict[str, str]) -> None:
         self.request = request
@@ -32,13 +32,6 @@ class StreamRelay:
         self.extra_headers = extra_headers  # request id & co., completed at commit
         self.committed = False
         self.ended = False
-        self.held: list[bytes] = []  # frames before the commit (the role chunk)
-
-    def hold(self, frame: bytes) -> None:
-        self.held.append(frame)
-
-    def discard_held(self) -> None:
-        self.held.clear()
 
     async def commit(self, headers: dict[str, str]) -> None:
         response = web.StreamResponse(status=200, headers={**_SSE_HEADERS, **self.extra_headers})
@@ -49,9 +42,6 @@ class StreamRelay:
 
     async def send(self, frames: list[bytes]) -> None:
         assert self.response is not None
-        if self.held:
-            frames = self.held + frames
-            self.held = []
         await self.response.write(b"".join(frames))
 
     async def end(self) -> None:

@@ -18,6 +18,7 @@ happy path.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from typing import TYPE_CHECKING, Any
@@ -30,7 +31,7 @@ from keel._classify import ErrorKind
 from keel._splice import OverlapTrimmer, continuation_body
 from keel.gateway._attempts import Attempts, Exhausted, run_attempts
 from keel.gateway._deployment import Deployment
-from keel.gateway._errors import exhausted_response, final_error
+from keel.gateway._errors import Tried, exhausted_response, final_error
 from keel.gateway._relay import Meta, StreamRelay, frame_bytes, keel_chunk
 from keel.gateway._upstream import AttemptFailed, post, stream_frames
 
@@ -44,6 +45,19 @@ async def stream(
     return await StreamSession(request, gw, rid, body, state).run()
 
 
+class _Lost(Exception):
+    """A hedged attempt whose rival committed first."""
+
+
+@dataclasses.dataclass(slots=True)
+class _Pending:
+    """One attempt's frames before the commit: nobody has seen them yet."""
+
+    frames: list[bytes] = dataclasses.field(default_factory=list)
+    texts: list[str] = dataclasses.field(default_factory=list)
+    first_at: float = 0.0
+
+
 class StreamSession:
     def __init__(
         self, request: web.Request, gw: Gateway, rid: str, body: dict[str, Any], state: Attempts
@@ -52,7 +66,8 @@ class StreamSession:
         self.rid = rid
         self.body = body
         self.state = state
-        self.group = gw.config.models[body["model"]]
+        self.group_name: str = body["model"]
+        self.group = gw.config.models[self.group_name]
         self.relay = StreamRelay(request, {"x-request-id": rid})
         opts = body.get("stream_options")
         self.wants_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
@@ -64,21 +79,24 @@ class StreamSession:
         self.meta: Meta = (None, None, None)
         self.continued = False  # a continuation attempt contributed to the stream
         self.tool_calls = False
-        # Pre-commit buffer, mirrored by relay.held.
-        self._held_text: list[str] = []
-        self._first_content_at = 0.0
         # Usage across attempts.
         self.usage_frame: bytes | None = None
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        # Hedging: the racing attempts, so the winner can cancel the rest at its commit.
+        self.hedge = gw.hedges.get(self.group_name)
+        self._racers: list[asyncio.Task[None]] = []
+        self._owner: asyncio.Task[Any] | None = None  # the attempt that committed the stream
 
     # -- the loop's view ------------------------------------------------------------------------
 
     async def run(self) -> web.StreamResponse:
         gw = self.gw
+        if self.hedge is not None:
+            self.hedge.on_request()
         try:
             await run_attempts(
-                self.body["model"],
+                self.group_name,
                 gw.router,
                 gw.config.retry,
                 gw.budget,
@@ -101,26 +119,82 @@ class StreamSession:
             return True
         return self.can_splice and not self.tool_calls and dep.continuation != "none"
 
+    async def attempt(self, dep: Deployment) -> None:
+        """One attempt for the loop — hedged when the group hedges and nothing is committed."""
+        delay = self.hedge.delay() if self.hedge is not None else None
+        if delay is None or self.relay.committed:
+            return await self._attempt(dep)
+        return await self._hedged(dep, delay)
+
+    # -- hedging --------------------------------------------------------------------------------
+
+    async def _hedged(self, dep: Deployment, delay: float) -> None:
+        """Race a second deployment when the first token is late. The first attempt to commit
+        wins and cancels the other (its upstream connection closes in its ``finally``)."""
+        assert self.hedge is not None
+        first = asyncio.create_task(self._attempt(dep))
+        self._racers = [first]
+        try:
+            done, _ = await asyncio.wait({first}, timeout=delay)
+            alt = None if done or self.relay.committed else self._hedge_target(dep)
+            if alt is None or not self.hedge.try_hedge():
+                return await first
+            second = asyncio.create_task(self._attempt(alt))
+            self._racers.append(second)
+            self.state.count += 1
+            alt.in_flight += 1
+            second.add_done_callback(lambda _: _dec(alt))
+            failure: AttemptFailed | None = None
+            pending = {first, second}
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    exc = task.exception() if not task.cancelled() else None
+                    if exc is None and not task.cancelled():
+                        if task is second:
+                            self.state.last = alt
+                        return None
+                    if isinstance(exc, AttemptFailed):
+                        if task is second:
+                            self.state.tried.append(Tried(alt.name, exc.error))
+                            alt.record_failure(exc.error)
+                        failure = exc if task is first or failure is None else failure
+                    elif exc is not None and not isinstance(exc, _Lost):
+                        raise exc
+            assert failure is not None
+            raise failure
+        finally:
+            for task in self._racers:
+                task.cancel()
+            for task in self._racers:
+                with contextlib.suppress(BaseException):
+                    await task
+            self._racers = []
+
+    def _hedge_target(self, busy: Deployment) -> Deployment | None:
+        for dep in self.gw.router.order(self.group_name):
+            if dep is not busy and self.eligible(dep):
+                return dep
+        return None
+
     # -- one attempt ----------------------------------------------------------------------------
 
-    async def attempt(self, dep: Deployment) -> None:
+    async def _attempt(self, dep: Deployment) -> None:
         continuing = self.relay.committed
         if continuing:
             cont = continuation_body(
                 self.body,
                 "".join(self.sent),
-                dep.continuation,
+                dep.continuation,  # type: ignore[arg-type]
                 dep.dialect,
-                self.tokens,  # type: ignore[arg-type]
+                self.tokens,
             )
             if cont is None:  # the cut fell exactly on the client's token limit
                 await self._end([self._finish_chunk("length")])
                 return
             if self.wants_usage:
-                cont["stream_options"] = {
-                    **(cont.get("stream_options") or {}),
-                    "include_usage": True,
-                }
+                opts = {**(cont.get("stream_options") or {}), "include_usage": True}
+                cont["stream_options"] = opts
             payload = orjson.dumps({**cont, "model": dep.model})
             self.continued = True
             trimmer = OverlapTrimmer("".join(self.sent)) if dep.continuation == "instruct" else None
@@ -128,10 +202,13 @@ class StreamSession:
             payload = self.gw.upstream_body(self.body, dep)
             trimmer = None
         loop = asyncio.get_running_loop()
-        first_deadline = loop.time() + dep.timeouts.first_token
-        resp = await post(self.gw.session, dep, payload, self.state.deadline)  # type: ignore[arg-type]
+        started = loop.time()
+        first_deadline = started + dep.timeouts.first_token
+        assert self.gw.session is not None
+        resp = await post(self.gw.session, dep, payload, self.state.deadline)
         asm = StreamAssembler(dialect=dep.dialect, require_done=True)
         relay = self.relay
+        pending = _Pending()
         relayed = 0  # content chunks of this attempt the client has (or will have) seen
         reported = False  # this attempt's usage chunk arrived
         # The terminal chunk is held until the stream proves complete ([DONE]): if the upstream
@@ -158,16 +235,16 @@ class StreamSession:
                         if f.content:
                             relayed += 1
                         if f.finish_reason is not None:
-                            if not relay.committed:
-                                await self._commit(asm)
+                            if not relay.committed or pending.frames:
+                                await self._commit(asm, pending, started)
                             finish = (data, f.content)
-                        elif relay.committed:
+                        elif relay.committed and not pending.frames:
                             out.append(data)
                             self._shown(f.content, asm)
                         else:
-                            self._hold(data, f.content)
-                            if self._ready_to_commit(f, asm):
-                                await self._commit(asm)
+                            self._hold(pending, data, f.content)
+                            if self._ready_to_commit(f, asm, pending):
+                                await self._commit(asm, pending, started)
                     elif kind is FrameKind.ERROR or kind is FrameKind.INVALID:
                         assert f.error is not None
                         err = f.error
@@ -177,8 +254,7 @@ class StreamSession:
                         if err.kind is ErrorKind.MODERATION:
                             if self.group.on_content_filter == "pass":
                                 # Output moderation: end the answer the way OpenAI does.
-                                if not relay.committed:
-                                    await self._commit(asm)
+                                await self._commit(asm, pending, started)
                                 await self._end([self._finish_chunk("content_filter")])
                                 clean = True
                                 return
@@ -191,8 +267,7 @@ class StreamSession:
             if not outcome.complete:
                 assert outcome.failure is not None
                 raise AttemptFailed(outcome.failure)
-            if not relay.committed:  # an empty answer: commit what we have
-                await self._commit(asm)
+            await self._commit(asm, pending, started)  # a short answer may still be held
             if not reported:
                 self.completion_tokens += relayed
             ending: list[bytes] = []
@@ -202,10 +277,7 @@ class StreamSession:
             await self._end(ending)
             clean = True
         except AttemptFailed:
-            if not relay.committed:
-                self._held_text.clear()
-                relay.discard_held()
-            elif not reported:
+            if relay.committed and not pending.frames and not reported:
                 # Unreported, but generated (and shown, but for a held terminal chunk).
                 self.completion_tokens += relayed - (1 if finish and finish[1] else 0)
             raise
@@ -217,32 +289,46 @@ class StreamSession:
 
     # -- pieces ---------------------------------------------------------------------------------
 
-    def _hold(self, data: bytes, content: str) -> None:
-        if not self.relay.held:
-            self._first_content_at = time.monotonic()
-        self.relay.hold(data)
+    def _hold(self, pending: _Pending, data: bytes, content: str) -> None:
+        if content and not pending.texts:
+            pending.first_at = time.monotonic()
+        pending.frames.append(data)
         if content:
-            self._held_text.append(content)
+            pending.texts.append(content)
 
-    def _ready_to_commit(self, f: Frame, asm: StreamAssembler) -> bool:
-        if not (f.content or f.finish_reason or asm.tool_calls):
+    def _ready_to_commit(self, f: Frame, asm: StreamAssembler, pending: _Pending) -> bool:
+        if not (f.content or asm.tool_calls):
             return False  # the role chunk alone is not worth committing for
         buf = self.group.commit_buffer
-        if f.finish_reason or (not buf.tokens and not buf.ms):
+        if self.relay.committed or (not buf.tokens and not buf.ms):
             return True
-        if buf.tokens and len(self._held_text) >= buf.tokens:
+        if buf.tokens and len(pending.texts) >= buf.tokens:
             return True
-        return bool(buf.ms) and (time.monotonic() - self._first_content_at) * 1000 >= buf.ms
+        return bool(buf.ms) and (time.monotonic() - pending.first_at) * 1000 >= buf.ms
 
-    async def _commit(self, asm: StreamAssembler) -> None:
-        self.meta = (asm.id, asm.created, asm.model)
-        await self.relay.commit(self.state.headers(self.rid))
-        for text in self._held_text:
+    async def _commit(self, asm: StreamAssembler, pending: _Pending, started: float) -> None:
+        """Show the client this attempt's held frames. The first attempt to get here owns the
+        stream; a hedged rival that gets here second has lost."""
+        me = asyncio.current_task()
+        if self._owner is None:
+            self._owner = me  # set before any await: exactly one winner
+            for task in self._racers:
+                if task is not me:
+                    task.cancel()  # the loser's upstream closes in its `finally`
+            if self.hedge is not None:
+                self.hedge.observe(asyncio.get_running_loop().time() - started)
+            self.meta = (asm.id, asm.created, asm.model)
+            await self.relay.commit(self.state.headers(self.rid))
+        elif me is not self._owner and me in self._racers:
+            raise _Lost
+        for text in pending.texts:
             self.sent.append(text)
             self.tokens += 1
-        self._held_text.clear()
-        self.tool_calls = bool(asm.tool_calls)
-        await self.relay.send([])  # flush the held frames
+        self.tool_calls = self.tool_calls or bool(asm.tool_calls)
+        if pending.frames:
+            await self.relay.send(pending.frames)
+        pending.frames = []
+        pending.texts = []
 
     def _shown(self, content: str, asm: StreamAssembler) -> None:
         if content:
@@ -295,3 +381,7 @@ class StreamSession:
                 ending.append(keel_chunk(self.meta, [], usage))
         await self.relay.send(ending)
         await self.relay.end()
+
+
+def _dec(dep: Deployment) -> None:
+    dep.in_flight -= 1
