@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 SAMPLES = 256  # recent first-token times kept per group
 MIN_SAMPLES = 20  # below this the percentile is noise: no percentile hedging yet
-BURST = 5.0  # hedges that may be saved up
+BURST = 10.0  # hedges that may be saved up (the bucket starts full: cold starts hedge too)
 
 
 @dataclass(slots=True)
@@ -27,7 +27,7 @@ class HedgePolicy:
     _recent: deque[float] = field(default_factory=lambda: deque(maxlen=SAMPLES))
     _sorted: list[float] = field(default_factory=list)
     _stale: bool = False
-    _tokens: float = 1.0
+    _tokens: float = BURST
     hedges: int = 0
     requests: int = 0
 

@@ -20,6 +20,14 @@ def _register() -> None:
     from keel.bench._cli import bench_command
 
     app.command("bench", help="Measure keel against a bare proxy (and the peers).")(bench_command)
+    from keel.bench._hedge import hedge_command
+
+    app.command("bench-hedge", help="What hedging buys on a slow first-token tail.")(hedge_command)
+    from keel.demo import demo_command
+
+    app.command("demo", help="Simulators + gateway + a workload: direct vs through keel.")(
+        demo_command
+    )
 
 
 @app.command()
