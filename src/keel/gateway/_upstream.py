@@ -73,6 +73,9 @@ async def post(
                 headers=_headers(dep),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=t.connect),
             )
+            # The upstream's x-ratelimit-* headers tighten the deployment's limits (cheap
+            # when absent: two lookups).
+            dep.limiter.learn_headers(resp.headers, success=resp.status < 300)
             if resp.status >= 300:
                 try:
                     raise await _error_from_response(dep, resp)
@@ -107,6 +110,18 @@ async def complete(
     if not isinstance(obj, dict) or not isinstance(obj.get("choices"), list):
         raise AttemptFailed(
             transport_error(ErrorKind.PROTOCOL, "upstream returned a malformed chat completion")
+        )
+    # Like a stream without its terminal chunk, an answer without a finish_reason is not known
+    # to be complete: never pass it off as success.
+    choices = obj["choices"]
+    if not choices or not all(
+        isinstance(c, dict) and isinstance(c.get("finish_reason"), str) and c["finish_reason"]
+        for c in choices
+    ):
+        raise AttemptFailed(
+            transport_error(
+                ErrorKind.PROTOCOL, "upstream returned a chat completion without a finish_reason"
+            )
         )
     return raw, obj
 
