@@ -73,9 +73,6 @@ async def post(
                 headers=_headers(dep),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=t.connect),
             )
-            # The upstream's x-ratelimit-* headers tighten the deployment's limits (cheap
-            # when absent: two lookups).
-            dep.limiter.learn_headers(resp.headers, success=resp.status < 300)
             if resp.status >= 300:
                 try:
                     raise await _error_from_response(dep, resp)
