@@ -121,6 +121,8 @@ def throughput(target: Target, plan: Plan) -> dict[str, Any]:
     res, cpu = _measured(target, lambda: run(_load.closed_loop(url, body, h, c, plan.tput_seconds)))
     return {
         "rps": res.ok / res.elapsed,
+        # What one fully used core would sustain: robust when other processes share the core.
+        "rps_per_core": res.ok / cpu if cpu > 0 else float("nan"),
         "p50_ms": pct(res.latencies, 50),
         "p99_ms": pct(res.latencies, 99),
         "cpu_us_per_req": cpu / max(res.ok, 1) * 1e6,
@@ -183,8 +185,9 @@ def per_frame(target: Target, plan: Plan) -> dict[str, Any]:
         per[length] = (cpu / n, res.frames / n, _errors(res))
         frames_per_s = res.frames / res.elapsed
     (cs, fs, es), (cl, fl, el) = per[plan.frame_short], per[plan.frame_long]
+    valid = fl > fs and fs > 0  # a target whose streams fail has no per-frame figure
     return {
-        "cpu_us_per_frame": (cl - cs) / (fl - fs) * 1e6 if fl > fs else float("nan"),
+        "cpu_us_per_frame": (cl - cs) / (fl - fs) * 1e6 if valid else float("nan"),
         "cpu_us_per_stream": cs * 1e6,
         "frames_per_s": frames_per_s,
         "errors": es + el,

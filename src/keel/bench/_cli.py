@@ -17,33 +17,45 @@ import typer
 CELLS = ("throughput", "latency", "first_token", "frames", "equal_load", "streams", "disconnect")
 
 
-def _run_target(
-    target: Any, direct: Any, sim: Any, plan: Any, cells: set[str], load_cores: set[int],
+def _run_cells(
+    targets: list[Any], direct: Any, sim: Any, plan: Any, cells: set[str], load_cores: set[int],
     fd_limit: int, say: Callable[[str], None],
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Cell by cell, repeat by repeat, target after target: every gateway runs all the time
+    (idle when not measured), so drift on a shared machine hits every target alike."""
     from keel.bench import _cells as c
 
-    out: dict[str, Any] = {}
-    repeated: list[tuple[str, str, Callable[[], dict[str, Any]]]] = [
-        ("throughput", "throughput", lambda: c.throughput(target, plan)),
-        ("latency", "latency_c1", lambda: c.latency_c1(target, direct, plan)),
-        ("first_token", "first_token", lambda: c.first_token(target, direct, plan)),
-        ("frames", "per_frame", lambda: c.per_frame(target, plan)),
-        ("equal_load", "equal_load", lambda: c.equal_load(target, plan)),
+    out: dict[str, dict[str, Any]] = {t.name: {} for t in targets}
+    repeated: list[tuple[str, str, Callable[[Any], dict[str, Any]]]] = [
+        ("throughput", "throughput", lambda t: c.throughput(t, plan)),
+        ("latency", "latency_c1", lambda t: c.latency_c1(t, direct, plan)),
+        ("first_token", "first_token", lambda t: c.first_token(t, direct, plan)),
+        ("frames", "per_frame", lambda t: c.per_frame(t, plan)),
+        ("equal_load", "equal_load", lambda t: c.equal_load(t, plan)),
     ]
     for cell, key, fn in repeated:
         if cell not in cells:
             continue
-        say(f"{target.name}: {cell}")
-        out[key] = c.median_of([fn() for _ in range(plan.repeats)])
-        sim.clear_log()  # keep the simulator's log small between cells
-    if "streams" in cells and target.name in ("bare", "keel"):
-        say(f"{target.name}: streams {plan.stream_levels}")
-        out["streams"] = c.streams(target, plan, load_cores, fd_limit)
-        sim.clear_log()
+        # The simulator alone (sharing the load generator's core) shows the load side's ceiling.
+        who = [direct, *targets] if cell == "throughput" else targets
+        runs: dict[str, list[dict[str, Any]]] = {t.name: [] for t in who}
+        for r in range(plan.repeats):
+            for t in who:
+                say(f"{cell} {r + 1}/{plan.repeats}: {t.name}")
+                runs[t.name].append(fn(t))
+                sim.clear_log()  # keep the simulator's log small
+        for t in who:
+            out.setdefault(t.name, {})[key] = c.median_of(runs[t.name])
+    if "streams" in cells:
+        for t in targets:
+            if t.name in ("bare", "keel"):  # peers: not their strength, and it takes minutes
+                say(f"streams {plan.stream_levels}: {t.name}")
+                out[t.name]["streams"] = c.streams(t, plan, load_cores, fd_limit)
+                sim.clear_log()
     if "disconnect" in cells:
-        say(f"{target.name}: disconnect")
-        out["disconnect"] = c.disconnect(target, sim, plan)
+        for t in targets:
+            say(f"disconnect: {t.name}")
+            out[t.name]["disconnect"] = c.disconnect(t, sim, plan)
     return out
 
 
@@ -87,26 +99,25 @@ def bench(
                 starters.append(("portkey", lambda: _targets.start_portkey(sim.base_url)))
             else:
                 notes.append("portkey not installed: skipped (see docs/performance.md)")
-        if "throughput" in cells and (only is None or "direct" in only):
-            say("direct: throughput (simulator alone, sharing the load generator's core)")
-            results["direct"] = {"throughput": c.throughput(direct, plan)}
-            sim.clear_log()
-        for name, start in starters:
-            if only is not None and name not in only:
-                continue
-            say(f"starting {name}")
-            try:
-                target = start()
-            except RuntimeError as exc:
-                notes.append(f"{name} did not start: {exc}")
-                continue
-            try:
+        targets: list[_targets.Target] = []
+        try:
+            for name, start in starters:
+                if only is not None and name not in only:
+                    continue
+                say(f"starting {name}")
+                try:
+                    target = start()
+                except RuntimeError as exc:
+                    notes.append(f"{name} did not start: {exc}")
+                    continue
+                targets.append(target)
                 if target.measure_pid:
                     pin(target.measure_pid, gw_cores)
-                results[name] = _run_target(
-                    target, direct, sim, plan, cells, load_cores, fd_limit, say
-                )
-            finally:
+            results = _run_cells(targets, direct, sim, plan, cells, load_cores, fd_limit, say)
+            if only is not None and "direct" not in only:
+                results.pop("direct", None)
+        finally:
+            for target in targets:
                 target.stop()
     finally:
         sim.terminate()
@@ -125,7 +136,8 @@ def bench(
             "load_cores": sorted(load_cores),
             "fd_limit": fd_limit,
             "plan": c.plan_dict(plan),
-            "keel_config": keel_config("<simulator>"),
+            "keel_config": keel_config("<simulator>")[0],
+            "keel_config_dropped": keel_config("<simulator>")[1],
             "keel_config_source": cfg_mod.__name__,
             "notes": notes,
         },

@@ -1,9 +1,13 @@
 """The one place that says what "keel with a realistic config" means for the benchmark.
 
-Two deployments of one model group (round-robin / balancer), per-deployment limits set high
-enough never to throttle the benchmark (so their *bookkeeping* is measured, not their effect),
-explicit timeouts and a retry policy. When breakers, the balancer and metrics gain config keys,
-switch them on here: every cell picks this up, and the JSON records it under ``meta.keel_config``.
+Two deployments of one model group (so the balancer chooses), per-deployment and per-client
+limits set far above what the benchmark offers (their *bookkeeping* is measured, never their
+effect), breaker and balancer sections, explicit timeouts and a retry policy. Metrics are
+served at ``/metrics`` and cost nothing per request by design.
+
+Sections and keys the running keel does not know yet are dropped (and listed in the report's
+``meta.keel_config_dropped``), so the benchmark keeps working while policies land; when a policy
+gains a switch, turn it on here.
 """
 
 from __future__ import annotations
@@ -12,12 +16,12 @@ from typing import Any
 
 MODEL = "bench"
 UPSTREAM_MODEL = "sim-model"
+CLIENT_KEY = "sk-bench"  # what the load generator sends as its bearer token
 
-# Limits far above what the benchmark offers: measured as overhead, never as 429s.
 _LIMITS = {"rpm": 100_000_000, "tpm": 10_000_000_000, "max_concurrency": 100_000}
 
 
-def keel_config(upstream: str) -> dict[str, Any]:
+def _full(upstream: str) -> dict[str, Any]:
     def deployment(name: str, key: str) -> dict[str, Any]:
         return {
             "name": name,
@@ -31,6 +35,9 @@ def keel_config(upstream: str) -> dict[str, Any]:
         "server": {"host": "127.0.0.1", "max_body_bytes": 1024 * 1024},
         "timeouts": {"connect": 5.0, "first_token": 120.0, "idle": 60.0, "total": 600.0},
         "retry": {"max_attempts": 4, "max_retries_per_deployment": 1},
+        "clients": {"bench": {"key": CLIENT_KEY, **_LIMITS}},
+        "breaker": {},  # defaults: on
+        "balancer": {},  # defaults: health, load and latency aware
         "models": {
             MODEL: {
                 "deployments": [
@@ -40,3 +47,19 @@ def keel_config(upstream: str) -> dict[str, Any]:
             }
         },
     }
+
+
+def keel_config(upstream: str) -> tuple[dict[str, Any], list[str]]:
+    """(config, dropped keys): the realistic config, trimmed to what this keel accepts."""
+    from keel.config import DeploymentConfig, GatewayConfig
+
+    cfg = _full(upstream)
+    dropped = [k for k in cfg if k not in GatewayConfig.model_fields]
+    for k in dropped:
+        del cfg[k]
+    for group in cfg["models"].values():
+        for dep in group["deployments"]:
+            for k in [k for k in dep if k not in DeploymentConfig.model_fields]:
+                del dep[k]
+                dropped.append(f"deployments.{k}")
+    return cfg, sorted(set(dropped))

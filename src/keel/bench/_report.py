@@ -43,6 +43,7 @@ def rows(results: dict[str, Any]) -> list[tuple[str, Getter, bool]]:
     """(label, getter, higher_is_better) for every row of the table."""
     out: list[tuple[str, Getter, bool]] = [
         ("non-stream req/s (fixed concurrency)", _get("throughput", "rps"), True),
+        ("non-stream req/s per gateway core", _get("throughput", "rps_per_core"), True),
         ("non-stream p50 ms", _get("throughput", "p50_ms"), False),
         ("non-stream p99 ms", _get("throughput", "p99_ms"), False),
         ("CPU µs per request", _get("throughput", "cpu_us_per_req"), False),
@@ -131,8 +132,10 @@ def check_targets(results: dict[str, Any], plan_levels: tuple[int, ...]) -> dict
         return a / b if a is not None and b else None
 
     tput = ratio(_get("throughput", "rps"))
+    per_core = ratio(_get("throughput", "rps_per_core"))
     checks["nonstream_throughput_vs_bare"] = {
         "value": tput, "limit": ">= 0.8", "met": tput is not None and tput >= 0.8,
+        "per_core_ratio": per_core,
     }  # fmt: skip
     added = _get("latency_c1", "added_p50_ms")(keel)
     checks["added_latency_c1_p50_ms"] = {

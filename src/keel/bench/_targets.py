@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from keel.bench._config import MODEL, UPSTREAM_MODEL, keel_config
+from keel.bench._config import CLIENT_KEY, MODEL, UPSTREAM_MODEL, keel_config
 from keel.testing import ListeningProcess, spawn_gateway, spawn_listening
 
 
@@ -53,9 +53,15 @@ def start_bare(upstream: str) -> Target:
     return Target("bare", proc.url + "/v1", proc, model=UPSTREAM_MODEL, measure_pid=proc.pid)
 
 
+_KEEL_AUTH = {"authorization": f"Bearer {CLIENT_KEY}"}
+
+
 def start_keel(upstream: str, workdir: str) -> Target:
-    proc = spawn_gateway(keel_config(upstream), "--log-level", "warning", workdir=workdir)
-    return Target("keel", proc.base_url, proc, model=MODEL, measure_pid=proc.pid)
+    config, _ = keel_config(upstream)
+    proc = spawn_gateway(config, "--log-level", "warning", workdir=workdir)
+    return Target(
+        "keel", proc.base_url, proc, model=MODEL, headers=_KEEL_AUTH, measure_pid=proc.pid
+    )
 
 
 # -- peers (never in CI; only when installed) ------------------------------------------------
@@ -97,6 +103,9 @@ def start_litellm(upstream: str, workdir: str) -> Target:
             }
         ],
         "litellm_settings": {"telemetry": False, "drop_params": True},
+        # The bench's bearer token doubles as the proxy's master key (it refuses to start
+        # without one).
+        "general_settings": {"master_key": CLIENT_KEY},
     }
     fd, path = tempfile.mkstemp(suffix=".yaml", prefix="litellm-", dir=workdir)
     with os.fdopen(fd, "w") as f:
