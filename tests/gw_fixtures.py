@@ -55,6 +55,9 @@ def gateway_config(a: str, b: str, **server: Any) -> dict[str, Any]:
     return {
         "server": {"max_body_bytes": 65536, **server},
         "retry": {"backoff_base": 0.01, "backoff_cap": 0.05},
+        # These tests inject persistent faults into one deployment after another on purpose;
+        # a breaker would (rightly) take it out. Breakers have their own tests (test_limits).
+        "breaker": {"enabled": False},
         "models": models,
     }
 

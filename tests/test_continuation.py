@@ -80,7 +80,11 @@ def cgw(
         ],
         "hedge": {"enabled": True, "after": 0.3, "max_ratio": 1.0},
     }
-    cfg = {"retry": {"backoff_base": 0.01, "backoff_cap": 0.05}, "models": models}
+    cfg = {
+        "retry": {"backoff_base": 0.01, "backoff_cap": 0.05},
+        "breaker": {"enabled": False},  # faults on purpose, one after another (see gw_fixtures)
+        "models": models,
+    }
     with spawn_gateway(cfg, workdir=str(tmp_path_factory.mktemp("cgw"))) as gw:
         yield gw
 

@@ -16,6 +16,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from keel._classify import Dialect
+from keel._config_limits import (
+    AdaptiveConcurrency,
+    BalancerConfig,
+    BreakerConfig,
+    ClientConfig,
+    QueueConfig,
+    SharedConfig,
+)
 
 
 class ConfigError(ValueError):
@@ -70,6 +78,9 @@ class DeploymentConfig(_Strict):
     rpm: int | None = Field(None, gt=0)
     tpm: int | None = Field(None, gt=0)
     max_concurrency: int | None = Field(None, gt=0)
+    # Seconds of rpm/tpm that may go out at once above the paced rate. 0 (default) paces
+    # strictly: providers enforce per-minute limits over much shorter windows.
+    burst: float = Field(0.0, ge=0)
 
 
 class CommitBuffer(_Strict):
@@ -129,6 +140,23 @@ class GatewayConfig(_Strict):
     retry: RetryPolicy = RetryPolicy()
     redis_url: str | None = None
     models: dict[str, ModelGroup] = Field(min_length=1)
+    # limits, health, balancing, admission, shared state (keel/_config_limits.py)
+    clients: dict[str, ClientConfig] = {}  # principal name → key and limits
+    breaker: BreakerConfig = BreakerConfig()
+    balancer: BalancerConfig = BalancerConfig()
+    adaptive_concurrency: AdaptiveConcurrency = AdaptiveConcurrency()
+    queue: QueueConfig = QueueConfig()
+    shared: SharedConfig = SharedConfig()
+
+    @model_validator(mode="after")
+    def _client_keys_unique(self) -> GatewayConfig:
+        seen = {k.get_secret_value() for k in self.server.api_keys}
+        for name, client in self.clients.items():
+            key = client.key.get_secret_value()
+            if key in seen:  # never echo the key itself
+                raise ValueError(f"clients.{name}.key is used twice")
+            seen.add(key)
+        return self
 
     @model_validator(mode="after")
     def _fallbacks_exist(self) -> GatewayConfig:

@@ -18,10 +18,14 @@ from aiohttp import web
 from keel._backoff import RetryBudget
 from keel._hedge import HedgePolicy
 from keel.config import GatewayConfig
+from keel.gateway._admission import Admission, Principal
 from keel.gateway._attempts import Attempts, Exhausted, run_attempts
 from keel.gateway._deployment import Deployment
 from keel.gateway._errors import ClientError, exhausted_response
+from keel.gateway._limits import PRIORITIES, RequestCost, apply_remote_health
+from keel.gateway._metrics import metrics, registry_for
 from keel.gateway._router import Router
+from keel.gateway._shared import SharedState
 from keel.gateway._streaming import stream
 from keel.gateway._upstream import complete
 from keel.gateway._validate import parse_chat_request
@@ -36,7 +40,11 @@ class Gateway:
 
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        self.router = Router(config)
+        # Shared state across replicas (limits, leases, breakers) when redis_url is set.
+        self.shared = SharedState(config.redis_url, config.shared) if config.redis_url else None
+        self.router = Router(config, self.shared)
+        self.admission = Admission(config, self.shared)
+        self.metrics = registry_for(self)
         # Hedging state per model group that hedges (first-token history, hedge budget).
         self.hedges = {
             name: HedgePolicy(
@@ -54,7 +62,7 @@ class Gateway:
             clock=time.monotonic,
         )
         self.session: aiohttp.ClientSession | None = None
-        self.client_keys = {k.get_secret_value() for k in config.server.api_keys}
+        self.client_keys = set(self.admission.by_key)  # server.api_keys and clients.*.key
         self._ids = random.Random()
         self._pid = f"{os.getpid():x}"
         self._seq = 0
@@ -64,27 +72,24 @@ class Gateway:
         self.session = aiohttp.ClientSession(
             connector=connector, auto_decompress=True, skip_auto_headers=("User-Agent",)
         )
+        if self.shared is not None:
+            deps = list(self.router.deployments())
+            self.shared.start(
+                [d.limiter.health_key for d in deps], lambda h: apply_remote_health(deps, h)
+            )
 
     async def close(self) -> None:
         if self.session is not None:
             await self.session.close()
+        if self.shared is not None:
+            await self.shared.close()
 
     def request_id(self) -> str:
         self._seq += 1
         return f"keel-{self._pid}-{self._seq:x}-{self._ids.getrandbits(32):08x}"
 
-    def authenticate(self, request: web.Request) -> None:
-        if not self.client_keys:
-            return
-        header = request.headers.get("authorization", "")
-        token = header[7:] if header[:7].lower() == "bearer " else ""
-        if token not in self.client_keys:
-            raise ClientError(
-                401,
-                "Invalid or missing API key for this gateway.",
-                type="invalid_request_error",
-                code="invalid_api_key",
-            )
+    def authenticate(self, request: web.Request) -> Principal:
+        return self.admission.authenticate(request)
 
     def upstream_body(self, body: dict[str, Any], dep: Deployment) -> bytes:
         return orjson.dumps({**body, "model": dep.model})
@@ -108,7 +113,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY_KEY]
     rid = gw.request_id()
     try:
-        gw.authenticate(request)
+        principal = gw.authenticate(request)
+        priority = gw.admission.priority(request, principal)
         body = parse_chat_request(await _read_body(request, gw.config.server.max_body_bytes))
         model = body["model"]
         if model not in gw.router:
@@ -122,10 +128,23 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     except ClientError as exc:
         return exc.response(rid)
     loop = asyncio.get_running_loop()
-    state = Attempts(deadline=loop.time() + gw.config.retry.deadline)
-    if body.get("stream"):
-        return await stream(request, gw, rid, body, state)
-    return await _complete(gw, rid, body, state)
+    queue = gw.config.queue
+    state = Attempts(
+        deadline=loop.time() + gw.config.retry.deadline,
+        cost=RequestCost(body),
+        priority=PRIORITIES[priority],
+        max_wait=queue.batch_max_wait if priority == "batch" else queue.interactive_max_wait,
+    )
+    try:
+        ticket = await gw.admission.admit(principal, state.cost)  # client limits
+    except ClientError as exc:
+        return exc.response(rid)
+    try:
+        if body.get("stream"):
+            return await stream(request, gw, rid, body, state)
+        return await _complete(gw, rid, body, state)
+    finally:
+        gw.admission.done(ticket, state.usage)
 
 
 async def _complete(
@@ -135,7 +154,9 @@ async def _complete(
     session = gw.session
 
     async def attempt(dep: Deployment) -> bytes:
-        raw, _ = await complete(session, dep, gw.upstream_body(body, dep), state.deadline)
+        raw, obj = await complete(session, dep, gw.upstream_body(body, dep), state.deadline)
+        usage = obj.get("usage")
+        state.usage = usage if isinstance(usage, dict) else None
         return raw
 
     try:
@@ -163,7 +184,7 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-_ENDPOINTS = "POST /v1/chat/completions, GET /v1/models, GET /healthz"
+_ENDPOINTS = "POST /v1/chat/completions, GET /v1/models, GET /healthz, GET /metrics"
 
 
 def _routing_error(request: web.Request, exc: web.HTTPException) -> ClientError:
@@ -227,6 +248,7 @@ def create_app(config: GatewayConfig) -> web.Application:
     app.router.add_post("/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
 
     async def lifecycle(app: web.Application) -> Any:
         await gw.start()

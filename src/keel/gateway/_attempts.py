@@ -10,6 +10,11 @@ extra attempts are affordable. The loop:
    a full-jitter backoff that honours the provider's hint — up to ``max_retries_per_deployment``;
 3. gives up at once on errors that would fail anywhere (``failover`` false), and whenever the
    attempt cap, the retry budget or the request deadline says so.
+
+Before each attempt the deployment's limiter (``keel.gateway._limits``) lets it through: at
+once, after a bounded wait in its queue (only when no later candidate has room right now), or
+not at all (``Saturated``: next candidate; nobody sent anything to collect a 429). After it,
+the outcome goes back to the limiter: breaker, adaptive concurrency, latency, token usage.
 """
 
 from __future__ import annotations
@@ -17,15 +22,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from keel._backoff import RetryBudget, backoff_delay
 from keel._classify import ErrorKind, UpstreamError
 from keel.config import RetryPolicy
 from keel.gateway._deployment import Deployment
 from keel.gateway._errors import Tried
+from keel.gateway._limits import RequestCost, Saturated, acquire, release
 from keel.gateway._router import Router
 from keel.gateway._upstream import AttemptFailed
 
@@ -36,10 +43,13 @@ T = TypeVar("T")
 class Exhausted(Exception):
     """No attempt succeeded; ``tried`` says what happened on each."""
 
-    def __init__(self, tried: list[Tried], reason: str = "") -> None:
+    def __init__(
+        self, tried: list[Tried], reason: str = "", retry_after: float | None = None
+    ) -> None:
         super().__init__(reason or "all upstream attempts failed")
         self.tried = tried
         self.reason = reason
+        self.retry_after = retry_after  # when capacity is expected back (nothing was tried)
 
 
 @dataclass(slots=True)
@@ -50,6 +60,12 @@ class Attempts:
     tried: list[Tried] = field(default_factory=list)
     count: int = 0
     last: Deployment | None = None
+    # admission (set by the server): what the request costs, how urgent, how long it may wait
+    cost: RequestCost = field(default_factory=lambda: RequestCost({}))
+    priority: int = 0  # 0 interactive, 1 batch
+    max_wait: float = 10.0  # seconds in a deployment's queue
+    usage: Mapping[str, Any] | None = None  # the upstream's usage, set by a successful attempt
+    saturated: Saturated | None = None  # why the last full deployment turned us away
 
     def headers(self, request_id: str) -> dict[str, str]:
         """Response headers that tell the client how its request was served."""
@@ -82,8 +98,20 @@ async def run_attempts(
 
     def give_up(reason: str = "") -> Exhausted:
         if not state.tried:
+            sat = state.saturated
+            if sat is not None:
+                return Exhausted([], reason or sat.reason, sat.retry_after)
             return Exhausted([], reason or "no upstream deployment is available")
         return Exhausted(state.tried, reason)
+
+    def wait_until(pending: list[Deployment], dep: Deployment) -> float:
+        """How long ``dep`` may keep us waiting: not at all when a later candidate has room
+        now (fail over instead), else the queue bound within the deadline."""
+        now = time.monotonic()
+        later = pending[pending.index(dep) + 1 :]
+        if any(d.limiter.has_capacity(now) and eligible(d) for d in later):
+            return now
+        return now + max(0.0, min(state.max_wait, state.deadline - loop.time()))
 
     for group in router.plan(model):
         pending = [d for d in router.order(group) if eligible(d)]
@@ -99,13 +127,22 @@ async def run_attempts(
                     raise give_up("request deadline exceeded")
                 if state.count and not budget.try_withdraw():
                     raise give_up("retry budget exhausted (an upstream outage is likely)")
+                try:
+                    permit = await acquire(
+                        dep, state.cost, state.priority, wait_until(pending, dep)
+                    )
+                except Saturated as sat:
+                    state.saturated = sat
+                    continue
                 state.count += 1
                 state.last = dep
                 dep.in_flight += 1
+                state.usage = None
                 try:
                     result = await attempt(dep)
                 except AttemptFailed as failed:
                     err = failed.error
+                    permit.error = err
                     state.tried.append(Tried(dep.name, err))
                     dep.record_failure(err, bench_for=_bench_for(err, policy))
                     log.info("attempt %d on %s failed: %s", state.count, dep.name, err.message)
@@ -120,10 +157,13 @@ async def run_attempts(
                     if err.retry_after is not None:
                         hints.append(err.retry_after)
                 else:
+                    permit.ok = True
                     dep.record_success()
                     return result
                 finally:
                     dep.in_flight -= 1
+                    permit.usage = state.usage
+                    release(dep, permit)
             if not again or round_no == policy.max_retries_per_deployment:
                 break
             delay = backoff_delay(

@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from keel._classify import Dialect, UpstreamError
+from keel._health import Breaker, PeakEwma
 from keel.config import DeploymentConfig, Timeouts
+
+if TYPE_CHECKING:
+    from keel.gateway._limits import DeploymentLimiter
 
 log = logging.getLogger("keel.deployment")
 
@@ -47,6 +53,11 @@ class Deployment:
     bench_reason: str = ""
     successes: int = field(default=0)
     failures: int = field(default=0)
+    # limits, breaker and latency (keel.gateway._limits.wire sets them from the config)
+    limiter: DeploymentLimiter = field(default=None, repr=False)  # type: ignore[assignment]
+    breaker: Breaker = field(default_factory=Breaker)
+    latency: PeakEwma = field(default_factory=PeakEwma)
+    outcomes: Counter[str] = field(default_factory=Counter)  # attempts by outcome (metrics)
 
     def __post_init__(self) -> None:
         self.name = self.cfg.name or f"{self.group}/{self.index}"

@@ -88,6 +88,9 @@ def exhausted_response(request_id: str, state: Attempts, exc: Exhausted) -> web.
     """The HTTP error for a request none of whose attempts succeeded (nothing was streamed)."""
     if not exc.tried:
         err = ClientError(503, exc.reason, type="server_error", code="no_deployment_available")
+        if exc.retry_after is not None:  # full or open breakers: when capacity should be back
+            err.headers["retry-after"] = str(max(1, math.ceil(exc.retry_after)))
+            err.headers["x-should-retry"] = "true"
         resp = err.response(request_id)
         resp.headers.update(state.headers(request_id))
         return resp

@@ -1,21 +1,25 @@
 """Router: a model name → its group's deployments, then its fallback groups'.
 
-The order inside a group is the balancer's business; until the balancing layer lands this is
-round-robin over available deployments (benched keys are skipped, cooling ones go last).
+The order inside a group is the balancer's business (``keel.gateway._balancer``: weighted
+power-of-two-choices on peak-EWMA latency and load; benched keys and open breakers are
+skipped, full deployments come after free ones, cooling ones go last).
 """
 
 from __future__ import annotations
 
-import itertools
+import random
 import time
 from collections.abc import Iterator
 
 from keel.config import GatewayConfig
+from keel.gateway import _balancer
 from keel.gateway._deployment import Deployment
+from keel.gateway._limits import wire
+from keel.gateway._shared import SharedState
 
 
 class Router:
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, shared: SharedState | None = None) -> None:
         self.groups: dict[str, list[Deployment]] = {}
         for name, group in config.models.items():
             self.groups[name] = [
@@ -27,8 +31,10 @@ class Router:
                 )
                 for i, d in enumerate(group.deployments)
             ]
+        for dep in self.deployments():
+            wire(dep, config, shared)
         self._fallbacks = {name: group.fallbacks for name, group in config.models.items()}
-        self._turn = itertools.count()
+        self._rng = random.Random()
 
     def __contains__(self, model: str) -> bool:
         return model in self.groups
@@ -52,10 +58,4 @@ class Router:
 
     def order(self, group: str) -> list[Deployment]:
         """Candidates of one group for one request, best first."""
-        deps = self.groups[group]
-        now = time.monotonic()
-        start = next(self._turn) % len(deps)
-        rotated = deps[start:] + deps[:start]
-        ready = [d for d in rotated if d.available(now)]
-        cooling = [d for d in rotated if now >= d.benched_until and not d.available(now)]
-        return ready + cooling
+        return _balancer.order(self.groups[group], time.monotonic(), self._rng)

@@ -276,6 +276,8 @@ class StreamSession:
                 self._shown(finish[1], asm)
             await self._end(ending)
             clean = True
+            # For the limiter: token reconciliation, and latency per output token.
+            self.state.usage = asm.usage or {"completion_tokens": relayed}
         except AttemptFailed:
             if relay.committed and not pending.frames and not reported:
                 # Unreported, but generated (and shown, but for a held terminal chunk).

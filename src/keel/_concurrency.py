@@ -1,0 +1,79 @@
+"""Adaptive concurrency: find how many requests a deployment really takes at once. Pure.
+
+Why AIMD driven by overload responses and not a latency gradient (Vegas / Netflix Gradient2):
+LLM providers say "too many" explicitly (429 "Too many concurrent requests", 503 overloaded,
+529) and often reject *before* queueing, so latency does not rise as the limit approaches; and
+an answer's latency depends mostly on its length, which a latency controller would misread as
+congestion. Measured against ``keel sim --max-concurrency C`` (tests/test_limits.py): this
+controller holds ~0.95-1.0 C with about 1 % of attempts rejected.
+
+The limit starts unbounded: a deployment that never says "too many" costs nothing. On the first
+overload signal it drops to just below the in-flight count that was refused, then:
+
+* **multiplicative decrease** (x ``backoff``) on overload, at most once per *epoch*: responses
+  to requests sent before the last decrease describe the old limit, so a burst of 429s from
+  one overfull moment counts once;
+* **additive increase** on success, only while the limit is actually used: one slot per
+  round of ``limit`` successes up to the capacity the last overload revealed (the *ceiling*),
+  then ``probe`` slots per round above it — slow probing is what keeps rejected attempts
+  near 1 % once the real capacity is known. The ceiling is forgotten ``memory`` seconds after
+  the last overload, so a one-off 429 (an RPM window, another client's burst) does not slow
+  the recovery for good.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class Aimd:
+    backoff: float = 0.9
+    probe: float = 0.1  # slots per round of successes above the known ceiling
+    memory: float = 30.0  # seconds after the last overload until the ceiling is forgotten
+    min_limit: float = 1.0
+    max_limit: float = math.inf
+    limit: float = math.inf
+    # The capacity the last overload revealed (refused in-flight - 1), raised by successes at
+    # higher in-flight counts: below it the limit recovers fast, above it it only probes.
+    ceiling: float = 0.0
+    epoch: int = 0
+    overloads: int = 0
+    last_overload: float = 0.0
+    active: bool = False  # False until the first overload signal: no limit at all
+
+    @property
+    def slots(self) -> int | None:
+        """The current whole-request limit, or None while unlimited."""
+        if not self.active:
+            return None if self.max_limit == math.inf else int(self.max_limit)
+        return max(1, int(self.limit))
+
+    def on_success(self, in_flight_at_send: int, epoch: int, now: float) -> None:
+        """A request sent with ``in_flight_at_send`` requests in flight (itself included)
+        succeeded."""
+        if not self.active:
+            return
+        if in_flight_at_send > self.ceiling and epoch == self.epoch:
+            self.ceiling = float(in_flight_at_send)  # more works than we knew
+        if in_flight_at_send < int(self.limit):
+            return  # the limit was not what held this request back: no evidence to grow
+        fast = self.limit < self.ceiling or now - self.last_overload > self.memory
+        step = 1.0 if fast else self.probe
+        self.limit = min(self.max_limit, self.limit + step / self.limit)
+
+    def on_overload(self, in_flight_at_send: int, epoch: int, now: float) -> bool:
+        """The upstream refused a request for load; True when the limit was lowered."""
+        if epoch != self.epoch and self.active:
+            return False  # sent before the last decrease: already accounted for
+        self.overloads += 1
+        self.last_overload = now
+        # At most in_flight - 1 fit (this one did not); keep a margin below that.
+        known = max(self.min_limit, float(in_flight_at_send - 1))
+        base = min(self.limit, known) if self.active else known
+        self.ceiling = min(self.ceiling, known) if self.active else known
+        self.limit = max(self.min_limit, min(self.max_limit, base * self.backoff))
+        self.active = True
+        self.epoch += 1
+        return True

@@ -1,0 +1,208 @@
+"""Deployment health without I/O: the circuit breaker and the peak-EWMA latency estimate.
+
+Breaker (closed → open → half-open → closed):
+
+* **closed**: attempts flow. It opens after ``failures`` consecutive failures, or when at least
+  ``min_requests`` attempts in the last ``window`` seconds failed ``failure_ratio`` of the time.
+  While a failure streak is running, attempts started in the last second count as *suspects*:
+  only ``failures - streak`` may be in flight at once, so a burst of requests cannot all land on
+  a dead deployment (connection refused answers in a millisecond, so its suspects never last a
+  second) before the streak opens the breaker.
+* **open**: no attempts for the cooldown: ``cooldown`` doubled for each consecutive re-open up
+  to ``max_cooldown``, never shorter than the Retry-After the failure carried.
+* **half-open**: exactly one probe; success closes, failure re-opens with the longer cooldown.
+
+Peak-EWMA (Finagle's load-balancer cost): a sample above the estimate replaces it at once (a
+deployment that just got slow is avoided now, not after the average catches up); lower samples
+blend in with a weight that depends on the time since the last sample. Between samples the
+estimate decays towards zero with the same time constant, so a deployment nobody picks is
+eventually picked again, and its share recovers once it is fast again.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+
+class BreakerState(IntEnum):
+    CLOSED = 0
+    HALF_OPEN = 1
+    OPEN = 2
+
+
+class Admit(IntEnum):
+    """How an attempt was let through (hand it back to ``Breaker.record``)."""
+
+    REFUSED = 0
+    NORMAL = 1
+    SUSPECT = 2  # started during a failure streak
+    PROBE = 3  # the half-open probe
+
+
+SUSPECT_HORIZON = 1.0  # seconds: a suspect still running after this is not a fast failure
+_BUCKETS = 10
+
+
+@dataclass(slots=True)
+class Breaker:
+    failures: int = 5
+    failure_ratio: float = 0.5
+    min_requests: int = 20
+    window: float = 10.0
+    cooldown: float = 5.0
+    max_cooldown: float = 60.0
+    open_until: float = 0.0
+    opens: int = (
+        0  # consecutive opens without a successful probe; >0 after the cooldown = half-open
+    )
+    streak: int = 0
+    probing: bool = False
+    opened_total: int = 0
+    _suspects: list[float] = field(default_factory=list)  # start times of suspects in flight
+    _ok: list[int] = field(default_factory=lambda: [0] * _BUCKETS)
+    _bad: list[int] = field(default_factory=lambda: [0] * _BUCKETS)
+    _slot_epoch: list[int] = field(default_factory=lambda: [-1] * _BUCKETS)
+
+    def state(self, now: float) -> BreakerState:
+        if now < self.open_until:
+            return BreakerState.OPEN
+        return BreakerState.HALF_OPEN if self.opens else BreakerState.CLOSED
+
+    def admit(self, now: float) -> Admit:
+        st = self.state(now)
+        if st is BreakerState.OPEN:
+            return Admit.REFUSED
+        if st is BreakerState.HALF_OPEN:
+            if self.probing:
+                return Admit.REFUSED
+            self.probing = True
+            return Admit.PROBE
+        if self.streak:
+            horizon = now - SUSPECT_HORIZON
+            live = sum(1 for t in self._suspects if t > horizon)
+            if self.streak + live >= self.failures:
+                return Admit.REFUSED
+            self._suspects.append(now)
+            return Admit.SUSPECT
+        return Admit.NORMAL
+
+    def would_admit(self, now: float) -> bool:
+        """``admit`` without side effects (for ordering candidates)."""
+        st = self.state(now)
+        if st is BreakerState.OPEN:
+            return False
+        if st is BreakerState.HALF_OPEN:
+            return not self.probing
+        return True
+
+    def record(
+        self,
+        how: Admit,
+        started: float,
+        ok: bool | None,
+        now: float,
+        retry_after: float | None = None,
+    ) -> bool:
+        """The outcome of an attempt admitted as ``how`` at ``started``: ``ok`` None is
+        neither (cancelled, or not the deployment's fault). True when this opened the breaker."""
+        if how is Admit.SUSPECT:
+            try:
+                self._suspects.remove(started)
+            except ValueError:
+                pass
+        elif how is Admit.PROBE:
+            self.probing = False
+        if ok is None:
+            return False
+        if ok:
+            self.streak = 0
+            self._count(now, ok=True)
+            if how is Admit.PROBE or (self.opens and now >= self.open_until):
+                self.opens = 0  # closed again
+            return False
+        if self.state(now) is BreakerState.OPEN:
+            return False  # an attempt that started before it opened: already counted
+        if how is Admit.PROBE:
+            self.open(now, retry_after)
+            return True
+        self.streak += 1
+        self._count(now, ok=False)
+        ok_n, bad_n = self._totals(now)
+        tripped = self.streak >= self.failures or (
+            ok_n + bad_n >= self.min_requests and bad_n >= self.failure_ratio * (ok_n + bad_n)
+        )
+        if tripped:
+            self.open(now, retry_after)
+        return tripped
+
+    def open(self, now: float, retry_after: float | None = None) -> float:
+        """Open for the next cooldown; returns the open period in seconds."""
+        period = min(self.max_cooldown, self.cooldown * (2.0 ** min(self.opens, 30)))
+        if retry_after is not None:
+            period = max(period, retry_after)
+        self.open_until = max(self.open_until, now + period)
+        self.opens += 1
+        self.opened_total += 1
+        self.streak = 0
+        self._suspects.clear()
+        for i in range(_BUCKETS):  # a fresh start after the cooldown
+            self._ok[i] = self._bad[i] = 0
+        return period
+
+    def force_open(self, until: float) -> bool:
+        """Another replica opened this deployment's breaker until ``until`` (our clock)."""
+        if until <= self.open_until:
+            return False
+        self.open_until = until
+        self.opens = max(self.opens, 1)
+        self.streak = 0
+        return True
+
+    def _slot(self, now: float) -> int:
+        tick = int(now * _BUCKETS / self.window)
+        i = tick % _BUCKETS
+        if self._slot_epoch[i] != tick:
+            self._slot_epoch[i] = tick
+            self._ok[i] = self._bad[i] = 0
+        return i
+
+    def _count(self, now: float, *, ok: bool) -> None:
+        i = self._slot(now)
+        if ok:
+            self._ok[i] += 1
+        else:
+            self._bad[i] += 1
+
+    def _totals(self, now: float) -> tuple[int, int]:
+        oldest = int(now * _BUCKETS / self.window) - _BUCKETS + 1
+        ok_n = bad_n = 0
+        for i in range(_BUCKETS):
+            if self._slot_epoch[i] >= oldest:
+                ok_n += self._ok[i]
+                bad_n += self._bad[i]
+        return ok_n, bad_n
+
+
+@dataclass(slots=True)
+class PeakEwma:
+    decay: float = 5.0  # seconds
+    value: float = 0.0
+    stamp: float = 0.0
+    samples: int = 0
+
+    def observe(self, sample: float, now: float) -> None:
+        if self.samples == 0 or sample > self.value:
+            self.value = sample
+        else:
+            w = math.exp(-max(0.0, now - self.stamp) / self.decay)
+            self.value = self.value * w + sample * (1.0 - w)
+        self.stamp = now
+        self.samples += 1
+
+    def cost(self, now: float) -> float | None:
+        """The decayed estimate, or None before the first sample."""
+        if not self.samples:
+            return None
+        return self.value * math.exp(-max(0.0, now - self.stamp) / self.decay)

@@ -1,0 +1,53 @@
+"""The balancer: one group's deployments for one request, best first.
+
+* out: benched keys (quota/auth) and deployments whose breaker refuses attempts;
+* first: deployments with capacity right now, the first of them picked by weighted
+  power-of-two-choices on ``peak-EWMA latency per output token x (in flight + waiting + 1)``,
+  the rest by that score (they are the fail-over order);
+* then: deployments that are full (the attempt loop waits on the least loaded one);
+* last: deployments cooling down after a long retry hint (tried only when nothing else is).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+from keel._balance import p2c_order
+from keel.gateway._deployment import Deployment
+
+
+def _scores(deps: Sequence[Deployment], now: float) -> list[float]:
+    costs = [d.latency.cost(now) for d in deps]
+    known = [c for c in costs if c is not None]
+    # A deployment without samples yet is assumed to be average, not free (it would take
+    # every request until its first answer) nor expensive (it would never get one).
+    default = sum(known) / len(known) if known else 1.0
+    floor = default * 1e-3  # a long-idle deployment decays towards 0, not to nothing at all
+    return [
+        max(floor, c if c is not None else default)
+        * (d.limiter.in_flight + d.limiter.waiting + 1)
+        / d.cfg.weight
+        for d, c in zip(deps, costs, strict=True)
+    ]
+
+
+def order(deps: Sequence[Deployment], now: float, rng: random.Random) -> list[Deployment]:
+    ready: list[Deployment] = []
+    full: list[Deployment] = []
+    cooling: list[Deployment] = []
+    for d in deps:
+        if now < d.benched_until or not d.breaker.would_admit(now):
+            continue
+        if now < d.cooldown_until:
+            cooling.append(d)
+        elif d.limiter.has_capacity(now):
+            ready.append(d)
+        else:
+            full.append(d)
+    if len(ready) > 1:
+        picked = p2c_order(_scores(ready, now), [d.cfg.weight for d in ready], rng)
+        ready = [ready[i] for i in picked]
+    if len(full) > 1:
+        full.sort(key=lambda d: (d.limiter.in_flight + d.limiter.waiting) / d.cfg.weight)
+    return ready + full + cooling

@@ -1,0 +1,605 @@
+"""Per-deployment admission: may this attempt go to this deployment now, or after how long?
+
+Three gates, in order, each cheap when the deployment has nothing to enforce:
+
+1. **breaker** — an open breaker refuses at once (the attempt loop fails over);
+2. **concurrency slot** — ``max_concurrency`` (1/N of it while Redis is down) and the adaptive
+   AIMD limit; when full, the request waits in a priority queue (interactive before batch)
+   for a release, up to its wait bound;
+3. **rate** — GCRA reservations for ``rpm``/``tpm`` (estimated tokens, reconciled with the
+   usage afterwards) and for what the upstream taught us (x-ratelimit-* pacing, 429 pauses).
+   Local, or one Redis round trip when shared. Slots are booked at most ``HORIZON`` ahead:
+   longer waits happen in a head-of-line queue, again interactive first, so a batch backlog
+   cannot book the next minute away from interactive requests.
+
+``release`` reports the attempt's outcome to the breaker, the AIMD controller, the peak-EWMA
+latency and the token reconciliation, and frees the slot for the next waiter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from keel._classify import ErrorKind, UpstreamError
+from keel._concurrency import Aimd
+from keel._health import Admit, Breaker, PeakEwma
+from keel._ratelimit import Gcra, parse_ratelimit_headers, per_minute, window_pacing
+from keel._tokens import Calibration, completion_budget, prompt_tokens
+from keel.config import GatewayConfig
+from keel.gateway._shared import RemoteHealth, SharedDown, SharedState
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from keel.gateway._deployment import Deployment
+
+log = logging.getLogger("keel.limits")
+
+PRIORITIES = {"interactive": 0, "batch": 1}
+HORIZON = 0.25  # seconds: how far ahead a rate slot may be booked
+LEASE_POLL = 0.02  # seconds between retries when the shared concurrency is full
+PAUSE_MIN = 0.25  # a 429 hint shorter than this is the request's own retry, not a pause
+# Failures that say something about the deployment's health (the breaker's business).
+BREAKER_FAILURES = frozenset(
+    (
+        ErrorKind.SERVER,
+        ErrorKind.CONNECTION,
+        ErrorKind.TIMEOUT,
+        ErrorKind.PROTOCOL,
+        ErrorKind.OVERLOADED,
+        ErrorKind.NOT_FOUND,
+    )
+)
+# Not the deployment's health: limits have their own machinery, keys are benched.
+_NEUTRAL = frozenset((ErrorKind.RATE_LIMIT, ErrorKind.QUOTA, ErrorKind.AUTH))
+OVERLOAD = frozenset((ErrorKind.RATE_LIMIT, ErrorKind.OVERLOADED))
+FAILURE_PENALTY = 1.0  # seconds per token: a failed attempt makes a deployment look this slow
+
+
+class Saturated(Exception):
+    """No capacity on this deployment within the request's wait bound."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class RequestCost:
+    """What a request will cost in tokens, estimated lazily (only deployments with a TPM
+    limit ever ask)."""
+
+    __slots__ = ("_prompt", "body")
+
+    def __init__(self, body: Mapping[str, Any]) -> None:
+        self.body = body
+        self._prompt: int | None = None
+
+    @property
+    def prompt(self) -> int:
+        if self._prompt is None:
+            msgs = self.body.get("messages")
+            self._prompt = prompt_tokens(
+                msgs if isinstance(msgs, list) else [], self.body.get("tools")
+            )
+        return self._prompt
+
+    @property
+    def max_completion(self) -> int | None:
+        return completion_budget(self.body)
+
+
+@dataclass(slots=True, eq=False)
+class Permit:
+    started: float  # monotonic, when the attempt was let through
+    in_flight: int  # the deployment's in-flight count at that moment, this attempt included
+    epoch: int  # AIMD epoch at that moment
+    cost: int = 0  # tokens reserved (0: no TPM limit)
+    prompt_estimate: int = 0
+    lease: str | None = None  # shared concurrency lease id
+    how: Admit = Admit.NORMAL
+    # the outcome, filled in by the attempt loop
+    ok: bool = False
+    error: UpstreamError | None = None
+    usage: Mapping[str, Any] | None = None
+    released: bool = False
+
+
+@dataclass(slots=True)
+class _Booking:
+    granted: bool
+    wait: float
+    full: bool = False  # shared concurrency full (not a rate wait)
+    lease: str | None = None
+
+
+@dataclass(slots=True)
+class DeploymentLimiter:
+    key: str  # stable id for shared state: the deployment's name
+    health_key: str
+    rpm: int | None
+    tpm: int | None
+    max_concurrency: int | None
+    burst: float
+    lease_ttl: float
+    config: GatewayConfig
+    shared: SharedState | None = None
+    aimd: Aimd | None = None
+    req: Gcra | None = None
+    tok: Gcra | None = None
+    win: Gcra = field(default_factory=lambda: Gcra(0.0))  # pacing learned from headers
+    win_until: float = 0.0
+    paused_until: float = 0.0
+    learned_rpm: int | None = None
+    learned_tpm: int | None = None
+    calibration: Calibration = field(default_factory=Calibration)
+    in_flight: int = 0
+    waiting: int = 0
+    _waiters: list[tuple[int, int, asyncio.Future[None]]] = field(default_factory=list)
+    _rate_head: object | None = None
+    _rate_waiters: list[tuple[int, int, asyncio.Future[None]]] = field(default_factory=list)
+    _saturated_until: float = 0.0
+    _seq: itertools.count[int] = field(default_factory=itertools.count)
+    saturated_total: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rpm:
+            self.req = per_minute(self.rpm, self.burst)
+        if self.tpm:
+            self.tok = per_minute(self.tpm, self.burst)
+        ac = self.config.adaptive_concurrency
+        if ac.enabled:
+            self.aimd = Aimd(
+                backoff=ac.backoff,
+                probe=ac.probe,
+                min_limit=float(ac.min_limit),
+                max_limit=float(self.max_concurrency or math.inf),
+            )
+
+    # -- views ---------------------------------------------------------------------------------
+
+    def _shared_up(self) -> bool:
+        return self.shared is not None and self.shared.up
+
+    def _share(self) -> int:
+        """1/N of each budget while Redis is configured but unreachable."""
+        return self.shared.peers if self.shared is not None and not self.shared.up else 1
+
+    def cap(self) -> float:
+        c = math.inf
+        if self.max_concurrency:
+            c = float(max(1, self.max_concurrency // self._share()))
+        if self.aimd is not None and (s := self.aimd.slots) is not None:
+            c = min(c, float(s))
+        return c
+
+    def rate_limited(self, now: float) -> bool:
+        return bool(self.req or self.tok or now < self.win_until or now < self.paused_until)
+
+    def has_capacity(self, now: float) -> bool:
+        if self.waiting or self.in_flight >= self.cap() or now < self.paused_until:
+            return False
+        if self._rate_head is not None or self._rate_waiters or now < self._saturated_until:
+            return False
+        if self.shared is None or not self.shared.up:
+            return self._local_wait(now, 1) <= 0.0
+        return True
+
+    # -- acquire -------------------------------------------------------------------------------
+
+    async def acquire(self, req: RequestCost, priority: int, wait_until: float) -> Permit:
+        """A permit, after waiting at most until ``wait_until`` (monotonic); else Saturated."""
+        if self.waiting or self.in_flight >= self.cap():
+            await self._queue_for_slot(priority, wait_until)
+        else:
+            self.in_flight += 1
+        try:
+            cost = 0
+            prompt = 0
+            if self.tok is not None:
+                prompt = req.prompt
+                cost = self.calibration.cost(prompt, req.max_completion)
+            lease = None
+            if self.rate_limited(time.monotonic()) or (self.max_concurrency and self._shared_up()):
+                lease = await self._rate(cost, priority, wait_until)
+        except BaseException:
+            self.in_flight -= 1
+            self._pump()
+            raise
+        epoch = self.aimd.epoch if self.aimd is not None else 0
+        return Permit(time.monotonic(), self.in_flight, epoch, cost, prompt, lease)
+
+    async def _queue_for_slot(self, priority: int, wait_until: float) -> None:
+        cfg = self.config.queue
+        if self.waiting >= cfg.max_waiting:
+            self.saturated_total += 1
+            raise Saturated(f"{self.key}: {self.waiting} requests already waiting")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (priority, next(self._seq), fut))
+        self.waiting += 1
+        try:
+            async with asyncio.timeout(max(0.0, wait_until - time.monotonic())):
+                await fut
+        except TimeoutError:
+            self.saturated_total += 1
+            cap = self.cap()
+            raise Saturated(
+                f"{self.key}: {self.in_flight} requests in flight (limit {cap:g})"
+            ) from None
+        except BaseException:
+            if fut.done() and not fut.cancelled():  # granted as we left: hand it on
+                self.in_flight -= 1
+                self._pump()
+            raise
+        finally:
+            self.waiting -= 1
+            fut.cancel()  # no-op when granted; lets _pump skip it when not
+
+    def _pump(self) -> None:
+        """Hand free slots to the best waiters."""
+        while self._waiters and self.in_flight < self.cap():
+            _, _, fut = heapq.heappop(self._waiters)
+            if fut.done():
+                continue
+            self.in_flight += 1
+            fut.set_result(None)
+
+    async def _rate(self, cost: int, priority: int, wait_until: float) -> str | None:
+        me = object()
+        if self._rate_head is not None or self._rate_waiters:
+            await self._rate_turn(priority, wait_until)
+            self._rate_head = me
+        elif time.monotonic() < self._saturated_until or not self._shared_up():
+            self._rate_head = me  # serialise while saturated (local booking is instant anyway)
+        try:
+            while True:
+                now = time.monotonic()
+                budget = max(0.0, wait_until - now)
+                b = await self._book(cost, min(HORIZON, budget))
+                now = time.monotonic()
+                if b.granted:
+                    if b.wait > 0:
+                        self._saturated_until = max(self._saturated_until, now + b.wait)
+                    break
+                retry_in = LEASE_POLL if b.full else max(0.001, b.wait - HORIZON)
+                if not b.full:
+                    self._saturated_until = max(self._saturated_until, now + b.wait)
+                if now + retry_in + (0.0 if b.full else HORIZON) > wait_until:
+                    self.saturated_total += 1
+                    what = "concurrency" if b.full else "rate limit"
+                    raise Saturated(f"{self.key}: {what} full", None if b.full else b.wait)
+                if self._rate_head is not me:
+                    if self._rate_head is not None or self._rate_waiters:
+                        await self._rate_turn(priority, wait_until)
+                    self._rate_head = me
+                await asyncio.sleep(retry_in)
+        finally:
+            if self._rate_head is me:
+                self._rate_head = None
+                self._next_rate_turn()
+        if b.wait > 0:
+            try:
+                await asyncio.sleep(b.wait)
+            except BaseException:
+                self._drop_lease(b.lease)
+                raise
+        return b.lease
+
+    async def _rate_turn(self, priority: int, wait_until: float) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._rate_waiters, (priority, next(self._seq), fut))
+        try:
+            async with asyncio.timeout(max(0.0, wait_until - time.monotonic())):
+                await fut
+        except TimeoutError:
+            self.saturated_total += 1
+            wait = max(0.0, self._saturated_until - time.monotonic())
+            raise Saturated(f"{self.key}: rate limit full", wait or None) from None
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self._next_rate_turn()  # our turn came as we left: pass it on
+            raise
+        finally:
+            fut.cancel()
+
+    def _next_rate_turn(self) -> None:
+        if self._rate_head is not None:
+            return
+        while self._rate_waiters:
+            _, _, fut = heapq.heappop(self._rate_waiters)
+            if not fut.done():
+                fut.set_result(None)
+                return
+
+    # -- booking: shared or local ----------------------------------------------------------------
+
+    def _buckets(self, now: float, cost: int) -> list[tuple[Gcra, float]]:
+        out: list[tuple[Gcra, float]] = []
+        if self.req is not None:
+            out.append((self.req, 1.0))
+        if self.tok is not None and cost:
+            out.append((self.tok, float(cost)))
+        if now < self.win_until:
+            out.append((self.win, 1.0))
+        return out
+
+    def _local_wait(self, now: float, cost: int) -> float:
+        share = self._share()
+        w = max(0.0, self.paused_until - now)
+        for g, c in self._buckets(now, cost):
+            if share == 1:
+                w = max(w, g.wait(now, c))
+            else:  # 1/N of the budget: N times the interval
+                w = max(w, Gcra(g.interval * share, g.tolerance, g.tat).wait(now, c))
+        return w
+
+    async def _book(self, cost: int, max_wait: float) -> _Booking:
+        if self.shared is not None and self.shared.up:
+            try:
+                return await self._book_shared(self.shared, cost, max_wait)
+            except SharedDown:
+                pass  # logged once by SharedState; local limits take over
+        now = time.monotonic()
+        w = self._local_wait(now, cost)
+        if w > max_wait:
+            return _Booking(False, w)
+        share = self._share()
+        for g, c in self._buckets(now, cost):
+            g.book(now + w, c * share)
+        return _Booking(True, w)
+
+    async def _book_shared(self, shared: SharedState, cost: int, max_wait: float) -> _Booking:
+        now = time.monotonic()
+        pause = max(0.0, self.paused_until - now)
+        if pause > max_wait:
+            return _Booking(False, pause)
+        keys: list[str] = []
+        args: list[float | str] = []
+        for name, g, c in (
+            ("rpm", self.req, 1.0),
+            ("tpm", self.tok if cost else None, float(cost)),
+            ("win", self.win if now < self.win_until else None, 1.0),
+        ):
+            if g is not None:
+                keys.append(shared.key("limit", self.key, name))
+                args += [g.interval * 1000.0, g.tolerance * 1000.0, c]
+        n = len(keys)
+        lease = None
+        if self.max_concurrency:
+            keys.append(shared.key("leases", self.key))
+            lease = (self.max_concurrency, f"{shared.replica_id}:{next(self._seq)}", self.lease_ttl)
+        r = await shared.reserve(keys, args, n, max_wait - pause, lease)
+        if r.status == 1:
+            return _Booking(True, r.wait + pause, lease=lease[1] if lease else None)
+        return _Booking(False, r.wait + pause, full=r.status == 2)
+
+    def _drop_lease(self, lease: str | None) -> None:
+        if lease is not None and self.shared is not None:
+            self.shared.release(self.shared.key("leases", self.key), lease)
+
+    # -- learning ------------------------------------------------------------------------------
+
+    def pause(self, seconds: float) -> None:
+        """Nothing goes to this deployment for ``seconds`` (every replica, when shared)."""
+        until = time.monotonic() + seconds
+        if until <= self.paused_until:
+            return
+        self.paused_until = until
+        if self.shared is not None and seconds >= PAUSE_MIN:  # every replica's sync reads it
+            self.shared.publish(self.health_key, "pause", seconds)
+
+    def learn_headers(self, headers: Mapping[str, str], success: bool) -> None:
+        """x-ratelimit-* of an upstream response: pace what is left of the current window
+        over the time until it resets; on a success also adopt a tighter advertised limit (a
+        429's headers may be boilerplate and describe only the moment)."""
+        info = parse_ratelimit_headers(headers)
+        if info is None:
+            return
+        now = time.monotonic()
+        r = info.requests
+        if not success:
+            pacing = window_pacing(r, now)
+            if pacing is not None and pacing.interval == math.inf:
+                self.pause(pacing.until - now)
+            return
+        if r.limit and (self.rpm is None or r.limit < self.rpm) and r.limit != self.learned_rpm:
+            self.learned_rpm = r.limit
+            self.req = per_minute(r.limit, self.burst)
+            log.info("deployment %s: learned rpm %d from the upstream", self.key, r.limit)
+        t = info.tokens
+        if t.limit and (self.tpm is None or t.limit < self.tpm) and t.limit != self.learned_tpm:
+            self.learned_tpm = t.limit
+            self.tok = per_minute(t.limit, self.burst)
+            log.info("deployment %s: learned tpm %d from the upstream", self.key, t.limit)
+        pacing = window_pacing(r, now)
+        if pacing is None:
+            return
+        if pacing.interval == math.inf:
+            self.pause(pacing.until - now)
+        elif self.req is None or pacing.interval > self.req.interval:
+            # tighter than the per-minute limit: what is left of this window is short
+            self.win.interval = pacing.interval
+            self.win_until = pacing.until
+
+    # -- release -------------------------------------------------------------------------------
+
+    def adjust_tokens(self, delta: int) -> None:
+        if self.tok is None or not delta:
+            return
+        if self.shared is not None and self.shared.up:
+            self.shared.adjust(
+                self.shared.key("limit", self.key, "tpm"), delta * self.tok.interval * 1000.0
+            )
+        else:
+            self.tok.adjust(delta * self._share())
+
+    def release_slot(self, permit: Permit) -> None:
+        self.in_flight -= 1
+        self._drop_lease(permit.lease)
+        self._pump()
+
+
+# --- the attempt loop's two calls ----------------------------------------------------------------
+
+
+async def acquire(dep: Deployment, req: RequestCost, priority: int, wait_until: float) -> Permit:
+    """Let one attempt through to ``dep`` (waiting at most until ``wait_until``, monotonic),
+    or raise Saturated."""
+    now = time.monotonic()
+    if not dep.breaker.would_admit(now):
+        raise Saturated(f"{dep.name}: circuit breaker open", max(0.0, dep.breaker.open_until - now))
+    if now < dep.limiter.paused_until and dep.limiter.paused_until > wait_until:
+        raise Saturated(f"{dep.name}: paused by the upstream", dep.limiter.paused_until - now)
+    permit = await dep.limiter.acquire(req, priority, wait_until)
+    now = time.monotonic()
+    how = dep.breaker.admit(now)
+    if how is Admit.REFUSED:  # opened (or a probe started) while we waited
+        dep.limiter.release_slot(permit)
+        raise Saturated(f"{dep.name}: circuit breaker open", dep.breaker.open_until - now)
+    permit.how = how
+    permit.started = now  # the breaker knows its suspects by this time
+    return permit
+
+
+def _usage_int(usage: Mapping[str, Any] | None, key: str) -> int | None:
+    v = usage.get(key) if usage is not None else None
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def release(dep: Deployment, permit: Permit) -> None:
+    """Report the attempt's outcome (``permit.ok`` / ``permit.error``) and free its slot."""
+    if permit.released:
+        return
+    permit.released = True
+    lim = dep.limiter
+    now = time.monotonic()
+    err = permit.error
+    try:
+        health: bool | None = None
+        if permit.ok:
+            health = True
+        elif err is not None:
+            health = (
+                False if err.kind in BREAKER_FAILURES else None if err.kind in _NEUTRAL else True
+            )
+        retry_after = err.retry_after if err is not None else None
+        if dep.breaker.record(permit.how, permit.started, health, now, retry_after):
+            period = dep.breaker.open_until - now
+            log.warning(
+                "deployment %s: circuit breaker open for %.1fs after %s",
+                dep.name,
+                period,
+                err.kind.value if err is not None else "failures",
+            )
+            if lim.shared is not None:
+                lim.shared.publish(lim.health_key, "breaker", period)
+        usage = permit.usage
+        completion = _usage_int(usage, "completion_tokens")
+        prompt = _usage_int(usage, "prompt_tokens")
+        if permit.ok:
+            outcome = "success"
+            tokens = completion if completion else lim.calibration.typical_completion
+            dep.latency.observe((now - permit.started) / max(1.0, tokens), now)
+            if lim.aimd is not None:
+                lim.aimd.on_success(permit.in_flight, permit.epoch, now)
+            if usage is not None:
+                if permit.cost and prompt is not None and completion is not None:
+                    lim.adjust_tokens(prompt + completion - permit.cost)
+                if permit.prompt_estimate:
+                    lim.calibration.learn(permit.prompt_estimate, prompt, completion)
+        elif err is not None:
+            outcome = err.kind.value
+            aimd = lim.aimd
+            if (
+                err.kind in OVERLOAD
+                and aimd
+                and aimd.on_overload(permit.in_flight, permit.epoch, now)
+            ):
+                log.info(
+                    "deployment %s: concurrency limit now %d (overloaded at %d in flight)",
+                    dep.name,
+                    aimd.slots or 0,
+                    permit.in_flight,
+                )
+            # A hint the loop will wait out anyway holds back this deployment's other requests
+            # too; a longer one is the loop's cooldown (fail over, still last resort).
+            if (
+                err.kind is ErrorKind.RATE_LIMIT
+                and retry_after is not None
+                and PAUSE_MIN <= retry_after <= lim.config.retry.max_retry_wait
+            ):
+                lim.pause(retry_after)
+            if health is False:
+                cost = dep.latency.cost(now) or 0.0
+                dep.latency.observe(max(2.0 * cost, FAILURE_PENALTY), now)
+            if lim.shared is not None:
+                if err.disable_key_for and dep.benched_until > now:
+                    lim.shared.publish(
+                        lim.health_key, "bench", dep.benched_until - now, err.kind.value
+                    )
+                elif dep.cooldown_until > now + PAUSE_MIN:
+                    lim.shared.publish(lim.health_key, "cooldown", dep.cooldown_until - now)
+        else:
+            outcome = "cancelled"
+        dep.outcomes[outcome] += 1
+    finally:
+        lim.release_slot(permit)
+
+
+def wire(dep: Deployment, config: GatewayConfig, shared: SharedState | None) -> None:
+    """Give a deployment its limiter, breaker and latency estimate from the config."""
+    cfg = dep.cfg
+    health_key = shared.key("health", dep.name) if shared is not None else dep.name
+    dep.limiter = DeploymentLimiter(
+        key=dep.name,
+        health_key=health_key,
+        rpm=cfg.rpm,
+        tpm=cfg.tpm,
+        max_concurrency=cfg.max_concurrency,
+        burst=cfg.burst,
+        lease_ttl=dep.timeouts.total + 5.0,
+        config=config,
+        shared=shared,
+    )
+    b = config.breaker
+    never = 2**62  # a disabled breaker is one whose thresholds are never reached
+    dep.breaker = Breaker(
+        failures=b.failures if b.enabled else never,
+        failure_ratio=b.failure_ratio,
+        min_requests=b.min_requests if b.enabled else never,
+        window=b.window,
+        cooldown=b.cooldown,
+        max_cooldown=b.max_cooldown,
+    )
+    dep.latency = PeakEwma(decay=config.balancer.decay)
+
+
+def apply_remote_health(deps: list[Deployment], health: Mapping[str, RemoteHealth]) -> None:
+    """What other replicas decided (SharedState's sync): honour it here."""
+    now = time.monotonic()
+    for dep in deps:
+        h = health.get(dep.limiter.health_key)
+        if h is None:
+            continue
+        if h.breaker > 0 and dep.breaker.force_open(now + h.breaker):
+            log.warning("deployment %s: circuit breaker opened by another replica", dep.name)
+        if h.bench > 0 and now + h.bench > dep.benched_until + 1.0:
+            dep.benched_until = now + h.bench
+            dep.bench_reason = h.bench_reason
+            log.error(
+                "deployment %s taken out of rotation for %.0fs by another replica: %s",
+                dep.name,
+                h.bench,
+                h.bench_reason,
+            )
+        if h.cooldown > 0:
+            dep.cooldown_until = max(dep.cooldown_until, now + h.cooldown)
+        if h.pause > 0:
+            dep.limiter.paused_until = max(dep.limiter.paused_until, now + h.pause)

@@ -1,0 +1,124 @@
+"""Prometheus metrics at ``GET /metrics``, read from the live objects at scrape time.
+
+Nothing is updated per request for metrics' sake: deployments already count their attempt
+outcomes, limiters their queues, breakers their state; a custom collector turns those into
+samples when Prometheus asks. Labels are deployment and client *names*, never keys.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from keel.gateway._app import Gateway
+
+
+class KeelCollector(Collector):
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+
+    def collect(self) -> Iterator[Metric]:
+        now = time.monotonic()
+        deps = list(self.gw.router.deployments())
+        d = ["deployment"]
+        attempts = CounterMetricFamily(
+            "keel_upstream_attempts", "Upstream attempts by outcome.", labels=[*d, "outcome"]
+        )
+        benched = GaugeMetricFamily(
+            "keel_deployment_benched",
+            "1 while a deployment's key is out of rotation (quota, billing, auth).",
+            labels=[*d, "reason"],
+        )
+        breaker = GaugeMetricFamily(
+            "keel_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open.", labels=d
+        )
+        opened = CounterMetricFamily(
+            "keel_breaker_opened", "Times the circuit breaker opened.", labels=d
+        )
+        in_flight = GaugeMetricFamily("keel_deployment_in_flight", "Attempts in flight.", labels=d)
+        waiting = GaugeMetricFamily(
+            "keel_deployment_waiting", "Requests waiting for capacity.", labels=d
+        )
+        limit = GaugeMetricFamily(
+            "keel_concurrency_limit",
+            "Effective concurrency limit (configured and adaptive); absent when unlimited.",
+            labels=d,
+        )
+        saturated = CounterMetricFamily(
+            "keel_deployment_saturated",
+            "Requests that found no capacity within their wait bound.",
+            labels=d,
+        )
+        latency = GaugeMetricFamily(
+            "keel_deployment_latency_seconds_per_token",
+            "Peak-EWMA latency per output token the balancer uses.",
+            labels=d,
+        )
+        learned = GaugeMetricFamily(
+            "keel_learned_limit",
+            "Per-minute limits learned from upstream x-ratelimit-* headers.",
+            labels=[*d, "unit"],
+        )
+        for dep in deps:
+            name = dep.name
+            for outcome, n in dep.outcomes.items():
+                attempts.add_metric([name, outcome], n)
+            out = now < dep.benched_until
+            benched.add_metric([name, dep.bench_reason if out else ""], 1.0 if out else 0.0)
+            breaker.add_metric([name], float(dep.breaker.state(now)))
+            opened.add_metric([name], dep.breaker.opened_total)
+            lim = dep.limiter
+            in_flight.add_metric([name], lim.in_flight)
+            waiting.add_metric([name], lim.waiting)
+            cap = lim.cap()
+            if cap != float("inf"):
+                limit.add_metric([name], cap)
+            saturated.add_metric([name], lim.saturated_total)
+            if (c := dep.latency.cost(now)) is not None:
+                latency.add_metric([name], c)
+            if lim.learned_rpm:
+                learned.add_metric([name, "requests"], lim.learned_rpm)
+            if lim.learned_tpm:
+                learned.add_metric([name, "tokens"], lim.learned_tpm)
+        yield from (attempts, benched, breaker, opened, in_flight, waiting, limit, saturated)
+        yield from (latency, learned)
+
+        refused = CounterMetricFamily(
+            "keel_client_rate_limited",
+            "Client requests refused with 429 by client limits.",
+            labels=["client", "limit"],
+        )
+        for p in self.gw.admission.principals():
+            for what, n in p.refused.items():
+                refused.add_metric([p.name, what], n)
+        yield refused
+        shared = self.gw.shared
+        if shared is not None:
+            yield GaugeMetricFamily("keel_shared_up", "1 while Redis is reachable.", shared.up)
+            yield GaugeMetricFamily(
+                "keel_shared_replicas", "Gateway replicas sharing state.", shared.peers
+            )
+            yield CounterMetricFamily(
+                "keel_shared_failures", "Redis calls that failed or timed out.", shared.failures
+            )
+
+
+def registry_for(gw: Gateway) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(KeelCollector(gw))
+    return registry
+
+
+async def metrics(request: web.Request) -> web.Response:
+    from keel.gateway._app import GATEWAY_KEY
+
+    gw = request.app[GATEWAY_KEY]
+    body = generate_latest(gw.metrics)
+    return web.Response(body=body, headers={"content-type": CONTENT_TYPE_LATEST})
