@@ -69,6 +69,9 @@ async def _send(
         headers=_headers(dep),
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=dep.timeouts.connect),
     )
+    # The upstream's x-ratelimit-* headers tighten the deployment's limits (cheap
+    # when absent: two lookups).
+    dep.limiter.learn_headers(resp.headers, success=resp.status < 300)
     if resp.status >= 300:
         try:
             raise await _error_from_response(dep, resp)
