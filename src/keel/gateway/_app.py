@@ -24,6 +24,7 @@ from keel.gateway._deployment import Deployment
 from keel.gateway._errors import ClientError, exhausted_response
 from keel.gateway._limits import PRIORITIES, RequestCost, apply_remote_health
 from keel.gateway._metrics import metrics, registry_for
+from keel.gateway._moderation import content_filter_answer, fail_over_filtered_output
 from keel.gateway._router import Router
 from keel.gateway._shared import SharedState
 from keel.gateway._streaming import stream
@@ -159,12 +160,21 @@ async def _complete(
         state.usage = usage if isinstance(usage, dict) else None
         return raw
 
+    on_filter = gw.config.models[body["model"]].on_content_filter
     try:
         raw = await run_attempts(
-            body["model"], gw.router, gw.config.retry, gw.budget, state, attempt
+            body["model"],
+            gw.router,
+            gw.config.retry,
+            gw.budget,
+            state,
+            fail_over_filtered_output(attempt, on_filter),
         )
     except Exhausted as exc:
-        return exhausted_response(rid, state, exc)
+        filtered = content_filter_answer(exc, on_filter, rid, body["model"])
+        if filtered is None:
+            return exhausted_response(rid, state, exc)
+        raw = filtered
     return web.Response(body=raw, content_type="application/json", headers=state.headers(rid))
 
 
