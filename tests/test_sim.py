@@ -656,6 +656,30 @@ async def test_concurrency_limit(sim: Simulator) -> None:
     assert sim.stats()["max_in_flight"] == 3 and sim.stats()["in_flight"] == 0
 
 
+async def test_rate_window_and_latency() -> None:
+    """--rate-limit: N requests per fixed window, then 429 with a hint to the next window;
+    successes carry OpenAI's x-ratelimit-*-requests headers. --latency delays every answer."""
+    # A window of a million seconds: the test cannot straddle a window boundary.
+    async with Simulator(rate_limit=2, rate_window=1e6, latency=0.05) as sim:
+        t0 = time.monotonic()
+        first = await fetch(sim, "w1", stream=False)
+        assert time.monotonic() - t0 >= 0.05
+        assert first.status == 200
+        assert first.headers["x-ratelimit-limit-requests"] == str(round(2 * 60 / 1e6))
+        assert first.headers["x-ratelimit-remaining-requests"] == "1"
+        second = await fetch(sim, "w2")
+        assert second.status == 200 and second.headers["x-ratelimit-remaining-requests"] == "0"
+        third = await fetch(sim, "w3")
+        assert (
+            third.status == 429 and json.loads(third.body)["error"]["code"] == "rate_limit_exceeded"
+        )
+        assert float(third.headers["retry-after-ms"]) > 1000
+        assert sim.log[-1].fault == "window"
+        sim.configure(rate_limit=0, latency=0.0)
+        assert (await fetch(sim, "w4")).status == 200
+        assert "x-ratelimit-limit-requests" not in (await fetch(sim, "w5")).headers
+
+
 async def test_admin_endpoints(sim: Simulator) -> None:
     await fetch(sim, "one")
     await fetch(sim, "two [[sim:e500]]")

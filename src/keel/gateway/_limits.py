@@ -230,8 +230,10 @@ class DeploymentLimiter:
         except TimeoutError:
             self.saturated_total += 1
             cap = self.cap()
+            # When a slot frees is unknown; a second is the honest order of magnitude for an
+            # LLM call, and keeps SDKs in front of keel from retrying at once.
             raise Saturated(
-                f"{self.key}: {self.in_flight} requests in flight (limit {cap:g})"
+                f"{self.key}: {self.in_flight} requests in flight (limit {cap:g})", 1.0
             ) from None
         except BaseException:
             if fut.done() and not fut.cancelled():  # granted as we left: hand it on
@@ -405,8 +407,14 @@ class DeploymentLimiter:
         now = time.monotonic()
         r = info.requests
         if not success:
+            # An exhausted window: pause, unless it resets sooner than a pause is worth (the
+            # refused request's own retry waits that out anyway).
             pacing = window_pacing(r, now)
-            if pacing is not None and pacing.interval == math.inf:
+            if (
+                pacing is not None
+                and pacing.interval == math.inf
+                and pacing.until - now >= PAUSE_MIN
+            ):
                 self.pause(pacing.until - now)
             return
         if r.limit and (self.rpm is None or r.limit < self.rpm) and r.limit != self.learned_rpm:

@@ -54,6 +54,15 @@ def sim_command(
     max_concurrency: Annotated[
         int, typer.Option(help="Requests beyond this many in flight get a 429 (0 = no limit).")
     ] = 0,
+    rate_limit: Annotated[
+        int, typer.Option(help="Requests per --rate-window beyond which answers are 429 (0 = off).")
+    ] = 0,
+    rate_window: Annotated[
+        float, typer.Option(help="Seconds of one --rate-limit window (fixed windows).")
+    ] = 60.0,
+    latency: Annotated[
+        float, typer.Option(help="Extra seconds before every successful answer.")
+    ] = 0.0,
     key_faults: Annotated[
         str, typer.Option(help='Persistent faults per API key, e.g. "sk-dead=auth,sk-b=quota".')
     ] = "",
@@ -74,6 +83,9 @@ def sim_command(
         "token_delay": token_delay,
         "first_token_delay": first_token_delay,
         "max_concurrency": max_concurrency,
+        "rate_limit": rate_limit,
+        "rate_window": rate_window,
+        "latency": latency,
         "key_faults": key_faults,
         "keys": keys,
         "models": [m.strip() for m in models.split(",") if m.strip()],

@@ -302,6 +302,15 @@ def error_reply(
                 "type": "engine_overloaded_error",
             }
         }
+    elif name == "window":  # --rate-limit exceeded: the hint is the time to the next window
+        hint = value if value is not None else 1.0
+        status, headers = 429, _rate_headers(hint)
+        body = _openai(
+            f"Rate limit reached for {model} on requests per window. "
+            f"Please try again in {go_duration(hint)}.",
+            "requests",
+            "rate_limit_exceeded",
+        )
     elif name == "concurrency":  # --max-concurrency exceeded
         hint = value if value is not None else 0.02
         status, headers = 429, _rate_headers(hint)

@@ -48,6 +48,7 @@ FAULTS: dict[str, FaultSpec] = {
     "r429": FaultSpec("error", "s", 0.02),  # short hints by default so tests stay fast
     "r429_long": FaultSpec("error", "s", 86400.0),
     "concurrency": FaultSpec("error", "s", 0.02),  # what --max-concurrency answers with
+    "window": FaultSpec("error", "s", 1.0),  # what --rate-limit answers with
     "reset": FaultSpec("reset"),
     **{name: FaultSpec("stream", "n", 3) for name in (*TERMINAL, "garbage_fatal")},
     **{name: FaultSpec("stream") for name in _MODIFIERS},

@@ -54,6 +54,7 @@ from keel.sim._stream import (
     body_plan,
     stream_plan,
 )
+from keel.sim._window import RequestWindow
 
 # keel's dialects; the last three answer like openai except where _errors aliases a name.
 DIALECTS = ("openai", "dashscope", "anthropic", "azure", "deepseek", "moonshot", "vllm")
@@ -85,6 +86,9 @@ class Simulator:
         token_delay: float = 0.0,
         first_token_delay: float = 0.0,
         max_concurrency: int = 0,
+        rate_limit: int = 0,
+        rate_window: float = 60.0,
+        latency: float = 0.0,
         key_faults: str | Mapping[str, str] | None = None,
         keys: Iterable[str] | str | None = None,
         models: Iterable[str] = ("sim-model",),
@@ -105,6 +109,8 @@ class Simulator:
         self.token_delay = token_delay
         self.first_token_delay = first_token_delay
         self.max_concurrency = max_concurrency
+        self.window = RequestWindow(rate_limit, rate_window)  # --rate-limit per --rate-window
+        self.latency = latency  # seconds before every successful answer's headers
         self.key_faults: dict[str, Fault] = {}
         self.keys: frozenset[str] = frozenset()
         self.configure(dialect=dialect, faults=faults or "", key_faults=key_faults, keys=keys)
@@ -117,6 +123,9 @@ class Simulator:
         faults: str | None = None,
         seed: int | None = None,
         max_concurrency: int | None = None,
+        rate_limit: int | None = None,
+        rate_window: float | None = None,
+        latency: float | None = None,
         token_delay: float | None = None,
         first_token_delay: float | None = None,
         length: int | None = None,
@@ -145,6 +154,13 @@ class Simulator:
             self.keys = frozenset(k.strip() for k in items if k.strip())
         if max_concurrency is not None:
             self.max_concurrency = max_concurrency
+        if rate_limit is not None or rate_window is not None:
+            self.window = RequestWindow(
+                self.window.limit if rate_limit is None else rate_limit,
+                self.window.seconds if rate_window is None else rate_window,
+            )
+        if latency is not None:
+            self.latency = latency
         if token_delay is not None:
             self.token_delay = token_delay
         if first_token_delay is not None:
@@ -163,6 +179,9 @@ class Simulator:
             "token_delay": self.token_delay,
             "first_token_delay": self.first_token_delay,
             "max_concurrency": self.max_concurrency,
+            "rate_limit": self.window.limit,
+            "rate_window": self.window.seconds,
+            "latency": self.latency,
             "key_faults": len(self.key_faults),  # keys are secrets: count only
             "keys": len(self.keys),
             "models": self.models,
@@ -319,7 +338,7 @@ class Simulator:
         entry.tool_call = answer.call is not None
         entry.continuation, entry.continuation_kind = bool(answer.continuation), answer.continuation
 
-        faults = self._choose_faults(api_key, prompt, d, len(answer.pieces))
+        faults = self._choose_faults(api_key, prompt, d, len(answer.pieces), entry.t_open)
         if faults:
             entry.fault = ",".join(f.name for f in faults)
         for f in faults:
@@ -333,6 +352,9 @@ class Simulator:
         active = {f.name: f.param() for f in faults if f.spec.phase == "stream"}
         if "slow_first" in active:  # before the response headers
             await asyncio.sleep(active["slow_first"])
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        limit_headers = self.window.headers(entry.t_open)
 
         n = len(answer.pieces)
         p = prompt_tokens(m for m in messages if isinstance(m, dict))
@@ -355,7 +377,7 @@ class Simulator:
                 first_delay=self.first_token_delay + active.get("slow_token", 0.0),
             )
             plan = stream_plan(spec, active)
-            resp = web.StreamResponse(headers=_SSE_HEADERS | {"x-request-id": rid})
+            resp = web.StreamResponse(headers=_SSE_HEADERS | {"x-request-id": rid} | limit_headers)
         else:
             for name in _MID_ERRORS:
                 if name in active:
@@ -375,7 +397,7 @@ class Simulator:
             complete = complete and "trunc" not in active and "trunc_mid" not in active
             plan = body_plan(data, active)
             resp = web.StreamResponse(
-                headers={"content-type": "application/json", "x-request-id": rid}
+                headers={"content-type": "application/json", "x-request-id": rid, **limit_headers}
             )
             resp.content_length = len(data)
             entry.tokens = n  # counted up front; a truncated body shows finished=False
@@ -386,7 +408,7 @@ class Simulator:
         return resp
 
     def _choose_faults(
-        self, api_key: str | None, prompt: str, d: Directives, n: int
+        self, api_key: str | None, prompt: str, d: Directives, n: int, now: float
     ) -> list[Fault]:
         """First match wins: allow-list, concurrency limit, key fault, forced (header or
         directives, after the ``*K`` counters), seeded draw. A request whose forced faults are
@@ -395,6 +417,8 @@ class Simulator:
             return [Fault("auth")]
         if self.max_concurrency and self._log.in_flight > self.max_concurrency:
             return [Fault("concurrency")]
+        if (wait := self.window.admit(now)) is not None:
+            return [Fault("window", wait)]
         if api_key is not None and (kf := self.key_faults.get(api_key)) is not None:
             return [kf]
         drawn = draw(self.rates, self._rng, n) if self.rates else None
