@@ -87,3 +87,25 @@ def test_missing_openai_sdk_says_how_to_install_it() -> None:
 )
 def test_percentile_nearest_rank(values: list[float], p: float, expected: float | None) -> None:
     assert percentile(values, p) == expected
+
+
+def test_gateway_overrides_are_checked_before_anything_starts(tmp_path: Path) -> None:
+    code, output, _ = run_demo(tmp_path, "--set", "retry.no_such_key=1")
+    assert code == 2
+    assert "retry.no_such_key" in output and "unknown key" in output
+
+
+def test_apply_setting_parses_yaml_values() -> None:
+    from keel.demo import apply_setting
+
+    cfg: dict[str, Any] = {"retry": {"deadline": 30.0}}
+    apply_setting(cfg, "retry.max_attempts=4")
+    apply_setting(cfg, "breaker.enabled=false")
+    apply_setting(cfg, "models.chat.fallbacks=[a, b]")
+    assert cfg == {
+        "retry": {"deadline": 30.0, "max_attempts": 4},
+        "breaker": {"enabled": False},
+        "models": {"chat": {"fallbacks": ["a", "b"]}},
+    }
+    with pytest.raises(ValueError, match=r"dotted\.key=value"):
+        apply_setting(cfg, "novalue")

@@ -283,6 +283,22 @@ def gateway_config(urls: Sequence[str], first_token: float, idle: float) -> dict
     }
 
 
+def apply_setting(cfg: dict[str, Any], item: str) -> None:
+    """``"retry.max_attempts=4"`` -> cfg["retry"]["max_attempts"] = 4 (the value is YAML)."""
+    import yaml
+
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--set {item!r}: expected dotted.key=value")
+    *parents, leaf = key.strip().split(".")
+    node = cfg
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"--set {item!r}: {p} is not a mapping")
+    node[leaf] = yaml.safe_load(raw)
+
+
 def run_demo(
     *,
     requests: int = 300,
@@ -294,6 +310,7 @@ def run_demo(
     client_timeout: float = 5.0,
     token_delay: float = 0.01,
     direct: bool = True,
+    gateway_settings: Sequence[str] = (),
     console: Any = None,
 ) -> dict[str, dict[str, Any]]:
     """Run the demo; returns ``{"direct": summary, "keel": summary}`` (see
@@ -326,6 +343,8 @@ def run_demo(
         ]
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="keel-demo-"))
         cfg = gateway_config([s.base_url for s in sims], first_token=2.0, idle=1.0)
+        for item in gateway_settings:
+            apply_setting(cfg, item)
         gw = stack.enter_context(spawn_gateway(cfg, "--log-level", "error", workdir=tmp))
 
         paths: list[tuple[str, str, str, str, list[Any]]] = []
@@ -454,6 +473,14 @@ def demo_command(
     json_out: Annotated[
         str | None, typer.Option("--json", help="Also write the figures to this JSON file.")
     ] = None,
+    gateway_set: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Gateway config override, repeatable: dotted.key=YAML value, e.g. "
+            "--set retry.max_attempts=4 --set breaker.enabled=false.",
+        ),
+    ] = None,
 ) -> None:
     """Simulators + gateway + a workload through the openai SDK: direct vs through keel.
 
@@ -478,6 +505,16 @@ def demo_command(
         except DirectiveError as exc:
             typer.echo(f"keel demo: --faults: {exc}", err=True)
             raise typer.Exit(2) from None
+    from keel.config import ConfigError, parse_config
+
+    try:  # check the overrides before starting anything
+        probe = gateway_config(["http://127.0.0.1:1/v1"] * 2, first_token=2.0, idle=1.0)
+        for item in gateway_set or ():
+            apply_setting(probe, item)
+        parse_config(probe)
+    except (ValueError, ConfigError) as exc:
+        typer.echo(f"keel demo: {exc}", err=True)
+        raise typer.Exit(2) from None
     summaries = run_demo(
         requests=requests,
         concurrency=concurrency,
@@ -487,6 +524,7 @@ def demo_command(
         stream_ratio=stream_ratio,
         client_timeout=timeout,
         direct=direct,
+        gateway_settings=gateway_set or (),
     )
     if json_out:
         with open(json_out, "w", encoding="utf-8") as f:
