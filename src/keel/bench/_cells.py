@@ -55,14 +55,14 @@ QUICK = Plan(
     "quick", repeats=1, warmup=0.5, tput_concurrency=32, tput_seconds=2.0, c1_requests=150,
     ft_requests=100, frame_concurrency=50, frame_delay=0.01, frame_short=10, frame_long=60,
     frame_seconds=1.5, equal_rate=20.0, equal_seconds=2.0, stream_levels=(1000,),
-    stream_delay=1.0, stream_len=60, stream_window=2.5, launch_rate=1000.0, hold_workers=2,
+    stream_delay=1.0, stream_len=60, stream_window=2.5, launch_rate=400.0, hold_workers=2,
     dc_samples=20, dc_batch=10,
 )  # fmt: skip
 FULL = Plan(
     "full", repeats=3, warmup=1.0, tput_concurrency=32, tput_seconds=5.0, c1_requests=500,
     ft_requests=300, frame_concurrency=50, frame_delay=0.01, frame_short=10, frame_long=100,
     frame_seconds=4.0, equal_rate=20.0, equal_seconds=5.0, stream_levels=(1000, 5000, 10000),
-    stream_delay=2.0, stream_len=60, stream_window=5.0, launch_rate=1000.0, hold_workers=4,
+    stream_delay=2.0, stream_len=90, stream_window=5.0, launch_rate=400.0, hold_workers=4,
     dc_samples=40, dc_batch=10,
 )  # fmt: skip
 
@@ -188,7 +188,7 @@ def per_frame(target: Target, plan: Plan) -> dict[str, Any]:
     valid = fl > fs and fs > 0  # a target whose streams fail has no per-frame figure
     return {
         "cpu_us_per_frame": (cl - cs) / (fl - fs) * 1e6 if valid else float("nan"),
-        "cpu_us_per_stream": cs * 1e6,
+        "cpu_us_per_stream": cs * 1e6 if valid else float("nan"),
         "frames_per_s": frames_per_s,
         "errors": es + el,
     }
@@ -270,6 +270,7 @@ def streams(target: Target, plan: Plan, load_cores: set[int], fd_limit: int) -> 
                 ),
                 "capped_by_fd_limit": n < level,
                 "errors": errors,
+                "error_sample": next((r["error_sample"] for r in windows if r["error_sample"]), ""),
             }
             levels.append(entry)
     finally:

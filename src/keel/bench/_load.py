@@ -21,7 +21,9 @@ import orjson
 
 from keel.bench._rawhttp import RawClient
 
-_NO_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10)
+# A generous connect timeout: a gateway that falls behind on accepting should show up as
+# slow streams, not as load-generator errors.
+_NO_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=60)
 
 
 def chat_body(model: str, prompt: str, stream: bool, **extra: Any) -> bytes:

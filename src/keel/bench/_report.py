@@ -131,11 +131,18 @@ def check_targets(results: dict[str, Any], plan_levels: tuple[int, ...]) -> dict
         a, b = get(keel), get(bare)
         return a / b if a is not None and b else None
 
-    tput = ratio(_get("throughput", "rps"))
+    measured = ratio(_get("throughput", "rps"))
     per_core = ratio(_get("throughput", "rps_per_core"))
+    # Wall-clock req/s compares gateways only when both saturated their core; on a shared,
+    # noisy machine the load side may have been the limit, and req/s per gateway core (from
+    # /proc CPU accounting) is the comparison that still holds.
+    utils = [_get("throughput", "cpu_util")(r) for r in (keel, bare)]
+    saturated = all(u is not None and u >= 0.85 for u in utils)
+    tput = measured if saturated else per_core
     checks["nonstream_throughput_vs_bare"] = {
         "value": tput, "limit": ">= 0.8", "met": tput is not None and tput >= 0.8,
-        "per_core_ratio": per_core,
+        "basis": "req/s" if saturated else "req/s per gateway core (a gateway was not saturated)",
+        "measured_ratio": measured, "per_core_ratio": per_core,
     }  # fmt: skip
     added = _get("latency_c1", "added_p50_ms")(keel)
     checks["added_latency_c1_p50_ms"] = {

@@ -12,6 +12,9 @@ import shutil
 import socket
 import sys
 import tempfile
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +48,21 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def _wait_http(url: str, timeout: float) -> None:
+    """Until ``url`` answers with any HTTP status (RuntimeError after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except urllib.error.HTTPError:
+            return  # an HTTP answer of any kind: the server is up
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} did not answer within {timeout}s") from None
+            time.sleep(0.2)
 
 
 def start_bare(upstream: str) -> Target:
@@ -115,7 +133,14 @@ def start_litellm(upstream: str, workdir: str) -> Target:
     cmd += ["--num_workers", "1"]
     # LiteLLM fetches a model price list from the internet at start unless told not to.
     env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"}
-    proc = spawn_listening(cmd, r"Uvicorn running on (\S+)", timeout=120.0, env=env)
+    # Its "Uvicorn running on" line is silenced by LITELLM_LOG; wait for the config line,
+    # then for the port to answer.
+    proc = spawn_listening(cmd, r"(Set models)", timeout=120.0, env=env)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/health/liveliness", 60.0)
+    except BaseException:
+        proc.terminate()
+        raise
     return Target("litellm", f"http://127.0.0.1:{port}/v1", proc, model=MODEL, measure_pid=proc.pid)
 
 
