@@ -329,10 +329,14 @@ def disconnect(target: Target, sim: SimProcess, plan: Plan) -> dict[str, Any]:
             time.sleep(0.1)
         deltas: list[float] = []
         missing = not_closed = 0
+        why: dict[str, int] = {}
         for p in probes:
             e = by_tag.get(p.tag)
             if p.error or e is None:
+                # The upstream never saw the request (or the probe failed): nothing to time.
                 missing += 1
+                reason = p.error or "upstream never contacted"
+                why[reason] = why.get(reason, 0) + 1
             elif e.t_close is None:
                 not_closed += 1
             else:
@@ -343,6 +347,7 @@ def disconnect(target: Target, sim: SimProcess, plan: Plan) -> dict[str, Any]:
             "max_ms": max(deltas) * 1000 if deltas else float("nan"),
             "samples": len(deltas),
             "missing": missing,
+            "missing_why": why,
             "not_closed": not_closed,
         }
     return result

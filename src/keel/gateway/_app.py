@@ -70,9 +70,9 @@ class Gateway:
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
-        self.session = aiohttp.ClientSession(
-            connector=connector, auto_decompress=True, skip_auto_headers=("User-Agent",)
-        )
+        # No skip_auto_headers: it sends aiohttp down a slow per-request header path (~11 µs
+        # per request under load); the upstream adapter names keel as the User-Agent instead.
+        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
         if self.shared is not None:
             deps = list(self.router.deployments())
             self.shared.start(

@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from keel import __version__
 from keel._assembly import Frame, FrameKind, StreamAssembler
 from keel._classify import ErrorKind, UpstreamError, classify_response, transport_error
 from keel._sse import Comment, SSEDecoder
@@ -30,8 +31,12 @@ class AttemptFailed(Exception):
         self.error = error
 
 
+_USER_AGENT = f"keel/{__version__}"
+
+
 def _headers(dep: Deployment) -> dict[str, str]:
-    h = {"content-type": "application/json", **dep.cfg.headers}
+    # An explicit User-Agent keeps aiohttp from adding its own (and on its fast header path).
+    h = {"content-type": "application/json", "user-agent": _USER_AGENT, **dep.cfg.headers}
     if dep.auth_header:
         h["authorization"] = dep.auth_header
     return h
