@@ -148,10 +148,11 @@ class Admission:
         keys: list[str] = []
         args: list[float | str] = []
         what = []
+        scale = shared.scale  # > 1 while some replicas are on their local fallback
         for name, g, c in (("rpm", p.req, 1.0), ("tpm", p.tok if cost else None, float(cost))):
             if g is not None:
                 keys.append(shared.key("client", p.name, name))
-                args += [g.interval * 1000.0, g.tolerance * 1000.0, c]
+                args += [g.interval * scale * 1000.0, g.tolerance * 1000.0, c]
                 what.append("requests" if name == "rpm" else "tokens")
         n = len(keys)
         lease = None
@@ -160,7 +161,8 @@ class Admission:
         if cfg.max_concurrency:
             self._seq += 1
             keys.append(shared.key("client-leases", p.name))
-            lease = (cfg.max_concurrency, f"{shared.replica_id}:{self._seq}", 600.0)
+            most = max(1, int(cfg.max_concurrency / scale))
+            lease = (most, f"{shared.replica_id}:{self._seq}", 600.0)
         if not keys:
             return None
         r = await shared.reserve(keys, args, n, 0.0, lease)

@@ -75,7 +75,7 @@ class Gateway:
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
         if self.shared is not None:
             deps = list(self.router.deployments())
-            self.shared.start(
+            await self.shared.start(
                 [d.limiter.health_key for d in deps], lambda h: apply_remote_health(deps, h)
             )
 

@@ -101,7 +101,8 @@ async def run_attempts(
             sat = state.saturated
             if sat is not None:
                 return Exhausted([], reason or sat.reason, sat.retry_after)
-            return Exhausted([], reason or "no upstream deployment is available")
+            why, back = router.unavailable(model)  # all out: say why, and until when
+            return Exhausted([], reason or why, back)
         return Exhausted(state.tried, reason)
 
     def wait_until(pending: list[Deployment], dep: Deployment) -> float:

@@ -46,6 +46,7 @@ PRIORITIES = {"interactive": 0, "batch": 1}
 HORIZON = 0.25  # seconds: how far ahead a rate slot may be booked
 LEASE_POLL = 0.02  # seconds between retries when the shared concurrency is full
 PAUSE_MIN = 0.25  # a 429 hint shorter than this is the request's own retry, not a pause
+LATE = 0.005  # seconds past its booked slot a request may still go (else it books again)
 # Failures that say something about the deployment's health (the breaker's business).
 BREAKER_FAILURES = frozenset(
     (
@@ -254,6 +255,24 @@ class DeploymentLimiter:
             fut.set_result(None)
 
     async def _rate(self, cost: int, priority: int, wait_until: float) -> str | None:
+        """Book a rate slot (and the shared lease), sleep until it; the lease id."""
+        while True:
+            b = await self._book_in_turn(cost, priority, wait_until)
+            if b.wait <= 0:
+                return b.lease
+            due = time.monotonic() + b.wait
+            try:
+                await asyncio.sleep(b.wait)
+            except BaseException:
+                self._drop_lease(b.lease)
+                raise
+            if time.monotonic() - due <= LATE:
+                return b.lease
+            # Our event loop was busy past the slot: sent now, this request would bunch up
+            # with the next slots' in the upstream's window. The slot is lost; book another.
+            self._drop_lease(b.lease)
+
+    async def _book_in_turn(self, cost: int, priority: int, wait_until: float) -> _Booking:
         me = object()
         if self._rate_head is not None or self._rate_waiters:
             await self._rate_turn(priority, wait_until)
@@ -269,7 +288,7 @@ class DeploymentLimiter:
                 if b.granted:
                     if b.wait > 0:
                         self._saturated_until = max(self._saturated_until, now + b.wait)
-                    break
+                    return b
                 retry_in = LEASE_POLL if b.full else max(0.001, b.wait - HORIZON)
                 if not b.full:
                     self._saturated_until = max(self._saturated_until, now + b.wait)
@@ -286,13 +305,6 @@ class DeploymentLimiter:
             if self._rate_head is me:
                 self._rate_head = None
                 self._next_rate_turn()
-        if b.wait > 0:
-            try:
-                await asyncio.sleep(b.wait)
-            except BaseException:
-                self._drop_lease(b.lease)
-                raise
-        return b.lease
 
     async def _rate_turn(self, priority: int, wait_until: float) -> None:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -364,6 +376,7 @@ class DeploymentLimiter:
             return _Booking(False, pause)
         keys: list[str] = []
         args: list[float | str] = []
+        scale = shared.scale  # > 1 while some replicas are on their local fallback
         for name, g, c in (
             ("rpm", self.req, 1.0),
             ("tpm", self.tok if cost else None, float(cost)),
@@ -371,12 +384,13 @@ class DeploymentLimiter:
         ):
             if g is not None:
                 keys.append(shared.key("limit", self.key, name))
-                args += [g.interval * 1000.0, g.tolerance * 1000.0, c]
+                args += [g.interval * scale * 1000.0, g.tolerance * 1000.0, c]
         n = len(keys)
         lease = None
         if self.max_concurrency:
             keys.append(shared.key("leases", self.key))
-            lease = (self.max_concurrency, f"{shared.replica_id}:{next(self._seq)}", self.lease_ttl)
+            most = max(1, int(self.max_concurrency / scale))
+            lease = (most, f"{shared.replica_id}:{next(self._seq)}", self.lease_ttl)
         r = await shared.reserve(keys, args, n, max_wait - pause, lease)
         if r.status == 1:
             return _Booking(True, r.wait + pause, lease=lease[1] if lease else None)

@@ -103,10 +103,20 @@ class KeelCollector(Collector):
         if shared is not None:
             yield GaugeMetricFamily("keel_shared_up", "1 while Redis is reachable.", shared.up)
             yield GaugeMetricFamily(
-                "keel_shared_replicas", "Gateway replicas sharing state.", shared.peers
+                "keel_shared_replicas", "Gateway replicas heartbeating in Redis.", shared.live
+            )
+            yield GaugeMetricFamily(
+                "keel_shared_budget_split",
+                "N: replicas the budgets are split between (the fallback takes 1/N).",
+                shared.peers,
             )
             yield CounterMetricFamily(
                 "keel_shared_failures", "Redis calls that failed or timed out.", shared.failures
+            )
+            yield GaugeMetricFamily(
+                "keel_shared_slowest_call_seconds",
+                "The longest a request has waited on a Redis call (failures included).",
+                shared.slowest,
             )
 
 

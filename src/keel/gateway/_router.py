@@ -43,6 +43,23 @@ class Router:
         for deps in self.groups.values():
             yield from deps
 
+    def unavailable(self, model: str) -> tuple[str, float | None]:
+        """Why no deployment of the plan took an attempt, and in how many seconds the first
+        of them should be back (for retry-after)."""
+        now = time.monotonic()
+        why: list[str] = []
+        back: list[float] = []
+        for group in self.plan(model):
+            for d in self.groups[group]:
+                if now < d.benched_until:
+                    why.append(f"{d.name}: key out of rotation ({d.bench_reason})")
+                    back.append(d.benched_until - now)
+                elif not d.breaker.would_admit(now):
+                    why.append(f"{d.name}: circuit breaker open")
+                    back.append(max(0.0, d.breaker.open_until - now))
+        reason = "no upstream deployment is available"
+        return (f"{reason} ({'; '.join(why)})" if why else reason), min(back, default=None)
+
     def plan(self, model: str) -> list[str]:
         """The groups to try, in order: the model's own, then its fallbacks (transitively,
         each group once)."""

@@ -16,8 +16,15 @@ coalesced over a few milliseconds), so a request pays at most its one ``RESERVE`
 
 Redis trouble never hangs or fails a request: each call is bounded by ``shared.timeout`` (25 ms
 by default) with redis-py's own retries switched off (its default is ten retries with backoff),
-the first failure marks Redis *down* and is logged once, requests then use local limits with
-1/N of each budget, and the background task reconnects and logs once when Redis is back.
+a connection error (or two timeouts within a second) marks Redis *down* and is logged once,
+requests then use local limits with 1/N of each budget, and the background task reconnects
+and logs once when Redis is back. A timeout that fires much later than it was due is our own
+event loop's lag, not Redis's: that call falls back, Redis is not declared down.
+
+Budgets stay whole when only *some* replicas lose Redis: N (``expected``) is the largest number
+of replicas heartbeating recently (or ``shared.replicas``), and replicas on Redis use only
+``live / N`` of each shared budget, leaving 1/N for each replica that stopped heartbeating — it
+is on its local fallback, or gone (forgotten after ``_FORGET`` seconds).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from keel._config_limits import SharedConfig
 
@@ -159,6 +167,7 @@ class RemoteHealth:
 Applier = Callable[[dict[str, RemoteHealth]], None]
 
 _COALESCE = 0.005  # seconds: writes queued within this window share one round trip
+_FORGET = 60.0  # seconds without a replica's heartbeat before its share is reclaimed
 
 
 class SharedState:
@@ -173,15 +182,22 @@ class SharedState:
             retry=Retry(NoBackoff(), 0),  # our own fallback is the retry
             retry_on_timeout=False,
             health_check_interval=0,
+            # A new pooled connection costs only its TCP connect: RESP2 needs no HELLO, and
+            # no CLIENT SETINFO round trips.
+            protocol=2,
+            driver_info=None,
         )
         self._reserve = self._redis.register_script(RESERVE)
         self._apply = self._redis.register_script(APPLY)
         self._publish = self._redis.register_script(PUBLISH)
         self._sync = self._redis.register_script(SYNC)
         self.up = False  # until the first successful call
-        self.peers = cfg.replicas or 1  # replicas sharing the budgets (incl. us)
+        self.live = 1  # replicas heartbeating now (incl. us)
+        self._most = cfg.replicas or 1  # the most seen recently ...
+        self._most_at = 0.0  # ... and when
         self._down_logged = False
         self._next_reconnect = 0.0
+        self._last_timeout = -1e9
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._health_keys: list[str] = []
@@ -192,6 +208,23 @@ class SharedState:
         self._events: list[tuple[str, str, float, str]] = []
         self.calls = 0
         self.failures = 0
+        self.slowest = 0.0  # seconds: the longest a request waited on Redis, failures included
+
+    @property
+    def peers(self) -> int:
+        """N: the replicas the budgets are split between (the local fallback takes 1/N)."""
+        return max(self.cfg.replicas or 1, self._most, self.live)
+
+    @property
+    def scale(self) -> float:
+        """How much slower than the full budget the replicas on Redis go together: N / live."""
+        return self.peers / max(1, min(self.live, self.peers))
+
+    def _saw(self, live: int) -> None:
+        now = time.monotonic()
+        self.live = live
+        if live >= self._most or now - self._most_at > _FORGET:
+            self._most, self._most_at = live, now
 
     # -- keys ----------------------------------------------------------------------------------
 
@@ -200,9 +233,22 @@ class SharedState:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    def start(self, health_keys: Sequence[str], applier: Applier) -> None:
+    async def start(self, health_keys: Sequence[str], applier: Applier) -> None:
+        """Connect and start the background task. Not on any request's path (the gateway
+        listens after this), so the first connection may take up to a second: a replica that
+        starts on its local fallback has seen no peers and would take a whole budget."""
         self._health_keys = list(health_keys)
         self._applier = applier
+        try:
+            await self._sync_now(limit=max(1.0, self.cfg.timeout))
+        except SharedDown:
+            self._down_logged = True
+            self._next_reconnect = time.monotonic() + self.cfg.reconnect_interval
+            log.warning(
+                "redis unreachable at start: using local limits (1/%d of each budget) until "
+                "it is reachable",
+                self.peers,
+            )
         self._task = asyncio.get_running_loop().create_task(self._run(), name="keel-shared")
 
     async def close(self) -> None:
@@ -235,7 +281,11 @@ class SharedState:
             [lease[0], lease[1], lease[2] * 1000.0] if lease else [0, "", 0]
         )
         argv = [n_buckets, max_wait * 1000.0, *args, *lease_args]
-        out = await self._call(self._reserve(keys=keys, args=argv))
+        t0 = time.monotonic()
+        try:
+            out = await self._call(self._reserve(keys=keys, args=argv))
+        finally:
+            self.slowest = max(self.slowest, time.monotonic() - t0)
         return Reservation(int(out[0]), float(out[1]) / 1000.0, int(out[2]))
 
     # -- queued writes (no round trip on the request's path) ------------------------------------
@@ -260,17 +310,29 @@ class SharedState:
 
     # -- plumbing -------------------------------------------------------------------------------
 
-    async def _call(self, aw: Any) -> Any:
+    async def _call(self, aw: Any, limit: float | None = None) -> Any:
         self.calls += 1
+        t0 = time.monotonic()
         try:
-            async with asyncio.timeout(self.cfg.timeout):
+            async with asyncio.timeout(limit or self.cfg.timeout):
                 return await aw
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (TimeoutError, RedisTimeoutError) as exc:
+            # One slow reply is this call's fallback; two within a second is an outage (a
+            # dead Redis fails with connection errors right away anyway). A timeout that fired
+            # long after it was due measured our own starved event loop, not Redis.
+            self.failures += 1
+            now = time.monotonic()
+            if now - t0 <= 2 * self.cfg.timeout:
+                if now - self._last_timeout < 1.0:
+                    self._mark_down(exc)
+                self._last_timeout = now
+            raise SharedDown from None
+        except (RedisError, OSError) as exc:
+            self.failures += 1
             self._mark_down(exc)
             raise SharedDown from None
 
     def _mark_down(self, exc: BaseException) -> None:
-        self.failures += 1
         if not self.up:
             return
         self.up = False
@@ -298,7 +360,7 @@ class SharedState:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        next_sync = 0.0
+        next_sync = loop.time() + self.cfg.sync_interval
         while True:
             timeout = max(0.0, next_sync - loop.time()) if self.up else 0.1
             try:
@@ -347,13 +409,20 @@ class SharedState:
                 await self._call(self._publish(keys=[key], args=[field, ms, reason]))
             self._events.pop(0)  # only once written: an outage keeps it for later
 
-    async def _sync_now(self) -> None:
+    async def _sync_now(self, limit: float | None = None) -> None:
+        if not self.up:  # (re)connecting: a restarted Redis has forgotten our scripts,
+            # and pooled connections to the old process would each fail once (flapping)
+            await self._redis.connection_pool.disconnect()
+            pipe = self._redis.pipeline(transaction=False)
+            for script in (RESERVE, APPLY, PUBLISH, SYNC):
+                pipe.script_load(script)
+            await self._call(pipe.execute(), limit)
         keys = [self.key("replicas"), *self._health_keys]
         ttl_ms = max(1000.0, self.cfg.sync_interval * 5000.0)
-        raw = await self._call(self._sync(keys=keys, args=[self.replica_id, ttl_ms]))
+        raw = await self._call(self._sync(keys=keys, args=[self.replica_id, ttl_ms]), limit)
         self._mark_up()
         now_ms = float(raw[0])
-        self.peers = max(1, int(raw[1]))
+        self._saw(max(1, int(raw[1])))
         health: dict[str, RemoteHealth] = {}
 
         def rel(v: bytes) -> float:
