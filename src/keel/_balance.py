@@ -36,6 +36,11 @@ def p2c_order(scores: Sequence[float], weights: Sequence[float], rng: random.Ran
     n = len(scores)
     if n <= 1:
         return list(range(n))
+    if n == 2:  # both are drawn: compare (a tie goes by weight, at random)
+        a, b = scores
+        if a == b:
+            return [0, 1] if rng.random() * (weights[0] + weights[1]) < weights[0] else [1, 0]
+        return [0, 1] if a < b else [1, 0]
     total = sum(weights)
     a = _draw(weights, total, rng)
     b = _draw(weights, total - weights[a], rng, skip=a)

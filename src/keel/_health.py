@@ -71,6 +71,8 @@ class Breaker:
         return BreakerState.HALF_OPEN if self.opens else BreakerState.CLOSED
 
     def admit(self, now: float) -> Admit:
+        if not self.streak and not self.opens:  # the common case: healthy and closed
+            return Admit.NORMAL
         st = self.state(now)
         if st is BreakerState.OPEN:
             return Admit.REFUSED
@@ -90,12 +92,9 @@ class Breaker:
 
     def would_admit(self, now: float) -> bool:
         """``admit`` without side effects (for ordering candidates)."""
-        st = self.state(now)
-        if st is BreakerState.OPEN:
+        if now < self.open_until:
             return False
-        if st is BreakerState.HALF_OPEN:
-            return not self.probing
-        return True
+        return not (self.opens and self.probing)
 
     def record(
         self,
@@ -118,7 +117,8 @@ class Breaker:
             return False
         if ok:
             self.streak = 0
-            self._count(now, ok=True)
+            i = self._slot(now)
+            self._ok[i] += 1
             if how is Admit.PROBE or (self.opens and now >= self.open_until):
                 self.opens = 0  # closed again
             return False

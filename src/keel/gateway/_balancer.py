@@ -33,6 +33,9 @@ def _scores(deps: Sequence[Deployment], now: float) -> list[float]:
 
 
 def order(deps: Sequence[Deployment], now: float, rng: random.Random) -> list[Deployment]:
+    if len(deps) == 1:  # nothing to balance (the common single-deployment group)
+        d = deps[0]
+        return [] if now < d.benched_until or not d.breaker.would_admit(now) else [d]
     ready: list[Deployment] = []
     full: list[Deployment] = []
     cooling: list[Deployment] = []

@@ -174,6 +174,9 @@ class DeploymentLimiter:
         return self.shared.peers if self.shared is not None and not self.shared.up else 1
 
     def cap(self) -> float:
+        aimd = self.aimd
+        if not self.max_concurrency and (aimd is None or not aimd.active):
+            return math.inf  # the common case, checked first: nothing limits concurrency
         c = math.inf
         if self.max_concurrency:
             c = float(max(1, self.max_concurrency // self._share()))
@@ -189,6 +192,8 @@ class DeploymentLimiter:
             return False
         if self._rate_head is not None or self._rate_waiters or now < self._saturated_until:
             return False
+        if not (self.req or self.tok or now < self.win_until):
+            return True
         if self.shared is None or not self.shared.up:
             return self._local_wait(now, 1) <= 0.0
         return True
