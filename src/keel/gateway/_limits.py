@@ -46,7 +46,10 @@ PRIORITIES = {"interactive": 0, "batch": 1}
 HORIZON = 0.25  # seconds: how far ahead a rate slot may be booked
 LEASE_POLL = 0.02  # seconds between retries when the shared concurrency is full
 PAUSE_MIN = 0.25  # a 429 hint shorter than this is the request's own retry, not a pause
-LATE = 0.005  # seconds past its booked slot a request may still go (else it books again)
+# Seconds past its booked slot a request may still go. Later than that our event loop was
+# stalled and the request would bunch up with the next slots in the upstream's window: it books
+# again, once (a second stall sends it anyway: progress over precision).
+LATE = 0.02
 # Failures that say something about the deployment's health (the breaker's business).
 BREAKER_FAILURES = frozenset(
     (
@@ -261,21 +264,20 @@ class DeploymentLimiter:
 
     async def _rate(self, cost: int, priority: int, wait_until: float) -> str | None:
         """Book a rate slot (and the shared lease), sleep until it; the lease id."""
-        while True:
+        for rebooked in (False, True):
             b = await self._book_in_turn(cost, priority, wait_until)
             if b.wait <= 0:
-                return b.lease
+                break
             due = time.monotonic() + b.wait
             try:
                 await asyncio.sleep(b.wait)
             except BaseException:
                 self._drop_lease(b.lease)
                 raise
-            if time.monotonic() - due <= LATE:
-                return b.lease
-            # Our event loop was busy past the slot: sent now, this request would bunch up
-            # with the next slots' in the upstream's window. The slot is lost; book another.
-            self._drop_lease(b.lease)
+            if rebooked or time.monotonic() - due <= LATE:
+                break
+            self._drop_lease(b.lease)  # the slot passed while we were stalled: book another
+        return b.lease
 
     async def _book_in_turn(self, cost: int, priority: int, wait_until: float) -> _Booking:
         me = object()

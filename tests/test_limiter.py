@@ -1,0 +1,135 @@
+"""The per-deployment limiter in process: queues, priorities, fallback budgets, learning."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from keel.config import ConfigError, parse_config
+from keel.gateway._limits import DeploymentLimiter, RequestCost, Saturated
+
+
+def limiter(shared: Any = None, **kw: Any) -> DeploymentLimiter:
+    dep = {"base_url": "http://x/v1", **kw}
+    cfg = parse_config(
+        {
+            "adaptive_concurrency": {"enabled": False},
+            "queue": {"max_waiting": 3},
+            "models": {"m": {"deployments": [dep]}},
+        }
+    )
+    d = cfg.models["m"].deployments[0]
+    return DeploymentLimiter(
+        key="m/0", health_key="h", rpm=d.rpm, tpm=d.tpm, max_concurrency=d.max_concurrency,
+        burst=d.burst, lease_ttl=60, config=cfg, shared=shared,
+    )  # fmt: skip
+
+
+REQ = RequestCost({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10})
+
+
+async def test_rate_waits_go_interactive_first() -> None:
+    """Paced at 20/s, slots are booked at most HORIZON (0.25 s: 5 slots) ahead; batch
+    requests beyond that wait in the queue, and interactive ones arriving later go first."""
+    lim = limiter(rpm=1200)
+    order: list[str] = []
+
+    async def go(name: str, prio: int) -> None:
+        p = await lim.acquire(REQ, prio, time.monotonic() + 5)
+        order.append(name)
+        lim.release_slot(p)
+
+    tasks = [asyncio.create_task(go(f"b{i}", 1)) for i in range(10)]
+    # b0-b5 hold slots within the horizon, b6 is the head of the queue (it books next),
+    # b7-b9 wait behind it
+    await asyncio.sleep(0.01)
+    tasks += [asyncio.create_task(go(f"i{i}", 0)) for i in range(2)]
+    await asyncio.gather(*tasks)
+    assert order == [*(f"b{i}" for i in range(7)), "i0", "i1", "b7", "b8", "b9"]
+
+
+async def test_queue_bound_and_deadline_refuse_with_a_hint() -> None:
+    lim = limiter(max_concurrency=1)
+    held = await lim.acquire(REQ, 0, time.monotonic())
+    waiters = [asyncio.create_task(lim.acquire(REQ, 0, time.monotonic() + 5)) for _ in range(3)]
+    await asyncio.sleep(0)
+    with pytest.raises(Saturated, match="already waiting"):  # max_waiting 3
+        await lim.acquire(REQ, 0, time.monotonic() + 5)
+    with pytest.raises(Saturated) as info:
+        lim.waiting = 0  # pretend the queue is short: the deadline is what refuses now
+        await lim.acquire(REQ, 0, time.monotonic() + 0.02)
+    assert info.value.retry_after == 1.0
+    lim.waiting = 3
+    lim.release_slot(held)
+    first = await waiters[0]
+    assert lim.in_flight == 1
+    for w in waiters[1:]:
+        w.cancel()
+    lim.release_slot(first)
+
+
+class _Down:
+    """A SharedState that is configured but unreachable, with 3 replicas known."""
+
+    up = False
+    peers = 3
+    scale = 1.0
+
+    def publish(self, *a: Any) -> None:
+        pass
+
+
+async def test_redis_down_each_replica_takes_one_nth() -> None:
+    lim = limiter(_Down(), rpm=600, max_concurrency=9)  # 10/s, 9 at once across replicas
+    assert lim.cap() == 3
+    t0 = time.monotonic()
+    for _ in range(3):
+        lim.release_slot(await lim.acquire(REQ, 0, time.monotonic() + 5))
+    # 1/3 of 10/s: the 2nd and 3rd wait 0.3 s each
+    assert 0.55 <= time.monotonic() - t0 < 0.75
+
+
+def test_learning_from_headers() -> None:
+    lim = limiter()
+    lim.learn_headers({"x-ratelimit-limit-requests": "600", "x-ratelimit-remaining-requests": "599",
+                       "x-ratelimit-reset-requests": "100ms"}, success=True)  # fmt: skip
+    assert lim.learned_rpm == 600 and lim.req is not None and lim.req.interval == pytest.approx(0.1)
+    lim.learn_headers({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "2s"},
+                      success=False)  # fmt: skip
+    assert lim.paused_until - time.monotonic() == pytest.approx(2.0, abs=0.05)
+    tight = limiter(rpm=6000)
+    tight.learn_headers({"x-ratelimit-limit-requests": "99999", "x-ratelimit-remaining-requests": "2",
+                         "x-ratelimit-reset-requests": "1s"}, success=True)  # fmt: skip
+    assert tight.learned_rpm is None  # looser than configured: ignored
+    assert tight.win.interval == pytest.approx(0.5)  # but 2 left for 1 s: paced
+
+
+def test_config_for_limits_and_clients() -> None:
+    cfg = parse_config(
+        {
+            "server": {"api_keys": ["sk-a"]},
+            "clients": {"app": {"key": "sk-b", "rpm": 60, "priority": "batch"}},
+            "breaker": {"failures": 3, "cooldown": 2},
+            "queue": {"batch_max_wait": 60},
+            "shared": {"replicas": 3},
+            "redis_url": "redis://localhost:6379/0",
+            "models": {"m": {"deployments": [{"base_url": "http://x", "rpm": 10, "burst": 1}]}},
+        }
+    )
+    assert cfg.clients["app"].priority == "batch" and cfg.breaker.failures == 3
+    assert "sk-b" not in repr(cfg)
+    with pytest.raises(ConfigError, match=r"clients\.dup\.key is used twice"):
+        parse_config(
+            {
+                "server": {"api_keys": ["sk-a"]},
+                "clients": {"dup": {"key": "sk-a"}},
+                "models": {"m": {"deployments": [{"base_url": "http://x"}]}},
+            }
+        )
+    with pytest.raises(ConfigError, match=r"breaker\.failurs: unknown key"):
+        parse_config(
+            {"breaker": {"failurs": 3}, "models": {"m": {"deployments": [{"base_url": "x"}]}}}
+        )
