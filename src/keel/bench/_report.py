@@ -122,6 +122,28 @@ def ratios(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     return out
 
 
+def versus_peers(results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """keel against each peer that ran: throughput per gateway core (keel / peer, higher is
+    better for keel) and p99 at equal offered load (keel / peer, lower is better for keel)."""
+    keel = results.get("keel", {})
+    out: dict[str, dict[str, float | None]] = {}
+    for name in ("litellm", "portkey"):
+        peer = results.get(name)
+        if not peer:
+            continue
+
+        def ratio(get: Getter, peer: dict[str, Any] = peer) -> float | None:
+            a, b = get(keel), get(peer)
+            return a / b if a is not None and b else None
+
+        out[name] = {
+            "keel_throughput_per_core_x": ratio(_get("throughput", "rps_per_core")),
+            "keel_p99_at_equal_load_ratio": ratio(_get("equal_load", "p99_ms")),
+            "keel_cpu_per_frame_ratio": ratio(_get("per_frame", "cpu_us_per_frame")),
+        }
+    return out
+
+
 def check_targets(results: dict[str, Any], plan_levels: tuple[int, ...]) -> dict[str, Any]:
     """The issue's targets, each with its value, limit and verdict."""
     keel, bare = results.get("keel", {}), results.get("bare", {})

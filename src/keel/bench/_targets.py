@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from keel.bench._config import CLIENT_KEY, MODEL, UPSTREAM_MODEL, keel_config
-from keel.testing import ListeningProcess, spawn_gateway, spawn_listening
+from keel.testing import ListeningProcess, SimProcess, spawn_gateway, spawn_listening
 
 
 @dataclass
@@ -41,6 +41,14 @@ class Target:
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.terminate()
+
+
+def start_sim() -> SimProcess:
+    """The simulator (``_simproc``: keel's simulator with a deeper accept queue)."""
+    from keel.testing import _start
+
+    cmd = [sys.executable, "-m", "keel.bench._simproc"]
+    return SimProcess(*_start(cmd, r"keel-sim listening on (\S+)", 15.0, None))
 
 
 def _free_port() -> int:
