@@ -24,7 +24,7 @@ def limiter(shared: Any = None, **kw: Any) -> DeploymentLimiter:
     d = cfg.models["m"].deployments[0]
     return DeploymentLimiter(
         key="m/0", health_key="h", rpm=d.rpm, tpm=d.tpm, max_concurrency=d.max_concurrency,
-        burst=d.burst, lease_ttl=60, config=cfg, shared=shared,
+        burst=d.burst, config=cfg, shared=shared,
     )  # fmt: skip
 
 
@@ -133,3 +133,28 @@ def test_config_for_limits_and_clients() -> None:
         parse_config(
             {"breaker": {"failurs": 3}, "models": {"m": {"deployments": [{"base_url": "x"}]}}}
         )
+
+
+async def test_tpm_reserves_the_estimate_and_refunds_with_the_reported_usage() -> None:
+    """tpm 6000 = 100 tokens/s. A request with max_tokens 1000 books ~1000 tokens (10 s of
+    the limit); the upstream reports 60 used, the rest is refunded, and the next request
+    goes at once instead of 10 s later."""
+    from keel.gateway._limits import acquire, release
+    from keel.gateway._router import Router
+
+    cfg = parse_config(
+        {"models": {"m": {"deployments": [{"base_url": "http://x/v1", "tpm": 6000, "burst": 1}]}}}
+    )
+    (dep,) = Router(cfg).groups["m"]
+    req = RequestCost({"messages": [{"role": "user", "content": "你好" * 10}], "max_tokens": 1000})
+    assert req.prompt == 3 + 4 + 20  # CJK: one token per character
+    permit = await acquire(dep, req, 0, time.monotonic())
+    assert permit.cost == 1027
+    waits = dep.limiter.tok.wait(time.monotonic(), 100)  # type: ignore[union-attr]
+    assert waits > 9.0
+    permit.ok = True
+    permit.usage = {"prompt_tokens": 30, "completion_tokens": 30, "total_tokens": 60}
+    release(dep, permit)
+    assert dep.limiter.tok.wait(time.monotonic(), 100) < 1.0  # type: ignore[union-attr]
+    assert dep.limiter.calibration.prompt_ratio == pytest.approx(30 / 27)
+    assert dep.outcomes["success"] == 1

@@ -66,17 +66,39 @@ async def test_reserve_script_paces_and_leases(redis_server) -> None:
         again = await s.reserve(key, rate, 1, 1.0, None)
         assert abs(again.wait - denied.wait) < 0.01  # the refusal booked nothing
         leases = [s.key("leases", "d")]
-        first = await s.reserve(leases, [], 0, 0.0, (2, "r:1", 60.0))
-        second = await s.reserve(leases, [], 0, 0.0, (2, "r:2", 60.0))
-        full = await s.reserve(leases, [], 0, 0.0, (2, "r:3", 60.0))
+        first = await s.reserve(leases, [], 0, 0.0, (2, "r:1"))
+        second = await s.reserve(leases, [], 0, 0.0, (2, "r:2"))
+        full = await s.reserve(leases, [], 0, 0.0, (2, "r:3"))
         assert (first.status, second.status, full.status) == (1, 1, 2)
         s.release(leases[0], "r:1")  # written by the background task, off the request path
         deadline = time.monotonic() + 2
-        while (await s.reserve(leases, [], 0, 0.0, (2, "r:4", 60.0))).status != 1:
+        while (await s.reserve(leases, [], 0, 0.0, (2, "r:4"))).status != 1:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.005)
     finally:
         await s.close()
+
+
+async def test_leases_are_renewed_while_held_and_expire_when_their_replica_dies(
+    redis_server, monkeypatch
+) -> None:
+    import keel.gateway._shared as shared_mod
+
+    monkeypatch.setattr(shared_mod, "LEASE_TTL", 0.3)
+    alive, other = await _shared(redis_server.url), await _shared(redis_server.url)
+    try:
+        key = [alive.key("leases", "d")]
+        assert (await alive.reserve(key, [], 0, 0.0, (2, "a:1"))).status == 1
+        assert (await alive.reserve(key, [], 0, 0.0, (2, "a:2"))).status == 1
+        await asyncio.sleep(0.6)  # twice the TTL: the holder's sync renewed them
+        assert (await other.reserve(key, [], 0, 0.0, (2, "o:1"))).status == 2
+        await alive.close()  # the holder dies without releasing
+        deadline = time.monotonic() + 2
+        while (await other.reserve(key, [], 0, 0.0, (2, "o:2"))).status != 1:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+    finally:
+        await other.close()
 
 
 async def test_redis_gone_fails_fast_and_comes_back(redis_server) -> None:

@@ -162,7 +162,7 @@ class Admission:
             self._seq += 1
             keys.append(shared.key("client-leases", p.name))
             most = max(1, int(cfg.max_concurrency / scale))
-            lease = (most, f"{shared.replica_id}:{self._seq}", 600.0)
+            lease = (most, f"{shared.replica_id}:{self._seq}")
         if not keys:
             return None
         r = await shared.reserve(keys, args, n, 0.0, lease)

@@ -132,7 +132,6 @@ class DeploymentLimiter:
     tpm: int | None
     max_concurrency: int | None
     burst: float
-    lease_ttl: float
     config: GatewayConfig
     shared: SharedState | None = None
     aimd: Aimd | None = None
@@ -397,7 +396,7 @@ class DeploymentLimiter:
         if self.max_concurrency:
             keys.append(shared.key("leases", self.key))
             most = max(1, int(self.max_concurrency / scale))
-            lease = (most, f"{shared.replica_id}:{next(self._seq)}", self.lease_ttl)
+            lease = (most, f"{shared.replica_id}:{next(self._seq)}")
         r = await shared.reserve(keys, args, n, max_wait - pause, lease)
         if r.status == 1:
             return _Booking(True, r.wait + pause, lease=lease[1] if lease else None)
@@ -593,7 +592,6 @@ def wire(dep: Deployment, config: GatewayConfig, shared: SharedState | None) -> 
         tpm=cfg.tpm,
         max_concurrency=cfg.max_concurrency,
         burst=cfg.burst,
-        lease_ttl=dep.timeouts.total + 5.0,
         config=config,
         shared=shared,
     )

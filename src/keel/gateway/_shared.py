@@ -4,8 +4,9 @@ What is shared:
 * rate limits: GCRA theoretical arrival times, one Redis string per limit, reserved by one Lua
   script per attempt (``RESERVE``: all of a deployment's limits and its concurrency lease in
   one round trip, on Redis's clock so replicas' clocks do not matter);
-* in-flight counts of deployments with ``max_concurrency``: a sorted set of leases that expire
-  on their own if a replica dies holding them;
+* in-flight counts of deployments with ``max_concurrency``: a sorted set of leases of
+  ``LEASE_TTL`` seconds that the holder's background task renews, so those of a replica that
+  died free themselves within seconds (an LLM call can outlast any fixed TTL);
 * health: breaker open-until, benched-until (quota/auth) and cooldown-until per deployment, in
   one hash each; every replica reads them all every ``sync_interval`` (``SYNC``, which is also
   the heartbeat that tells each replica how many of them there are).
@@ -126,6 +127,24 @@ if ttl < want then redis.call('PEXPIRE', KEYS[1], want) end
 return 1
 """
 
+# Keep the leases a replica still holds alive: ARGV[1] = ttl ms, then per key: count, ids.
+RENEW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local ttl = tonumber(ARGV[1])
+local i = 2
+for k = 1, #KEYS do
+  local n = tonumber(ARGV[i])
+  i = i + 1
+  for j = 1, n do
+    redis.call('ZADD', KEYS[k], 'XX', now + ttl, ARGV[i])
+    i = i + 1
+  end
+  redis.call('PEXPIRE', KEYS[k], math.ceil(ttl) + 1000)
+end
+return 1
+"""
+
 # Heartbeat + read every deployment's health: {now, replicas, [breaker, bench, bench_reason,
 # cooldown, pause] per deployment}.
 SYNC = """
@@ -168,6 +187,7 @@ Applier = Callable[[dict[str, RemoteHealth]], None]
 
 _COALESCE = 0.005  # seconds: writes queued within this window share one round trip
 _FORGET = 60.0  # seconds without a replica's heartbeat before its share is reclaimed
+LEASE_TTL = 10.0  # seconds a concurrency lease lives unless its holder renews it
 
 
 class SharedState:
@@ -190,6 +210,7 @@ class SharedState:
         self._reserve = self._redis.register_script(RESERVE)
         self._apply = self._redis.register_script(APPLY)
         self._publish = self._redis.register_script(PUBLISH)
+        self._renew = self._redis.register_script(RENEW)
         self._sync = self._redis.register_script(SYNC)
         self.up = False  # until the first successful call
         self.live = 1  # replicas heartbeating now (incl. us)
@@ -205,6 +226,7 @@ class SharedState:
         # queued writes
         self._adjust: dict[str, list[float]] = {}  # key → [adj_ms, pause_ms]
         self._releases: defaultdict[str, list[str]] = defaultdict(list)
+        self._held: defaultdict[str, set[str]] = defaultdict(set)  # leases we renew
         self._events: list[tuple[str, str, float, str]] = []
         self.calls = 0
         self.failures = 0
@@ -271,14 +293,14 @@ class SharedState:
         args: list[float | str],
         n_buckets: int,
         max_wait: float,
-        lease: tuple[int, str, float] | None,
+        lease: tuple[int, str] | None,
     ) -> Reservation:
         """One round trip: book the buckets (``args`` = interval_ms, tolerance_ms, cost per
-        bucket) and a concurrency lease ``(max, id, ttl_s)`` if given."""
+        bucket) and a concurrency lease ``(max, id)`` (the last key) if given."""
         if not self.up:
             raise SharedDown
         lease_args: list[float | str] = (
-            [lease[0], lease[1], lease[2] * 1000.0] if lease else [0, "", 0]
+            [lease[0], lease[1], LEASE_TTL * 1000.0] if lease else [0, "", 0]
         )
         argv = [n_buckets, max_wait * 1000.0, *args, *lease_args]
         t0 = time.monotonic()
@@ -286,6 +308,8 @@ class SharedState:
             out = await self._call(self._reserve(keys=keys, args=argv))
         finally:
             self.slowest = max(self.slowest, time.monotonic() - t0)
+        if lease is not None and int(out[0]) == 1:
+            self._held[keys[-1]].add(lease[1])
         return Reservation(int(out[0]), float(out[1]) / 1000.0, int(out[2]))
 
     # -- queued writes (no round trip on the request's path) ------------------------------------
@@ -298,6 +322,9 @@ class SharedState:
             self._wake.set()
 
     def release(self, lease_key: str, lease_id: str) -> None:
+        held = self._held.get(lease_key)
+        if held is not None:
+            held.discard(lease_id)
         if self.up:  # a lease from before an outage expires on its own
             self._releases[lease_key].append(lease_id)
             self._wake.set()
@@ -414,9 +441,15 @@ class SharedState:
             # and pooled connections to the old process would each fail once (flapping)
             await self._redis.connection_pool.disconnect()
             pipe = self._redis.pipeline(transaction=False)
-            for script in (RESERVE, APPLY, PUBLISH, SYNC):
+            for script in (RESERVE, APPLY, PUBLISH, RENEW, SYNC):
                 pipe.script_load(script)
             await self._call(pipe.execute(), limit)
+        if any(self._held.values()):
+            held = [(k, ids) for k, ids in self._held.items() if ids]
+            argv: list[float | str] = [LEASE_TTL * 1000.0]
+            for _, ids in held:
+                argv += [len(ids), *ids]
+            await self._call(self._renew(keys=[k for k, _ in held], args=argv), limit)
         keys = [self.key("replicas"), *self._health_keys]
         ttl_ms = max(1000.0, self.cfg.sync_interval * 5000.0)
         raw = await self._call(self._sync(keys=keys, args=[self.replica_id, ttl_ms]), limit)
