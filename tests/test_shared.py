@@ -289,3 +289,34 @@ def test_redis_killed_mid_run_costs_nothing_and_shared_state_resumes(
     assert p99(during) <= p99(before) + 0.05
     assert back == [1.0, 1.0, 1.0] and replicas == 3
     assert b"keel:limit:m/0:rpm" in shared_keys  # bookings go to Redis again
+
+
+def test_max_concurrency_is_shared_by_three_replicas(redis_server, tmp_path) -> None:
+    """max_concurrency 6 across three replicas, against an upstream that refuses above 6 in
+    flight, each replica with more clients than that: the upstream never sees more than 6."""
+    with spawn_sim("--max-concurrency", "6", "--latency", "0.05") as sim:
+        cfg = {
+            "redis_url": redis_server.url,
+            "adaptive_concurrency": {"enabled": False},  # the configured limit alone
+            "models": {"m": {"deployments": [dep(sim.base_url, max_concurrency=6)]}},
+        }
+        gws = spawn_gateways(cfg, 3, str(tmp_path))
+        try:
+            results = asyncio.run(
+                closed_loop([g.base_url for g in gws], 4, for_seconds(3.0), lambda i: body(f"c{i}"))
+            )
+        finally:
+            for g in gws:
+                g.terminate()
+        stats, log = sim.stats(), sim.log()
+    ok = [e for e in log if e.status == 200 and e.t_close is not None]
+    t0, t1 = min(e.t_open for e in ok) + 0.5, max(e.t_close for e in ok) - 0.5  # type: ignore[type-var]
+    busy = sum(max(0.0, min(e.t_close, t1) - max(e.t_open, t0)) for e in ok) / (t1 - t0)  # type: ignore[type-var, arg-type]
+    print(
+        f"\nshared max_concurrency 6 over 3 replicas: upstream max in flight "
+        f"{stats['max_in_flight']}, mean {busy:.2f}, 429s {stats['by_status'].get('429', 0)}, "
+        f"{len(results)} requests, client failures {sum(r.status != 200 for r in results)}"
+    )
+    assert all(r.status == 200 for r in results)
+    assert stats["max_in_flight"] <= 6 and stats["by_status"].get("429", 0) == 0
+    assert busy >= 4.5  # and the slots are used (a slot freed elsewhere is seen in ~5 ms)

@@ -44,7 +44,7 @@ log = logging.getLogger("keel.limits")
 
 PRIORITIES = {"interactive": 0, "batch": 1}
 HORIZON = 0.25  # seconds: how far ahead a rate slot may be booked
-LEASE_POLL = 0.02  # seconds between retries when the shared concurrency is full
+LEASE_POLL = 0.005  # seconds between retries when the shared concurrency is full
 PAUSE_MIN = 0.25  # a 429 hint shorter than this is the request's own retry, not a pause
 # Seconds past its booked slot a request may still go. Later than that our event loop was
 # stalled and the request would bunch up with the next slots in the upstream's window: it books

@@ -185,7 +185,7 @@ class RemoteHealth:
 
 Applier = Callable[[dict[str, RemoteHealth]], None]
 
-_COALESCE = 0.005  # seconds: writes queued within this window share one round trip
+_COALESCE = 0.001  # seconds: writes queued within this window share one round trip
 _FORGET = 60.0  # seconds without a replica's heartbeat before its share is reclaimed
 LEASE_TTL = 10.0  # seconds a concurrency lease lives unless its holder renews it
 
