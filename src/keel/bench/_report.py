@@ -86,6 +86,11 @@ def rows(results: dict[str, Any]) -> list[tuple[str, Getter, bool]]:
                 _get("disconnect", phase, "p99_ms"),
                 False,
             ),
+            (
+                f"  {phase}: upstreams still open after 5 s",
+                _get("disconnect", phase, "not_closed"),
+                False,
+            ),
         ]
     return out
 
@@ -282,9 +287,10 @@ def write_chart(path: Path, results: dict[str, Any]) -> str | None:
             vals.append(a / b if a is not None and b else 0.0)
         ax.bar([k + i * width for k in range(len(metrics))], vals, width, label=n)
     ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_yscale("log")  # peers sit 10-50x away; a linear axis would flatten keel vs bare
     ax.set_xticks([k + width * (len(names) - 1) / 2 for k in range(len(metrics))])
     ax.set_xticklabels([m for m, _ in metrics])
-    ax.set_title("ratio to the bare proxy (req/s: higher is better; others: lower)")
+    ax.set_title("ratio to the bare proxy, log scale (req/s: higher is better; others: lower)")
     ax.legend()
 
     ax = axes[0][1]
@@ -306,7 +312,12 @@ def write_chart(path: Path, results: dict[str, Any]) -> str | None:
     width = 0.8 / max(len(dnames), 1)
     for i, n in enumerate(dnames):
         vals = [_get("disconnect", p, "p99_ms")(results[n]) or 0.0 for p in phases]
-        ax.bar([k + i * width for k in range(3)], vals, width, label=n)
+        xs = [k + i * width for k in range(3)]
+        ax.bar(xs, vals, width, label=n)
+        for x, p in zip(xs, phases, strict=True):
+            if _get("disconnect", p, "not_closed")(results[n]):
+                # No p99 to draw: the upstream was still open when the probe stopped waiting.
+                ax.text(x, 1.0, "left open", rotation=90, ha="center", va="bottom", fontsize=8)
     ax.axhline(20, color="red", lw=0.8, ls="--", label="20 ms target")
     ax.set_xticks([k + width * (len(dnames) - 1) / 2 for k in range(3)])
     ax.set_xticklabels(phases)
