@@ -350,8 +350,8 @@ class DeploymentLimiter:
             out.append((self.win, 1.0))
         return out
 
-    def _local_wait(self, now: float, cost: int) -> float:
-        share = self._share()
+    def _local_wait(self, now: float, cost: int, share: int = 0) -> float:
+        share = share or self._share()
         w = max(0.0, self.paused_until - now)
         for g, c in self._buckets(now, cost):
             if share == 1:
@@ -361,16 +361,22 @@ class DeploymentLimiter:
         return w
 
     async def _book(self, cost: int, max_wait: float) -> _Booking:
-        if self.shared is not None and self.shared.up:
+        share = self._share()
+        shared = self.shared
+        if shared is not None and shared.up:
             try:
-                return await self._book_shared(self.shared, cost, max_wait)
+                return await self._book_shared(shared, cost, max_wait)
             except SharedDown:
-                pass  # logged once by SharedState; local limits take over
+                # This call failed, whether or not Redis is declared down yet: never more
+                # than the local 1/N, and a lease we could not take is a slot we do not have
+                # (retried shortly; once Redis is down the local 1/N cap decides).
+                if self.max_concurrency and (shared.up or self.in_flight > self.cap()):
+                    return _Booking(False, 0.0, full=True)
+                share = shared.peers
         now = time.monotonic()
-        w = self._local_wait(now, cost)
+        w = self._local_wait(now, cost, share)
         if w > max_wait:
             return _Booking(False, w)
-        share = self._share()
         for g, c in self._buckets(now, cost):
             g.book(now + w, c * share)
         return _Booking(True, w)
