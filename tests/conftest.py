@@ -7,14 +7,14 @@ from collections.abc import AsyncIterator
 import pytest
 from hypothesis import HealthCheck, settings
 
+from keel.sim import Simulator
+
 # Property tests are deterministic (derandomize: the same examples every run) and judged on
 # what they find, not on how fast a busy 2-core CI machine generates inputs.
 settings.register_profile(
     "keel", derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile("keel")
-
-from keel.sim import Simulator
 
 
 @pytest.fixture
