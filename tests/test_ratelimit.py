@@ -123,7 +123,7 @@ def test_go_duration(seconds, text) -> None:
 
 
 def test_aimd_is_unlimited_until_told_then_cuts_once_per_epoch() -> None:
-    a = Aimd()
+    a = Aimd(corroborate=1)
     assert a.slots is None
     a.on_success(50, 0, 0.0)
     assert a.slots is None
@@ -135,7 +135,7 @@ def test_aimd_is_unlimited_until_told_then_cuts_once_per_epoch() -> None:
 
 
 def test_aimd_recovers_fast_to_the_ceiling_then_probes_slowly() -> None:
-    a = Aimd()
+    a = Aimd(corroborate=1)
     a.on_overload(21, 0, 0.0)  # ceiling 20, limit 18
     n = 0
     while a.limit < 20:
@@ -153,7 +153,7 @@ def test_aimd_recovers_fast_to_the_ceiling_then_probes_slowly() -> None:
 
 
 def test_aimd_grows_only_when_the_limit_is_used_and_forgets_old_ceilings() -> None:
-    a = Aimd()
+    a = Aimd(corroborate=1)
     a.on_overload(11, 0, 0.0)
     before = a.limit
     a.on_success(2, a.epoch, 1.0)  # far below the limit: no evidence
@@ -161,6 +161,20 @@ def test_aimd_grows_only_when_the_limit_is_used_and_forgets_old_ceilings() -> No
     for _ in range(100):
         a.on_success(a.slots or 0, a.epoch, 100.0)  # long after the overload: fast again
     assert a.limit > 15
+
+
+def test_aimd_ignores_stray_refusals_but_not_a_bunch() -> None:
+    a = Aimd(window=50, corroborate=4)
+    for i in range(1000):  # a healthy fleet refusing 2 % at random, spread out
+        if i % 50 == 0:
+            assert not a.on_overload(16, a.epoch, i * 0.01)
+        else:
+            a.on_success(16, a.epoch, i * 0.01)
+    assert a.slots is None  # never limited
+    # real saturation: refusals come in a bunch
+    results = [a.on_overload(17, a.epoch, 20.0) for _ in range(4)]
+    assert results == [False, False, False, True]
+    assert a.slots == 14  # 16 fit, x 0.9
 
 
 # --- breaker -------------------------------------------------------------------------------------

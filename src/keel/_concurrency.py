@@ -10,6 +10,10 @@ controller holds ~0.95-1.0 C with about 1 % of attempts rejected.
 The limit starts unbounded: a deployment that never says "too many" costs nothing. On the first
 overload signal it drops to just below the in-flight count that was refused, then:
 
+* **corroboration**: a refusal moves the limit only when ``corroborate`` of the last ``window``
+  outcomes were refusals. Providers also refuse at random (a 503 in a healthy fleet): a lone
+  one says nothing about capacity, and reacting to each collapses the limit under random
+  faults while real saturation produces refusals in bunches at once;
 * **multiplicative decrease** (x ``backoff``) on overload, at most once per *epoch*: responses
   to requests sent before the last decrease describe the old limit, so a burst of 429s from
   one overfull moment counts once;
@@ -24,7 +28,8 @@ overload signal it drops to just below the in-flight count that was refused, the
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 
 @dataclass(slots=True)
@@ -33,6 +38,8 @@ class Aimd:
     probe: float = 0.1  # slots per round of successes above the known ceiling
     memory: float = 30.0  # seconds after the last overload until the ceiling is forgotten
     min_limit: float = 1.0
+    window: int = 50  # recent outcomes kept as evidence
+    corroborate: int = 4  # refusals among them before the limit moves
     max_limit: float = math.inf
     limit: float = math.inf
     # The capacity the last overload revealed (refused in-flight - 1), raised by successes at
@@ -42,6 +49,10 @@ class Aimd:
     overloads: int = 0
     last_overload: float = 0.0
     active: bool = False  # False until the first overload signal: no limit at all
+    _recent: deque[bool] = field(default_factory=deque)  # True = refused
+
+    def __post_init__(self) -> None:
+        self._recent = deque(maxlen=self.window)
 
     @property
     def slots(self) -> int | None:
@@ -53,6 +64,7 @@ class Aimd:
     def on_success(self, in_flight_at_send: int, epoch: int, now: float) -> None:
         """A request sent with ``in_flight_at_send`` requests in flight (itself included)
         succeeded."""
+        self._recent.append(False)
         if not self.active:
             return
         if in_flight_at_send > self.ceiling and epoch == self.epoch:
@@ -67,6 +79,10 @@ class Aimd:
         """The upstream refused a request for load; True when the limit was lowered."""
         if epoch != self.epoch and self.active:
             return False  # sent before the last decrease: already accounted for
+        self._recent.append(True)
+        if sum(self._recent) < self.corroborate:
+            return False  # a stray refusal is not evidence of a capacity limit
+        self._recent.clear()  # the next decrease needs fresh evidence
         self.overloads += 1
         self.last_overload = now
         # At most in_flight - 1 fit (this one did not); keep a margin below that.

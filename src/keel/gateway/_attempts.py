@@ -134,6 +134,8 @@ async def run_attempts(
                     )
                 except Saturated as sat:
                     state.saturated = sat
+                    if sat.soon:  # briefly held back: another look next round
+                        again.append(dep)
                     continue
                 state.count += 1
                 state.last = dep

@@ -63,17 +63,36 @@ BREAKER_FAILURES = frozenset(
 )
 # Not the deployment's health: limits have their own machinery, keys are benched.
 _NEUTRAL = frozenset((ErrorKind.RATE_LIMIT, ErrorKind.QUOTA, ErrorKind.AUTH))
-OVERLOAD = frozenset((ErrorKind.RATE_LIMIT, ErrorKind.OVERLOADED))
+
+
+def _load_signal(err: UpstreamError) -> bool:
+    """Is this refusal about how many requests are in flight? Only then is it adaptive
+    concurrency's business. An overloaded provider is; a 429 is only when it says
+    "concurrent" (DashScope Throttling.Concurrency, "Too many concurrent requests"): RPM/TPM
+    429s are the rate limiter's (their headers and hints pace the window), and treating them
+    as capacity signals collapses the limit whenever a provider rate-limits at random.
+    """
+    if err.kind is ErrorKind.OVERLOADED:
+        return True
+    if err.kind is not ErrorKind.RATE_LIMIT:
+        return False
+    text = f"{err.message} {err.upstream_code or ''}".lower()
+    return "concurren" in text
+
+
 FAILURE_PENALTY = 1.0  # seconds per token: a failed attempt makes a deployment look this slow
 
 
 class Saturated(Exception):
     """No capacity on this deployment within the request's wait bound."""
 
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+    def __init__(self, reason: str, retry_after: float | None = None, soon: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
+        # Held back only for the moment (a failure streak's suspects in flight): worth another
+        # look after a backoff. A full queue wait or an open breaker is not.
+        self.soon = soon
 
 
 class RequestCost:
@@ -494,9 +513,13 @@ async def acquire(dep: Deployment, req: RequestCost, priority: int, wait_until: 
     permit = await dep.limiter.acquire(req, priority, wait_until)
     now = time.monotonic()
     how = dep.breaker.admit(now)
-    if how is Admit.REFUSED:  # opened (or a probe started) while we waited
+    if how is Admit.REFUSED:  # opened, a probe started, or too many suspects in flight
         dep.limiter.release_slot(permit)
-        raise Saturated(f"{dep.name}: circuit breaker open", dep.breaker.open_until - now)
+        is_open = dep.breaker.open_until > now
+        reason = "circuit breaker open" if is_open else "holding back during a failure streak"
+        raise Saturated(
+            f"{dep.name}: {reason}", max(0.0, dep.breaker.open_until - now), soon=not is_open
+        )
     permit.how = how
     permit.started = now  # the breaker knows its suspects by this time
     return permit
@@ -551,11 +574,7 @@ def release(dep: Deployment, permit: Permit) -> None:
         elif err is not None:
             outcome = err.kind.value
             aimd = lim.aimd
-            if (
-                err.kind in OVERLOAD
-                and aimd
-                and aimd.on_overload(permit.in_flight, permit.epoch, now)
-            ):
+            if aimd and _load_signal(err) and aimd.on_overload(permit.in_flight, permit.epoch, now):
                 log.info(
                     "deployment %s: concurrency limit now %d (overloaded at %d in flight)",
                     dep.name,
