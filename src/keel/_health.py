@@ -96,6 +96,11 @@ class Breaker:
             return False
         return not (self.opens and self.probing)
 
+    @property
+    def healthy(self) -> bool:
+        """Closed and no failure streak: ``admit`` would say NORMAL and change nothing."""
+        return not self.streak and not self.opens
+
     def record(
         self,
         how: Admit,

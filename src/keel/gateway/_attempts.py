@@ -32,7 +32,7 @@ from keel._classify import ErrorKind, UpstreamError
 from keel.config import RetryPolicy
 from keel.gateway._deployment import Deployment
 from keel.gateway._errors import Tried
-from keel.gateway._limits import RequestCost, Saturated, acquire, release
+from keel.gateway._limits import RequestCost, Saturated, acquire, release, try_acquire
 from keel.gateway._router import Router
 from keel.gateway._upstream import AttemptFailed
 
@@ -128,8 +128,8 @@ async def run_attempts(
                     raise give_up("request deadline exceeded")
                 if state.count and not budget.try_withdraw():
                     raise give_up("retry budget exhausted (an upstream outage is likely)")
-                try:
-                    permit = await acquire(
+                try:  # at once when nothing is limiting, else wait in the deployment's queue
+                    permit = try_acquire(dep, state.cost, time.monotonic()) or await acquire(
                         dep, state.cost, state.priority, wait_until(pending, dep)
                     )
                 except Saturated as sat:

@@ -24,12 +24,12 @@ def _scores(deps: Sequence[Deployment], now: float) -> list[float]:
     # every request until its first answer) nor expensive (it would never get one).
     default = sum(known) / len(known) if known else 1.0
     floor = default * 1e-3  # a long-idle deployment decays towards 0, not to nothing at all
-    return [
-        max(floor, c if c is not None else default)
-        * (d.limiter.in_flight + d.limiter.waiting + 1)
-        / d.cfg.weight
-        for d, c in zip(deps, costs, strict=True)
-    ]
+    out: list[float] = []
+    for d, c in zip(deps, costs, strict=True):  # a plain loop: this runs for every request
+        lim = d.limiter
+        cost = default if c is None else c if c > floor else floor
+        out.append(cost * (lim.in_flight + lim.waiting + 1) / d.cfg.weight)
+    return out
 
 
 def order(deps: Sequence[Deployment], now: float, rng: random.Random) -> list[Deployment]:

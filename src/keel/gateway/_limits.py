@@ -196,8 +196,11 @@ class DeploymentLimiter:
 
     def cap(self) -> float:
         aimd = self.aimd
-        if not self.max_concurrency and (aimd is None or not aimd.active):
-            return math.inf  # the common case, checked first: nothing limits concurrency
+        if aimd is None or not aimd.active:  # the common case, checked first
+            if not self.max_concurrency:
+                return math.inf  # nothing limits concurrency
+            if self.shared is None:
+                return float(max(1, self.max_concurrency))  # the configured cap, never split
         c = math.inf
         if self.max_concurrency:
             c = float(max(1, self.max_concurrency // self._share()))
@@ -213,13 +216,51 @@ class DeploymentLimiter:
             return False
         if self._rate_head is not None or self._rate_waiters or now < self._saturated_until:
             return False
-        if not (self.req or self.tok or now < self.win_until):
+        req, tok = self.req, self.tok
+        if not (req or tok or now < self.win_until):
             return True
+        if (
+            (req is None or req.tat <= now)
+            and (tok is None or tok.tat <= now)
+            and (now >= self.win_until or self.win.tat <= now)
+        ):
+            return True  # every bucket rested: any request conforms now
         if self.shared is None or not self.shared.up:
             return self._local_wait(now, 1) <= 0.0
         return True
 
     # -- acquire -------------------------------------------------------------------------------
+
+    def try_take(self, req: RequestCost, now: float) -> Permit | None:
+        """The fast path of ``acquire``: a permit at once when nothing could make this
+        request wait — no shared state, nobody queued, a free slot, every rate bucket rested
+        (its theoretical arrival time not after now, so any request conforms and booking it
+        at ``now`` is what ``_book`` would do). None: take the full path."""
+        if (
+            self.shared is not None
+            or self.waiting
+            or self._rate_head is not None
+            or self._rate_waiters
+            or now < self._saturated_until
+            or now < self.paused_until
+            or now < self.win_until
+            or self.in_flight >= self.cap()
+        ):
+            return None
+        rq, tok = self.req, self.tok
+        if (rq is not None and rq.tat > now) or (tok is not None and tok.tat > now):
+            return None
+        cost = prompt = 0
+        if tok is not None:
+            prompt = req.prompt
+            cost = self.calibration.cost(prompt, req.max_completion)
+            if cost:
+                tok.book(now, float(cost))
+        if rq is not None:
+            rq.book(now, 1.0)
+        self.in_flight += 1
+        epoch = self.aimd.epoch if self.aimd is not None else 0
+        return Permit(now, self.in_flight, epoch, cost, prompt)
 
     async def acquire(self, req: RequestCost, priority: int, wait_until: float) -> Permit:
         """A permit, after waiting at most until ``wait_until`` (monotonic); else Saturated."""
@@ -500,6 +541,16 @@ class DeploymentLimiter:
 
 
 # --- the attempt loop's two calls ----------------------------------------------------------------
+
+
+def try_acquire(dep: Deployment, req: RequestCost, now: float) -> Permit | None:
+    """``acquire`` without waiting, for the common case: a healthy closed breaker (``admit``
+    would say NORMAL) and a limiter with nothing to enforce right now
+    (``DeploymentLimiter.try_take``). None: call ``acquire``."""
+    breaker = dep.breaker
+    if not breaker.healthy or now < breaker.open_until:
+        return None
+    return dep.limiter.try_take(req, now)
 
 
 async def acquire(dep: Deployment, req: RequestCost, priority: int, wait_until: float) -> Permit:

@@ -1,0 +1,118 @@
+"""The limits fast paths (nothing binding: no queue, no waiting) do exactly what the full
+paths do, and step aside whenever anything could make a request wait or be refused."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from keel.config import parse_config
+from keel.gateway._admission import Admission
+from keel.gateway._deployment import Deployment
+from keel.gateway._limits import RequestCost, acquire, release, try_acquire
+from keel.gateway._router import Router
+
+REQ = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 50}
+
+
+def deployment(**kw: Any) -> Deployment:
+    dep = {"base_url": "http://x/v1", **kw}
+    cfg = parse_config({"models": {"m": {"deployments": [dep]}}})
+    (d,) = Router(cfg).groups["m"]
+    return d
+
+
+def _buckets(d: Deployment) -> tuple[float, float]:
+    lim = d.limiter
+    assert lim.req is not None and lim.tok is not None
+    return lim.req.tat, lim.tok.tat
+
+
+async def test_try_acquire_books_what_acquire_books() -> None:
+    """Same permit fields, same GCRA bookings, same in-flight count as the full path."""
+    fast, slow = deployment(rpm=600, tpm=60_000), deployment(rpm=600, tpm=60_000)
+    now = time.monotonic()
+    p_fast = try_acquire(fast, RequestCost(REQ), now)
+    assert p_fast is not None
+    p_slow = await acquire(slow, RequestCost(REQ), 0, now)
+    assert (p_fast.cost, p_fast.prompt_estimate, p_fast.in_flight, p_fast.epoch) == (
+        p_slow.cost,
+        p_slow.prompt_estimate,
+        p_slow.in_flight,
+        p_slow.epoch,
+    )
+    assert p_fast.how is p_slow.how and p_fast.lease is None
+    assert fast.limiter.in_flight == slow.limiter.in_flight == 1
+    # Both booked one request and the token estimate, from (about) the same moment.
+    for a, b in zip(_buckets(fast), _buckets(slow), strict=True):
+        assert a == pytest.approx(b, abs=0.05)
+    for d, p in ((fast, p_fast), (slow, p_slow)):
+        p.ok = True
+        p.usage = {"prompt_tokens": 5, "completion_tokens": 7}
+        release(d, p)
+        assert d.limiter.in_flight == 0
+
+
+async def test_try_acquire_steps_aside_when_anything_could_bind() -> None:
+    now = time.monotonic()
+    # a bucket not rested: the next request would have to wait (rpm 1 = one a minute)
+    d = deployment(rpm=1, burst=0)
+    assert try_acquire(d, RequestCost(REQ), now) is not None
+    assert try_acquire(d, RequestCost(REQ), time.monotonic()) is None
+    # concurrency full
+    d = deployment(max_concurrency=1)
+    p = try_acquire(d, RequestCost(REQ), now)
+    assert p is not None
+    assert try_acquire(d, RequestCost(REQ), now) is None
+    release(d, p)
+    assert try_acquire(d, RequestCost(REQ), time.monotonic()) is not None
+    # a failure streak (suspects are counted by the breaker's admit) or an open breaker
+    d = deployment()
+    d.breaker.streak = 1
+    assert try_acquire(d, RequestCost(REQ), now) is None
+    d = deployment()
+    d.breaker.open(now)
+    assert try_acquire(d, RequestCost(REQ), now) is None
+    # paused by the upstream, pacing learned from headers, someone queued
+    d = deployment()
+    d.limiter.paused_until = now + 5
+    assert try_acquire(d, RequestCost(REQ), now) is None
+    d = deployment()
+    d.limiter.win_until = now + 5
+    assert try_acquire(d, RequestCost(REQ), now) is None
+    d = deployment()
+    d.limiter.waiting = 1
+    assert try_acquire(d, RequestCost(REQ), now) is None
+
+
+def test_has_capacity_shortcut_agrees_with_the_full_check() -> None:
+    """Rested buckets take the shortcut; busy ones (within the burst or past it) the full
+    GCRA check: both say the same."""
+    d = deployment(rpm=60, tpm=6000, burst=3)
+    lim = d.limiter
+    assert lim.req is not None and lim.tok is not None
+    now = time.monotonic()
+    for req_ahead, tok_ahead in ((-1.0, -1.0), (0.0, 0.0), (1.0, 0.0), (0.0, 2.5), (5.0, 5.0)):
+        lim.req.tat, lim.tok.tat = now + req_ahead, now + tok_ahead
+        assert lim.has_capacity(now) is (lim._local_wait(now, 1) <= 0.0)
+
+
+async def test_client_booking_fast_path_matches_the_checked_one() -> None:
+    cfg = parse_config(
+        {
+            "clients": {"c": {"key": "k", "rpm": 600, "tpm": 60_000}},
+            "models": {"m": {"deployments": [{"base_url": "http://x/v1"}]}},
+        }
+    )
+    adm = Admission(cfg, None)
+    p = adm.by_key["k"]
+    assert p.req is not None and p.tok is not None
+    ticket = await adm.admit(p, RequestCost(REQ))
+    assert ticket is not None and ticket.cost > 0
+    now = time.monotonic()
+    # one request and the ticket's tokens booked from about now
+    assert p.req.tat == pytest.approx(now + p.req.interval, abs=0.05)
+    assert p.tok.tat == pytest.approx(now + ticket.cost * p.tok.interval, abs=0.05)
+    adm.done(ticket, None)
