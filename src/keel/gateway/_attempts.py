@@ -128,9 +128,12 @@ async def run_attempts(
                     raise give_up("request deadline exceeded")
                 if state.count and not budget.try_withdraw():
                     raise give_up("retry budget exhausted (an upstream outage is likely)")
+                now = time.monotonic()
+                # Every breaker of the plan open: go anyway rather than fail (panic).
+                panic = not dep.breaker.would_admit(now) and router.all_open(model, now)
                 try:  # at once when nothing is limiting, else wait in the deployment's queue
-                    permit = try_acquire(dep, state.cost, time.monotonic()) or await acquire(
-                        dep, state.cost, state.priority, wait_until(pending, dep)
+                    permit = try_acquire(dep, state.cost, now) or await acquire(
+                        dep, state.cost, state.priority, wait_until(pending, dep), panic
                     )
                 except Saturated as sat:
                     state.saturated = sat

@@ -53,4 +53,10 @@ def order(deps: Sequence[Deployment], now: float, rng: random.Random) -> list[De
         ready = [ready[i] for i in picked]
     if len(full) > 1:
         full.sort(key=lambda d: (d.limiter.in_flight + d.limiter.waiting) / d.cfg.weight)
+    if not (ready or full or cooling):
+        # Panic (Envoy's term): every breaker of the group is open. Offer them anyway, so that
+        # the attempt loop can fall back to other groups first and, when the whole plan is
+        # open, still try (``Router.all_open``): a breaker that closes every door protects
+        # nothing and fails requests that could succeed.
+        return [d for d in deps if now >= d.benched_until]
     return ready + full + cooling

@@ -553,10 +553,16 @@ def try_acquire(dep: Deployment, req: RequestCost, now: float) -> Permit | None:
     return dep.limiter.try_take(req, now)
 
 
-async def acquire(dep: Deployment, req: RequestCost, priority: int, wait_until: float) -> Permit:
+async def acquire(
+    dep: Deployment, req: RequestCost, priority: int, wait_until: float, panic: bool = False
+) -> Permit:
     """Let one attempt through to ``dep`` (waiting at most until ``wait_until``, monotonic),
-    or raise Saturated."""
+    or raise Saturated. ``panic``: every breaker of the plan is open, let it through anyway."""
     now = time.monotonic()
+    if panic:
+        permit = await dep.limiter.acquire(req, priority, wait_until)
+        permit.started = time.monotonic()
+        return permit
     if not dep.breaker.would_admit(now):
         raise Saturated(f"{dep.name}: circuit breaker open", max(0.0, dep.breaker.open_until - now))
     if now < dep.limiter.paused_until and dep.limiter.paused_until > wait_until:

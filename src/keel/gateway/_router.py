@@ -43,6 +43,16 @@ class Router:
         for deps in self.groups.values():
             yield from deps
 
+    def all_open(self, model: str, now: float) -> bool:
+        """True when no deployment of the plan would be admitted by its breaker (benched
+        keys aside): the panic case, where breakers stop protecting and attempts go anyway."""
+        return not any(
+            d.breaker.would_admit(now)
+            for group in self.plan(model)
+            for d in self.groups[group]
+            if now >= d.benched_until
+        )
+
     def unavailable(self, model: str) -> tuple[str, float | None]:
         """Why no deployment of the plan took an attempt, and in how many seconds the first
         of them should be back (for retry-after)."""
