@@ -12,7 +12,9 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
+from keel import __version__
 from keel._classify import Dialect, UpstreamError
 from keel._health import Breaker, PeakEwma
 from keel.config import DeploymentConfig, Timeouts
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
     from keel.gateway._limits import DeploymentLimiter
 
 log = logging.getLogger("keel.deployment")
+USER_AGENT = f"keel/{__version__}"
 
 _DEFAULT_CONTINUATION = {
     # Providers that continue a trailing assistant message (prefill) natively or with a flag.
@@ -43,9 +46,12 @@ class Deployment:
     timeouts: Timeouts
     name: str = ""
     url: str = ""
+    endpoint: str = ""  # scheme://host:port of base_url, safe to log
     model: str = ""
     auth_header: str = ""
     continuation: str = "none"
+    # Headers of every upstream request (built once: aiohttp copies them per request).
+    request_headers: dict[str, str] = field(default_factory=dict, repr=False)
     in_flight: int = 0
     # health
     benched_until: float = 0.0  # monotonic; auth/billing: out of rotation
@@ -62,9 +68,20 @@ class Deployment:
     def __post_init__(self) -> None:
         self.name = self.cfg.name or f"{self.group}/{self.index}"
         self.url = self.cfg.base_url.rstrip("/") + "/chat/completions"
+        # For logs: scheme, host and port only — a base URL may carry credentials
+        # (user:pass@host, ?api-key=…) that must never reach a log line.
+        parts = urlsplit(self.cfg.base_url)
+        port = f":{parts.port}" if parts.port else ""
+        self.endpoint = f"{parts.scheme}://{parts.hostname or ''}{port}"
         self.model = self.cfg.model or self.group
         key = self.cfg.api_key.get_secret_value()
         self.auth_header = f"Bearer {key}" if key else ""
+        # An explicit User-Agent keeps aiohttp from adding its own (and on its fast header
+        # path); a deployment's own ``headers:`` may override it.
+        h = {"content-type": "application/json", "user-agent": USER_AGENT, **self.cfg.headers}
+        if self.auth_header:
+            h["authorization"] = self.auth_header
+        self.request_headers = h
         self.continuation = self.cfg.continuation or _DEFAULT_CONTINUATION.get(
             self.cfg.dialect, "none"
         )
@@ -93,7 +110,7 @@ class Deployment:
             log.error(
                 "deployment %s (%s) taken out of rotation for %.0fs: %s — %s",
                 self.name,
-                self.cfg.base_url,
+                self.endpoint,
                 bench_for,
                 err.kind.value,
                 err.message,

@@ -29,7 +29,7 @@ from aiohttp import web
 from keel._assembly import Frame, FrameKind, StreamAssembler
 from keel._classify import ErrorKind
 from keel._splice import OverlapTrimmer, continuation_body
-from keel.gateway._attempts import Attempts, Exhausted, run_attempts
+from keel.gateway._attempts import Attempts, Exhausted, _bench_for, run_attempts
 from keel.gateway._deployment import Deployment
 from keel.gateway._errors import Tried, exhausted_response, final_error
 from keel.gateway._relay import Meta, StreamRelay, frame_bytes, keel_chunk
@@ -157,7 +157,8 @@ class StreamSession:
                     if isinstance(exc, AttemptFailed):
                         if task is second:
                             self.state.tried.append(Tried(alt.name, exc.error))
-                            alt.record_failure(exc.error)
+                            policy = self.gw.config.retry
+                            alt.record_failure(exc.error, bench_for=_bench_for(exc.error, policy))
                         failure = exc if task is first or failure is None else failure
                     elif exc is not None and not isinstance(exc, _Lost):
                         raise exc
