@@ -54,7 +54,7 @@ def gateway_config(a: str, b: str, **server: Any) -> dict[str, Any]:
         models[f"key-{f}"] = {"deployments": [dep(a, UPSTREAM_KEY_A)], "fallbacks": ["backup"]}
     return {
         "server": {"max_body_bytes": 65536, **server},
-        "retry": {"backoff_base": 0.01, "backoff_cap": 0.05},
+        "retry": {"backoff_base": 0.01, "backoff_cap": 0.05, "max_retries_per_deployment": 2},
         # These tests inject persistent faults into one deployment after another on purpose;
         # a breaker would (rightly) take it out. Breakers have their own tests (test_limits).
         "breaker": {"enabled": False},

@@ -34,7 +34,12 @@ def cancel_gateway(
     a, _ = sims
     slow = {"first_token": 60.0, "idle": 60.0, "total": 120.0}
     cfg: dict[str, Any] = {
-        "retry": {"backoff_base": 0.01, "backoff_cap": 0.05, "max_retry_wait": 30.0},
+        "retry": {
+            "backoff_base": 0.01,
+            "backoff_cap": 0.05,
+            "max_retry_wait": 30.0,
+            "max_retries_per_deployment": 2,
+        },
         "models": {
             "one": {
                 "deployments": [

@@ -81,7 +81,7 @@ def cgw(
         "hedge": {"enabled": True, "after": 0.3, "max_ratio": 1.0},
     }
     cfg = {
-        "retry": {"backoff_base": 0.01, "backoff_cap": 0.05},
+        "retry": {"backoff_base": 0.01, "backoff_cap": 0.05, "max_retries_per_deployment": 2},
         "breaker": {"enabled": False},  # faults on purpose, one after another (see gw_fixtures)
         "models": models,
     }

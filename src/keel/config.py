@@ -116,7 +116,7 @@ class ModelGroup(_Strict):
 
 class RetryPolicy(_Strict):
     max_attempts: int = Field(8, ge=1)  # all attempts of one request, across deployments
-    max_retries_per_deployment: int = Field(2, ge=0)
+    max_retries_per_deployment: int = Field(3, ge=0)
     backoff_base: float = Field(0.1, ge=0)
     backoff_cap: float = Field(2.0, ge=0)
     max_retry_wait: float = Field(5.0, ge=0)  # a longer retry-after hint → fail over instead
