@@ -41,7 +41,7 @@ class Admit(IntEnum):
     PROBE = 3  # the half-open probe
 
 
-SUSPECT_HORIZON = 1.0  # seconds: a suspect still running after this is not a fast failure
+SUSPECT_HORIZON = 0.1  # seconds: a suspect still running after this is not a fast failure
 _BUCKETS = 10
 
 
