@@ -20,6 +20,7 @@ from keel._hedge import HedgePolicy
 from keel.config import GatewayConfig
 from keel.gateway._admission import Admission, Principal
 from keel.gateway._attempts import Attempts, Exhausted, run_attempts
+from keel.gateway._deadlines import Deadlines
 from keel.gateway._deployment import Deployment
 from keel.gateway._errors import ClientError, exhausted_response
 from keel.gateway._limits import PRIORITIES, RequestCost, apply_remote_health
@@ -63,6 +64,7 @@ class Gateway:
             clock=time.monotonic,
         )
         self.session: aiohttp.ClientSession | None = None
+        self.deadlines: Deadlines | None = None  # upstream deadlines on one loop timer
         self.client_keys = set(self.admission.by_key)  # server.api_keys and clients.*.key
         self._ids = random.Random()
         self._pid = f"{os.getpid():x}"
@@ -73,6 +75,7 @@ class Gateway:
         # No skip_auto_headers: it sends aiohttp down a slow per-request header path (~11 µs
         # per request under load); the upstream adapter names keel as the User-Agent instead.
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
+        self.deadlines = Deadlines(asyncio.get_running_loop())
         if self.shared is not None:
             deps = list(self.router.deployments())
             await self.shared.start(
@@ -151,11 +154,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def _complete(
     gw: Gateway, rid: str, body: dict[str, Any], state: Attempts
 ) -> web.StreamResponse:
-    assert gw.session is not None
-    session = gw.session
+    assert gw.session is not None and gw.deadlines is not None
+    session, deadlines = gw.session, gw.deadlines
 
     async def attempt(dep: Deployment) -> bytes:
-        raw, obj = await complete(session, dep, gw.upstream_body(body, dep), state.deadline)
+        payload = gw.upstream_body(body, dep)
+        raw, obj = await complete(session, dep, payload, state.deadline, deadlines)
         usage = obj.get("usage")
         state.usage = usage if isinstance(usage, dict) else None
         return raw

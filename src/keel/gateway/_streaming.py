@@ -205,8 +205,9 @@ class StreamSession:
         loop = asyncio.get_running_loop()
         started = loop.time()
         first_deadline = started + dep.timeouts.first_token
-        assert self.gw.session is not None
-        resp = await post(self.gw.session, dep, payload, self.state.deadline)
+        gw = self.gw
+        assert gw.session is not None and gw.deadlines is not None
+        resp = await post(gw.session, dep, payload, self.state.deadline, gw.deadlines)
         asm = StreamAssembler(dialect=dep.dialect, require_done=True)
         relay = self.relay
         pending = _Pending()
@@ -217,7 +218,9 @@ class StreamSession:
         finish: tuple[bytes, str] | None = None
         clean = False
         try:
-            async for frames in stream_frames(resp, dep, asm, self.state.deadline, first_deadline):
+            async for frames in stream_frames(
+                resp, dep, asm, self.state.deadline, first_deadline, gw.deadlines
+            ):
                 out: list[bytes] = []
                 for f in frames:
                     kind = f.kind
