@@ -102,24 +102,26 @@ class Gateway:
 # ---------------------------------------------------------------------------------------------
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
-    if request.content_length is not None and request.content_length > limit:
-        raise ClientError(413, f"The request body is larger than {limit} bytes.", code="too_large")
-    try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise ClientError(
-            413, f"The request body is larger than {limit} bytes.", code="too_large"
-        ) from None
+def _too_large(limit: int) -> ClientError:
+    return ClientError(413, f"The request body is larger than {limit} bytes.", code="too_large")
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY_KEY]
     rid = gw.request_id()
+    config = gw.config
     try:
-        principal = gw.authenticate(request)
+        principal = gw.admission.authenticate(request)
         priority = gw.admission.priority(request, principal)
-        body = parse_chat_request(await _read_body(request, gw.config.server.max_body_bytes))
+        limit = config.server.max_body_bytes
+        length = request.content_length
+        if length is not None and length > limit:
+            raise _too_large(limit)
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise _too_large(limit) from None
+        body = parse_chat_request(raw)
         model = body["model"]
         if model not in gw.router:
             raise ClientError(
@@ -132,9 +134,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     except ClientError as exc:
         return exc.response(rid)
     loop = asyncio.get_running_loop()
-    queue = gw.config.queue
+    queue = config.queue
     state = Attempts(
-        deadline=loop.time() + gw.config.retry.deadline,
+        deadline=loop.time() + config.retry.deadline,
         cost=RequestCost(body),
         priority=PRIORITIES[priority],
         max_wait=queue.batch_max_wait if priority == "batch" else queue.interactive_max_wait,

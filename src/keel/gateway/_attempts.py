@@ -83,6 +83,32 @@ def _bench_for(err: UpstreamError, policy: RetryPolicy) -> float | None:
     return policy.quota_cooldown if err.kind is ErrorKind.QUOTA else policy.auth_cooldown
 
 
+def _give_up(state: Attempts, router: Router, model: str, reason: str = "") -> Exhausted:
+    if not state.tried:
+        sat = state.saturated
+        if sat is not None:
+            return Exhausted([], reason or sat.reason, sat.retry_after)
+        why, back = router.unavailable(model)  # all out: say why, and until when
+        return Exhausted([], reason or why, back)
+    return Exhausted(state.tried, reason)
+
+
+def _wait_until(
+    pending: list[Deployment],
+    dep: Deployment,
+    state: Attempts,
+    eligible: Callable[[Deployment], bool] | None,
+    loop: asyncio.AbstractEventLoop,
+) -> float:
+    """How long ``dep`` may keep us waiting: not at all when a later candidate has room now
+    (fail over instead), else the queue bound within the deadline."""
+    now = time.monotonic()
+    later = pending[pending.index(dep) + 1 :]
+    if any(d.limiter.has_capacity(now) and (eligible is None or eligible(d)) for d in later):
+        return now
+    return now + max(0.0, min(state.max_wait, state.deadline - loop.time()))
+
+
 async def run_attempts(
     model: str,
     router: Router,
@@ -90,37 +116,25 @@ async def run_attempts(
     budget: RetryBudget,
     state: Attempts,
     attempt: Callable[[Deployment], Awaitable[T]],
-    eligible: Callable[[Deployment], bool] = lambda d: True,
+    eligible: Callable[[Deployment], bool] | None = None,
     rng: random.Random | None = None,
 ) -> T:
+    """``eligible`` (None: everyone) filters candidates, asked again before each attempt."""
     loop = asyncio.get_running_loop()
     budget.record_request()
 
     def give_up(reason: str = "") -> Exhausted:
-        if not state.tried:
-            sat = state.saturated
-            if sat is not None:
-                return Exhausted([], reason or sat.reason, sat.retry_after)
-            why, back = router.unavailable(model)  # all out: say why, and until when
-            return Exhausted([], reason or why, back)
-        return Exhausted(state.tried, reason)
-
-    def wait_until(pending: list[Deployment], dep: Deployment) -> float:
-        """How long ``dep`` may keep us waiting: not at all when a later candidate has room
-        now (fail over instead), else the queue bound within the deadline."""
-        now = time.monotonic()
-        later = pending[pending.index(dep) + 1 :]
-        if any(d.limiter.has_capacity(now) and eligible(d) for d in later):
-            return now
-        return now + max(0.0, min(state.max_wait, state.deadline - loop.time()))
+        return _give_up(state, router, model, reason)
 
     for group in router.plan(model):
-        pending = [d for d in router.order(group) if eligible(d)]
+        pending = router.order(group)
+        if eligible is not None:
+            pending = [d for d in pending if eligible(d)]
         for round_no in range(policy.max_retries_per_deployment + 1):
             again: list[Deployment] = []
             hints: list[float] = []
             for dep in pending:
-                if not eligible(dep):
+                if eligible is not None and not eligible(dep):
                     continue
                 if state.count >= policy.max_attempts:
                     raise give_up(f"gave up after {state.count} attempts")
@@ -129,11 +143,14 @@ async def run_attempts(
                 if state.count and not budget.try_withdraw():
                     raise give_up("retry budget exhausted (an upstream outage is likely)")
                 now = time.monotonic()
-                # Every breaker of the plan open: go anyway rather than fail (panic).
-                panic = not dep.breaker.would_admit(now) and router.all_open(model, now)
                 try:  # at once when nothing is limiting, else wait in the deployment's queue
                     permit = try_acquire(dep, state.cost, now) or await acquire(
-                        dep, state.cost, state.priority, wait_until(pending, dep), panic
+                        dep,
+                        state.cost,
+                        state.priority,
+                        _wait_until(pending, dep, state, eligible, loop),
+                        # Every breaker of the plan open: go anyway rather than fail (panic).
+                        not dep.breaker.would_admit(now) and router.all_open(model, now),
                     )
                 except Saturated as sat:
                     state.saturated = sat

@@ -18,14 +18,22 @@ from keel.gateway._deployment import Deployment
 
 
 def _scores(deps: Sequence[Deployment], now: float) -> list[float]:
-    costs = [d.latency.cost(now) for d in deps]
-    known = [c for c in costs if c is not None]
+    # Plain loops, no comprehensions or sum(): this runs for every request.
+    costs: list[float | None] = []
+    total = 0.0
+    known = 0
+    for d in deps:
+        c = d.latency.cost(now)
+        if c is not None:
+            total += c
+            known += 1
+        costs.append(c)
     # A deployment without samples yet is assumed to be average, not free (it would take
     # every request until its first answer) nor expensive (it would never get one).
-    default = sum(known) / len(known) if known else 1.0
+    default = total / known if known else 1.0
     floor = default * 1e-3  # a long-idle deployment decays towards 0, not to nothing at all
     out: list[float] = []
-    for d, c in zip(deps, costs, strict=True):  # a plain loop: this runs for every request
+    for d, c in zip(deps, costs, strict=True):
         lim = d.limiter
         cost = default if c is None else c if c > floor else floor
         out.append(cost * (lim.in_flight + lim.waiting + 1) / d.cfg.weight)

@@ -99,11 +99,12 @@ class RequestCost:
     """What a request will cost in tokens, estimated lazily (only deployments with a TPM
     limit ever ask)."""
 
-    __slots__ = ("_prompt", "body")
+    __slots__ = ("_max", "_prompt", "body")
 
     def __init__(self, body: Mapping[str, Any]) -> None:
         self.body = body
         self._prompt: int | None = None
+        self._max: int | None = -1  # -1: not looked up yet (client and deployment both ask)
 
     @property
     def prompt(self) -> int:
@@ -116,7 +117,9 @@ class RequestCost:
 
     @property
     def max_completion(self) -> int | None:
-        return completion_budget(self.body)
+        if self._max == -1:
+            self._max = completion_budget(self.body)
+        return self._max
 
 
 @dataclass(slots=True, eq=False)
@@ -536,8 +539,10 @@ class DeploymentLimiter:
 
     def release_slot(self, permit: Permit) -> None:
         self.in_flight -= 1
-        self._drop_lease(permit.lease)
-        self._pump()
+        if permit.lease is not None:
+            self._drop_lease(permit.lease)
+        if self._waiters:
+            self._pump()
 
 
 # --- the attempt loop's two calls ----------------------------------------------------------------

@@ -34,6 +34,7 @@ class Router:
         for dep in self.deployments():
             wire(dep, config, shared)
         self._fallbacks = {name: group.fallbacks for name, group in config.models.items()}
+        self._plans: dict[str, list[str]] = {}
         self._rng = random.Random()
 
     def __contains__(self, model: str) -> bool:
@@ -73,6 +74,9 @@ class Router:
     def plan(self, model: str) -> list[str]:
         """The groups to try, in order: the model's own, then its fallbacks (transitively,
         each group once)."""
+        cached = self._plans.get(model)
+        if cached is not None:  # fallbacks are fixed at start: one walk per model
+            return cached
         order: list[str] = []
         todo = [model]
         while todo:
@@ -81,6 +85,7 @@ class Router:
                 continue
             order.append(name)
             todo.extend(self._fallbacks.get(name, ()))
+        self._plans[model] = order
         return order
 
     def order(self, group: str) -> list[Deployment]:
