@@ -107,6 +107,9 @@ class StreamAssembler:
     chunks: int = 0
     error: UpstreamError | None = None  # the first ERROR frame's error
     invalid_frames: int = 0
+    # Choice 0 has streamed tool call deltas: a plain attribute (the relay reads it per frame;
+    # ``tool_calls`` builds a list).
+    has_tool_calls: bool = False
     finish_reasons: dict[int, str] = field(default_factory=dict)  # first terminal one per choice
     _parts: list[str] = field(default_factory=list)  # choice-0 content deltas
     _other_parts: dict[int, list[str]] = field(default_factory=dict)  # content of choices > 0
@@ -168,6 +171,30 @@ class StreamAssembler:
             return self._error(data, obj)
         choices = obj.get("choices")
         if type(choices) is list:
+            if len(choices) == 1 and not self._meta_open and "usage" not in obj:
+                # Fast path, nearly every chunk of a stream after the first: one choice, index
+                # 0, a delta with (at most) content, no finish_reason. Same result as _chunk;
+                # anything else (usage, role, tool calls, a finish, odd types) goes there.
+                choice = choices[0]
+                if type(choice) is dict and not choice.get("finish_reason"):
+                    delta = choice.get("delta")
+                    index = choice.get("index", 0)
+                    if (
+                        type(delta) is dict
+                        and type(index) is int
+                        and index == 0
+                        and "tool_calls" not in delta
+                        and (self.role is not None or "role" not in delta)
+                    ):
+                        piece = delta.get("content")
+                        if piece is None or type(piece) is str:
+                            self._choices.add(0)
+                            if piece:
+                                self._parts.append(piece)
+                            else:
+                                piece = ""
+                            self.chunks += 1
+                            return Frame(_CHUNK, data, obj, piece)
             return self._chunk(data, obj, choices)
         if not obj:
             return Frame(_IGNORED, data)  # data: {}
@@ -264,6 +291,7 @@ class StreamAssembler:
             call = self._calls.get(index)
             if call is None:
                 call = self._calls[index] = ToolCall(index)
+                self.has_tool_calls = True
                 self._arg_parts[index] = []
             call_id = item.get("id")
             if call_id and call.id is None:

@@ -16,29 +16,25 @@ when its terminator arrives.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 _BOM = b"\xef\xbb\xbf"
 _LF = 0x0A
 _CR = 0x0D
-_setattr = object.__setattr__
 
 
-@dataclass(frozen=True, slots=True, init=False)
-class ServerSentEvent:
+class ServerSentEvent(NamedTuple):
+    """One dispatched event. A named tuple, not a dataclass: one is built per relayed frame,
+    and a tuple is the cheapest immutable value Python has (~1 µs less per frame than a
+    frozen slots dataclass)."""
+
     data: str
     event: str = "message"
     id: str | None = None  # the stream's last event ID when dispatched (it persists, per spec)
     retry: int | None = None  # a valid ``retry:`` field inside this event's block, if any
 
-    # Hand-written because one event is built per relayed frame: the generated frozen __init__
-    # looks up ``object.__setattr__`` for every field and costs about twice as much.
-    def __init__(
-        self, data: str, event: str = "message", id: str | None = None, retry: int | None = None
-    ) -> None:
-        _setattr(self, "data", data)
-        _setattr(self, "event", event)
-        _setattr(self, "id", id)
-        _setattr(self, "retry", retry)
+
+_new_event = tuple.__new__  # _new_event(ServerSentEvent, (data, event, id, retry)): no __new__ call
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +86,27 @@ class SSEDecoder:
         return self._stream_retry
 
     def feed(self, data: bytes) -> list[ServerSentEvent | Comment]:
+        if (
+            data[-2:] == b"\n\n"
+            and not self._tail
+            and not self._in_event
+            and not self._at_start
+            and not self._skip_lf
+            and _CR not in data
+        ):
+            # Fast path, what an LLM stream's reads look like: whole ``data: …`` events and
+            # nothing pending. Same events as the line parser below, without its per-line work.
+            blocks = data.decode("utf-8", "replace").split("\n\n")
+            if not blocks[-1]:
+                blocks.pop()
+                out: list[ServerSentEvent | Comment] = []
+                last_id = self._last_id
+                for block in blocks:
+                    if block[:6] != "data: " or "\n" in block:
+                        break  # another field, a comment, a multi-line event: the general path
+                    out.append(_new_event(ServerSentEvent, (block[6:], "message", last_id, None)))
+                else:
+                    return out
         if self._at_start:
             data = self._strip_bom(data)
         if self._skip_lf and data:
@@ -151,11 +168,14 @@ class SSEDecoder:
                 # Blank line: dispatch if any data line arrived, then reset the event buffers.
                 if data:
                     out.append(
-                        ServerSentEvent(
-                            data[0] if len(data) == 1 else "\n".join(data),
-                            self._event or "message",
-                            self._last_id,
-                            self._retry,
+                        _new_event(
+                            ServerSentEvent,
+                            (
+                                data[0] if len(data) == 1 else "\n".join(data),
+                                self._event or "message",
+                                self._last_id,
+                                self._retry,
+                            ),
                         )
                     )
                     data.clear()

@@ -23,6 +23,7 @@ import dataclasses
 import time
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import orjson
 from aiohttp import web
 
@@ -33,10 +34,12 @@ from keel.gateway._attempts import Attempts, Exhausted, _bench_for, run_attempts
 from keel.gateway._deployment import Deployment
 from keel.gateway._errors import Tried, exhausted_response, final_error
 from keel.gateway._relay import Meta, StreamRelay, frame_bytes, keel_chunk
-from keel.gateway._upstream import AttemptFailed, post, stream_frames
+from keel.gateway._upstream import AttemptFailed, FrameReader, post
 
 if TYPE_CHECKING:
     from keel.gateway._app import Gateway
+
+_CHUNK = FrameKind.CHUNK
 
 
 async def stream(
@@ -210,6 +213,7 @@ class StreamSession:
         resp = await post(gw.session, dep, payload, self.state.deadline, gw.deadlines)
         asm = StreamAssembler(dialect=dep.dialect, require_done=True)
         relay = self.relay
+        sent = self.sent
         pending = _Pending()
         relayed = 0  # content chunks of this attempt the client has (or will have) seen
         reported = False  # this attempt's usage chunk arrived
@@ -217,34 +221,53 @@ class StreamSession:
         # fails after it, the continuation supplies the ending and the client sees one.
         finish: tuple[bytes, str] | None = None
         clean = False
+        reader = FrameReader(resp, dep, asm, self.state.deadline, first_deadline, gw.deadlines)
+        read = resp.content.readany
         try:
-            async for frames in stream_frames(
-                resp, dep, asm, self.state.deadline, first_deadline, gw.deadlines
-            ):
+            while True:
+                try:
+                    chunk = await read()  # one await per network read
+                except (aiohttp.ClientError, OSError) as exc:
+                    failure = reader.failed(exc)
+                    if failure is None:
+                        break  # the watchdog closed it: reader.end() says why
+                    raise failure from None
+                if not chunk:
+                    break
                 out: list[bytes] = []
-                for f in frames:
+                for f in reader.frames(chunk):
                     kind = f.kind
-                    if kind is FrameKind.CHUNK:
+                    if kind is _CHUNK:
                         obj = f.obj
                         if obj is not None and not obj.get("choices") and obj.get("usage"):
                             self._usage(obj["usage"], f.data)
                             reported = True
                             continue
+                        content = f.content
                         if continuing:
                             data = self._splice(f, trimmer)
                             if data is None:
                                 continue
+                            content = f.content  # what is left after trimming the overlap
                         else:
-                            data = frame_bytes(f.data)
-                        if f.content:
+                            data = b"data: " + f.data.encode() + b"\n\n"  # frame_bytes
+                        if f.finish_reason is None and relay.committed and not pending.frames:
+                            # The hot path: a token of a committed stream goes straight out
+                            # (what _shown does, inline).
+                            out.append(data)
+                            if content:
+                                relayed += 1
+                                sent.append(content)
+                                self.tokens += 1
+                            if not self.tool_calls and asm.has_tool_calls:
+                                self.tool_calls = True
+                            continue
+                        if content:
                             relayed += 1
                         if f.finish_reason is not None:
                             if not relay.committed or pending.frames:
                                 await self._commit(asm, pending, started)
-                            finish = (data, f.content)
-                        elif relay.committed and not pending.frames:
-                            out.append(data)
-                            self._shown(f.content, asm)
+                            finish = (data, content)
                         else:
                             self._hold(pending, data, f.content)
                             if self._ready_to_commit(f, asm, pending):
@@ -267,6 +290,7 @@ class StreamSession:
                         raise AttemptFailed(err)
                 if out:
                     await relay.send(out)
+            reader.end()
             outcome = asm.finish()
             if not outcome.complete:
                 assert outcome.failure is not None
@@ -288,6 +312,7 @@ class StreamSession:
                 self.completion_tokens += relayed - (1 if finish and finish[1] else 0)
             raise
         finally:
+            reader.close()
             if clean:
                 resp.release()
             else:
@@ -303,7 +328,7 @@ class StreamSession:
             pending.texts.append(content)
 
     def _ready_to_commit(self, f: Frame, asm: StreamAssembler, pending: _Pending) -> bool:
-        if not (f.content or asm.tool_calls):
+        if not (f.content or asm.has_tool_calls):
             return False  # the role chunk alone is not worth committing for
         buf = self.group.commit_buffer
         if self.relay.committed or (not buf.tokens and not buf.ms):
@@ -330,7 +355,7 @@ class StreamSession:
         for text in pending.texts:
             self.sent.append(text)
             self.tokens += 1
-        self.tool_calls = self.tool_calls or bool(asm.tool_calls)
+        self.tool_calls = self.tool_calls or asm.has_tool_calls
         if pending.frames:
             await self.relay.send(pending.frames)
         pending.frames = []
@@ -340,7 +365,7 @@ class StreamSession:
         if content:
             self.sent.append(content)
             self.tokens += 1
-        if not self.tool_calls and asm.tool_calls:
+        if not self.tool_calls and asm.has_tool_calls:
             self.tool_calls = True
 
     def _usage(self, usage: dict[str, Any], data: str) -> None:

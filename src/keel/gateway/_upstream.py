@@ -3,15 +3,16 @@
 It turns everything that can go wrong on the wire into a classified ``UpstreamError`` (raised
 as ``AttemptFailed``) and never decides what to do about it — that is the attempt loop's job.
 
-Timeouts: ``asyncio.timeout`` bounds the phase up to the response headers; after that a lazy
-watchdog (one timer per attempt, re-armed only when it fires) enforces first-token, idle and
-total deadlines without touching a timer per frame. Keep-alive comments are not progress.
+Timeouts: a deadline (``keel.gateway._deadlines``: one loop timer for all attempts) bounds the
+phase up to the response headers — for a non-stream attempt, up to the whole body; after that
+a lazy watchdog (one deadline per attempt, re-armed only when it fires) enforces first-token,
+idle and total deadlines without touching a timer per frame. Keep-alive comments are not
+progress.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -22,6 +23,8 @@ from keel._classify import ErrorKind, UpstreamError, classify_response, transpor
 from keel._sse import Comment, SSEDecoder
 from keel.gateway._deadlines import Deadlines, Entry
 from keel.gateway._deployment import Deployment
+
+_CHUNK = FrameKind.CHUNK
 
 
 class AttemptFailed(Exception):
@@ -246,54 +249,68 @@ class _Watchdog:
         self._handle.cancel()
 
 
-async def stream_frames(
-    resp: aiohttp.ClientResponse,
-    dep: Deployment,
-    assembler: StreamAssembler,
-    deadline: float,
-    first_token_deadline: float,
-    deadlines: Deadlines,
-) -> AsyncIterator[list[Frame]]:
-    """Validated frames, one list per network read. Raises AttemptFailed on timeouts and
-    truncation; protocol verdicts (error frames, missing finish_reason) are left to the caller
-    through the frames and ``assembler.finish()``."""
-    decoder = SSEDecoder()
-    dog = _Watchdog(resp, dep, deadline, first_token_deadline, deadlines)
-    loop = dog._loop
-    try:
-        while True:
-            try:
-                data = await resp.content.readany()
-            except (aiohttp.ClientError, OSError) as exc:
-                if dog.expired:
-                    break
-                raise _transport_failure(exc, "inside the stream") from None
-            if not data:
-                break
-            frames: list[Frame] = []
-            for ev in decoder.feed(data):
-                if type(ev) is Comment:
-                    continue  # keep-alives are not progress
-                frame = assembler.feed(ev)  # type: ignore[arg-type]
-                # The role-only opening chunk is not a token; anything after it is.
-                if frame.kind is FrameKind.CHUNK and (frame.content or assembler.chunks > 1):
-                    dog.tokens += 1
-                    if dog.progressed:
-                        dog.progressed = loop.time()
-                    else:
-                        dog.first_token(loop.time())
-                frames.append(frame)
-            if frames:
-                yield frames
-        if dog.expired:
+class FrameReader:
+    """The adapter's side of a streamed attempt: SSE decoding, the assembler's validation and
+    the watchdog. The caller awaits the response's reads itself — one await per network read,
+    no async-generator round trip per read — and hands each read to ``frames``. Timeouts and
+    truncation become AttemptFailed (``failed``, ``end``); protocol verdicts (error frames, a
+    missing finish_reason) are left to the caller through the frames and
+    ``assembler.finish()``. ``close()`` when done (it stops the watchdog)."""
+
+    __slots__ = ("_asm", "_decoder", "_dog", "_time")
+
+    def __init__(
+        self,
+        resp: aiohttp.ClientResponse,
+        dep: Deployment,
+        assembler: StreamAssembler,
+        deadline: float,
+        first_token_deadline: float,
+        deadlines: Deadlines,
+    ) -> None:
+        self._decoder = SSEDecoder()
+        self._asm = assembler
+        self._dog = _Watchdog(resp, dep, deadline, first_token_deadline, deadlines)
+        self._time = deadlines.loop.time
+
+    def frames(self, data: bytes) -> list[Frame]:
+        """The validated frames completed by one read (keep-alive comments are skipped)."""
+        asm = self._asm
+        dog = self._dog
+        out: list[Frame] = []
+        for ev in self._decoder.feed(data):
+            if type(ev) is Comment:
+                continue  # keep-alives are not progress
+            frame = asm.feed(ev)  # type: ignore[arg-type]
+            # The role-only opening chunk is not a token; anything after it is.
+            if frame.kind is _CHUNK and (frame.content or asm.chunks > 1):
+                dog.tokens += 1
+                if dog.progressed:
+                    dog.progressed = self._time()
+                else:
+                    dog.first_token(self._time())
+            out.append(frame)
+        return out
+
+    def failed(self, exc: BaseException) -> AttemptFailed | None:
+        """A read raised ``exc``: the failure to report, or None when the watchdog closed the
+        response (``end`` reports the stall)."""
+        if self._dog.expired:
+            return None
+        return _transport_failure(exc, "inside the stream")
+
+    def end(self) -> None:
+        """The stream ended (or the watchdog closed it): raise for a stall or a truncation."""
+        if self._dog.expired:
             raise AttemptFailed(
                 transport_error(
-                    ErrorKind.TIMEOUT, f"upstream stream stalled: no progress {dog.expired}"
+                    ErrorKind.TIMEOUT, f"upstream stream stalled: no progress {self._dog.expired}"
                 )
             )
-        if decoder.has_partial and not assembler.done:
+        if self._decoder.has_partial and not self._asm.done:
             raise AttemptFailed(
                 transport_error(ErrorKind.CONNECTION, "upstream stream ended inside an event")
             )
-    finally:
-        dog.cancel()
+
+    def close(self) -> None:
+        self._dog.cancel()
