@@ -23,6 +23,13 @@ _SSE_HEADERS = {
 DONE = b"data: [DONE]\n\n"
 
 
+class ClientGone(Exception):
+    """The client went away while we wrote to it. Normal — a closed tab, an SDK that stopped
+    reading — and not an error to log: the stream session ends quietly (the upstream closes
+    in its ``finally``, the attempt's slot is released as cancelled). Raised only when the
+    client's connection is really gone; any other write error propagates unchanged."""
+
+
 class StreamRelay:
     __slots__ = ("committed", "ended", "extra_headers", "request", "response")
 
@@ -33,24 +40,43 @@ class StreamRelay:
         self.committed = False
         self.ended = False
 
+    def _client_left(self) -> bool:
+        transport = self.request.transport
+        return transport is None or transport.is_closing()
+
     async def commit(self, headers: dict[str, str]) -> None:
         response = web.StreamResponse(status=200, headers={**_SSE_HEADERS, **self.extra_headers})
         response.headers.update(headers)
-        await response.prepare(self.request)
-        self.response = response
+        self.response = response  # even if the client is gone by now: the handler returns it
+        try:
+            await response.prepare(self.request)
+        except ConnectionError:
+            if self._client_left():
+                raise ClientGone from None
+            raise
         self.committed = True
 
     async def send(self, frames: list[bytes]) -> None:
         assert self.response is not None
-        await self.response.write(b"".join(frames))
+        try:
+            await self.response.write(b"".join(frames))
+        except ConnectionError:
+            if self._client_left():
+                raise ClientGone from None
+            raise
 
     async def end(self) -> None:
         """Write the single ``[DONE]`` and finish the response."""
         if self.ended or self.response is None:
             return
         self.ended = True
-        await self.response.write(DONE)
-        await self.response.write_eof()
+        try:
+            await self.response.write(DONE)
+            await self.response.write_eof()
+        except ConnectionError:
+            if self._client_left():
+                raise ClientGone from None
+            raise
 
     async def end_with_error(self, body: dict[str, Any]) -> None:
         """A committed stream that cannot be completed: an error frame, then ``[DONE]``."""

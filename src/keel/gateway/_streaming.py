@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -33,11 +34,13 @@ from keel._splice import OverlapTrimmer, continuation_body
 from keel.gateway._attempts import Attempts, Exhausted, _bench_for, run_attempts
 from keel.gateway._deployment import Deployment
 from keel.gateway._errors import Tried, exhausted_response, final_error
-from keel.gateway._relay import Meta, StreamRelay, frame_bytes, keel_chunk
+from keel.gateway._relay import ClientGone, Meta, StreamRelay, frame_bytes, keel_chunk
 from keel.gateway._upstream import AttemptFailed, FrameReader, post
 
 if TYPE_CHECKING:
     from keel.gateway._app import Gateway
+
+log = logging.getLogger("keel.gateway")
 
 _CHUNK = FrameKind.CHUNK
 
@@ -98,20 +101,24 @@ class StreamSession:
         if self.hedge is not None:
             self.hedge.on_request()
         try:
-            await run_attempts(
-                self.group_name,
-                gw.router,
-                gw.config.retry,
-                gw.budget,
-                self.state,
-                self.attempt,
-                self.eligible,
-            )
-        except Exhausted as exc:
-            if not self.relay.committed:
-                return exhausted_response(self.rid, self.state, exc)
-            _, err_body, _ = final_error(exc.tried, exc.reason)
-            await self.relay.end_with_error(err_body)
+            try:
+                await run_attempts(
+                    self.group_name,
+                    gw.router,
+                    gw.config.retry,
+                    gw.budget,
+                    self.state,
+                    self.attempt,
+                    self.eligible,
+                )
+            except Exhausted as exc:
+                if not self.relay.committed:
+                    return exhausted_response(self.rid, self.state, exc)
+                _, err_body, _ = final_error(exc.tried, exc.reason)
+                await self.relay.end_with_error(err_body)
+        except ClientGone:
+            # Normal, not an error: nobody is left to answer. The upstream is closed already.
+            log.debug("request %s: the client went away mid-stream", self.rid)
         assert self.relay.response is not None
         return self.relay.response
 
