@@ -301,10 +301,10 @@ async def test_client_key_through_the_sdk(locked_gateway: GatewayProcess) -> Non
 
 @pytest.fixture
 async def buggy_app() -> AsyncIterator[str]:
-    """The gateway's last-resort middleware around handlers that fail on purpose."""
+    """The gateway's last-resort guard around handlers that fail on purpose."""
     from aiohttp import web
 
-    from keel.gateway._app import _never_500
+    from keel.gateway._app import guarded
 
     async def before(request: web.Request) -> web.StreamResponse:
         raise RuntimeError("bug before anything was sent")
@@ -315,9 +315,9 @@ async def buggy_app() -> AsyncIterator[str]:
         await resp.write(b'data: {"choices":[{"index":0,"delta":{"content":"Hi"}}]}\n\n')
         raise RuntimeError("bug after the commit")
 
-    app = web.Application(middlewares=[_never_500])
-    app.router.add_post("/before", before)
-    app.router.add_post("/mid", mid_stream)
+    app = web.Application()
+    app.router.add_post("/before", guarded(before))
+    app.router.add_post("/mid", guarded(mid_stream))
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -111,6 +111,10 @@ class Breaker:
     ) -> bool:
         """The outcome of an attempt admitted as ``how`` at ``started``: ``ok`` None is
         neither (cancelled, or not the deployment's fault). True when this opened the breaker."""
+        if ok and how is Admit.NORMAL and not self.opens:  # the common case, every request
+            self.streak = 0
+            self._ok[self._slot(now)] += 1
+            return False
         if how is Admit.SUSPECT:
             try:
                 self._suspects.remove(started)
@@ -201,7 +205,8 @@ class PeakEwma:
         if self.samples == 0 or sample > self.value:
             self.value = sample
         else:
-            w = math.exp(-max(0.0, now - self.stamp) / self.decay)
+            dt = now - self.stamp
+            w = math.exp(-dt / self.decay) if dt > 0.0 else 1.0
             self.value = self.value * w + sample * (1.0 - w)
         self.stamp = now
         self.samples += 1
@@ -210,4 +215,5 @@ class PeakEwma:
         """The decayed estimate, or None before the first sample."""
         if not self.samples:
             return None
-        return self.value * math.exp(-max(0.0, now - self.stamp) / self.decay)
+        dt = now - self.stamp  # a plain branch, not max(): this runs per request
+        return self.value * math.exp(-dt / self.decay) if dt > 0.0 else self.value

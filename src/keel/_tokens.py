@@ -52,7 +52,7 @@ def _content_tokens(content: Any) -> int:
     if isinstance(content, list):
         n = 0
         for part in content:
-            if not isinstance(part, Mapping):
+            if not isinstance(part, dict):
                 continue
             if part.get("type") == "text" and isinstance(part.get("text"), str):
                 n += text_tokens(part["text"])
@@ -66,7 +66,7 @@ def prompt_tokens(messages: Sequence[Any], tools: Any = None) -> int:
     """Estimated prompt tokens of a chat request."""
     n = REPLY_PRIMING
     for m in messages:
-        if not isinstance(m, Mapping):
+        if not isinstance(m, dict):  # parsed JSON: a dict (an ABC check costs ~4x more)
             continue
         n += PER_MESSAGE + _content_tokens(m.get("content"))
         calls = m.get("tool_calls")
@@ -105,7 +105,8 @@ class Calibration:
     def learn(self, estimated_prompt: int, prompt: int | None, completion: int | None) -> None:
         a = self.alpha if self.samples else 1.0
         if prompt is not None and estimated_prompt > 0:
-            ratio = min(4.0, max(0.25, prompt / estimated_prompt))
+            ratio = prompt / estimated_prompt  # clamped to [0.25, 4]: one odd answer is noise
+            ratio = 4.0 if ratio > 4.0 else 0.25 if ratio < 0.25 else ratio
             self.prompt_ratio += a * (ratio - self.prompt_ratio)
         if completion is not None:
             self.typical_completion += a * (completion - self.typical_completion)

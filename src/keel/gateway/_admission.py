@@ -38,12 +38,11 @@ class Principal:
     tok: Gcra | None = None
     in_flight: int = 0
     refused: Counter[str] = field(default_factory=Counter)
+    limited: bool = False  # any of rpm/tpm/max_concurrency (a field: read per request)
 
-    @property
-    def limited(self) -> bool:
-        return self.cfg is not None and bool(
-            self.cfg.rpm or self.cfg.tpm or self.cfg.max_concurrency
-        )
+    def __post_init__(self) -> None:
+        cfg = self.cfg
+        self.limited = cfg is not None and bool(cfg.rpm or cfg.tpm or cfg.max_concurrency)
 
 
 @dataclass(slots=True)

@@ -18,26 +18,35 @@ from keel.gateway._deployment import Deployment
 
 
 def _scores(deps: Sequence[Deployment], now: float) -> list[float]:
-    # Plain loops, no comprehensions or sum(): this runs for every request.
-    costs: list[float | None] = []
+    # Plain loops over indices, no comprehensions, zip() or sum(): this runs for every request.
+    n = len(deps)
+    costs: list[float | None] = [None] * n
     total = 0.0
     known = 0
-    for d in deps:
-        c = d.latency.cost(now)
+    for i in range(n):
+        c = costs[i] = deps[i].latency.cost(now)
         if c is not None:
             total += c
             known += 1
-        costs.append(c)
     # A deployment without samples yet is assumed to be average, not free (it would take
     # every request until its first answer) nor expensive (it would never get one).
     default = total / known if known else 1.0
     floor = default * 1e-3  # a long-idle deployment decays towards 0, not to nothing at all
-    out: list[float] = []
-    for d, c in zip(deps, costs, strict=True):
+    out: list[float] = [0.0] * n
+    for i in range(n):
+        d, c = deps[i], costs[i]
         lim = d.limiter
         cost = default if c is None else c if c > floor else floor
-        out.append(cost * (lim.in_flight + lim.waiting + 1) / d.cfg.weight)
+        out[i] = cost * (lim.in_flight + lim.waiting + 1) / d.weight
     return out
+
+
+def _best_first(ready: list[Deployment], now: float, rng: random.Random) -> list[Deployment]:
+    scores = _scores(ready, now)
+    if len(ready) == 2 and scores[0] != scores[1]:  # both drawn: the better one first
+        return ready if scores[0] < scores[1] else [ready[1], ready[0]]
+    picked = p2c_order(scores, [d.weight for d in ready], rng)
+    return [ready[i] for i in picked]
 
 
 def order(deps: Sequence[Deployment], now: float, rng: random.Random) -> list[Deployment]:
@@ -57,10 +66,11 @@ def order(deps: Sequence[Deployment], now: float, rng: random.Random) -> list[De
         else:
             full.append(d)
     if len(ready) > 1:
-        picked = p2c_order(_scores(ready, now), [d.cfg.weight for d in ready], rng)
-        ready = [ready[i] for i in picked]
+        ready = _best_first(ready, now, rng)
+    if ready and not (full or cooling):
+        return ready  # the common case: everyone healthy with room
     if len(full) > 1:
-        full.sort(key=lambda d: (d.limiter.in_flight + d.limiter.waiting) / d.cfg.weight)
+        full.sort(key=lambda d: (d.limiter.in_flight + d.limiter.waiting) / d.weight)
     if not (ready or full or cooling):
         # Panic (Envoy's term): every breaker of the group is open. Offer them anyway, so that
         # the attempt loop can fall back to other groups first and, when the whole plan is

@@ -50,6 +50,7 @@ class Deployment:
     model: str = ""
     auth_header: str = ""
     continuation: str = "none"
+    weight: float = 1.0  # the balancer's share (cfg.weight, read per request)
     # Headers of every upstream request (built once: aiohttp copies them per request).
     request_headers: dict[str, str] = field(default_factory=dict, repr=False)
     in_flight: int = 0
@@ -74,6 +75,7 @@ class Deployment:
         port = f":{parts.port}" if parts.port else ""
         self.endpoint = f"{parts.scheme}://{parts.hostname or ''}{port}"
         self.model = self.cfg.model or self.group
+        self.weight = self.cfg.weight
         key = self.cfg.api_key.get_secret_value()
         self.auth_header = f"Bearer {key}" if key else ""
         # An explicit User-Agent keeps aiohttp from adding its own (and on its fast header

@@ -589,7 +589,7 @@ async def acquire(
 
 def _usage_int(usage: Mapping[str, Any] | None, key: str) -> int | None:
     v = usage.get(key) if usage is not None else None
-    return v if isinstance(v, int) and not isinstance(v, bool) else None
+    return v if type(v) is int else None  # not bool (an int subclass), not float
 
 
 def release(dep: Deployment, permit: Permit) -> None:
@@ -597,75 +597,78 @@ def release(dep: Deployment, permit: Permit) -> None:
     if permit.released:
         return
     permit.released = True
-    lim = dep.limiter
-    now = time.monotonic()
-    err = permit.error
     try:
-        health: bool | None = None
         if permit.ok:
-            health = True
-        elif err is not None:
-            health = (
-                False if err.kind in BREAKER_FAILURES else None if err.kind in _NEUTRAL else True
-            )
-        retry_after = err.retry_after if err is not None else None
-        if dep.breaker.record(permit.how, permit.started, health, now, retry_after):
-            period = dep.breaker.open_until - now
-            log.warning(
-                "deployment %s: circuit breaker open for %.1fs after %s",
-                dep.name,
-                period,
-                err.kind.value if err is not None else "failures",
-            )
-            if lim.shared is not None:
-                lim.shared.publish(lim.health_key, "breaker", period)
-        usage = permit.usage
-        completion = _usage_int(usage, "completion_tokens")
-        prompt = _usage_int(usage, "prompt_tokens")
-        if permit.ok:
-            outcome = "success"
-            tokens = completion if completion else lim.calibration.typical_completion
-            dep.latency.observe((now - permit.started) / max(1.0, tokens), now)
-            if lim.aimd is not None:
-                lim.aimd.on_success(permit.in_flight, permit.epoch, now)
-            if usage is not None:
-                if permit.cost and prompt is not None and completion is not None:
-                    lim.adjust_tokens(prompt + completion - permit.cost)
-                if permit.prompt_estimate:
-                    lim.calibration.learn(permit.prompt_estimate, prompt, completion)
-        elif err is not None:
-            outcome = err.kind.value
-            aimd = lim.aimd
-            if aimd and _load_signal(err) and aimd.on_overload(permit.in_flight, permit.epoch, now):
-                log.info(
-                    "deployment %s: concurrency limit now %d (overloaded at %d in flight)",
-                    dep.name,
-                    aimd.slots or 0,
-                    permit.in_flight,
-                )
-            # A hint the loop will wait out anyway holds back this deployment's other requests
-            # too; a longer one is the loop's cooldown (fail over, still last resort).
-            if (
-                err.kind is ErrorKind.RATE_LIMIT
-                and retry_after is not None
-                and PAUSE_MIN <= retry_after <= lim.config.retry.max_retry_wait
-            ):
-                lim.pause(retry_after)
-            if health is False:
-                cost = dep.latency.cost(now) or 0.0
-                dep.latency.observe(max(2.0 * cost, FAILURE_PENALTY), now)
-            if lim.shared is not None:
-                if err.disable_key_for and dep.benched_until > now:
-                    lim.shared.publish(
-                        lim.health_key, "bench", dep.benched_until - now, err.kind.value
-                    )
-                elif dep.cooldown_until > now + PAUSE_MIN:
-                    lim.shared.publish(lim.health_key, "cooldown", dep.cooldown_until - now)
+            _succeeded(dep, permit, time.monotonic())
         else:
-            outcome = "cancelled"
-        dep.outcomes[outcome] += 1
+            _failed(dep, permit, time.monotonic())
     finally:
-        lim.release_slot(permit)
+        dep.limiter.release_slot(permit)
+
+
+def _succeeded(dep: Deployment, permit: Permit, now: float) -> None:
+    lim = dep.limiter
+    dep.breaker.record(permit.how, permit.started, True, now)
+    usage = permit.usage
+    completion = _usage_int(usage, "completion_tokens")
+    tokens = completion if completion else lim.calibration.typical_completion
+    dep.latency.observe((now - permit.started) / (tokens if tokens > 1.0 else 1.0), now)
+    if lim.aimd is not None:
+        lim.aimd.on_success(permit.in_flight, permit.epoch, now)
+    if usage is not None:
+        prompt = _usage_int(usage, "prompt_tokens")
+        if permit.cost and prompt is not None and completion is not None:
+            lim.adjust_tokens(prompt + completion - permit.cost)
+        if permit.prompt_estimate:
+            lim.calibration.learn(permit.prompt_estimate, prompt, completion)
+    dep.outcomes["success"] += 1
+
+
+def _failed(dep: Deployment, permit: Permit, now: float) -> None:
+    lim = dep.limiter
+    err = permit.error
+    health: bool | None = None
+    if err is not None:
+        health = False if err.kind in BREAKER_FAILURES else None if err.kind in _NEUTRAL else True
+    retry_after = err.retry_after if err is not None else None
+    if dep.breaker.record(permit.how, permit.started, health, now, retry_after):
+        period = dep.breaker.open_until - now
+        log.warning(
+            "deployment %s: circuit breaker open for %.1fs after %s",
+            dep.name,
+            period,
+            err.kind.value if err is not None else "failures",
+        )
+        if lim.shared is not None:
+            lim.shared.publish(lim.health_key, "breaker", period)
+    if err is None:
+        dep.outcomes["cancelled"] += 1
+        return
+    aimd = lim.aimd
+    if aimd and _load_signal(err) and aimd.on_overload(permit.in_flight, permit.epoch, now):
+        log.info(
+            "deployment %s: concurrency limit now %d (overloaded at %d in flight)",
+            dep.name,
+            aimd.slots or 0,
+            permit.in_flight,
+        )
+    # A hint the loop will wait out anyway holds back this deployment's other requests
+    # too; a longer one is the loop's cooldown (fail over, still last resort).
+    if (
+        err.kind is ErrorKind.RATE_LIMIT
+        and retry_after is not None
+        and PAUSE_MIN <= retry_after <= lim.config.retry.max_retry_wait
+    ):
+        lim.pause(retry_after)
+    if health is False:
+        cost = dep.latency.cost(now) or 0.0
+        dep.latency.observe(max(2.0 * cost, FAILURE_PENALTY), now)
+    if lim.shared is not None:
+        if err.disable_key_for and dep.benched_until > now:
+            lim.shared.publish(lim.health_key, "bench", dep.benched_until - now, err.kind.value)
+        elif dep.cooldown_until > now + PAUSE_MIN:
+            lim.shared.publish(lim.health_key, "cooldown", dep.cooldown_until - now)
+    dep.outcomes[err.kind.value] += 1
 
 
 def wire(dep: Deployment, config: GatewayConfig, shared: SharedState | None) -> None:

@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -45,10 +46,12 @@ log = logging.getLogger("keel.gateway")
 _CHUNK = FrameKind.CHUNK
 
 
-async def stream(
+def stream(
     request: web.Request, gw: Gateway, rid: str, body: dict[str, Any], state: Attempts
-) -> web.StreamResponse:
-    return await StreamSession(request, gw, rid, body, state).run()
+) -> Coroutine[Any, Any, web.StreamResponse]:
+    # A plain function handing back the session's coroutine: no extra coroutine frame for
+    # every read of the stream to resume through.
+    return StreamSession(request, gw, rid, body, state).run()
 
 
 class _Lost(Exception):
@@ -108,7 +111,8 @@ class StreamSession:
                     gw.config.retry,
                     gw.budget,
                     self.state,
-                    self.attempt,
+                    # Unhedged groups skip attempt()'s frame: every read resumes through it.
+                    self.attempt if self.hedge is not None else self._attempt,
                     self.eligible,
                 )
             except Exhausted as exc:
