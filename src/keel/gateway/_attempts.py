@@ -123,9 +123,6 @@ async def run_attempts(
     loop = asyncio.get_running_loop()
     budget.record_request()
 
-    def give_up(reason: str = "") -> Exhausted:
-        return _give_up(state, router, model, reason)
-
     for group in router.plan(model):
         pending = router.order(group)
         if eligible is not None:
@@ -137,11 +134,16 @@ async def run_attempts(
                 if eligible is not None and not eligible(dep):
                     continue
                 if state.count >= policy.max_attempts:
-                    raise give_up(f"gave up after {state.count} attempts")
+                    raise _give_up(state, router, model, f"gave up after {state.count} attempts")
                 if loop.time() >= state.deadline:
-                    raise give_up("request deadline exceeded")
+                    raise _give_up(state, router, model, "request deadline exceeded")
                 if state.count and not budget.try_withdraw():
-                    raise give_up("retry budget exhausted (an upstream outage is likely)")
+                    raise _give_up(
+                        state,
+                        router,
+                        model,
+                        "retry budget exhausted (an upstream outage is likely)",
+                    )
                 now = time.monotonic()
                 try:  # at once when nothing is limiting, else wait in the deployment's queue
                     permit = try_acquire(dep, state.cost, now) or await acquire(
@@ -170,7 +172,7 @@ async def run_attempts(
                     dep.record_failure(err, bench_for=_bench_for(err, policy))
                     log.info("attempt %d on %s failed: %s", state.count, dep.name, err.message)
                     if not err.failover:
-                        raise give_up() from None
+                        raise _give_up(state, router, model) from None
                     if not err.retryable:
                         continue
                     if err.retry_after is not None and err.retry_after > policy.max_retry_wait:
@@ -197,7 +199,7 @@ async def run_attempts(
                 rng=rng,
             )
             if loop.time() + delay >= state.deadline:
-                raise give_up("request deadline exceeded")
+                raise _give_up(state, router, model, "request deadline exceeded")
             await asyncio.sleep(delay)
             pending = again
-    raise give_up()
+    raise _give_up(state, router, model)

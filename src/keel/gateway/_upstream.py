@@ -13,7 +13,8 @@ progress.
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
@@ -110,21 +111,28 @@ async def post(
         raise _transport_failure(exc, "before the response") from None
 
 
+class AttemptState(Protocol):
+    """What a non-stream attempt reads (the request's deadline) and reports (the usage)."""
+
+    deadline: float  # loop time
+    usage: Mapping[str, Any] | None
+
+
 async def complete(
     session: aiohttp.ClientSession,
     dep: Deployment,
     body: bytes,
-    deadline: float,
+    state: AttemptState,
     deadlines: Deadlines,
-) -> tuple[bytes, dict[str, Any]]:
-    """A non-stream attempt: the raw body (relayed unchanged) and its parsed form.
+) -> bytes:
+    """A non-stream attempt: the raw body, relayed unchanged; its usage goes to ``state``.
 
     One deadline bounds the whole attempt: for a non-stream request ``first_token`` runs to
     the complete response (``config.Timeouts``), so headers and body share it. ``_send`` is
     inlined: this is every non-stream request's path."""
     resp: aiohttp.ClientResponse | None = None
     try:
-        with deadlines.timeout(_limit(dep, deadline, deadlines)):
+        with deadlines.timeout(_limit(dep, state.deadline, deadlines)):
             resp = await session.post(
                 dep.url,
                 data=body,
@@ -160,16 +168,19 @@ async def complete(
     # Like a stream without its terminal chunk, an answer without a finish_reason is not known
     # to be complete: never pass it off as success.
     choices = obj["choices"]
-    if not choices or not all(
-        isinstance(c, dict) and isinstance(c.get("finish_reason"), str) and c["finish_reason"]
-        for c in choices
-    ):
+    if not choices or not all(_finished(c) for c in choices):
         raise AttemptFailed(
             transport_error(
                 ErrorKind.PROTOCOL, "upstream returned a chat completion without a finish_reason"
             )
         )
-    return raw, obj
+    usage = obj.get("usage")
+    state.usage = usage if type(usage) is dict else None
+    return raw
+
+
+def _finished(choice: object) -> bool:
+    return type(choice) is dict and type(r := choice.get("finish_reason")) is str and r != ""
 
 
 class _Watchdog:
