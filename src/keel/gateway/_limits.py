@@ -173,8 +173,12 @@ class DeploymentLimiter:
     _saturated_until: float = 0.0
     _seq: itertools.count[int] = field(default_factory=itertools.count)
     saturated_total: int = 0
+    _configured_cap: float = math.inf
 
     def __post_init__(self) -> None:
+        # The configured cap, never split (no shared state): what cap() answers per request.
+        mc = self.max_concurrency
+        self._configured_cap = float(max(1, mc)) if mc else math.inf
         if self.rpm:
             self.req = per_minute(self.rpm, self.burst)
         if self.tpm:
@@ -199,11 +203,8 @@ class DeploymentLimiter:
 
     def cap(self) -> float:
         aimd = self.aimd
-        if aimd is None or not aimd.active:  # the common case, checked first
-            if not self.max_concurrency:
-                return math.inf  # nothing limits concurrency
-            if self.shared is None:
-                return float(max(1, self.max_concurrency))  # the configured cap, never split
+        if (aimd is None or not aimd.active) and self.shared is None:  # the common case
+            return self._configured_cap
         c = math.inf
         if self.max_concurrency:
             c = float(max(1, self.max_concurrency // self._share()))
