@@ -70,3 +70,33 @@ def test_not_yaml(tmp_path) -> None:
     path.write_text("models: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(path)
+
+
+def test_deployment_names_are_unique_across_groups() -> None:
+    # A name keys the deployment's limits, breaker and leases in Redis and labels its metrics.
+    with pytest.raises(ConfigError, match=r"models\.b\.deployments\[0\] is named 'east'"):
+        parse_config(
+            {
+                "models": {
+                    "a": {"deployments": [{"base_url": "http://x", "name": "east"}]},
+                    "b": {"deployments": [{"base_url": "http://y", "name": "east"}]},
+                }
+            }
+        )
+    # an explicit name may not take a generated one either
+    with pytest.raises(ConfigError, match="is named 'a/0'"):
+        parse_config(
+            {
+                "models": {
+                    "a": {
+                        "deployments": [
+                            {"base_url": "http://x"},
+                            {"base_url": "http://y", "name": "a/0"},
+                        ]
+                    }
+                }
+            }
+        )
+    parse_config(
+        {"models": {"a": {"deployments": [{"base_url": "http://x"}, {"base_url": "http://y"}]}}}
+    )

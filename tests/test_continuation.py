@@ -80,6 +80,14 @@ def cgw(
         ],
         "hedge": {"enabled": True, "after": 0.3, "max_ratio": 1.0},
     }
+    # The hedge target allows one request a minute; its weight keeps it out of first place.
+    models["hedged-limited"] = {
+        "deployments": [
+            dep(a.base_url, UPSTREAM_KEY_A, name="h3"),
+            dep(a.base_url, UPSTREAM_KEY_A, name="h4", rpm=1, weight=1e-6),
+        ],
+        "hedge": {"enabled": True, "after": 0.3, "max_ratio": 1.0},
+    }
     cfg = {
         "retry": {"backoff_base": 0.01, "backoff_cap": 0.05, "max_retries_per_deployment": 2},
         "breaker": {"enabled": False},  # faults on purpose, one after another (see gw_fixtures)
@@ -285,6 +293,25 @@ async def test_hedge_wins_and_the_loser_is_cancelled(cgw, sims, slow) -> None:
     assert loser.client_disconnected and not loser.finished and loser.tokens == 0
     # the loser was closed as soon as the winner produced its token, not when it finished
     assert loser.t_close - winner.t_open < 0.2
+
+
+async def test_a_hedge_counts_against_the_target_limits_and_never_exceeds_them(cgw, sims) -> None:
+    # First request: the hedge goes to h4 and wins, using h4's one request of the minute.
+    first = unique()
+    body = {
+        "model": "hedged-limited",
+        "messages": [{"role": "user", "content": f"{first} [[sim:slow_first=3*1]]"}],
+    }
+    text, _ = check_one_stream(await sse(cgw, body))
+    assert text == answer_text(first)
+    assert len(entries_for(sims[0], first)) == 2  # the slow attempt and the hedge
+    # Second request: h4 has no room left this minute, so no hedge: h3 answers, late.
+    second = unique()
+    body["messages"] = [{"role": "user", "content": f"{second} [[sim:slow_first=1*1]]"}]
+    text, _ = check_one_stream(await sse(cgw, body))
+    assert text == answer_text(second)
+    (only,) = entries_for(sims[0], second)
+    assert only.finished and not only.client_disconnected
 
 
 async def test_no_hedge_when_the_first_token_is_on_time(cgw, sims) -> None:

@@ -51,6 +51,10 @@ class HedgePolicy:
         self.requests += 1
         self._tokens = min(BURST, self._tokens + self.max_ratio)
 
+    def can_hedge(self) -> bool:
+        """The budget has a hedge to spend (``try_hedge`` would succeed)."""
+        return self._tokens >= 1.0
+
     def try_hedge(self) -> bool:
         """Spend one hedge from the budget."""
         if self._tokens < 1.0:

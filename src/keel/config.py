@@ -159,6 +159,23 @@ class GatewayConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _deployment_names_unique(self) -> GatewayConfig:
+        # A deployment's name keys its limits, breaker and leases in Redis and labels its
+        # metrics: two deployments answering to one name would share (and corrupt) all that.
+        seen: dict[str, str] = {}
+        for group_name, group in self.models.items():
+            for i, dep in enumerate(group.deployments):
+                name = dep.name or f"{group_name}/{i}"  # as keel.gateway names it
+                where = f"models.{group_name}.deployments[{i}]"
+                if name in seen:
+                    raise ValueError(
+                        f"{where} is named {name!r} like {seen[name]}; deployment names "
+                        "must be unique (they key limits, breakers and metrics)"
+                    )
+                seen[name] = where
+        return self
+
+    @model_validator(mode="after")
     def _fallbacks_exist(self) -> GatewayConfig:
         for name, group in self.models.items():
             for fb in group.fallbacks:

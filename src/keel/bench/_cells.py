@@ -59,9 +59,9 @@ QUICK = Plan(
     dc_samples=20, dc_batch=10,
 )  # fmt: skip
 FULL = Plan(
-    "full", repeats=3, warmup=1.0, tput_concurrency=32, tput_seconds=5.0, c1_requests=500,
-    ft_requests=300, frame_concurrency=50, frame_delay=0.01, frame_short=10, frame_long=100,
-    frame_seconds=4.0, equal_rate=20.0, equal_seconds=5.0, stream_levels=(1000, 5000, 10000),
+    "full", repeats=5, warmup=1.0, tput_concurrency=32, tput_seconds=3.0, c1_requests=300,
+    ft_requests=200, frame_concurrency=50, frame_delay=0.01, frame_short=10, frame_long=100,
+    frame_seconds=3.0, equal_rate=20.0, equal_seconds=3.0, stream_levels=(1000, 5000, 10000),
     stream_delay=2.0, stream_len=90, stream_window=5.0, launch_rate=400.0, hold_workers=4,
     dc_samples=40, dc_batch=10,
 )  # fmt: skip
@@ -94,6 +94,25 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
             out[key] = statistics.median(nums)
     if len(runs) > 1:
         out["repeats"] = len(runs)
+    return out
+
+
+def paired_ratios(runs: list[dict[str, Any]], bare: list[dict[str, Any]]) -> dict[str, float]:
+    """Field-wise median of ``run / bare run`` over the repeats, each repeat's pair measured
+    back to back: slow drift of a shared machine cancels within a pair, so these ratios move
+    much less between whole benchmark runs than a ratio of medians does."""
+    out: dict[str, float] = {}
+    for key, value in runs[0].items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        pairs = [
+            r[key] / b[key]
+            for r, b in zip(runs, bare, strict=False)
+            if isinstance(r.get(key), (int, float)) and isinstance(b.get(key), (int, float))
+            and b[key] and r[key] == r[key] and b[key] == b[key]  # no zero, no NaN
+        ]  # fmt: skip
+        if pairs:
+            out[key] = statistics.median(pairs)
     return out
 
 

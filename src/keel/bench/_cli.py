@@ -40,12 +40,15 @@ def _run_cells(
         who = [direct, *targets] if cell == "throughput" else targets
         runs: dict[str, list[dict[str, Any]]] = {t.name: [] for t in who}
         for r in range(plan.repeats):
-            for t in who:
+            # Every other repeat in reverse order: drift within a repeat favours nobody.
+            for t in who if r % 2 == 0 else who[::-1]:
                 say(f"{cell} {r + 1}/{plan.repeats}: {t.name}")
                 runs[t.name].append(fn(t))
                 sim.clear_log()  # keep the simulator's log small
         for t in who:
             out.setdefault(t.name, {})[key] = c.median_of(runs[t.name])
+            if t.name != "bare" and "bare" in runs:
+                out[t.name][key]["paired_vs_bare"] = c.paired_ratios(runs[t.name], runs["bare"])
     # Disconnects before streams: thousands of streams closing at once is the most
     # disruptive cell, and what a gateway does right after it is not what this cell asks.
     if "disconnect" in cells:

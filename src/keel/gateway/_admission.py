@@ -110,6 +110,8 @@ class Admission:
 
     async def admit(self, p: Principal, req: RequestCost) -> Ticket | None:
         """Book the client's limits or raise a 429 ClientError. None: nothing to give back."""
+        if self.shared is None:
+            return self.admit_local(p, req)
         if not p.limited:
             return None
         cfg = p.cfg
@@ -127,6 +129,20 @@ class Admission:
             self._book_local(p, cost, self.shared.peers if self.shared is not None else 1)
         p.in_flight += 1
         return Ticket(p, cost, lease)
+
+    def admit_local(self, p: Principal, req: RequestCost) -> Ticket | None:
+        """``admit`` when no Redis is configured: nothing to await (the handler calls this
+        directly; a coroutine per request costs more than the booking itself)."""
+        if not p.limited:
+            return None
+        cfg = p.cfg
+        assert cfg is not None
+        cost = req.prompt + (req.max_completion or 0) if p.tok is not None else 0
+        if cfg.max_concurrency and p.in_flight >= cfg.max_concurrency:
+            raise self._refuse(p, "concurrency", 1.0)
+        self._book_local(p, cost, 1)
+        p.in_flight += 1
+        return Ticket(p, cost, None)
 
     def _book_local(self, p: Principal, cost: int, share: int) -> None:
         now = time.monotonic()

@@ -113,11 +113,21 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     try:
         gw = request.app[GATEWAY_KEY]
         rid = gw.request_id()
-        try:
-            principal, priority, body = await _read_request(gw, request)
+        config = gw.config
+        try:  # who is asking, how urgently, for what (the read inline: no coroutine for it)
+            principal = gw.admission.authenticate(request)
+            priority = gw.admission.priority(request, principal)
+            limit = config.server.max_body_bytes
+            length = request.content_length
+            if length is not None and length > limit:
+                raise _too_large(limit)
+            try:
+                raw = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                raise _too_large(limit) from None
+            body = _parse(gw, raw)
         except ClientError as exc:
             return exc.response(rid)
-        config = gw.config
         queue = config.queue
         state = Attempts(
             deadline=asyncio.get_running_loop().time() + config.retry.deadline,
@@ -125,34 +135,49 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             priority=PRIORITIES[priority],
             max_wait=queue.batch_max_wait if priority == "batch" else queue.interactive_max_wait,
         )
-        try:
-            ticket = await gw.admission.admit(principal, state.cost)  # client limits
+        adm = gw.admission
+        try:  # client limits (without Redis: no coroutine to await)
+            ticket = (
+                adm.admit_local(principal, state.cost)
+                if adm.shared is None
+                else await adm.admit(principal, state.cost)
+            )
         except ClientError as exc:
             return exc.response(rid)
         try:
             if body.get("stream"):
                 return await stream(request, gw, rid, body, state)
-            return await _complete(gw, rid, body, state)
+            # Non-stream, inline rather than a coroutine of its own: every time the request
+            # waits on the upstream, the wake-up passes through each coroutine frame above.
+            model = body["model"]
+            on_filter = config.models[model].on_content_filter
+            try:
+                raw = await run_attempts(
+                    model,
+                    gw.router,
+                    config.retry,
+                    gw.budget,
+                    state,
+                    fail_over_filtered_output(_attempt_for(gw, body, state), on_filter),
+                )
+            except Exhausted as exc:
+                filtered = content_filter_answer(exc, on_filter, rid, model)
+                if filtered is None:
+                    return exhausted_response(rid, state, exc)
+                raw = filtered
+            return web.Response(
+                body=raw, content_type="application/json", headers=state.headers(rid)
+            )
         finally:
-            gw.admission.done(ticket, state.usage)
+            adm.done(ticket, state.usage)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception as exc:
         return await internal_error(request, exc)
 
 
-async def _read_request(gw: Gateway, request: web.Request) -> tuple[Principal, str, dict[str, Any]]:
-    """Who is asking, how urgently, for what: or a ClientError naming what is wrong."""
-    principal = gw.admission.authenticate(request)
-    priority = gw.admission.priority(request, principal)
-    limit = gw.config.server.max_body_bytes
-    length = request.content_length
-    if length is not None and length > limit:
-        raise _too_large(limit)
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise _too_large(limit) from None
+def _parse(gw: Gateway, raw: bytes) -> dict[str, Any]:
+    """The request body, checked, for a model this gateway serves; or a ClientError."""
     body = parse_chat_request(raw)
     model = body["model"]
     if model not in gw.router:
@@ -163,12 +188,13 @@ async def _read_request(gw: Gateway, request: web.Request) -> tuple[Principal, s
             code="model_not_found",
             param="model",
         )
-    return principal, priority, body
+    return body
 
 
-async def _complete(
-    gw: Gateway, rid: str, body: dict[str, Any], state: Attempts
-) -> web.StreamResponse:
+def _attempt_for(
+    gw: Gateway, body: dict[str, Any], state: Attempts
+) -> Callable[[Deployment], Awaitable[bytes]]:
+    """The non-stream attempt on one deployment: the raw answer (its usage goes to state)."""
     assert gw.session is not None and gw.deadlines is not None
     session, deadlines = gw.session, gw.deadlines
 
@@ -176,22 +202,7 @@ async def _complete(
         # A plain function: the loop awaits complete()'s coroutine itself, one frame fewer.
         return complete(session, dep, gw.upstream_body(body, dep), state, deadlines)
 
-    on_filter = gw.config.models[body["model"]].on_content_filter
-    try:
-        raw = await run_attempts(
-            body["model"],
-            gw.router,
-            gw.config.retry,
-            gw.budget,
-            state,
-            fail_over_filtered_output(attempt, on_filter),
-        )
-    except Exhausted as exc:
-        filtered = content_filter_answer(exc, on_filter, rid, body["model"])
-        if filtered is None:
-            return exhausted_response(rid, state, exc)
-        raw = filtered
-    return web.Response(body=raw, content_type="application/json", headers=state.headers(rid))
+    return attempt
 
 
 async def models(request: web.Request) -> web.Response:

@@ -35,6 +35,7 @@ from keel._splice import OverlapTrimmer, continuation_body
 from keel.gateway._attempts import Attempts, Exhausted, _bench_for, run_attempts
 from keel.gateway._deployment import Deployment
 from keel.gateway._errors import Tried, exhausted_response, final_error
+from keel.gateway._limits import Permit, release, try_acquire
 from keel.gateway._relay import ClientGone, Meta, StreamRelay, frame_bytes, keel_chunk
 from keel.gateway._upstream import AttemptFailed, FrameReader, post
 
@@ -151,13 +152,19 @@ class StreamSession:
         try:
             done, _ = await asyncio.wait({first}, timeout=delay)
             alt = None if done or self.relay.committed else self._hedge_target(dep)
-            if alt is None or not self.hedge.try_hedge():
+            if alt is None or not self.hedge.can_hedge():
                 return await first
+            # A hedge is opportunistic: it goes only if the alternate's limiter (and breaker)
+            # let it through at once, and it counts against its limits like any attempt.
+            permit = try_acquire(alt, self.state.cost, time.monotonic())
+            if permit is None:
+                return await first
+            self.hedge.try_hedge()
             second = asyncio.create_task(self._attempt(alt))
             self._racers.append(second)
             self.state.count += 1
             alt.in_flight += 1
-            second.add_done_callback(lambda _: _dec(alt))
+            second.add_done_callback(lambda task: _hedge_done(alt, permit, task))
             failure: AttemptFailed | None = None
             pending = {first, second}
             while pending:
@@ -425,5 +432,13 @@ class StreamSession:
         await self.relay.end()
 
 
-def _dec(dep: Deployment) -> None:
+def _hedge_done(dep: Deployment, permit: Permit, task: asyncio.Task[None]) -> None:
+    """A hedge ended: its outcome goes to the deployment's limiter, breaker and latency."""
     dep.in_flight -= 1
+    if not task.cancelled():
+        exc = task.exception()
+        if exc is None:
+            permit.ok = True
+        elif isinstance(exc, AttemptFailed):
+            permit.error = exc.error
+    release(dep, permit)  # neither ok nor an error: it lost the race (cancelled)
