@@ -40,3 +40,18 @@ def test_bench_quick_runs_and_writes_its_report(tmp_path: Path) -> None:
     assert (out / "bench.md").exists()
     # The chart is optional (matplotlib is an extra); when it is missing a note says so.
     assert (out / "bench.png").exists() or any("matplotlib" in n for n in report["meta"]["notes"])
+
+
+def test_inproc_harness_runs_every_gateway_both_ways() -> None:
+    # The instruction-count harness of docs/performance.md: it must keep working as the
+    # gateway changes (it raises on any non-200 answer).
+    for which in ("keel", "bare", "direct"):
+        for tokens in ("0", "3"):
+            args = [which, "--requests", "4", "--tokens", tokens]
+            proc = subprocess.run(
+                [sys.executable, "-m", "keel.bench._inproc", *args],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert proc.returncode == 0, (which, tokens, proc.stderr[-2000:])

@@ -1,0 +1,166 @@
+"""In-process harness for hot-path work: a canned upstream, the gateway (keel or the bare proxy)
+and a client on one uvloop loop, N requests.
+
+Wall-clock figures on a shared machine move ±15 % between runs; an instruction count does not.
+Run the harness twice under valgrind with different N and divide the difference by the
+difference in N: the instructions one request (or one frame) costs, reproducible to ~0.01 %
+with ``--concurrency 1`` and ``PYTHONHASHSEED=0``. The harness's own client and upstream are
+in the count (measure ``direct`` to subtract them)::
+
+    ir() { PYTHONHASHSEED=0 valgrind --tool=cachegrind --cache-sim=no \\
+             --cachegrind-out-file=/dev/null python -m keel.bench._inproc "$@" 2>&1 \\
+           | awk '/I *refs/ {gsub(",", "", $NF); print $NF}'; }
+    echo $(( ($(ir keel --requests 300) - $(ir keel --requests 100)) / 200 ))   # per request
+    echo $(( ($(ir keel --tokens 60 --requests 30) - $(ir keel --tokens 10 --requests 30)) / 1500 ))  # per frame
+
+keel runs with the benchmark's realistic config (``keel.bench._config``) and the same
+collector settings as ``keel serve``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+_ANSWER = orjson.dumps(
+    {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "sim-model",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Hello there, 你好 world!"},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 10, "total_tokens": 22},
+    }
+)
+
+
+def _chunk(delta: dict[str, str], finish: str | None = None) -> bytes:
+    chunk = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "sim-model",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+    return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+
+async def _upstream(request: web.Request) -> web.StreamResponse:
+    body = orjson.loads(await request.read())
+    if not body.get("stream"):
+        return web.Response(body=_ANSWER, content_type="application/json")
+    resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await resp.prepare(request)
+    await resp.write(_chunk({"role": "assistant", "content": ""}))
+    for i in range(request.app[_TOKENS]):
+        await resp.write(_chunk({"content": f"tok{i} "}))
+        await asyncio.sleep(0)  # one frame per read, as from an LLM
+    await resp.write(_chunk({}, "stop") + b"data: [DONE]\n\n")
+    await resp.write_eof()
+    return resp
+
+
+_TOKENS: web.AppKey[int] = web.AppKey("tokens")
+
+
+async def _site(app: web.Application) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    sock: socket.socket = site._server.sockets[0]  # type: ignore[union-attr]
+    return runner, sock.getsockname()[1]
+
+
+async def _gateway(which: str, upstream: str) -> tuple[web.AppRunner | None, str, str]:
+    """(runner, chat URL, model) for keel, the bare proxy, or the upstream itself."""
+    if which == "direct":
+        return None, upstream + "/chat/completions", "sim-model"
+    if which == "keel":
+        from keel.bench._config import MODEL, keel_config
+        from keel.config import parse_config
+        from keel.gateway._app import create_app
+
+        app = create_app(parse_config(keel_config(upstream)[0]))
+        model = MODEL
+    else:
+        from keel.bench import _bare
+
+        app = web.Application()
+        app[_bare.UPSTREAM] = upstream + "/chat/completions"
+        app.router.add_post("/v1/chat/completions", _bare.chat)
+
+        async def session(app: web.Application):  # type: ignore[no-untyped-def]
+            app[_bare.SESSION] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+            yield
+            await app[_bare.SESSION].close()
+
+        app.cleanup_ctx.append(session)
+        model = "sim-model"
+    runner, port = await _site(app)
+    return runner, f"http://127.0.0.1:{port}/v1/chat/completions", model
+
+
+async def run(which: str, requests: int, concurrency: int, tokens: int) -> None:
+    up = web.Application()
+    up[_TOKENS] = tokens
+    up.router.add_post("/v1/chat/completions", _upstream)
+    up_runner, up_port = await _site(up)
+    runner, url, model = await _gateway(which, f"http://127.0.0.1:{up_port}/v1")
+    body = orjson.dumps(
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": "bench throughput"}],
+            "stream": tokens > 0,
+        }
+    )
+    headers = {"authorization": "Bearer sk-bench", "content-type": "application/json"}
+    async with aiohttp.ClientSession() as client:
+
+        async def one() -> None:
+            async with client.post(url, data=body, headers=headers) as r:
+                data = await r.read()
+                if r.status != 200:
+                    raise RuntimeError(f"{r.status}: {data[:300]!r}")
+
+        for _ in range(20):  # warm: pools, caches, first-use imports
+            await one()
+        from keel.gateway._serve import tune_gc
+
+        tune_gc()
+
+        async def worker(n: int) -> None:
+            for _ in range(n):
+                await one()
+
+        await asyncio.gather(*(worker(requests // concurrency) for _ in range(concurrency)))
+    if runner is not None:
+        await runner.cleanup()
+    await up_runner.cleanup()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("which", choices=["keel", "bare", "direct"])
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--tokens", type=int, default=0, help="0: non-stream; N: N-token streams")
+    args = parser.parse_args()
+    import uvloop
+
+    uvloop.run(run(args.which, args.requests, args.concurrency, args.tokens))
+
+
+if __name__ == "__main__":
+    main()
