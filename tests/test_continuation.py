@@ -3,6 +3,7 @@ whatever failed behind it. Real simulator and gateway processes, the official op
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,6 +14,7 @@ from openai import AsyncOpenAI
 from gw_fixtures import UPSTREAM_KEY_A, UPSTREAM_KEY_B, entries_for, unique
 from keel.sim import answer_text
 from keel.testing import GatewayProcess, SimProcess, spawn_gateway
+from limits_helpers import metrics
 
 WEATHER_TOOL = {
     "type": "function",
@@ -293,6 +295,36 @@ async def test_hedge_wins_and_the_loser_is_cancelled(cgw, sims, slow) -> None:
     assert loser.client_disconnected and not loser.finished and loser.tokens == 0
     # the loser was closed as soon as the winner produced its token, not when it finished
     assert loser.t_close - winner.t_open < 0.2
+
+
+async def _hedged_outcomes(cgw: GatewayProcess) -> dict[str, float]:
+    """keel_upstream_attempts of the 'hedged' group's two deployments, summed by outcome."""
+    out: dict[str, float] = {}
+    for (name, labels), value in (await metrics(cgw.base_url.removesuffix("/v1"))).items():
+        lab = dict(labels)
+        if name == "keel_upstream_attempts_total" and lab["deployment"] in ("h1", "h2"):
+            out[lab["outcome"]] = out.get(lab["outcome"], 0.0) + value
+    return out
+
+
+async def test_the_hedge_that_lost_is_not_counted_as_a_success(cgw, sims) -> None:
+    # The winner succeeded; the slow first attempt was cancelled, not successful: its breaker
+    # and metrics must not count it as a success.
+    before = await _hedged_outcomes(cgw)
+    prompt = unique()
+    body = {
+        "model": "hedged",
+        "messages": [{"role": "user", "content": f"{prompt} [[sim:slow_first=3*1]]"}],
+    }
+    text, _ = check_one_stream(await sse(cgw, body))
+    assert text == answer_text(prompt)
+    for _ in range(100):  # both outcomes are recorded as the handler unwinds, just after [DONE]
+        after = await _hedged_outcomes(cgw)
+        delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+        if sum(delta.values()) >= 2:
+            break
+        await asyncio.sleep(0.02)
+    assert {k: v for k, v in delta.items() if v} == {"success": 1.0, "cancelled": 1.0}
 
 
 async def test_a_hedge_counts_against_the_target_limits_and_never_exceeds_them(cgw, sims) -> None:

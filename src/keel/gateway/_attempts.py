@@ -182,8 +182,9 @@ async def run_attempts(
                     if err.retry_after is not None:
                         hints.append(err.retry_after)
                 else:
-                    permit.ok = True
-                    dep.record_success()
+                    if state.last is dep:  # else a hedge on another deployment answered
+                        permit.ok = True  # (and this attempt was cancelled: neutral)
+                        dep.record_success()
                     return result
                 finally:
                     dep.in_flight -= 1
