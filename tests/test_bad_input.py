@@ -248,11 +248,31 @@ def locked_gateway(
     sims: tuple[SimProcess, SimProcess], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[GatewayProcess]:
     cfg = {
-        "server": {"api_keys": [CLIENT_KEY, "sk-keel-other"]},
+        "server": {"api_keys": [CLIENT_KEY, "sk-keel-other"], "metrics_key": METRICS_KEY},
         "models": {"solo": {"deployments": [{"base_url": sims[0].base_url, "api_key": UPSTREAM_KEY_A}]}},
     }  # fmt: skip
     with spawn_gateway(cfg, workdir=str(tmp_path_factory.mktemp("locked"))) as gw:
         yield gw
+
+
+METRICS_KEY = "sk-metrics-scraper-42"
+
+
+@pytest.mark.parametrize(
+    "authorization", [None, "Bearer sk-wrong", f"Bearer {CLIENT_KEY}", f"Basic {METRICS_KEY}"]
+)
+async def test_metrics_need_the_metrics_key_when_one_is_set(
+    locked_gateway: GatewayProcess, authorization: str | None
+) -> None:
+    # A client key is not an operator's: it does not open /metrics either.
+    url = locked_gateway.base_url.removesuffix("/v1") + "/metrics"
+    headers = {} if authorization is None else {"authorization": authorization}
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url, headers=headers) as r:
+            assert_openai_error(r.status, await r.json(), 401, "metrics key")
+        async with s.get(url, headers={"authorization": f"Bearer {METRICS_KEY}"}) as r:
+            assert r.status == 200
+            assert "keel_upstream_attempts" in await r.text()
 
 
 @pytest.mark.parametrize(

@@ -132,6 +132,10 @@ class ServerConfig(_Strict):
     port: int = Field(4000, ge=0, le=65535)
     max_body_bytes: int = Field(8 * 1024 * 1024, gt=0)
     api_keys: list[SecretStr] = []  # empty → any bearer token is accepted (local use)
+    # Bearer token a scraper must send for GET /metrics; None: open (bind to a private
+    # interface, or put it behind the ingress). Client keys do not open it: a client is not
+    # an operator.
+    metrics_key: SecretStr | None = None
 
 
 class GatewayConfig(_Strict):

@@ -7,6 +7,7 @@ samples when Prometheus asks. Labels are deployment and client *names*, never ke
 
 from __future__ import annotations
 
+import hmac
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -15,6 +16,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from keel.gateway._errors import ClientError
 
 if TYPE_CHECKING:
     from keel.gateway._app import Gateway
@@ -130,5 +133,15 @@ async def metrics(request: web.Request) -> web.Response:
     from keel.gateway._app import GATEWAY_KEY
 
     gw = request.app[GATEWAY_KEY]
+    key = gw.config.server.metrics_key
+    if key is not None and not hmac.compare_digest(
+        request.headers.get("authorization", "").encode(),
+        f"Bearer {key.get_secret_value()}".encode(),
+    ):
+        return ClientError(
+            401,
+            "GET /metrics needs the gateway's metrics key (server.metrics_key) as a bearer token.",
+            code="invalid_api_key",
+        ).response()
     body = generate_latest(gw.metrics)
     return web.Response(body=body, headers={"content-type": CONTENT_TYPE_LATEST})
