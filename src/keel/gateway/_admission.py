@@ -110,23 +110,18 @@ class Admission:
 
     async def admit(self, p: Principal, req: RequestCost) -> Ticket | None:
         """Book the client's limits or raise a 429 ClientError. None: nothing to give back."""
-        if self.shared is None:
+        shared = self.shared
+        if shared is None or not p.limited:
             return self.admit_local(p, req)
-        if not p.limited:
-            return None
-        cfg = p.cfg
-        assert cfg is not None
-        cost = req.prompt + (req.max_completion or 0) if p.tok is not None else 0
-        if cfg.max_concurrency and p.in_flight >= cfg.max_concurrency:
-            raise self._refuse(p, "concurrency", 1.0)
+        cost = self._cost_within_concurrency(p, req)
         lease = None
-        if self.shared is not None and self.shared.up:
+        if shared.up:
             try:
-                lease = await self._book_shared(self.shared, p, cost)
+                lease = await self._book_shared(shared, p, cost)
             except SharedDown:
-                self._book_local(p, cost, self.shared.peers)
+                self._book_local(p, cost, shared.peers)
         else:
-            self._book_local(p, cost, self.shared.peers if self.shared is not None else 1)
+            self._book_local(p, cost, shared.peers)
         p.in_flight += 1
         return Ticket(p, cost, lease)
 
@@ -135,14 +130,18 @@ class Admission:
         directly; a coroutine per request costs more than the booking itself)."""
         if not p.limited:
             return None
-        cfg = p.cfg
-        assert cfg is not None
-        cost = req.prompt + (req.max_completion or 0) if p.tok is not None else 0
-        if cfg.max_concurrency and p.in_flight >= cfg.max_concurrency:
-            raise self._refuse(p, "concurrency", 1.0)
+        cost = self._cost_within_concurrency(p, req)
         self._book_local(p, cost, 1)
         p.in_flight += 1
         return Ticket(p, cost, None)
+
+    def _cost_within_concurrency(self, p: Principal, req: RequestCost) -> int:
+        """Tokens to book against the client's TPM; a 429 when it is at its concurrency cap."""
+        cfg = p.cfg
+        assert cfg is not None
+        if cfg.max_concurrency and p.in_flight >= cfg.max_concurrency:
+            raise self._refuse(p, "concurrency", 1.0)
+        return req.prompt + (req.max_completion or 0) if p.tok is not None else 0
 
     def _book_local(self, p: Principal, cost: int, share: int) -> None:
         now = time.monotonic()
