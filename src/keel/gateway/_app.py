@@ -110,6 +110,10 @@ def _too_large(limit: int) -> ClientError:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
+    """POST /v1/chat/completions: who is asking and for what (a 4xx at once when that is
+    wrong), the client's limits, then the attempt loop — through a StreamSession for streams,
+    right here for non-stream answers. One function rather than a chain of helpers on
+    purpose: in CPython every wait on the upstream wakes up through each coroutine frame."""
     try:
         gw = request.app[GATEWAY_KEY]
         rid = gw.request_id()
