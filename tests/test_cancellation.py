@@ -204,3 +204,33 @@ async def test_client_leaving_during_retry_backoff_starts_no_further_attempt(
 
     entries = await until(sim, prompt, closed)
     assert len(entries) == 1, "keel started another attempt for a client that had left"
+
+
+# --- the client's own timeout --------------------------------------------------------------
+
+
+async def test_sdk_timeout_gets_keels_error_before_it_fires_and_the_upstream_is_closed(
+    cancel_gateway, sims
+) -> None:
+    """The SDK sends its read timeout (x-stainless-read-timeout); for a non-stream request
+    keel gives up just before it with an OpenAI-shaped error and closes the upstream attempt,
+    instead of the client timing out while keel works on for nobody."""
+    import openai
+
+    prompt = unique("client patience")
+    async with AsyncOpenAI(
+        base_url=cancel_gateway.base_url, api_key="sk-client", max_retries=0, timeout=1.0
+    ) as client:
+        t0 = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as info:  # not APITimeoutError
+            await client.chat.completions.create(
+                model="one",
+                messages=[{"role": "user", "content": f"{prompt} [[sim:slow_first=5]]"}],
+            )
+        elapsed = time.monotonic() - t0
+    assert 0.8 < elapsed < 1.0, elapsed
+    assert info.value.status_code == 504, info.value.body
+    assert "deadline" in str(info.value.message) or "timed out" in str(info.value.message)
+    (e,) = await until(sims[0], prompt, closed)
+    assert e.client_disconnected and not e.finished
+    assert e.t_close is not None and e.t_close - t0 < 1.0  # closed by keel, before the SDK gave up

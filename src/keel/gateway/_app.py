@@ -133,8 +133,15 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         except ClientError as exc:
             return exc.response(rid)
         queue = config.queue
+        now = asyncio.get_running_loop().time()
+        deadline = now + config.retry.deadline
+        streaming = body.get("stream")
+        if not streaming:
+            patience = _client_patience(request)
+            if patience is not None and now + patience < deadline:
+                deadline = now + patience
         state = Attempts(
-            deadline=asyncio.get_running_loop().time() + config.retry.deadline,
+            deadline=deadline,
             cost=RequestCost(body),
             priority=PRIORITIES[priority],
             max_wait=queue.batch_max_wait if priority == "batch" else queue.interactive_max_wait,
@@ -149,7 +156,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         except ClientError as exc:
             return exc.response(rid)
         try:
-            if body.get("stream"):
+            if streaming:
                 return await stream(request, gw, rid, body, state)
             # Non-stream, inline rather than a coroutine of its own: every time the request
             # waits on the upstream, the wake-up passes through each coroutine frame above.
@@ -178,6 +185,29 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raise
     except Exception as exc:
         return await internal_error(request, exc)
+
+
+# How long before the client's own timeout keel answers, so that its error (not a client-side
+# timeout) is what the client sees: a response's trip back, with room to spare.
+_PATIENCE_MARGIN = 0.25  # seconds, or 10 % of a shorter timeout
+
+
+def _client_patience(request: web.Request) -> float | None:
+    """How long the client will wait for a non-stream answer, when it says so: the official
+    OpenAI SDKs send their read timeout as ``x-stainless-read-timeout`` (nothing arrives
+    before a non-stream answer, so it bounds the whole request). keel gives up a little
+    before that with an OpenAI-shaped error and closes the upstream attempt, instead of
+    working on for an answer nobody will read."""
+    raw = request.headers.get("x-stainless-read-timeout")
+    if raw is None:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        return None
+    if not seconds > 0 or seconds == float("inf"):  # also rejects NaN
+        return None
+    return seconds - min(_PATIENCE_MARGIN, 0.1 * seconds)
 
 
 def _parse(gw: Gateway, raw: bytes) -> dict[str, Any]:
