@@ -131,6 +131,17 @@ def check_one_stream(frames: list[bytes]) -> tuple[str, list[dict[str, Any]]]:
     return text, chunks
 
 
+async def exact_stream(cgw: GatewayProcess, model: str, directive: str = "") -> str:
+    """Stream a fresh prompt (plus a simulator directive) through ``model``; check it arrived
+    as one exact, well-formed stream. Returns the prompt, to find its attempts in the log."""
+    prompt = unique()
+    content = f"{prompt} {directive}" if directive else prompt
+    body = {"model": model, "messages": [{"role": "user", "content": content}]}
+    text, _ = check_one_stream(await sse(cgw, body))
+    assert text == answer_text(prompt)
+    return prompt
+
+
 MID = ["trunc=1", "trunc=5", "trunc=23", "trunc_mid=1", "trunc_mid=7", "stall=4", "stall_ka=4",
        "err_mid=3", "anth_err_mid=6", "garbage_fatal=5", "no_finish", "null_finish",
        "empty_finish", "no_done"]  # fmt: skip
@@ -311,13 +322,7 @@ async def test_the_hedge_that_lost_is_not_counted_as_a_success(cgw, sims) -> Non
     # The winner succeeded; the slow first attempt was cancelled, not successful: its breaker
     # and metrics must not count it as a success.
     before = await _hedged_outcomes(cgw)
-    prompt = unique()
-    body = {
-        "model": "hedged",
-        "messages": [{"role": "user", "content": f"{prompt} [[sim:slow_first=3*1]]"}],
-    }
-    text, _ = check_one_stream(await sse(cgw, body))
-    assert text == answer_text(prompt)
+    await exact_stream(cgw, "hedged", "[[sim:slow_first=3*1]]")
     for _ in range(100):  # both outcomes are recorded as the handler unwinds, just after [DONE]
         after = await _hedged_outcomes(cgw)
         delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
@@ -329,19 +334,10 @@ async def test_the_hedge_that_lost_is_not_counted_as_a_success(cgw, sims) -> Non
 
 async def test_a_hedge_counts_against_the_target_limits_and_never_exceeds_them(cgw, sims) -> None:
     # First request: the hedge goes to h4 and wins, using h4's one request of the minute.
-    first = unique()
-    body = {
-        "model": "hedged-limited",
-        "messages": [{"role": "user", "content": f"{first} [[sim:slow_first=3*1]]"}],
-    }
-    text, _ = check_one_stream(await sse(cgw, body))
-    assert text == answer_text(first)
+    first = await exact_stream(cgw, "hedged-limited", "[[sim:slow_first=3*1]]")
     assert len(entries_for(sims[0], first)) == 2  # the slow attempt and the hedge
     # Second request: h4 has no room left this minute, so no hedge: h3 answers, late.
-    second = unique()
-    body["messages"] = [{"role": "user", "content": f"{second} [[sim:slow_first=1*1]]"}]
-    text, _ = check_one_stream(await sse(cgw, body))
-    assert text == answer_text(second)
+    second = await exact_stream(cgw, "hedged-limited", "[[sim:slow_first=1*1]]")
     (only,) = entries_for(sims[0], second)
     assert only.finished and not only.client_disconnected
 
