@@ -12,14 +12,13 @@ Run as ``python -m keel.bench._bare --upstream URL [--port 0]``; prints
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import signal
 import socket
 
 import aiohttp
 import orjson
 from aiohttp import web
+
+from keel._signals import until_signalled
 
 SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("session")
 UPSTREAM: web.AppKey[str] = web.AppKey("upstream")
@@ -94,13 +93,8 @@ async def serve(upstream: str, host: str, port: int) -> None:
     await site.start()
     sock: socket.socket = site._server.sockets[0]  # type: ignore[union-attr]
     print(f"bare listening on http://{host}:{sock.getsockname()[1]}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await until_signalled()
     finally:
         await runner.cleanup()
 

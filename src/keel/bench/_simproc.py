@@ -10,12 +10,9 @@ Run as ``python -m keel.bench._simproc``; prints ``keel-sim listening on URL`` l
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import signal
-
 from aiohttp import web
 
+from keel._signals import until_signalled
 from keel.sim import Simulator
 
 BACKLOG = 4096
@@ -30,13 +27,8 @@ async def _serve() -> None:
     await web.TCPSite(runner, "127.0.0.1", 0, backlog=BACKLOG, reuse_address=True).start()
     port = runner.addresses[0][1]
     print(f"keel-sim listening on http://127.0.0.1:{port}/v1", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await until_signalled()
     finally:
         await sim.stop()
         await runner.cleanup()

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
-import signal
 import socket
 from typing import Any
 
 from aiohttp import web
 
+from keel._signals import until_signalled
 from keel.config import GatewayConfig, parse_config
 from keel.gateway._app import create_app
 
@@ -87,13 +86,8 @@ async def serve(config: GatewayConfig | None, host: str | None, port: int | None
     tune_gc()
     shown = f"[{host}]" if ":" in host else host
     print(f"keel listening on http://{shown}:{bound}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await until_signalled()
     finally:
         await runner.cleanup()
         for s in sims:
