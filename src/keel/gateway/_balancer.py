@@ -42,10 +42,7 @@ def _scores(deps: Sequence[Deployment], now: float) -> list[float]:
 
 
 def _best_first(ready: list[Deployment], now: float, rng: random.Random) -> list[Deployment]:
-    scores = _scores(ready, now)
-    if len(ready) == 2 and scores[0] != scores[1]:  # both drawn: the better one first
-        return ready if scores[0] < scores[1] else [ready[1], ready[0]]
-    picked = p2c_order(scores, [d.weight for d in ready], rng)
+    picked = p2c_order(_scores(ready, now), [d.weight for d in ready], rng)
     return [ready[i] for i in picked]
 
 
