@@ -11,8 +11,9 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp.client_exceptions import ClientConnectionResetError
+from keel.engine._sinks import ClientGone
+from keel.gateway._sink import SSESink
 
-from keel.gateway._relay import ClientGone, StreamRelay
 from keel.testing import SimProcess, spawn_gateway
 
 
@@ -37,8 +38,8 @@ class _Response:
         raise ClientConnectionResetError("Cannot write to closing transport")
 
 
-def _relay(transport: _Transport | None) -> StreamRelay:
-    relay = StreamRelay(_Request(transport), {})  # type: ignore[arg-type]
+def _relay(transport: _Transport | None) -> SSESink:
+    relay = SSESink(_Request(transport), "rid")  # type: ignore[arg-type]
     relay.response = _Response()  # type: ignore[assignment]
     relay.committed = True
     return relay
@@ -47,17 +48,17 @@ def _relay(transport: _Transport | None) -> StreamRelay:
 @pytest.mark.parametrize("transport", [None, _Transport(closing=True)], ids=["lost", "closing"])
 async def test_a_write_to_a_client_that_left_is_client_gone(transport: _Transport | None) -> None:
     with pytest.raises(ClientGone):
-        await _relay(transport).send([b"data: x\n\n"])
+        await _relay(transport).send([b"{}"])
     with pytest.raises(ClientGone):
-        await _relay(transport).end()
+        await _relay(transport).end([])
 
 
 async def test_a_write_error_with_the_client_still_there_is_not_hidden() -> None:
     relay = _relay(_Transport(closing=False))
     with pytest.raises(ClientConnectionResetError):
-        await relay.send([b"data: x\n\n"])
+        await relay.send([b"{}"])
     with pytest.raises(ClientConnectionResetError):
-        await _relay(_Transport(closing=False)).end()
+        await _relay(_Transport(closing=False)).end([])
 
 
 async def _leave_mid_stream(port: int, body: bytes, reads: int, reset: bool) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from keel.gateway._deadlines import GRAIN, Deadlines
+from keel.engine._deadlines import GRAIN, Deadlines
 
 
 async def test_callbacks_fire_in_order_and_withdrawn_ones_never() -> None:

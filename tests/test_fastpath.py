@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 
 from keel.config import parse_config
-from keel.gateway._admission import Admission
-from keel.gateway._deployment import Deployment
-from keel.gateway._limits import RequestCost, acquire, release, try_acquire
-from keel.gateway._router import Router
+from keel.engine._admission import Admission
+from keel.engine._deployment import Deployment
+from keel.engine._limits import RequestCost, acquire, release, try_acquire
+from keel.engine._router import Router
 
 REQ = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 50}
 

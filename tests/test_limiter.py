@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from keel.config import ConfigError, parse_config
-from keel.gateway._limits import DeploymentLimiter, RequestCost, Saturated
+from keel.engine._limits import DeploymentLimiter, RequestCost, Saturated
 
 
 def limiter(shared: Any = None, **kw: Any) -> DeploymentLimiter:
@@ -139,8 +139,8 @@ async def test_tpm_reserves_the_estimate_and_refunds_with_the_reported_usage() -
     """tpm 6000 = 100 tokens/s. A request with max_tokens 1000 books ~1000 tokens (10 s of
     the limit); the upstream reports 60 used, the rest is refunded, and the next request
     goes at once instead of 10 s later."""
-    from keel.gateway._limits import acquire, release
-    from keel.gateway._router import Router
+    from keel.engine._limits import acquire, release
+    from keel.engine._router import Router
 
     cfg = parse_config(
         {"models": {"m": {"deployments": [{"base_url": "http://x/v1", "tpm": 6000, "burst": 1}]}}}

@@ -13,7 +13,7 @@ import pytest
 
 from gw_fixtures import unique
 from keel._config_limits import SharedConfig
-from keel.gateway._shared import SharedDown, SharedState
+from keel.engine._shared import SharedDown, SharedState
 from keel.testing import spawn_sim
 from limits_helpers import (
     RedisServer,
@@ -82,7 +82,7 @@ async def test_reserve_script_paces_and_leases(redis_server) -> None:
 async def test_leases_are_renewed_while_held_and_expire_when_their_replica_dies(
     redis_server, monkeypatch
 ) -> None:
-    import keel.gateway._shared as shared_mod
+    import keel.engine._shared as shared_mod
 
     monkeypatch.setattr(shared_mod, "LEASE_TTL", 0.3)
     alive, other = await _shared(redis_server.url), await _shared(redis_server.url)

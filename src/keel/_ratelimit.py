@@ -3,7 +3,7 @@
 GCRA (the generic cell rate algorithm, a.k.a. virtual scheduling) keeps one number per limit,
 the *theoretical arrival time* (TAT): when the limit would be fully rested if every request so
 far had been sent exactly at the paced rate. One number is why the same math runs unchanged as
-a Lua script in Redis (``keel.gateway._shared``), where every gateway replica shares the TAT.
+a Lua script in Redis (``keel.engine._shared``), where every gateway replica shares the TAT.
 
 Reservations instead of yes/no: ``reserve`` says *when* a request may go (now, or after a wait
 of at most ``max_wait``) and books that slot at once, so N waiting requests get N distinct slots

@@ -17,15 +17,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from keel.gateway._errors import ClientError
+from keel.engine._errors import KeelError
+from keel.gateway._sink import error_response
 
 if TYPE_CHECKING:
-    from keel.gateway._app import Gateway
+    from keel.engine._keel import Keel
 
 
 class KeelCollector(Collector):
-    def __init__(self, gw: Gateway) -> None:
-        self.gw = gw
+    def __init__(self, keel: Keel) -> None:
+        self.gw = keel
 
     def collect(self) -> Iterator[Metric]:
         now = time.monotonic()
@@ -123,25 +124,28 @@ class KeelCollector(Collector):
             )
 
 
-def registry_for(gw: Gateway) -> CollectorRegistry:
+def registry_for(keel: Keel) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(KeelCollector(gw))
+    registry.register(KeelCollector(keel))
     return registry
 
 
 async def metrics(request: web.Request) -> web.Response:
-    from keel.gateway._app import GATEWAY_KEY
+    from keel.gateway._app import KEEL_KEY, METRICS_KEY
 
-    gw = request.app[GATEWAY_KEY]
-    key = gw.config.server.metrics_key
+    keel = request.app[KEEL_KEY]
+    key = keel.config.server.metrics_key
     if key is not None and not hmac.compare_digest(
         request.headers.get("authorization", "").encode(),
         f"Bearer {key.get_secret_value()}".encode(),
     ):
-        return ClientError(
-            401,
-            "GET /metrics needs the gateway's metrics key (server.metrics_key) as a bearer token.",
-            code="invalid_api_key",
-        ).response()
-    body = generate_latest(gw.metrics)
+        return error_response(
+            KeelError(
+                401,
+                "GET /metrics needs the gateway's metrics key (server.metrics_key) as a bearer "
+                "token.",
+                code="invalid_api_key",
+            )
+        )
+    body = generate_latest(request.app[METRICS_KEY])
     return web.Response(body=body, headers={"content-type": CONTENT_TYPE_LATEST})

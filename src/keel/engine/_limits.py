@@ -33,12 +33,12 @@ from keel._health import Admit, Breaker, PeakEwma
 from keel._ratelimit import Gcra, parse_ratelimit_headers, per_minute, window_pacing
 from keel._tokens import Calibration, completion_budget, prompt_tokens
 from keel.config import GatewayConfig
-from keel.gateway._shared import RemoteHealth, SharedDown, SharedState
+from keel.engine._shared import RemoteHealth, SharedDown, SharedState
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from keel.gateway._deployment import Deployment
+    from keel.engine._deployment import Deployment
 
 log = logging.getLogger("keel.limits")
 

@@ -15,34 +15,16 @@ from __future__ import annotations
 
 import math
 import time
-from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
-
-from keel._config_limits import ClientConfig
 from keel._ratelimit import Gcra, go_duration, per_minute
 from keel.config import GatewayConfig
-from keel.gateway._errors import ClientError
-from keel.gateway._limits import PRIORITIES, RequestCost
-from keel.gateway._shared import SharedDown, SharedState
-
-
-@dataclass(slots=True, eq=False)
-class Principal:
-    name: str
-    cfg: ClientConfig | None = None
-    req: Gcra | None = None
-    tok: Gcra | None = None
-    in_flight: int = 0
-    refused: Counter[str] = field(default_factory=Counter)
-    limited: bool = False  # any of rpm/tpm/max_concurrency (a field: read per request)
-
-    def __post_init__(self) -> None:
-        cfg = self.cfg
-        self.limited = cfg is not None and bool(cfg.rpm or cfg.tpm or cfg.max_concurrency)
+from keel.engine._auth import Principal, StaticKeys
+from keel.engine._errors import KeelError
+from keel.engine._limits import PRIORITIES, RequestCost
+from keel.engine._shared import SharedDown, SharedState
 
 
 @dataclass(slots=True)
@@ -66,39 +48,20 @@ class Admission:
                 p.tok = per_minute(c.tpm, c.burst)
             self.by_key[c.key.get_secret_value()] = p
         self.anonymous = Principal("anonymous")
+        self.authenticator = StaticKeys(self.by_key, self.anonymous)
         self._seq = 0
-
-    @property
-    def open(self) -> bool:
-        """No keys configured: any bearer token is accepted (local use)."""
-        return not self.by_key
 
     def principals(self) -> list[Principal]:
         return list(self.by_key.values())
 
-    def authenticate(self, request: web.Request) -> Principal:
-        if not self.by_key:
-            return self.anonymous
-        header = request.headers.get("authorization", "")
-        token = header[7:] if header[:7].lower() == "bearer " else ""
-        p = self.by_key.get(token)
-        if p is None:
-            raise ClientError(
-                401,
-                "Invalid or missing API key for this gateway.",
-                type="invalid_request_error",
-                code="invalid_api_key",
-            )
-        return p
-
     @staticmethod
-    def priority(request: web.Request, principal: Principal) -> str:
-        value = request.headers.get("x-keel-priority")
+    def priority(headers: Mapping[str, str], principal: Principal) -> str:
+        value = headers.get("x-keel-priority")
         if value is None:
             return principal.cfg.priority if principal.cfg is not None else "interactive"
         value = value.strip().lower()
         if value not in PRIORITIES:
-            raise ClientError(
+            raise KeelError(
                 400,
                 f"x-keel-priority must be one of {', '.join(PRIORITIES)}, not {value!r}.",
                 param="x-keel-priority",
@@ -109,7 +72,7 @@ class Admission:
     # -- limits --------------------------------------------------------------------------------
 
     async def admit(self, p: Principal, req: RequestCost) -> Ticket | None:
-        """Book the client's limits or raise a 429 ClientError. None: nothing to give back."""
+        """Book the client's limits or raise a 429 KeelError. None: nothing to give back."""
         shared = self.shared
         if shared is None or not p.limited:
             return self.admit_local(p, req)
@@ -217,7 +180,7 @@ class Admission:
 
     # -- the refusal -----------------------------------------------------------------------------
 
-    def _refuse(self, p: Principal, what: str, wait: float) -> ClientError:
+    def _refuse(self, p: Principal, what: str, wait: float) -> KeelError:
         p.refused[what] += 1
         cfg = p.cfg
         assert cfg is not None
@@ -251,4 +214,4 @@ class Admission:
                 f"Please try again in {go_duration(wait)}."
             )
             kind = what
-        return ClientError(429, message, type=kind, code="rate_limit_exceeded", headers=headers)
+        return KeelError(429, message, type=kind, code="rate_limit_exceeded", headers=headers)

@@ -6,11 +6,11 @@ from typing import Any
 
 import orjson
 
-from keel.gateway._errors import ClientError
+from keel.engine._errors import KeelError
 
 
-def bad(message: str, param: str | None = None, code: str | None = None) -> ClientError:
-    return ClientError(400, message, param=param, code=code)
+def bad(message: str, param: str | None = None, code: str | None = None) -> KeelError:
+    return KeelError(400, message, param=param, code=code)
 
 
 def parse_chat_request(raw: bytes) -> dict[str, Any]:
@@ -26,6 +26,11 @@ def parse_chat_request(raw: bytes) -> dict[str, Any]:
         raise bad(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad("The request body must be a JSON object.", code="invalid_json")
+    return check_chat_request(body)
+
+
+def check_chat_request(body: dict[str, Any]) -> dict[str, Any]:
+    """Check a chat completion body (parsed, or a library caller's dict)."""
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad("'model' is required and must be a non-empty string.", param="model")

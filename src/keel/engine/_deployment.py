@@ -20,7 +20,7 @@ from keel._health import Breaker, PeakEwma
 from keel.config import DeploymentConfig, Timeouts
 
 if TYPE_CHECKING:
-    from keel.gateway._limits import DeploymentLimiter
+    from keel.engine._limits import DeploymentLimiter
 
 log = logging.getLogger("keel.deployment")
 USER_AGENT = f"keel/{__version__}"
@@ -60,7 +60,7 @@ class Deployment:
     bench_reason: str = ""
     successes: int = field(default=0)
     failures: int = field(default=0)
-    # limits, breaker and latency (keel.gateway._limits.wire sets them from the config)
+    # limits, breaker and latency (keel.engine._limits.wire sets them from the config)
     limiter: DeploymentLimiter = field(default=None, repr=False)  # type: ignore[assignment]
     breaker: Breaker = field(default_factory=Breaker)
     latency: PeakEwma = field(default_factory=PeakEwma)

@@ -1,6 +1,6 @@
 """Router: a model name → its group's deployments, then its fallback groups'.
 
-The order inside a group is the balancer's business (``keel.gateway._balancer``: weighted
+The order inside a group is the balancer's business (``keel.engine._balancer``: weighted
 power-of-two-choices on peak-EWMA latency and load; benched keys and open breakers are
 skipped, full deployments come after free ones, cooling ones go last).
 """
@@ -12,10 +12,10 @@ import time
 from collections.abc import Iterator
 
 from keel.config import GatewayConfig
-from keel.gateway import _balancer
-from keel.gateway._deployment import Deployment
-from keel.gateway._limits import wire
-from keel.gateway._shared import SharedState
+from keel.engine import _balancer
+from keel.engine._deployment import Deployment
+from keel.engine._limits import wire
+from keel.engine._shared import SharedState
 
 
 class Router:

@@ -14,7 +14,7 @@ import random
 from collections.abc import Sequence
 
 from keel._balance import p2c_order
-from keel.gateway._deployment import Deployment
+from keel.engine._deployment import Deployment
 
 
 def _scores(deps: Sequence[Deployment], now: float) -> list[float]:

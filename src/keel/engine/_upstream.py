@@ -3,7 +3,7 @@
 It turns everything that can go wrong on the wire into a classified ``UpstreamError`` (raised
 as ``AttemptFailed``) and never decides what to do about it — that is the attempt loop's job.
 
-Timeouts: a deadline (``keel.gateway._deadlines``: one loop timer for all attempts) bounds the
+Timeouts: a deadline (``keel.engine._deadlines``: one loop timer for all attempts) bounds the
 phase up to the response headers — for a non-stream attempt, up to the whole body; after that
 a lazy watchdog (one deadline per attempt, re-armed only when it fires) enforces first-token,
 idle and total deadlines without touching a timer per frame. Keep-alive comments are not
@@ -13,17 +13,15 @@ progress.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Mapping
-from typing import Any, Protocol
+from collections.abc import Awaitable
 
 import aiohttp
-import orjson
 
 from keel._assembly import Frame, FrameKind, StreamAssembler
 from keel._classify import ErrorKind, UpstreamError, classify_response, transport_error
 from keel._sse import Comment, SSEDecoder
-from keel.gateway._deadlines import Deadlines, Entry
-from keel.gateway._deployment import Deployment
+from keel.engine._deadlines import Deadlines, Entry
+from keel.engine._deployment import Deployment
 
 _CHUNK = FrameKind.CHUNK
 
@@ -46,7 +44,7 @@ def _client_timeout(connect: float) -> aiohttp.ClientTimeout:
     return t
 
 
-def _request(
+def send(
     session: aiohttp.ClientSession, dep: Deployment, body: bytes
 ) -> Awaitable[aiohttp.ClientResponse]:
     """The upstream POST, for the caller to await (a plain function: no coroutine frame of its
@@ -60,7 +58,7 @@ def _request(
     )
 
 
-def _accepted(dep: Deployment, resp: aiohttp.ClientResponse) -> bool:
+def accepted(dep: Deployment, resp: aiohttp.ClientResponse) -> bool:
     """A 2xx? The upstream's x-ratelimit-* headers tighten the deployment's limits either way
     (cheap when absent: two lookups)."""
     ok = resp.status < 300
@@ -68,7 +66,7 @@ def _accepted(dep: Deployment, resp: aiohttp.ClientResponse) -> bool:
     return ok
 
 
-async def _refused(dep: Deployment, resp: aiohttp.ClientResponse) -> AttemptFailed:
+async def refused(dep: Deployment, resp: aiohttp.ClientResponse) -> AttemptFailed:
     """A non-2xx response, classified; the response is closed."""
     try:
         try:
@@ -81,7 +79,9 @@ async def _refused(dep: Deployment, resp: aiohttp.ClientResponse) -> AttemptFail
         resp.close()
 
 
-def _transport_failure(exc: BaseException, phase: str) -> AttemptFailed:
+def transport_failure(exc: BaseException, phase: str) -> AttemptFailed:
+    """A transport exception, translated at the boundary into keel's own (and forgotten)."""
+    _forget(exc)
     if isinstance(exc, TimeoutError):
         return AttemptFailed(transport_error(ErrorKind.TIMEOUT, f"upstream timed out {phase}"))
     if isinstance(exc, aiohttp.ClientPayloadError):
@@ -97,13 +97,13 @@ async def _send(
     session: aiohttp.ClientSession, dep: Deployment, body: bytes
 ) -> aiohttp.ClientResponse:
     """Send the request; return the response once its 2xx headers are in."""
-    resp = await _request(session, dep, body)
-    if not _accepted(dep, resp):
-        raise await _refused(dep, resp)
+    resp = await send(session, dep, body)
+    if not accepted(dep, resp):
+        raise await refused(dep, resp)
     return resp
 
 
-def _limit(dep: Deployment, deadline: float, deadlines: Deadlines) -> float:
+def attempt_limit(dep: Deployment, deadline: float, deadlines: Deadlines) -> float:
     t = dep.timeouts
     return min(deadline, deadlines.loop.time() + min(t.first_token, t.total))
 
@@ -117,75 +117,23 @@ async def post(
 ) -> aiohttp.ClientResponse:
     """Send the request and wait for a 2xx response's headers (first-token timeout bounds it)."""
     try:
-        with deadlines.timeout(_limit(dep, deadline, deadlines)):
+        with deadlines.timeout(attempt_limit(dep, deadline, deadlines)):
             return await _send(session, dep, body)
     except AttemptFailed:
         raise
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-        raise _transport_failure(exc, "before the response") from None
+        raise transport_failure(exc, "before the response") from None
 
 
-class AttemptState(Protocol):
-    """What a non-stream attempt reads (the request's deadline) and reports (the usage)."""
-
-    deadline: float  # loop time
-    usage: Mapping[str, Any] | None
-
-
-async def complete(
-    session: aiohttp.ClientSession,
-    dep: Deployment,
-    body: bytes,
-    state: AttemptState,
-    deadlines: Deadlines,
-) -> bytes:
-    """A non-stream attempt: the raw body, relayed unchanged; its usage goes to ``state``.
-
-    One deadline bounds the whole attempt: for a non-stream request ``first_token`` runs to
-    the complete response (``config.Timeouts``), so headers and body share it. It awaits
-    ``_request`` itself rather than ``_send``: one coroutine frame fewer on every request."""
-    resp: aiohttp.ClientResponse | None = None
-    try:
-        with deadlines.timeout(_limit(dep, state.deadline, deadlines)):
-            resp = await _request(session, dep, body)
-            if not _accepted(dep, resp):
-                failed, resp = resp, None  # _refused closes it: nothing to release
-                raise await _refused(dep, failed)
-            raw = await resp.read()
-    except AttemptFailed:
-        raise
-    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-        if resp is None:
-            raise _transport_failure(exc, "before the response") from None
-        resp.close()
-        raise _transport_failure(exc, "while reading the response") from None
-    finally:
-        if resp is not None:
-            resp.release()
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        obj = None
-    if not isinstance(obj, dict) or not isinstance(obj.get("choices"), list):
-        raise AttemptFailed(
-            transport_error(ErrorKind.PROTOCOL, "upstream returned a malformed chat completion")
-        )
-    # Like a stream without its terminal chunk, an answer without a finish_reason is not known
-    # to be complete: never pass it off as success.
-    choices = obj["choices"]
-    if not choices or not all(_finished(c) for c in choices):
-        raise AttemptFailed(
-            transport_error(
-                ErrorKind.PROTOCOL, "upstream returned a chat completion without a finish_reason"
-            )
-        )
-    usage = obj.get("usage")
-    state.usage = usage if type(usage) is dict else None
-    return raw
-
-
-def _finished(choice: object) -> bool:
-    return type(choice) is dict and type(r := choice.get("finish_reason")) is str and r != ""
+def _forget(exc: BaseException) -> None:
+    """Drop what an exception from the transport remembers of us. aiohttp raises one shared,
+    module-level instance for every read of a released response: each raise would append
+    this request's frames to its traceback, and those frames (with the request, its plan and
+    its transcript) would live as long as the process — a leak of ~100 bytes per request
+    under faults. keel never re-raises such an instance; it raises its own AttemptFailed."""
+    exc.__traceback__ = None
+    exc.__context__ = None
+    exc.__cause__ = None
 
 
 class _Watchdog:
@@ -312,8 +260,9 @@ class FrameReader:
         """A read raised ``exc``: the failure to report, or None when the watchdog closed the
         response (``end`` reports the stall)."""
         if self._dog.expired:
+            _forget(exc)
             return None
-        return _transport_failure(exc, "inside the stream")
+        return transport_failure(exc, "inside the stream")
 
     def end(self) -> None:
         """The stream ended (or the watchdog closed it): raise for a stall or a truncation."""

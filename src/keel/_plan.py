@@ -1,0 +1,327 @@
+"""The attempt plan: the one place that decides *try here*, *try elsewhere*, *wait* or *give up*.
+
+Sans-IO, in the manner of h11: the driver (``keel.engine._driver``) asks ``next(now)`` for a
+decision, carries it out, and reports what happened (``refused``, ``started``, ``failed``,
+``succeeded``, ``committed``, ...). Nothing here awaits, sleeps or reads a clock; time comes in
+as an argument, and the world (which deployments a group has, in the balancer's order, and
+which have room right now) through two callables given at construction.
+
+The policy, in the order the plan applies it:
+
+1. walk the groups of the request (the model's group, then its fallbacks);
+2. in each group try every candidate once — fail over before waiting: another deployment is
+   usually faster than a backoff — then retry those whose error was retryable after a
+   full-jitter backoff that honours the provider's hint, up to ``max_retries_per_deployment``
+   rounds; a hint longer than ``max_retry_wait`` cools the deployment down instead;
+3. give up at once on errors that would fail anywhere (``failover`` false), and when the
+   attempt cap, the retry budget or the request deadline says so.
+
+For streams it also decides what only the whole request can know: after the commit only
+deployments that can *continue* the answer are candidates (never inside a tool call, never for
+``n > 1``), a continuation that would exceed the client's token limit ends with ``length``,
+output moderation ends with ``content_filter`` or fails over (the group's
+``on_content_filter``), and a late first token is *hedged* on another deployment.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Generic, Literal, Protocol, TypeVar
+
+from keel._backoff import RetryBudget, backoff_delay
+from keel._classify import ErrorKind, UpstreamError
+from keel._hedge import HedgePolicy
+
+
+class Candidate(Protocol):
+    """What the plan needs to know of a deployment."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def continuation(self) -> str: ...  # "prefill" | "instruct" | "none"
+
+
+D = TypeVar("D", bound=Candidate)
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The retry settings the plan applies (``config.RetryPolicy`` plus the group's choices)."""
+
+    max_attempts: int = 8
+    max_retries_per_deployment: int = 3
+    backoff_base: float = 0.1
+    backoff_cap: float = 2.0
+    max_retry_wait: float = 5.0
+    quota_cooldown: float = 3600.0
+    auth_cooldown: float = 300.0
+    on_content_filter: Literal["pass", "failover"] = "pass"
+
+
+# -- decisions ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Try(Generic[D]):
+    """Start an attempt on ``dep``.
+
+    ``max_wait``: seconds the attempt may wait in the deployment's queue (0: only if it has
+    room at once — a later candidate has room now, so fail over rather than queue).
+    ``continuation``: the stream is committed; the attempt must continue the answer.
+    ``hedge_after``: seconds after which, without a first token, ask ``hedge()``."""
+
+    dep: D
+    max_wait: float
+    continuation: bool = False
+    hedge_after: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """Back off until ``until`` (the clock of ``next``), then ask again."""
+
+    until: float
+
+
+@dataclass(frozen=True, slots=True)
+class GiveUp:
+    """No attempt will succeed: ``reason`` says why (empty: the errors of the attempts tell)."""
+
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """End the (committed or not) answer well-formed with this ``finish_reason``: output
+    moderation passed on as ``content_filter``, or a continuation past the token limit."""
+
+    reason: Literal["content_filter", "length"]
+
+
+Decision = Try[D] | Wait | GiveUp | Finish
+
+
+@dataclass(frozen=True, slots=True)
+class Penalty:
+    """What a failure costs the deployment beyond the breaker's view: the key benched for
+    ``bench_for`` seconds (auth, billing), or a cool-down for a hint too long to wait out."""
+
+    bench_for: float | None = None
+    cool_down: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Tried:
+    """One failed attempt, for the final error message."""
+
+    deployment: str
+    error: UpstreamError
+
+
+# -- the plan -------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True, eq=False)
+class Plan(Generic[D]):
+    """One request's attempts. ``groups``: the group names in order; ``order(group)``: that
+    group's candidates, best first (asked when the plan reaches it); ``has_room(dep)``: the
+    deployment could take an attempt right now without queueing."""
+
+    groups: Sequence[str]
+    order: Callable[[str], Sequence[D]]
+    has_room: Callable[[D], bool]
+    policy: Policy
+    budget: RetryBudget
+    deadline: float  # the clock of next(); the whole request, waits included
+    max_wait: float = 10.0  # seconds an attempt may queue at a deployment
+    hedge: HedgePolicy | None = None  # the group's, when it hedges
+    spliceable: bool = True  # a committed answer can be continued (one choice)
+    token_limit: int | None = None  # the client's max_tokens / max_completion_tokens
+    rng: random.Random | None = None
+    # -- what happened (read by the driver for headers and errors)
+    count: int = 0  # attempts started (hedges included)
+    last: D | None = None  # the deployment of the latest attempt (or the hedge that won)
+    tried: list[Tried] = field(default_factory=list)
+    saturated: tuple[str, float | None] | None = None  # the last refusal: reason, retry_after
+    committed: bool = False  # the client has seen part of the answer
+    tokens: int = 0  # content chunks the client has seen
+    # -- where the walk is
+    _group: int = -1
+    _round: int = 0
+    _pending: Sequence[D] = ()
+    _next: int = 0
+    _again: list[D] = field(default_factory=list)
+    _hints: list[float] = field(default_factory=list)
+    _end: GiveUp | Finish | None = None
+
+    def __post_init__(self) -> None:
+        self.budget.record_request()
+        if self.hedge is not None:
+            self.hedge.on_request()
+
+    # -- decisions --------------------------------------------------------------------------------
+
+    def next(self, now: float) -> Decision[D]:
+        """What to do now."""
+        if self._end is not None:
+            return self._end
+        while True:
+            pending = self._pending
+            while self._next < len(pending):
+                dep = pending[self._next]
+                self._next += 1
+                if not self.eligible(dep):
+                    continue
+                limit = self.token_limit
+                if self.committed and limit is not None and self.tokens >= limit:
+                    return self._stop(Finish("length"))  # the cut fell on the client's limit
+                if self.count >= self.policy.max_attempts:
+                    return self._stop(GiveUp(f"gave up after {self.count} attempts"))
+                if now >= self.deadline:
+                    return self._stop(GiveUp("request deadline exceeded"))
+                if self.count and not self.budget.try_withdraw():
+                    return self._stop(
+                        GiveUp("retry budget exhausted (an upstream outage is likely)")
+                    )
+                return Try(
+                    dep,
+                    self._queue_bound(now),
+                    continuation=self.committed,
+                    hedge_after=self._hedge_after(),
+                )
+            # This round of this group is over: retry what may succeed, or move on.
+            again = self._again
+            if again and self._round < self.policy.max_retries_per_deployment:
+                self._round += 1
+                delay = backoff_delay(
+                    self._round,
+                    base=self.policy.backoff_base,
+                    cap=self.policy.backoff_cap,
+                    hint=max(self._hints) if self._hints else None,
+                    rng=self.rng,
+                )
+                self._restart(again)
+                if now + delay >= self.deadline:
+                    return self._stop(GiveUp("request deadline exceeded"))
+                return Wait(now + delay)
+            self._group += 1
+            if self._group >= len(self.groups):
+                return self._stop(GiveUp())
+            self._round = 0
+            self._restart(self.order(self.groups[self._group]))
+
+    def eligible(self, dep: D) -> bool:
+        """Before the commit anyone may answer; after it only deployments that can continue,
+        and never inside a tool call or for several choices (neither can be spliced)."""
+        return not self.committed or (self.spliceable and dep.continuation != "none")
+
+    def hedge_target(self, busy: D) -> D | None:
+        """A late first token on ``busy``: the deployment to hedge on, or None (no budget,
+        nobody else, or the answer has started)."""
+        if self.hedge is None or self.committed or not self.hedge.can_hedge():
+            return None
+        group = self.groups[max(self._group, 0)]
+        for dep in self.order(group):
+            if dep is not busy and self.eligible(dep):
+                return dep
+        return None
+
+    # -- facts ------------------------------------------------------------------------------------
+
+    def refused(self, dep: D, reason: str, retry_after: float | None, soon: bool) -> None:
+        """The deployment's limiter or breaker turned the attempt away (nothing was sent).
+        ``soon``: only for the moment — worth another look next round."""
+        self.saturated = (reason, retry_after)
+        if soon:
+            self._again.append(dep)
+
+    def started(self, dep: D) -> None:
+        self.count += 1
+        self.last = dep
+
+    def hedged(self, dep: D) -> None:
+        """A hedge on ``dep`` was let through by its limiter and started."""
+        assert self.hedge is not None
+        self.hedge.try_hedge()
+        self.count += 1
+
+    def failed(self, dep: D, err: UpstreamError, hedge: bool = False) -> Penalty | None:
+        """An attempt on ``dep`` failed with ``err``; a hedge's failure only counts (the
+        attempt it raced decides what happens next)."""
+        if err.output_filter and self.policy.on_content_filter == "failover":
+            # Another provider's moderation may let the answer through; this one will not.
+            err = replace(err, failover=True, retryable=False)
+        self.tried.append(Tried(dep.name, err))
+        penalty = self._penalty(err)
+        if hedge:
+            return penalty
+        if err.output_filter and self.policy.on_content_filter == "pass":
+            self._stop(Finish("content_filter"))
+            return penalty
+        if not err.failover:
+            self._stop(GiveUp())
+            return penalty
+        if not err.retryable:
+            return penalty
+        if err.retry_after is not None and err.retry_after > self.policy.max_retry_wait:
+            return Penalty(penalty.bench_for if penalty else None, err.retry_after)
+        self._again.append(dep)
+        if err.retry_after is not None:
+            self._hints.append(err.retry_after)
+        return penalty
+
+    def commit(self, dep: D) -> None:
+        """The attempt on ``dep`` has shown the client the start of the answer (a hedge's
+        winner may not be the latest attempt started)."""
+        self.committed = True
+        self.last = dep
+
+    def shown(self, tokens: int, tool_call: bool) -> None:
+        """What the client has seen so far: ``tokens`` content chunks; a tool call (which
+        cannot be spliced) ends all hope of continuing."""
+        self.tokens = tokens
+        if tool_call:
+            self.spliceable = False
+
+    def first_token(self, seconds: float) -> None:
+        """The committed attempt's first token took ``seconds`` (the hedge's history)."""
+        if self.hedge is not None:
+            self.hedge.observe(seconds)
+
+    # -- pieces -----------------------------------------------------------------------------------
+
+    def _stop(self, end: GiveUp | Finish) -> GiveUp | Finish:
+        self._end = end
+        return end
+
+    def _restart(self, pending: Sequence[D]) -> None:
+        self._pending = pending
+        self._next = 0
+        self._again = []
+        self._hints = []
+
+    def _queue_bound(self, now: float) -> float:
+        """How long the next attempt may wait in its deployment's queue: not at all when a
+        later candidate has room now (fail over instead), else the bound within the
+        deadline."""
+        later = self._pending[self._next :]
+        if any(self.eligible(d) and self.has_room(d) for d in later):
+            return 0.0
+        return max(0.0, min(self.max_wait, self.deadline - now))
+
+    def _hedge_after(self) -> float | None:
+        if self.hedge is None or self.committed:
+            return None
+        return self.hedge.delay()
+
+    def _penalty(self, err: UpstreamError) -> Penalty | None:
+        """A key-level failure (auth, billing) takes the deployment out for the operator's
+        configured cooldown, not the classifier's default."""
+        if not err.disable_key_for:
+            return None
+        p = self.policy
+        return Penalty(p.quota_cooldown if err.kind is ErrorKind.QUOTA else p.auth_cooldown)

@@ -1,0 +1,447 @@
+"""The driver: the one async loop of a request. It asks the plan (``keel._plan``) what to do,
+does it — a limiter permit, an upstream attempt, a backoff — and reports what happened back to
+the plan; for streams it feeds every frame to the transcript (``keel._transcript``) and writes
+what comes out to the sink.
+
+Why the code is shaped as it is: in CPython every wake-up of a waiting request (the response
+headers, each network read of a stream) resumes each coroutine frame of the chain it waits
+in. So the non-stream attempt is written inside ``complete``'s loop (the chain is door →
+``complete``), and a stream's reads run in ``_attempt`` (door → ``stream`` → ``_attempt``):
+one frame fewer each than before the engine existed. Everything that is not waiting is a plain
+function.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+import orjson
+
+from keel._assembly import FrameKind, StreamAssembler
+from keel._classify import ErrorKind, UpstreamError, transport_error
+from keel._plan import Finish, GiveUp, Plan, Try, Wait
+from keel._splice import continuation_body
+from keel._transcript import Lost, Transcript
+from keel.engine._deployment import Deployment
+from keel.engine._errors import KeelError, final_error, unavailable_error
+from keel.engine._keel import Call, Keel
+from keel.engine._limits import Permit, Saturated, acquire, release, try_acquire
+from keel.engine._sinks import ClientGone, Sink
+from keel.engine._upstream import (
+    AttemptFailed,
+    FrameReader,
+    accepted,
+    attempt_limit,
+    post,
+    refused,
+    send,
+    transport_failure,
+)
+
+log = logging.getLogger("keel.engine")
+
+_CHUNK = FrameKind.CHUNK
+_ERROR = FrameKind.ERROR
+_INVALID = FrameKind.INVALID
+
+
+# -- non-stream ----------------------------------------------------------------------------------
+
+
+async def complete(keel: Keel, call: Call) -> tuple[bytes, dict[str, str]]:
+    """A non-stream request: the upstream's answer, relayed unchanged, and the response
+    headers; or ``KeelError``. One deadline bounds each attempt: for a non-stream request
+    ``first_token`` runs to the complete response (``config.Timeouts``)."""
+    plan = keel.plan(call)
+    session, deadlines = keel.session, keel.deadlines
+    assert session is not None and deadlines is not None
+    loop = deadlines.loop
+    while True:
+        d = plan.next(loop.time())
+        if type(d) is Try:
+            dep: Deployment = d.dep
+            permit = try_acquire(dep, call.cost, time.monotonic()) or await _queue(
+                keel, plan, d, call
+            )
+            if permit is None:
+                continue
+            plan.started(dep)
+            dep.in_flight += 1
+            resp = None
+            try:
+                with deadlines.timeout(attempt_limit(dep, call.deadline, deadlines)):
+                    resp = await send(session, dep, keel.upstream_body(call.body, dep))
+                    if not accepted(dep, resp):
+                        rejected, resp = resp, None  # refused() closes it
+                        raise await refused(dep, rejected)
+                    raw = await resp.read()
+                call.usage = _checked(raw)
+            except AttemptFailed as failed:
+                _settle(plan, dep, permit, failed.error)
+                continue
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                if resp is not None:
+                    resp.close()
+                phase = "before the response" if resp is None else "while reading the response"
+                _settle(plan, dep, permit, transport_failure(exc, phase).error)
+                continue
+            except BaseException:
+                _settle(plan, dep, permit)  # cancelled: the client left
+                raise
+            finally:
+                if resp is not None:
+                    resp.release()
+            _settle(plan, dep, permit, ok=True, usage=call.usage)
+            return raw, keel.attempt_headers(call, plan)
+        if type(d) is Wait:
+            await asyncio.sleep(d.until - loop.time())
+        elif type(d) is Finish:  # output moderation passed on, the way OpenAI reports it
+            return _filtered_answer(call), keel.attempt_headers(call, plan)
+        else:
+            assert type(d) is GiveUp
+            raise _gave_up(keel, call, plan, d.reason)
+
+
+def _checked(raw: bytes) -> Mapping[str, Any] | None:
+    """A complete chat completion's usage; AttemptFailed for anything else. Like a stream
+    without its terminal chunk, an answer without a finish_reason is not known to be
+    complete: never pass it off as success."""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        obj = None
+    if not isinstance(obj, dict) or not isinstance(obj.get("choices"), list):
+        raise AttemptFailed(
+            transport_error(ErrorKind.PROTOCOL, "upstream returned a malformed chat completion")
+        )
+    choices = obj["choices"]
+    if not choices or not all(_finished(c) for c in choices):
+        raise AttemptFailed(
+            transport_error(
+                ErrorKind.PROTOCOL, "upstream returned a chat completion without a finish_reason"
+            )
+        )
+    usage = obj.get("usage")
+    return usage if type(usage) is dict else None
+
+
+def _finished(choice: object) -> bool:
+    return type(choice) is dict and type(r := choice.get("finish_reason")) is str and r != ""
+
+
+def _filtered_answer(call: Call) -> bytes:
+    return orjson.dumps(
+        {
+            "id": f"chatcmpl-{call.rid}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": call.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": "content_filter",
+                }
+            ],
+        }
+    )
+
+
+# -- stream --------------------------------------------------------------------------------------
+
+
+async def stream(keel: Keel, call: Call, sink: Sink) -> None:
+    """A streamed request, written to ``sink``. Failures end up in ``sink.fail``; a consumer
+    that leaves (``ClientGone``) ends it quietly."""
+    plan = keel.plan(call)
+    group = keel.config.models[call.model]
+    opts = call.body.get("stream_options")
+    t = Transcript(
+        wants_usage=bool(isinstance(opts, dict) and opts.get("include_usage")),
+        commit_tokens=group.commit_buffer.tokens,
+        commit_ms=group.commit_buffer.ms,
+    )
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            d = plan.next(loop.time())
+            if type(d) is Try:
+                dep: Deployment = d.dep
+                permit = try_acquire(dep, call.cost, time.monotonic()) or await _queue(
+                    keel, plan, d, call
+                )
+                if permit is None:
+                    continue
+                plan.started(dep)
+                t.attempts = plan.count
+                dep.in_flight += 1
+                if d.hedge_after is not None:
+                    if await _hedged(keel, call, plan, t, sink, dep, permit, d.hedge_after):
+                        return
+                    continue
+                try:
+                    usage = await _attempt(keel, call, plan, t, sink, dep, d.continuation)
+                except AttemptFailed as failed:
+                    _settle(plan, dep, permit, failed.error)
+                    continue
+                except BaseException:
+                    _settle(plan, dep, permit)
+                    raise
+                call.usage = usage
+                _settle(plan, dep, permit, ok=True, usage=usage)
+                return
+            if type(d) is Wait:
+                await asyncio.sleep(d.until - loop.time())
+            elif type(d) is Finish:
+                await _finish(keel, call, plan, t, sink, d.reason)
+                return
+            else:
+                assert type(d) is GiveUp
+                await sink.fail(_gave_up(keel, call, plan, d.reason))
+                return
+    except ClientGone:
+        # Normal, not an error: nobody is left to answer. The upstream is closed already.
+        log.debug("request %s: the client went away mid-stream", call.rid)
+
+
+async def _attempt(
+    keel: Keel,
+    call: Call,
+    plan: Plan[Deployment],
+    t: Transcript,
+    sink: Sink,
+    dep: Deployment,
+    continuing: bool,
+) -> Mapping[str, Any]:
+    """One streamed attempt, from the request to the last frame. Returns its usage."""
+    mode = dep.continuation if continuing else None
+    if mode is not None:
+        cont = continuation_body(call.body, t.text, mode, dep.dialect, t.tokens)  # type: ignore[arg-type]
+        assert cont is not None  # past the token limit the plan ends with "length" instead
+        if t.wants_usage:
+            cont["stream_options"] = {**(cont.get("stream_options") or {}), "include_usage": True}
+        payload = keel.upstream_body(cont, dep)
+    else:
+        payload = keel.upstream_body(call.body, dep)
+    session, deadlines = keel.session, keel.deadlines
+    assert session is not None and deadlines is not None
+    started = deadlines.loop.time()
+    resp = await post(session, dep, payload, call.deadline, deadlines)
+    asm = StreamAssembler(dialect=dep.dialect, require_done=True)
+    take = t.take(asm, dep.name, mode)  # type: ignore[arg-type]
+    reader = FrameReader(
+        resp, dep, asm, call.deadline, started + dep.timeouts.first_token, deadlines
+    )
+    read = resp.content.readany
+    clean = False
+    try:
+        while True:
+            try:
+                data = await read()  # one await per network read
+            except (aiohttp.ClientError, OSError) as exc:
+                failure = reader.failed(exc)
+                if failure is None:
+                    break  # the watchdog closed it: reader.end() says why
+                raise failure from None
+            if not data:
+                break
+            out: list[bytes] = []
+            committing = False
+            for f in reader.frames(data):
+                kind = f.kind
+                if kind is _CHUNK:
+                    if take.chunk(f, out):
+                        committing = True
+                elif kind is _ERROR or kind is _INVALID:
+                    if committing:
+                        await _commit(keel, call, plan, sink, dep, started)
+                    if out:
+                        await sink.send(out)
+                    err = f.error
+                    assert err is not None
+                    if err.kind is ErrorKind.MODERATION and not err.output_filter:
+                        # Moderation inside a stream judges the output: the group's
+                        # on_content_filter decides (the plan), as for a non-stream 400.
+                        err = dataclasses.replace(err, output_filter=True)
+                    raise AttemptFailed(err)
+            if committing:
+                await _commit(keel, call, plan, sink, dep, started)
+            if out:
+                await sink.send(out)
+        reader.end()
+        outcome = asm.finish()
+        if not outcome.complete:
+            assert outcome.failure is not None
+            raise AttemptFailed(outcome.failure)
+        out = []
+        if take.commit(out):  # a short answer may still be held
+            await _commit(keel, call, plan, sink, dep, started)
+        out.extend(t.ending(take.complete()))
+        await sink.end(out)
+        clean = True
+        return take.usage()
+    except AttemptFailed:
+        take.failed()
+        plan.shown(t.tokens, t.tool_calls)
+        raise
+    finally:
+        reader.close()
+        if clean:
+            resp.release()
+        else:
+            resp.close()  # never hand a half-read stream back to the pool
+
+
+async def _commit(
+    keel: Keel,
+    call: Call,
+    plan: Plan[Deployment],
+    sink: Sink,
+    dep: Deployment,
+    started: float,
+) -> None:
+    """The attempt on ``dep`` has just committed the stream: a hedged rival is cancelled
+    (its upstream closes in its ``finally``), the client gets the headers."""
+    me = asyncio.current_task()
+    for task in call.racers:
+        if task is not me:
+            task.cancel()
+    plan.commit(dep)
+    plan.first_token(asyncio.get_running_loop().time() - started)
+    await sink.commit(keel.attempt_headers(call, plan))
+
+
+async def _finish(
+    keel: Keel, call: Call, plan: Plan[Deployment], t: Transcript, sink: Sink, reason: str
+) -> None:
+    """End the answer well-formed with ``reason``: what the last attempt holds is shown
+    first (output moderation may stop an answer that has not committed yet)."""
+    out: list[bytes] = []
+    if t.flush(out):
+        await sink.commit(keel.attempt_headers(call, plan))
+    out.extend(t.ending(t.finish_chunk(reason)))
+    await sink.end(out)
+
+
+async def _hedged(
+    keel: Keel,
+    call: Call,
+    plan: Plan[Deployment],
+    t: Transcript,
+    sink: Sink,
+    dep: Deployment,
+    permit: Permit,
+    delay: float,
+) -> bool:
+    """An attempt on ``dep`` that races a second deployment when its first token is late.
+    The first to commit wins and cancels the other. Every attempt's outcome is settled here;
+    True when one of them completed the stream."""
+    first = asyncio.create_task(_attempt(keel, call, plan, t, sink, dep, False))
+    racers = call.racers
+    racers[first] = (dep, permit)
+    try:
+        done, _ = await asyncio.wait({first}, timeout=delay)
+        if not done and (alt := plan.hedge_target(dep)) is not None:
+            # A hedge is opportunistic: it goes only if the alternate's limiter (and
+            # breaker) let it through at once, and it counts against its limits.
+            alt_permit = try_acquire(alt, call.cost, time.monotonic())
+            if alt_permit is not None:
+                plan.hedged(alt)
+                t.attempts = plan.count
+                alt.in_flight += 1
+                second = asyncio.create_task(_attempt(keel, call, plan, t, sink, alt, False))
+                racers[second] = (alt, alt_permit)
+        pending = set(racers)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                d, p = racers.pop(task)
+                exc = None if task.cancelled() else task.exception()
+                if exc is None and not task.cancelled():
+                    call.usage = task.result()
+                    _settle(plan, d, p, ok=True, usage=call.usage)
+                    return True
+                if isinstance(exc, AttemptFailed):
+                    _settle(plan, d, p, exc.error, hedge=task is not first)
+                else:
+                    _settle(plan, d, p)  # lost the race, or cancelled
+                    if exc is not None and not isinstance(exc, Lost):
+                        raise exc
+        return False
+    finally:
+        for task in racers:
+            task.cancel()
+        for task, (d, p) in list(racers.items()):
+            with contextlib.suppress(BaseException):
+                await task
+            _settle(plan, d, p)
+        racers.clear()
+
+
+# -- shared by both --------------------------------------------------------------------------------
+
+
+async def _queue(keel: Keel, plan: Plan[Deployment], d: Try[Deployment], call: Call) -> Permit | None:
+    """The deployment's limiter could not let the attempt through at once: wait in its
+    queue (up to the plan's bound), or report the refusal to the plan (None)."""
+    dep = d.dep
+    now = time.monotonic()
+    # Every breaker of the plan open: go anyway rather than fail (panic).
+    panic = not dep.breaker.would_admit(now) and keel.router.all_open(call.model, now)
+    try:
+        return await acquire(dep, call.cost, call.priority, now + d.max_wait, panic)
+    except Saturated as sat:
+        plan.refused(dep, sat.reason, sat.retry_after, sat.soon)
+        return None
+
+
+def _settle(
+    plan: Plan[Deployment],
+    dep: Deployment,
+    permit: Permit,
+    error: UpstreamError | None = None,
+    *,
+    ok: bool = False,
+    usage: Mapping[str, Any] | None = None,
+    hedge: bool = False,
+) -> None:
+    """An attempt is over — ``ok``, failed with ``error``, or neither (cancelled: neutral).
+    Its outcome goes to the plan, the deployment (benching, cool-down) and the limiter
+    (breaker, adaptive concurrency, latency, tokens); its slot is freed. Once per permit."""
+    if permit.released:
+        return
+    if ok:
+        permit.ok = True
+        dep.record_success()
+    elif error is not None:
+        permit.error = error
+        penalty = plan.failed(dep, error, hedge=hedge)
+        dep.record_failure(error, bench_for=penalty.bench_for if penalty else None)
+        if penalty is not None and penalty.cool_down:
+            dep.cool_down(penalty.cool_down)  # too long to wait: the others take over
+        log.info("attempt %d on %s failed: %s", plan.count, dep.name, error.message)
+    dep.in_flight -= 1
+    permit.usage = usage
+    release(dep, permit)
+
+
+def _gave_up(keel: Keel, call: Call, plan: Plan[Deployment], reason: str) -> KeelError:
+    """The error for a request whose plan gave up, with the headers that say how far it got."""
+    if plan.tried:
+        err = final_error(plan.tried, reason)
+    elif plan.saturated is not None:
+        why, back = plan.saturated
+        err = unavailable_error(reason or why, back)
+    else:
+        why, back = keel.router.unavailable(call.model)  # all out: say why, and until when
+        err = unavailable_error(reason or why, back)
+    err.headers.update(keel.attempt_headers(call, plan))
+    return err

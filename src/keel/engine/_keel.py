@@ -1,0 +1,309 @@
+"""``Keel``: the request engine, and its public face for library use.
+
+One object per process holds what outlives a request — the router and its deployments, client
+admission, the retry budget, hedge histories, the upstream connection pool, shared state in
+Redis. Every door drives it the same way: authenticate the headers (a ``Principal``), turn the
+body into a ``Call``, admit it against the client's limits, then ``complete`` it or ``stream``
+it into a sink (``keel.engine._driver``). The HTTP gateway is one such door; ``chat``,
+``stream`` and ``transport()`` are the library's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
+
+import aiohttp
+import orjson
+
+from keel._backoff import RetryBudget
+from keel._hedge import HedgePolicy
+from keel._plan import Plan, Policy
+from keel.config import GatewayConfig, load_config, parse_config
+from keel.engine._admission import Admission, Ticket
+from keel.engine._auth import Authenticator, Principal
+from keel.engine._deadlines import Deadlines
+from keel.engine._deployment import Deployment
+from keel.engine._errors import KeelError
+from keel.engine._limits import PRIORITIES, RequestCost, apply_remote_health
+from keel.engine._router import Router
+from keel.engine._shared import SharedState
+from keel.engine._validate import check_chat_request, parse_chat_request
+
+if TYPE_CHECKING:
+    import httpx
+
+    from keel.engine._sinks import ChunkStream
+
+# How long before the client's own timeout keel answers, so that its error (not a client-side
+# timeout) is what the client sees: a response's trip back, with room to spare.
+_PATIENCE_MARGIN = 0.25  # seconds, or 10 % of a shorter timeout
+
+
+@dataclass(slots=True, eq=False)
+class Call:
+    """One request on its way through the engine."""
+
+    rid: str
+    body: dict[str, Any]
+    model: str
+    stream: bool
+    principal: Principal
+    priority: int  # 0 interactive, 1 batch
+    max_wait: float  # seconds an attempt may queue at a deployment
+    deadline: float  # loop time: the whole request
+    cost: RequestCost
+    ticket: Ticket | None = None  # the client's booked limits
+    usage: Mapping[str, Any] | None = None  # the upstream's usage, once an attempt succeeded
+    racers: dict[asyncio.Task[Any], Any] = field(default_factory=dict)  # a hedge's attempts
+
+
+class Keel:
+    """The engine. Use as ``async with Keel.from_config("keel.yaml") as gw: ...``."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        # Shared state across replicas (limits, leases, breakers) when redis_url is set.
+        self.shared = SharedState(config.redis_url, config.shared) if config.redis_url else None
+        self.router = Router(config, self.shared)
+        self.admission = Admission(config, self.shared)
+        self.authenticator: Authenticator = self.admission.authenticator
+        # Hedging state per model group that hedges (first-token history, hedge budget).
+        self.hedges = {
+            name: HedgePolicy(
+                after=g.hedge.after,
+                percentile=g.hedge.percentile,
+                min_after=g.hedge.min_after,
+                max_ratio=g.hedge.max_ratio,
+            )
+            for name, g in config.models.items()
+            if g.hedge.enabled
+        }
+        r = config.retry
+        self.policies = {
+            name: Policy(
+                max_attempts=r.max_attempts,
+                max_retries_per_deployment=r.max_retries_per_deployment,
+                backoff_base=r.backoff_base,
+                backoff_cap=r.backoff_cap,
+                max_retry_wait=r.max_retry_wait,
+                quota_cooldown=r.quota_cooldown,
+                auth_cooldown=r.auth_cooldown,
+                on_content_filter=g.on_content_filter,
+            )
+            for name, g in config.models.items()
+        }
+        self.budget = RetryBudget(
+            ratio=r.budget_ratio, floor_per_s=r.budget_floor_per_s, clock=time.monotonic
+        )
+        self.session: aiohttp.ClientSession | None = None
+        self.deadlines: Deadlines | None = None  # upstream deadlines on one loop timer
+        # Unique across replicas and restarts without a random draw per request: pid plus a
+        # random tag per process (containers often all run as pid 1), then a sequence number.
+        self._id_prefix = f"keel-{os.getpid():x}-{random.getrandbits(32):08x}-"
+        self._seq = 0
+
+    @classmethod
+    def from_config(cls, source: str | Path | Mapping[str, Any] | GatewayConfig) -> Keel:
+        """From a YAML file's path, a dict with the same keys, or a parsed config."""
+        if isinstance(source, GatewayConfig):
+            return cls(source)
+        if isinstance(source, Mapping):
+            return cls(parse_config(dict(source)))
+        return cls(load_config(source))
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
+        # No skip_auto_headers: it sends aiohttp down a slow per-request header path (~11 µs
+        # per request under load); the upstream adapter names keel as the User-Agent instead.
+        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
+        self.deadlines = Deadlines(asyncio.get_running_loop())
+        if self.shared is not None:
+            deps = list(self.router.deployments())
+            await self.shared.start(
+                [d.limiter.health_key for d in deps], lambda h: apply_remote_health(deps, h)
+            )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+        if self.shared is not None:
+            await self.shared.close()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # -- the library's door -----------------------------------------------------------------------
+
+    async def chat(self, body: Mapping[str, Any], *, api_key: str | None = None) -> dict[str, Any]:
+        """A chat completion (non-stream) as a dict, or ``KeelError``. ``api_key``: answer as
+        that client of the config (its limits apply); None: the trusted in-process caller."""
+        from keel.engine._driver import complete
+
+        call = self.library_call(body, False, api_key)
+        await self.admit(call)
+        try:
+            raw, _ = await complete(self, call)
+        finally:
+            self.done(call)
+        result: dict[str, Any] = orjson.loads(raw)
+        return result
+
+    def stream(self, body: Mapping[str, Any], *, api_key: str | None = None) -> ChunkStream:
+        """The chunks of a streamed chat completion as dicts (``async for``). ``KeelError``
+        comes from the iteration: before the first chunk, or after the chunks it yielded when
+        the stream could not be completed. Leaving the iteration (``break``, ``aclose()``,
+        cancellation) closes the upstream attempt at once."""
+        from keel.engine._sinks import ChunkStream
+
+        return ChunkStream(self, lambda: self.library_call(body, True, api_key))
+
+    def transport(self) -> httpx.AsyncBaseTransport:
+        """An ``httpx`` transport that calls the engine in-process (no socket, no HTTP
+        parsing) and answers exactly as ``keel serve`` would: hand it to an SDK's
+        ``http_client=httpx.AsyncClient(transport=gw.transport())``."""
+        from keel.gateway._transport import KeelTransport
+
+        return KeelTransport(self)
+
+    def models(self) -> list[dict[str, Any]]:
+        created = int(time.time())
+        return [
+            {"id": name, "object": "model", "created": created, "owned_by": "keel"}
+            for name in self.router.groups
+        ]
+
+    # -- what every door does ---------------------------------------------------------------------
+
+    def request_id(self) -> str:
+        self._seq += 1
+        return f"{self._id_prefix}{self._seq:x}"
+
+    def authenticate(self, headers: Mapping[str, str]) -> Principal:
+        return self.authenticator.authenticate(headers)
+
+    def call(
+        self,
+        raw: bytes | Mapping[str, Any],
+        principal: Principal,
+        headers: Mapping[str, str],
+        rid: str,
+    ) -> Call:
+        """The request, checked (a 4xx ``KeelError`` naming the problem otherwise), with its
+        deadline, priority and cost."""
+        body = parse_chat_request(raw) if isinstance(raw, bytes) else check_chat_request(dict(raw))
+        model = body["model"]
+        if model not in self.router:
+            raise KeelError(
+                404,
+                f"The model '{model}' does not exist on this gateway. "
+                f"Available: {', '.join(sorted(self.router.groups))}.",
+                code="model_not_found",
+                param="model",
+            )
+        priority = self.admission.priority(headers, principal)
+        config = self.config
+        now = asyncio.get_running_loop().time()
+        deadline = now + config.retry.deadline
+        streaming = bool(body.get("stream"))
+        if not streaming:
+            patience = _client_patience(headers)
+            if patience is not None and now + patience < deadline:
+                deadline = now + patience
+        queue = config.queue
+        return Call(
+            rid=rid,
+            body=body,
+            model=model,
+            stream=streaming,
+            principal=principal,
+            priority=PRIORITIES[priority],
+            max_wait=queue.batch_max_wait if priority == "batch" else queue.interactive_max_wait,
+            deadline=deadline,
+            cost=RequestCost(body),
+        )
+
+    def library_call(self, body: Mapping[str, Any], stream: bool, api_key: str | None) -> Call:
+        headers = {} if api_key is None else {"authorization": f"Bearer {api_key}"}
+        principal = self.admission.anonymous if api_key is None else self.authenticate(headers)
+        return self.call({**body, "stream": stream}, principal, headers, self.request_id())
+
+    async def admit(self, call: Call) -> None:
+        """Book the client's limits (a 429 ``KeelError`` when over them)."""
+        call.ticket = await self.admission.admit(call.principal, call.cost)
+
+    def admit_local(self, call: Call) -> None:
+        """``admit`` without Redis: a plain call (a coroutine per request costs more than the
+        booking itself)."""
+        call.ticket = self.admission.admit_local(call.principal, call.cost)
+
+    def done(self, call: Call) -> None:
+        """The request is over: free the client's concurrency, reconcile its tokens."""
+        self.admission.done(call.ticket, call.usage)
+
+    def plan(self, call: Call) -> Plan[Deployment]:
+        """The attempt plan of one request."""
+        router = self.router
+        body = call.body
+        limits = [v for k in ("max_tokens", "max_completion_tokens") if type(v := body.get(k)) is int]
+        return Plan(
+            groups=router.plan(call.model),
+            order=router.order,
+            has_room=_has_room,
+            policy=self.policies[call.model],
+            budget=self.budget,
+            deadline=call.deadline,
+            max_wait=call.max_wait,
+            hedge=self.hedges.get(call.model) if call.stream else None,
+            spliceable=body.get("n") in (None, 1),
+            token_limit=min(limits) if limits else None,
+        )
+
+    def upstream_body(self, body: Mapping[str, Any], dep: Deployment) -> bytes:
+        return orjson.dumps({**body, "model": dep.model})
+
+    def attempt_headers(self, call: Call, plan: Plan[Deployment]) -> dict[str, str]:
+        """Response headers that tell the client how its request was served."""
+        h = {"x-request-id": call.rid, "x-keel-attempts": str(plan.count)}
+        if plan.last is not None:
+            h["x-keel-deployment"] = plan.last.name
+        return h
+
+
+def _has_room(dep: Deployment) -> bool:
+    return dep.limiter.has_capacity(time.monotonic())
+
+
+def _client_patience(headers: Mapping[str, str]) -> float | None:
+    """How long the client will wait for a non-stream answer, when it says so: the official
+    OpenAI SDKs send their read timeout as ``x-stainless-read-timeout`` (nothing arrives
+    before a non-stream answer, so it bounds the whole request). keel gives up a little
+    before that with an OpenAI-shaped error and closes the upstream attempt, instead of
+    working on for an answer nobody will read."""
+    raw = headers.get("x-stainless-read-timeout")
+    if raw is None:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        return None
+    if not seconds > 0 or seconds == float("inf"):  # also rejects NaN
+        return None
+    return seconds - min(_PATIENCE_MARGIN, 0.1 * seconds)
+

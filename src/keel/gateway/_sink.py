@@ -1,0 +1,109 @@
+"""The gateway's sink: a stream's chunks as Server-Sent Events on an aiohttp response, and the
+one way keel's HTTP errors are written (``error_response``).
+
+Nothing is written before the engine commits the stream: until then a failure becomes an
+ordinary HTTP error response. After the commit the client sees exactly one ending: the
+terminal chunk and one ``[DONE]``, or an OpenAI-shaped error frame and ``[DONE]`` — never a
+silent close.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import orjson
+from aiohttp import web
+
+from keel.engine._errors import KeelError
+from keel.engine._sinks import ClientGone
+
+_SSE_HEADERS = {
+    "content-type": "text/event-stream; charset=utf-8",
+    "cache-control": "no-cache",
+    "x-accel-buffering": "no",  # nginx & co. must not batch the stream
+}
+_DONE = b"data: [DONE]\n\n"
+
+
+def sse(chunks: list[bytes]) -> bytes:
+    """Chunk payloads as SSE events: the one place keel frames them."""
+    return b"data: " + b"\n\ndata: ".join(chunks) + b"\n\n"
+
+
+def sse_end(chunks: list[bytes]) -> bytes:
+    """The last chunks of a stream, then ``[DONE]``."""
+    return (sse(chunks) if chunks else b"") + _DONE
+
+
+def error_response(err: KeelError, request_id: str = "") -> web.Response:
+    headers = dict(err.headers)
+    if request_id:
+        headers["x-request-id"] = request_id
+    return web.Response(
+        status=err.status,
+        body=orjson.dumps(err.body),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+class SSESink:
+    """A stream on one aiohttp request. ``response`` is what the handler returns: the event
+    stream once committed, or the error response of a stream that never started."""
+
+    __slots__ = ("committed", "ended", "request", "request_id", "response")
+
+    def __init__(self, request: web.Request, request_id: str) -> None:
+        self.request = request
+        self.request_id = request_id
+        self.response: web.StreamResponse | None = None
+        self.committed = False
+        self.ended = False
+
+    def _client_left(self) -> bool:
+        transport = self.request.transport
+        return transport is None or transport.is_closing()
+
+    async def commit(self, headers: Mapping[str, str]) -> None:
+        response = web.StreamResponse(status=200, headers=_SSE_HEADERS)
+        response.headers.update(headers)
+        self.response = response  # even if the client is gone by now: the handler returns it
+        try:
+            await response.prepare(self.request)
+        except ConnectionError:
+            if self._client_left():
+                raise ClientGone from None
+            raise
+        self.committed = True
+
+    async def send(self, chunks: list[bytes]) -> None:
+        await self._write(sse(chunks))
+
+    async def end(self, chunks: list[bytes]) -> None:
+        """The last chunks, the single ``[DONE]``, the end of the response."""
+        if self.ended or self.response is None:
+            return
+        self.ended = True
+        await self._write(sse_end(chunks))
+        try:
+            await self.response.write_eof()
+        except ConnectionError:
+            if self._client_left():
+                raise ClientGone from None
+            raise
+
+    async def fail(self, error: KeelError) -> None:
+        if not self.committed:
+            self.response = error_response(error, self.request_id)
+            return
+        # A committed stream that cannot be completed: an error frame, then [DONE].
+        await self.end([orjson.dumps(error.body)])
+
+    async def _write(self, data: bytes) -> None:
+        assert self.response is not None
+        try:
+            await self.response.write(data)
+        except ConnectionError:
+            if self._client_left():
+                raise ClientGone from None
+            raise

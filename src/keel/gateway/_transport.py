@@ -1,0 +1,168 @@
+"""``Keel.transport()``: an httpx transport that calls the engine in-process.
+
+The way ``httpx.ASGITransport`` serves an app without a socket, this serves the gateway's
+routes without HTTP: the official SDKs get the same statuses, headers and bodies as through
+``keel serve`` (so the same exceptions: ``NotFoundError``, ``RateLimitError``, ``APIError``
+from a stream), and a stream closed by the client closes the upstream attempt at once.
+
+The openai SDK takes an ``httpx`` client or, from its 3.x releases, an ``httpx2`` one; the two
+have the same transport API but their own classes (and check them). One transport serves
+both: it answers each request with the response classes of the request's own library.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import sys
+from collections.abc import AsyncIterator
+from functools import cache
+from types import ModuleType
+from typing import Any
+
+import orjson
+
+from keel.engine._driver import complete, stream
+from keel.engine._errors import KeelError
+from keel.engine._keel import Call, Keel
+from keel.engine._sinks import COMMITTED, END, QueueSink
+from keel.gateway._app import too_large, unrouted
+from keel.gateway._sink import sse, sse_end
+
+_CHAT = ("/v1/chat/completions", "/chat/completions")
+_JSON = {"content-type": "application/json"}
+
+
+def _libraries() -> tuple[ModuleType, ...]:
+    found = []
+    for name in ("httpx", "httpx2"):
+        with contextlib.suppress(ImportError):
+            found.append(importlib.import_module(name))
+    if not found:
+        raise ImportError("Keel.transport() needs httpx (or httpx2): pip install httpx")
+    return tuple(found)
+
+
+_BASES = tuple(lib.AsyncBaseTransport for lib in _libraries())
+
+
+class KeelTransport(*_BASES):  # type: ignore[misc]
+    def __init__(self, keel: Keel) -> None:
+        self._keel = keel
+
+    async def handle_async_request(self, request: Any) -> Any:
+        lib = sys.modules[type(request).__module__.partition(".")[0]]
+        return await _Door(self._keel, lib).handle(request)
+
+
+class _Door:
+    """One request through the transport, answered with ``lib``'s classes."""
+
+    def __init__(self, keel: Keel, lib: ModuleType) -> None:
+        self._keel = keel
+        self._lib = lib
+
+    async def handle(self, request: Any) -> Any:
+        path, method = request.url.path, request.method
+        if path in _CHAT and method == "POST":
+            return await self._chat(request)
+        if path == "/v1/models" and method in ("GET", "HEAD"):
+            body = orjson.dumps({"object": "list", "data": self._keel.models()})
+            return self._lib.Response(200, headers=_JSON, content=body)
+        if path == "/healthz" and method in ("GET", "HEAD"):
+            return self._lib.Response(200, headers=_JSON, content=b'{"status":"ok"}')
+        return self._error(unrouted(method, path))
+
+    async def _chat(self, request: Any) -> Any:
+        keel = self._keel
+        rid = keel.request_id()
+        try:
+            principal = keel.authenticate(request.headers)
+            raw = await request.aread()
+            limit = keel.config.server.max_body_bytes
+            if len(raw) > limit:
+                raise too_large(limit)
+            call = keel.call(raw, principal, request.headers, rid)
+            await keel.admit(call)
+        except KeelError as exc:
+            return self._error(exc, rid)
+        if call.stream:
+            return await self._streamed(call)
+        try:
+            body, headers = await complete(keel, call)
+        except KeelError as exc:
+            return self._error(exc)
+        finally:
+            keel.done(call)
+        return self._lib.Response(200, headers={**_JSON, **headers}, content=body)
+
+    async def _streamed(self, call: Call) -> Any:
+        """Run the stream in a task of its own; answer once it commits (200 and the event
+        stream) or fails before that (the error response)."""
+        keel = self._keel
+        sink = QueueSink()
+
+        async def run() -> None:
+            try:
+                await stream(keel, call, sink)
+            finally:
+                keel.done(call)
+
+        task = asyncio.create_task(run())
+        try:
+            first = await sink.get()
+        except BaseException:
+            task.cancel()
+            raise
+        if isinstance(first, KeelError):
+            await task
+            return self._error(first)
+        assert first is COMMITTED
+        headers = {
+            "content-type": "text/event-stream; charset=utf-8",
+            "cache-control": "no-cache",
+            **sink.headers,
+        }
+        body = _event_stream_class(self._lib)(sink, task)
+        return self._lib.Response(200, headers=headers, stream=body)
+
+    def _error(self, err: KeelError, request_id: str = "") -> Any:
+        headers = {**_JSON, **err.headers}
+        if request_id:
+            headers["x-request-id"] = request_id
+        return self._lib.Response(err.status, headers=headers, content=orjson.dumps(err.body))
+
+
+@cache
+def _event_stream_class(lib: ModuleType) -> type[_EventStream]:
+    return type("EventStream", (_EventStream, lib.AsyncByteStream), {})
+
+
+class _EventStream:
+    """The committed stream's SSE bytes; closing it (the SDK's ``close()``, a ``break``)
+    cancels the engine's task, which closes the upstream."""
+
+    def __init__(self, sink: QueueSink, task: asyncio.Task[None]) -> None:
+        self._sink = sink
+        self._task = task
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while True:
+            item = await self._sink.get()
+            if item is END:
+                yield sse_end([])
+                return
+            if isinstance(item, KeelError):  # a committed stream's last word: a frame
+                yield sse_end([orjson.dumps(item.body)])
+                return
+            assert isinstance(item, list)
+            yield sse(item)
+
+    async def aclose(self) -> None:
+        task = self._task
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
