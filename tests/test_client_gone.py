@@ -11,9 +11,9 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp.client_exceptions import ClientConnectionResetError
+
 from keel.engine._sinks import ClientGone
 from keel.gateway._sink import SSESink
-
 from keel.testing import SimProcess, spawn_gateway
 
 
