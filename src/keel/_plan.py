@@ -194,7 +194,8 @@ class Plan(Generic[D]):
                     hedge_after=self._hedge_after(),
                 )
             # This round of this group is over: retry what may succeed, or move on.
-            again = self._again
+            # (after the commit, only those that can still continue the answer)
+            again = [d for d in self._again if self.eligible(d)]
             if again and self._round < self.policy.max_retries_per_deployment:
                 self._round += 1
                 delay = backoff_delay(

@@ -84,7 +84,9 @@ class Transcript:
         if self.committed:  # one attempt at a time after the commit: it owns the stream now
             self.owner = take
         if mode is not None:
-            self.continued.append({"at_char": len(self.text), "deployment": deployment, "mode": mode})
+            self.continued.append(
+                {"at_char": len(self.text), "deployment": deployment, "mode": mode}
+            )
         return take
 
     def flush(self, out: list[bytes]) -> bool:

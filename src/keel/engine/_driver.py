@@ -389,7 +389,9 @@ async def _hedged(
 # -- shared by both --------------------------------------------------------------------------------
 
 
-async def _queue(keel: Keel, plan: Plan[Deployment], d: Try[Deployment], call: Call) -> Permit | None:
+async def _queue(
+    keel: Keel, plan: Plan[Deployment], d: Try[Deployment], call: Call
+) -> Permit | None:
     """The deployment's limiter could not let the attempt through at once: wait in its
     queue (up to the plan's bound), or report the refusal to the plan (None)."""
     dep = d.dep

@@ -42,9 +42,7 @@ class KeelError(Exception):
             self.headers.update(headers)
 
     @classmethod
-    def from_body(
-        cls, status: int, body: dict[str, Any], headers: Mapping[str, str]
-    ) -> KeelError:
+    def from_body(cls, status: int, body: dict[str, Any], headers: Mapping[str, str]) -> KeelError:
         """An error whose body was built elsewhere (an upstream's, made safe to show)."""
         err = cls.__new__(cls)
         Exception.__init__(err, body["error"]["message"])

@@ -261,7 +261,9 @@ class Keel:
         """The attempt plan of one request."""
         router = self.router
         body = call.body
-        limits = [v for k in ("max_tokens", "max_completion_tokens") if type(v := body.get(k)) is int]
+        limits = [
+            v for k in ("max_tokens", "max_completion_tokens") if type(v := body.get(k)) is int
+        ]
         return Plan(
             groups=router.plan(call.model),
             order=router.order,
@@ -306,4 +308,3 @@ def _client_patience(headers: Mapping[str, str]) -> float | None:
     if not seconds > 0 or seconds == float("inf"):  # also rejects NaN
         return None
     return seconds - min(_PATIENCE_MARGIN, 0.1 * seconds)
-

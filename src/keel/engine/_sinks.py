@@ -124,13 +124,13 @@ class ChunkStream:
     async def _start(self) -> None:
         from keel.engine._driver import stream
 
-        keel = self._keel
+        keel, sink = self._keel, self._sink
         call = self._make_call()  # KeelError for a bad body or an unknown model
         await keel.admit(call)
 
-        async def run() -> None:
+        async def run() -> None:  # (no reference to self: dropping the iterator must free it)
             try:
-                await stream(keel, call, self._sink)
+                await stream(keel, call, sink)
             finally:
                 keel.done(call)
 

@@ -165,4 +165,3 @@ class _EventStream:
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
-
