@@ -1,8 +1,7 @@
-"""A deployment at run time: its config plus the facts the attempt loop and balancer read.
-
-Health here is the minimum issue 3 needs — a cooldown (from a long retry hint) and benching
-(auth/billing). Breakers, limiters and latency EWMA plug in as fields of this object so that
-every layer looks at one place per deployment.
+"""A deployment at run time: its config plus the facts the driver, the limiter and the
+balancer read — its key taken out of rotation (auth/billing), a cool-down (a retry hint too
+long to wait out), and as fields its limiter, breaker and latency estimate, so that every
+layer looks at one place per deployment.
 """
 
 from __future__ import annotations
@@ -58,8 +57,6 @@ class Deployment:
     benched_until: float = 0.0  # monotonic; auth/billing: out of rotation
     cooldown_until: float = 0.0  # monotonic; a rate-limit hint longer than we wait for
     bench_reason: str = ""
-    successes: int = field(default=0)
-    failures: int = field(default=0)
     # limits, breaker and latency (keel.engine._limits.wire sets them from the config)
     limiter: DeploymentLimiter = field(default=None, repr=False)  # type: ignore[assignment]
     breaker: Breaker = field(default_factory=Breaker)
@@ -96,14 +93,10 @@ class Deployment:
         now = time.monotonic() if now is None else now
         return now >= self.benched_until and now >= self.cooldown_until
 
-    def record_success(self) -> None:
-        self.successes += 1
-
     def record_failure(
         self, err: UpstreamError, bench_for: float | None = None, now: float | None = None
     ) -> None:
         """Report one failed attempt; ``bench_for`` seconds takes the key out of rotation."""
-        self.failures += 1
         now = time.monotonic() if now is None else now
         if bench_for:
             self.benched_until = max(self.benched_until, now + bench_for)

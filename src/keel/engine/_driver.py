@@ -422,7 +422,6 @@ def _settle(
         return
     if ok:
         permit.ok = True
-        dep.record_success()
     elif error is not None:
         permit.error = error
         penalty = plan.failed(dep, error, hedge=hedge)

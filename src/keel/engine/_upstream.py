@@ -1,7 +1,8 @@
 """Upstream adapter: one attempt against one deployment over aiohttp.
 
 It turns everything that can go wrong on the wire into a classified ``UpstreamError`` (raised
-as ``AttemptFailed``) and never decides what to do about it — that is the attempt loop's job.
+as ``AttemptFailed``) and never decides what to do about it — that is the plan's job
+(``keel._plan``). The driver (``keel.engine._driver``) awaits these pieces itself.
 
 Timeouts: a deadline (``keel.engine._deadlines``: one loop timer for all attempts) bounds the
 phase up to the response headers — for a non-stream attempt, up to the whole body; after that
