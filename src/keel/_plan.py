@@ -65,17 +65,16 @@ class Policy:
 # -- decisions ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Try(Generic[D]):
     """Start an attempt on ``dep``.
 
-    ``max_wait``: seconds the attempt may wait in the deployment's queue (0: only if it has
-    room at once — a later candidate has room now, so fail over rather than queue).
     ``continuation``: the stream is committed; the attempt must continue the answer.
-    ``hedge_after``: seconds after which, without a first token, ask ``hedge()``."""
+    ``hedge_after``: seconds after which, without a first token, ask ``hedge_target()``.
+    If the deployment's limiter cannot let the attempt through at once, ``queue_bound()``
+    says how long it may wait for it."""
 
     dep: D
-    max_wait: float
     continuation: bool = False
     hedge_after: float | None = None
 
@@ -187,12 +186,9 @@ class Plan(Generic[D]):
                     return self._stop(
                         GiveUp("retry budget exhausted (an upstream outage is likely)")
                     )
-                return Try(
-                    dep,
-                    self._queue_bound(now),
-                    continuation=self.committed,
-                    hedge_after=self._hedge_after(),
-                )
+                if self.hedge is None:
+                    return Try(dep, self.committed)
+                return Try(dep, self.committed, None if self.committed else self.hedge.delay())
             # This round of this group is over: retry what may succeed, or move on.
             # (after the commit, only those that can still continue the answer)
             again = [d for d in self._again if self.eligible(d)]
@@ -219,6 +215,16 @@ class Plan(Generic[D]):
         """Before the commit anyone may answer; after it only deployments that can continue,
         and never inside a tool call or for several choices (neither can be spliced)."""
         return not self.committed or (self.spliceable and dep.continuation != "none")
+
+    def queue_bound(self, now: float) -> float:
+        """Seconds the attempt just proposed may wait in its deployment's queue: none when a
+        later candidate has room now (fail over instead), else the bound within the deadline.
+        (Asked only when the limiter cannot let it through at once: the common case pays
+        nothing for it.)"""
+        later = self._pending[self._next :]
+        if any(self.eligible(d) and self.has_room(d) for d in later):
+            return 0.0
+        return max(0.0, min(self.max_wait, self.deadline - now))
 
     def hedge_target(self, busy: D) -> D | None:
         """A late first token on ``busy``: the deployment to hedge on, or None (no budget,
@@ -305,19 +311,6 @@ class Plan(Generic[D]):
         self._again = []
         self._hints = []
 
-    def _queue_bound(self, now: float) -> float:
-        """How long the next attempt may wait in its deployment's queue: not at all when a
-        later candidate has room now (fail over instead), else the bound within the
-        deadline."""
-        later = self._pending[self._next :]
-        if any(self.eligible(d) and self.has_room(d) for d in later):
-            return 0.0
-        return max(0.0, min(self.max_wait, self.deadline - now))
-
-    def _hedge_after(self) -> float | None:
-        if self.hedge is None or self.committed:
-            return None
-        return self.hedge.delay()
 
     def _penalty(self, err: UpstreamError) -> Penalty | None:
         """A key-level failure (auth, billing) takes the deployment out for the operator's

@@ -310,10 +310,11 @@ async def _commit(
 ) -> None:
     """The attempt on ``dep`` has just committed the stream: a hedged rival is cancelled
     (its upstream closes in its ``finally``), the client gets the headers."""
-    me = asyncio.current_task()
-    for task in call.racers:
-        if task is not me:
-            task.cancel()
+    if call.racers:
+        me = asyncio.current_task()
+        for task in call.racers:
+            if task is not me:
+                task.cancel()
     plan.commit(dep)
     plan.first_token(asyncio.get_running_loop().time() - started)
     await sink.commit(keel.attempt_headers(call, plan))
@@ -345,8 +346,7 @@ async def _hedged(
     The first to commit wins and cancels the other. Every attempt's outcome is settled here;
     True when one of them completed the stream."""
     first = asyncio.create_task(_attempt(keel, call, plan, t, sink, dep, False))
-    racers = call.racers
-    racers[first] = (dep, permit)
+    racers = call.racers = {first: (dep, permit)}
     try:
         done, _ = await asyncio.wait({first}, timeout=delay)
         if not done and (alt := plan.hedge_target(dep)) is not None:
@@ -383,7 +383,7 @@ async def _hedged(
             with contextlib.suppress(BaseException):
                 await task
             _settle(plan, d, p)
-        racers.clear()
+        call.racers = None
 
 
 # -- shared by both --------------------------------------------------------------------------------
@@ -398,8 +398,9 @@ async def _queue(
     now = time.monotonic()
     # Every breaker of the plan open: go anyway rather than fail (panic).
     panic = not dep.breaker.would_admit(now) and keel.router.all_open(call.model, now)
+    wait = plan.queue_bound(asyncio.get_running_loop().time())
     try:
-        return await acquire(dep, call.cost, call.priority, now + d.max_wait, panic)
+        return await acquire(dep, call.cost, call.priority, now + wait, panic)
     except Saturated as sat:
         plan.refused(dep, sat.reason, sat.retry_after, sat.soon)
         return None

@@ -15,7 +15,7 @@ import os
 import random
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -62,7 +62,7 @@ class Call:
     cost: RequestCost
     ticket: Ticket | None = None  # the client's booked limits
     usage: Mapping[str, Any] | None = None  # the upstream's usage, once an attempt succeeded
-    racers: dict[asyncio.Task[Any], Any] = field(default_factory=dict)  # a hedge's attempts
+    racers: dict[asyncio.Task[Any], Any] | None = None  # a hedge's attempts, while it races
 
 
 class Keel:
@@ -261,9 +261,6 @@ class Keel:
         """The attempt plan of one request."""
         router = self.router
         body = call.body
-        limits = [
-            v for k in ("max_tokens", "max_completion_tokens") if type(v := body.get(k)) is int
-        ]
         return Plan(
             groups=router.plan(call.model),
             order=router.order,
@@ -274,7 +271,7 @@ class Keel:
             max_wait=call.max_wait,
             hedge=self.hedges.get(call.model) if call.stream else None,
             spliceable=body.get("n") in (None, 1),
-            token_limit=min(limits) if limits else None,
+            token_limit=_token_limit(body) if call.stream else None,
         )
 
     def upstream_body(self, body: Mapping[str, Any], dep: Deployment) -> bytes:
@@ -286,6 +283,12 @@ class Keel:
         if plan.last is not None:
             h["x-keel-deployment"] = plan.last.name
         return h
+
+
+def _token_limit(body: Mapping[str, Any]) -> int | None:
+    """The client's limit on answer tokens (what a continuation may still spend)."""
+    limits = [v for k in ("max_tokens", "max_completion_tokens") if type(v := body.get(k)) is int]
+    return min(limits) if limits else None
 
 
 def _has_room(dep: Deployment) -> bool:
