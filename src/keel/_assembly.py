@@ -1,7 +1,7 @@
 """Stream assembly: SSE events of an OpenAI-style chat stream -> validated frames and a final
 outcome. Pure and I/O-free; the gateway's stream guard drives it one event at a time.
 
-Each JSON payload is parsed exactly once (orjson) and handed back in the ``Frame`` so the relay
+Each JSON payload is parsed exactly once (orjson) and handed back in the ``Frame`` so the transcript
 never parses it again. The assembler accumulates what a client has been shown so far (content,
 tool calls, finish_reason, usage), which is what mid-stream continuation needs.
 
@@ -107,7 +107,7 @@ class StreamAssembler:
     chunks: int = 0
     error: UpstreamError | None = None  # the first ERROR frame's error
     invalid_frames: int = 0
-    # Choice 0 has streamed tool call deltas: a plain attribute (the relay reads it per frame;
+    # Choice 0 has streamed tool call deltas: a plain attribute (the transcript reads it per frame;
     # ``tool_calls`` builds a list).
     has_tool_calls: bool = False
     finish_reasons: dict[int, str] = field(default_factory=dict)  # first terminal one per choice

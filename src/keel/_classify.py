@@ -1,7 +1,7 @@
 """Upstream error classification: (dialect, status, headers, body) -> a typed verdict.
 
 Pure and I/O-free. Every row of shared/faults.md §1 and the mid-stream error frames of §2 map
-to exactly one ``UpstreamError`` whose flags tell the attempt loop what to do:
+to exactly one ``UpstreamError`` whose flags tell the plan (``keel._plan``) what to do:
 
 * ``retryable``  - the *same* deployment may succeed if asked again (after ``retry_after``).
 * ``failover``   - *another* deployment could succeed (false for client mistakes that fail
@@ -107,7 +107,7 @@ class ErrorKind(StrEnum):
 
 
 class _Attempt(NamedTuple):
-    """What the attempt loop does with this kind of error."""
+    """What the plan does with this kind of error."""
 
     retryable: bool
     failover: bool
@@ -130,7 +130,7 @@ _AUTH, _QUOTA = AUTH_DISABLE_SECONDS, QUOTA_DISABLE_SECONDS
 #   with the same TPM limit, so never retry; one with a larger limit can serve it: fail over.
 # * NOT_FOUND: a model missing on one deployment may exist on another of the same group.
 # * CONTEXT_LENGTH: faults.md §1 "fail over only to a larger context"; picking a larger-context
-#   deployment is a routing feature, so to the attempt loop this is a client mistake.
+#   deployment is a routing feature, so to the plan this is a client mistake.
 # * MODERATION: faults.md §1 "same input fails everywhere on that provider".
 # fmt: off
 _ATTEMPT: dict[ErrorKind, _Attempt] = {

@@ -208,7 +208,7 @@ def _ratelimit_reset(h: Mapping[str, str], limit: str | None) -> tuple[float, st
     is ``0``. When that is still ambiguous, the *larger* reset: a reset value is when the bucket
     is full again, so the larger one is an upper bound after which both limits have room.
     Waiting for the smaller one is optimistic and risks a second 429 that costs an attempt
-    from the retry budget; the attempt loop caps long hints (and fails over) anyway.
+    from the retry budget; the plan caps long hints (and fails over) anyway.
 
     Zero and negative values are ignored: Azure sends ``-1``/``0`` when it has no value, and a
     reset of zero on a 429 contradicts the 429 itself.

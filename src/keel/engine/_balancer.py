@@ -4,7 +4,7 @@
 * first: deployments with capacity right now, the first of them picked by weighted
   power-of-two-choices on ``peak-EWMA latency per output token x (in flight + waiting + 1)``,
   the rest by that score (they are the fail-over order);
-* then: deployments that are full (the attempt loop waits on the least loaded one);
+* then: deployments that are full (the driver waits on the least loaded one);
 * last: deployments cooling down after a long retry hint (tried only when nothing else is).
 """
 
@@ -70,7 +70,7 @@ def order(deps: Sequence[Deployment], now: float, rng: random.Random) -> list[De
         full.sort(key=lambda d: (d.limiter.in_flight + d.limiter.waiting) / d.weight)
     if not (ready or full or cooling):
         # Panic (Envoy's term): every breaker of the group is open. Offer them anyway, so that
-        # the attempt loop can fall back to other groups first and, when the whole plan is
+        # the plan can fall back to other groups first and, when the whole plan is
         # open, still try (``Router.all_open``): a breaker that closes every door protects
         # nothing and fails requests that could succeed.
         return [d for d in deps if now >= d.benched_until]

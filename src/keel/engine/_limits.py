@@ -2,7 +2,7 @@
 
 Three gates, in order, each cheap when the deployment has nothing to enforce:
 
-1. **breaker** — an open breaker refuses at once (the attempt loop fails over);
+1. **breaker** — an open breaker refuses at once (the plan fails over);
 2. **concurrency slot** — ``max_concurrency`` (1/N of it while Redis is down) and the adaptive
    AIMD limit; when full, the request waits in a priority queue (interactive before batch)
    for a release, up to its wait bound;
@@ -131,7 +131,7 @@ class Permit:
     prompt_estimate: int = 0
     lease: str | None = None  # shared concurrency lease id
     how: Admit = Admit.NORMAL
-    # the outcome, filled in by the attempt loop
+    # the outcome, filled in by the driver
     ok: bool = False
     error: UpstreamError | None = None
     usage: Mapping[str, Any] | None = None
@@ -546,7 +546,7 @@ class DeploymentLimiter:
             self._pump()
 
 
-# --- the attempt loop's two calls ----------------------------------------------------------------
+# --- the driver's two calls --------------------------------------------------------------------
 
 
 def try_acquire(dep: Deployment, req: RequestCost, now: float) -> Permit | None:
