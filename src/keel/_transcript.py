@@ -148,6 +148,7 @@ class Take:
 
     __slots__ = (
         "_asm",
+        "_hot",
         "_t",
         "_trimmer",
         "finish",
@@ -171,6 +172,9 @@ class Take:
         self.reported = False  # this attempt's usage chunk arrived
         # The terminal chunk, held until the stream proves complete: (payload, its content).
         self.finish: tuple[bytes, str] | None = None
+        # This attempt owns the committed stream and relays the upstream's own chunks: the
+        # per-frame fast path (one test instead of four).
+        self._hot = False
 
     def chunk(self, f: Frame, out: list[bytes]) -> bool:
         """One CHUNK frame: payloads for the client go to ``out``. True when this frame made
@@ -182,6 +186,15 @@ class Take:
             self._usage(obj["usage"], f.data)
             return False
         content = f.content
+        if self._hot and f.finish_reason is None:  # a token of the committed stream
+            out.append(f.data.encode())
+            if content:
+                self.relayed += 1
+                t.sent.append(content)
+                t.tokens += 1
+            if not t.tool_calls and self._asm.has_tool_calls:
+                t.tool_calls = True
+            return False
         if self.mode is not None:
             data = self._splice(f)
             if data is None:
@@ -190,7 +203,7 @@ class Take:
         else:
             data = f.data.encode()
         if f.finish_reason is None and t.committed and not self.pending:
-            # The hot path: a token of a committed stream goes straight out.
+            # A continuation's token (spliced above) goes straight out.
             if t.owner is not self:
                 raise Lost
             out.append(data)
@@ -228,6 +241,7 @@ class Take:
             t.meta = (asm.id, asm.created, asm.model)
         elif t.owner is not self:
             raise Lost
+        self._hot = self.mode is None
         for text in self.texts:
             t.sent.append(text)
             t.tokens += 1

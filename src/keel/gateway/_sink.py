@@ -77,7 +77,14 @@ class SSESink:
         self.committed = True
 
     async def send(self, chunks: list[bytes]) -> None:
-        await self._write(sse(chunks))
+        # Per network read of the stream: the write inline, not through _write's coroutine.
+        assert self.response is not None
+        try:
+            await self.response.write(sse(chunks))
+        except ConnectionError:
+            if self._client_left():
+                raise ClientGone from None
+            raise
 
     async def end(self, chunks: list[bytes]) -> None:
         """The last chunks, the single ``[DONE]``, the end of the response."""
