@@ -11,6 +11,7 @@ import os
 import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
@@ -81,6 +82,32 @@ class DeploymentConfig(_Strict):
     # Seconds of rpm/tpm that may go out at once above the paced rate. 0 (default) paces
     # strictly: providers enforce per-minute limits over much shorter windows.
     burst: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _one_authorization(self) -> DeploymentConfig:
+        # Messages name the field, never the URL: it may carry the credentials in question.
+        try:
+            parts = urlsplit(self.base_url)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError:
+            raise ValueError("base_url is not a valid URL") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("base_url must be an http:// or https:// URL with a host")
+        header = any(k.lower() == "authorization" for k in self.headers)
+        if self.api_key.get_secret_value() and header:
+            raise ValueError(
+                "api_key and headers.authorization are both set; an upstream request has one "
+                "Authorization header: keep one of them"
+            )
+        if parts.username is not None or parts.password is not None:
+            if self.api_key.get_secret_value() or header:
+                what = "headers.authorization" if header else "api_key"
+                raise ValueError(
+                    f"base_url carries credentials (user:password@) and {what} is set too; "
+                    "an upstream request has one Authorization header: keep the credentials "
+                    f"(HTTP Basic auth) or {what}, not both"
+                )
+        return self
 
 
 class CommitBuffer(_Strict):
@@ -218,6 +245,7 @@ def parse_config(data: Any) -> GatewayConfig:
         for err in exc.errors():
             loc = ".".join(str(p) for p in err["loc"]) or "config"
             msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            msg = msg.removeprefix("Value error, ")  # pydantic's prefix for our own checks
             lines.append(f"  {loc}: {msg}")
         raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None
 
