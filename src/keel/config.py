@@ -99,14 +99,14 @@ class DeploymentConfig(_Strict):
                 "api_key and headers.authorization are both set; an upstream request has one "
                 "Authorization header: keep one of them"
             )
-        if parts.username is not None or parts.password is not None:
-            if self.api_key.get_secret_value() or header:
-                what = "headers.authorization" if header else "api_key"
-                raise ValueError(
-                    f"base_url carries credentials (user:password@) and {what} is set too; "
-                    "an upstream request has one Authorization header: keep the credentials "
-                    f"(HTTP Basic auth) or {what}, not both"
-                )
+        credentials = parts.username is not None or parts.password is not None
+        if credentials and (self.api_key.get_secret_value() or header):
+            what = "headers.authorization" if header else "api_key"
+            raise ValueError(
+                f"base_url carries credentials (user:password@) and {what} is set too; "
+                "an upstream request has one Authorization header: keep the credentials "
+                f"(HTTP Basic auth) or {what}, not both"
+            )
         return self
 
 
@@ -163,6 +163,18 @@ class ServerConfig(_Strict):
     # interface, or put it behind the ingress). Client keys do not open it: a client is not
     # an operator.
     metrics_key: SecretStr | None = None
+    # Client connections (nginx's defaults): the request headers must arrive within
+    # header_timeout of their first byte, a request body must not stall for body_timeout, a
+    # connection without a request closes after keepalive_timeout.
+    header_timeout: float = Field(60.0, gt=0)
+    body_timeout: float = Field(60.0, gt=0)
+    keepalive_timeout: float = Field(75.0, gt=0)
+    # Open client connections; one more gets a 503. None: half the open-file limit (each
+    # proxied request holds an upstream connection too).
+    max_connections: int | None = Field(None, gt=0)
+    # On SIGTERM/SIGINT: how long requests in flight may take to finish; then they are ended
+    # (a stream with an error frame and [DONE]). A second signal stops at once.
+    drain_timeout: float = Field(25.0, ge=0)
 
 
 class GatewayConfig(_Strict):

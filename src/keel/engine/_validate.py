@@ -8,7 +8,6 @@ import orjson
 
 from keel.engine._errors import KeelError
 
-
 # orjson parses up to 1024 nested arrays/objects but serialises only 254 (its recursion limit):
 # keel re-serialises every body it forwards, so it accepts only what it can send on.
 MAX_DEPTH = 254
