@@ -71,9 +71,9 @@ def assert_openai_error(body: bytes, code: str, *words: str) -> dict[str, Any]:
     return err
 
 
-async def until_closed(reader: asyncio.StreamReader, timeout: float) -> bytes:
+async def until_closed(reader: asyncio.StreamReader, within: float) -> bytes:
     """Everything the server sends until it closes the connection."""
-    return await asyncio.wait_for(reader.read(), timeout)
+    return await asyncio.wait_for(reader.read(), within)
 
 
 async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -253,7 +253,9 @@ MALFORMED = [
         "Content-Length",
         id="bad-content-length",
     ),
-    pytest.param(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 32, "", id="tls-hello"),
+    pytest.param(
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 32, "", id="tls-hello"
+    ),
 ]
 
 
