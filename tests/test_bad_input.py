@@ -111,6 +111,62 @@ async def test_unparseable_body_is_a_400(conn: Conn, raw: bytes, words: list[str
     await conn.still_usable()
 
 
+def nested(depth: int) -> bytes:
+    """A chat body whose deepest array is ``depth`` levels down (the body itself is level 1);
+    the nesting sits in a pass-through field, as a tool schema or metadata would."""
+    inner = b"[" * (depth - 1) + b"0" + b"]" * (depth - 1)
+    return b'{"model": "solo", "messages": [{"role": "user", "content": "deep"}], "metadata": ' + (
+        inner + b"}"
+    )
+
+
+@pytest.mark.parametrize("depth", [255, 256, 500, 1023, 1024])
+async def test_json_nested_deeper_than_keel_can_forward_is_a_400(conn: Conn, depth: int) -> None:
+    # orjson parses 1024 levels but serialises only 254: keel accepts only what it can send on.
+    status, body, headers = await conn.request(
+        "POST",
+        "/chat/completions",
+        data=nested(depth),
+        headers={"content-type": "application/json"},
+    )
+    assert_openai_error(status, body, 400, "more than 254 levels deep")
+    assert body["error"]["code"] == "invalid_json" and headers["x-should-retry"] == "false"
+    await conn.still_usable()
+
+
+async def test_json_nested_254_levels_is_forwarded(conn: Conn) -> None:
+    status, body, _ = await conn.request(
+        "POST", "/chat/completions", data=nested(254), headers={"content-type": "application/json"}
+    )
+    assert status == 200, body
+    assert body["choices"][0]["message"]["content"] == answer_text("deep")
+
+
+async def test_json_nested_past_the_parser_limit_is_a_400(conn: Conn) -> None:
+    status, body, _ = await conn.request(
+        "POST", "/chat/completions", data=nested(1026), headers={"content-type": "application/json"}
+    )
+    assert_openai_error(status, body, 400, "not valid JSON")
+    await conn.still_usable()
+
+
+async def test_a_leading_utf8_bom_is_ignored(conn: Conn) -> None:
+    prompt = unique("bom")
+    raw = b"\xef\xbb\xbf" + json.dumps(ok_body(prompt)).encode()
+    status, body, _ = await conn.request(
+        "POST", "/chat/completions", data=raw, headers={"content-type": "application/json"}
+    )
+    assert status == 200, body
+    assert body["choices"][0]["message"]["content"] == answer_text(prompt)
+    status, body, _ = await conn.request(
+        "POST",
+        "/chat/completions",
+        data=b"\xef\xbb\xbf" + raw,
+        headers={"content-type": "application/json"},
+    )
+    assert_openai_error(status, body, 400, "byte order mark")
+
+
 # --- fields keel relies on ---------------------------------------------------------------------
 
 FIELD_CASES = [
@@ -294,6 +350,27 @@ async def test_wrong_or_missing_client_key_is_a_401(
         assert CLIENT_KEY not in json.dumps(body)
         c.session.headers["authorization"] = f"Bearer {CLIENT_KEY}"
         await c.still_usable()
+    finally:
+        await c.session.close()
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer sk-wrong", f"Basic {CLIENT_KEY}"])
+async def test_the_model_list_is_behind_the_client_key(
+    locked_gateway: GatewayProcess, authorization: str | None
+) -> None:
+    c = Conn(locked_gateway.base_url)
+    try:
+        headers = {} if authorization is None else {"authorization": authorization}
+        status, body, h = await c.request("GET", "/models", headers=headers)
+        assert_openai_error(status, body, 401, "API key")
+        assert body["error"]["code"] == "invalid_api_key" and h["x-should-retry"] == "false"
+        status, body, _ = await c.request(
+            "GET", "/models", headers={"authorization": f"Bearer {CLIENT_KEY}"}
+        )
+        assert status == 200 and [m["id"] for m in body["data"]] == ["solo"]
+        # The health check stays open: load balancers probe it without a key.
+        async with c.session.get(locked_gateway.url + "/healthz") as r:
+            assert r.status == 200
     finally:
         await c.session.close()
 

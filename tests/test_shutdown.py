@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -166,7 +167,7 @@ async def test_a_second_signal_stops_at_once(
 def test_the_open_file_soft_limit_is_raised_to_the_hard_limit(sim: SimProcess, tmp_path) -> None:
     import resource
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard <= 256:
         pytest.skip("needs a finite hard limit above 256")
     cfg = tmp_path / "keel.yaml"
@@ -178,7 +179,7 @@ def test_the_open_file_soft_limit_is_raised_to_the_hard_limit(sim: SimProcess, t
         "runpy.run_module('keel', run_name='__main__')"
     )
     with spawn_listening([sys.executable, "-c", low], r"keel listening on (\S+)") as gw:
-        limits = open(f"/proc/{gw.pid}/limits").read()
+        limits = Path(f"/proc/{gw.pid}/limits").read_text()
         line = next(ln for ln in limits.splitlines() if ln.startswith("Max open files"))
         assert line.split()[3:5] == [str(hard), str(hard)], line
         assert f"open-file limit {hard} (hard {hard}); at most {(hard - 64) // 2}" in (
