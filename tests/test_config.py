@@ -144,7 +144,7 @@ def test_client_connection_settings() -> None:
     s = parse_config(_one_deployment()).server
     assert (s.header_timeout, s.body_timeout, s.keepalive_timeout) == (60.0, 60.0, 75.0)
     assert s.max_connections is None and s.drain_timeout == 25.0
-    with pytest.raises(ConfigError, match="server.header_timeout"):
+    with pytest.raises(ConfigError, match=r"server\.header_timeout"):
         parse_config({**_one_deployment(), "server": {"header_timeout": 0}})
-    with pytest.raises(ConfigError, match="server.max_connections"):
+    with pytest.raises(ConfigError, match=r"server\.max_connections"):
         parse_config({**_one_deployment(), "server": {"max_connections": 0}})

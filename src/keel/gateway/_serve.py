@@ -12,7 +12,7 @@ from aiohttp import web
 
 from keel._signals import Signals
 from keel.config import GatewayConfig, ServerConfig, parse_config
-from keel.gateway._app import GATEWAY_KEY, create_app
+from keel.gateway._app import KEEL_KEY, create_app
 from keel.gateway._http import SHUTDOWN_KEY, ConnectionPolicy, KeelProtocol, KeelSite, Shutdown
 
 log = logging.getLogger("keel")
@@ -24,8 +24,8 @@ async def start_site(
     """Serve ``app`` on ``host:port`` (0: a free port, returned) with the connection limits of
     ``settings`` (default: the gateway config's ``server``)."""
     if settings is None:
-        gw = app.get(GATEWAY_KEY)
-        settings = gw.config.server if gw is not None else ServerConfig()
+        keel = app.get(KEEL_KEY)
+        settings = keel.config.server if keel is not None else ServerConfig()
     policy = ConnectionPolicy(
         header_timeout=settings.header_timeout,
         body_timeout=settings.body_timeout,
