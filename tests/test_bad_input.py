@@ -4,6 +4,7 @@ works)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -352,6 +353,34 @@ async def test_wrong_or_missing_client_key_is_a_401(
         await c.still_usable()
     finally:
         await c.session.close()
+
+
+@pytest.mark.parametrize(
+    "token", [b"sk-\xff\xfe", "sk-ключ".encode(), b"sk-\x80" + CLIENT_KEY.encode()[3:]]
+)
+async def test_a_key_that_is_not_ascii_or_not_utf8_is_a_401(
+    locked_gateway: GatewayProcess, token: bytes
+) -> None:
+    # Header bytes are the client's: aiohttp decodes invalid UTF-8 to surrogates, and the
+    # key check must refuse them like any wrong key, not fail on them (a 500).
+    host, port = locked_gateway.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    data = json.dumps(ok_body("x")).encode()
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: keel\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + token + b"\r\nContent-Length: " + str(len(data)).encode()
+        + b"\r\n\r\n" + data
+    )  # fmt: skip
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    status = int(head.split()[1])
+    length = int(
+        next(ln for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length")).split(
+            b":"
+        )[1]
+    )
+    body = json.loads(await reader.readexactly(length))
+    writer.close()
+    assert_openai_error(status, body, 401, "API key")
 
 
 @pytest.mark.parametrize("authorization", [None, "Bearer sk-wrong", f"Basic {CLIENT_KEY}"])
