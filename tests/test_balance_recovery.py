@@ -39,7 +39,9 @@ def test_after_an_error_burst_the_slow_deployment_is_avoided_again_within_second
 
             def run(seconds: float) -> list:
                 return asyncio.run(
-                    closed_loop([gw.base_url], CLIENTS, for_seconds(seconds), lambda i: body(f"b{i}"))
+                    closed_loop(
+                        [gw.base_url], CLIENTS, for_seconds(seconds), lambda i: body(f"b{i}")
+                    )
                 )
 
             def estimates() -> list[float | None]:
@@ -63,7 +65,11 @@ def test_after_an_error_burst_the_slow_deployment_is_avoided_again_within_second
         f"the burst, {share(settled, 'slow'):.1%} from 1.5 s after it ({len(settled)} requests); "
         f"estimates (s/token) healthy {healthy}, at the end of the burst {during}"
     )
-    failed = [(r.status, r.deployment, r.headers.get("x-keel-attempts")) for r in before + burst + after if r.status != 200]
+    failed = [
+        (r.status, r.deployment, r.headers.get("x-keel-attempts"))
+        for r in before + burst + after
+        if r.status != 200
+    ]
     assert not failed, failed
     for h, d in zip(healthy, during, strict=True):
         assert h is not None and d is not None and math.isfinite(d)

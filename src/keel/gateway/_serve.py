@@ -215,6 +215,14 @@ async def serve(config: GatewayConfig | None, host: str | None, port: int | None
         shown = f"[{host}]" if ":" in host else host
         cap = config.server.max_connections or default_max_connections()
         log.info("open-file limit %d (hard %d); at most %d client connections", soft, hard, cap)
+        if soft > 0 and cap > default_max_connections():
+            log.warning(
+                "server.max_connections %d is more than half the open-file limit %d: proxied "
+                "requests need a descriptor each way, so new ones may fail before the cap "
+                "refuses them",
+                cap,
+                soft,
+            )
         print(f"keel listening on http://{shown}:{bound}", flush=True)
         try:
             sig = await signals.next()
