@@ -4,6 +4,7 @@ works)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -109,6 +110,62 @@ async def test_unparseable_body_is_a_400(conn: Conn, raw: bytes, words: list[str
     assert_openai_error(status, body, 400, *words)
     assert headers["x-should-retry"] == "false"
     await conn.still_usable()
+
+
+def nested(depth: int) -> bytes:
+    """A chat body whose deepest array is ``depth`` levels down (the body itself is level 1);
+    the nesting sits in a pass-through field, as a tool schema or metadata would."""
+    inner = b"[" * (depth - 1) + b"0" + b"]" * (depth - 1)
+    return b'{"model": "solo", "messages": [{"role": "user", "content": "deep"}], "metadata": ' + (
+        inner + b"}"
+    )
+
+
+@pytest.mark.parametrize("depth", [255, 256, 500, 1023, 1024])
+async def test_json_nested_deeper_than_keel_can_forward_is_a_400(conn: Conn, depth: int) -> None:
+    # orjson parses 1024 levels but serialises only 254: keel accepts only what it can send on.
+    status, body, headers = await conn.request(
+        "POST",
+        "/chat/completions",
+        data=nested(depth),
+        headers={"content-type": "application/json"},
+    )
+    assert_openai_error(status, body, 400, "more than 254 levels deep")
+    assert body["error"]["code"] == "invalid_json" and headers["x-should-retry"] == "false"
+    await conn.still_usable()
+
+
+async def test_json_nested_254_levels_is_forwarded(conn: Conn) -> None:
+    status, body, _ = await conn.request(
+        "POST", "/chat/completions", data=nested(254), headers={"content-type": "application/json"}
+    )
+    assert status == 200, body
+    assert body["choices"][0]["message"]["content"] == answer_text("deep")
+
+
+async def test_json_nested_past_the_parser_limit_is_a_400(conn: Conn) -> None:
+    status, body, _ = await conn.request(
+        "POST", "/chat/completions", data=nested(1026), headers={"content-type": "application/json"}
+    )
+    assert_openai_error(status, body, 400, "not valid JSON")
+    await conn.still_usable()
+
+
+async def test_a_leading_utf8_bom_is_ignored(conn: Conn) -> None:
+    prompt = unique("bom")
+    raw = b"\xef\xbb\xbf" + json.dumps(ok_body(prompt)).encode()
+    status, body, _ = await conn.request(
+        "POST", "/chat/completions", data=raw, headers={"content-type": "application/json"}
+    )
+    assert status == 200, body
+    assert body["choices"][0]["message"]["content"] == answer_text(prompt)
+    status, body, _ = await conn.request(
+        "POST",
+        "/chat/completions",
+        data=b"\xef\xbb\xbf" + raw,
+        headers={"content-type": "application/json"},
+    )
+    assert_openai_error(status, body, 400, "byte order mark")
 
 
 # --- fields keel relies on ---------------------------------------------------------------------
@@ -294,6 +351,55 @@ async def test_wrong_or_missing_client_key_is_a_401(
         assert CLIENT_KEY not in json.dumps(body)
         c.session.headers["authorization"] = f"Bearer {CLIENT_KEY}"
         await c.still_usable()
+    finally:
+        await c.session.close()
+
+
+@pytest.mark.parametrize(
+    "token", [b"sk-\xff\xfe", "sk-ключ".encode(), b"sk-\x80" + CLIENT_KEY.encode()[3:]]
+)
+async def test_a_key_that_is_not_ascii_or_not_utf8_is_a_401(
+    locked_gateway: GatewayProcess, token: bytes
+) -> None:
+    # Header bytes are the client's: aiohttp decodes invalid UTF-8 to surrogates, and the
+    # key check must refuse them like any wrong key, not fail on them (a 500).
+    host, port = locked_gateway.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    data = json.dumps(ok_body("x")).encode()
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: keel\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + token + b"\r\nContent-Length: " + str(len(data)).encode()
+        + b"\r\n\r\n" + data
+    )  # fmt: skip
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    status = int(head.split()[1])
+    length = int(
+        next(ln for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length")).split(
+            b":"
+        )[1]
+    )
+    body = json.loads(await reader.readexactly(length))
+    writer.close()
+    assert_openai_error(status, body, 401, "API key")
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer sk-wrong", f"Basic {CLIENT_KEY}"])
+async def test_the_model_list_is_behind_the_client_key(
+    locked_gateway: GatewayProcess, authorization: str | None
+) -> None:
+    c = Conn(locked_gateway.base_url)
+    try:
+        headers = {} if authorization is None else {"authorization": authorization}
+        status, body, h = await c.request("GET", "/models", headers=headers)
+        assert_openai_error(status, body, 401, "API key")
+        assert body["error"]["code"] == "invalid_api_key" and h["x-should-retry"] == "false"
+        status, body, _ = await c.request(
+            "GET", "/models", headers={"authorization": f"Bearer {CLIENT_KEY}"}
+        )
+        assert status == 200 and [m["id"] for m in body["data"]] == ["solo"]
+        # The health check stays open: load balancers probe it without a key.
+        async with c.session.get(locked_gateway.url + "/healthz") as r:
+            assert r.status == 200
     finally:
         await c.session.close()
 

@@ -100,3 +100,51 @@ def test_deployment_names_are_unique_across_groups() -> None:
     parse_config(
         {"models": {"a": {"deployments": [{"base_url": "http://x"}, {"base_url": "http://y"}]}}}
     )
+
+
+def _one_deployment(**dep: object) -> dict[str, object]:
+    return {"models": {"m": {"deployments": [{"base_url": "http://127.0.0.1:9101/v1", **dep}]}}}
+
+
+@pytest.mark.parametrize(
+    ("dep", "words"),
+    [
+        ({"base_url": "http://user:pw@127.0.0.1:9101/v1", "api_key": "sk-1"},
+         ["credentials (user:password@)", "api_key is set too", "not both"]),
+        ({"base_url": "http://user:pw@127.0.0.1:9101/v1", "headers": {"Authorization": "x"}},
+         ["credentials", "headers.authorization is set too"]),
+        ({"api_key": "sk-1", "headers": {"authorization": "Bearer sk-2"}},
+         ["api_key and headers.authorization are both set"]),
+        ({"base_url": "127.0.0.1:9101/v1"}, ["http:// or https://"]),
+        ({"base_url": "http://127.0.0.1:port/v1"}, ["not a valid URL"]),
+    ],
+)  # fmt: skip
+def test_conflicting_upstream_credentials_are_refused_at_load(
+    dep: dict[str, object], words: list[str]
+) -> None:
+    # aiohttp refuses a URL's credentials next to an Authorization header on every request
+    # (a 500 each time); keel refuses the configuration instead, naming the field, never the
+    # credentials.
+    with pytest.raises(ConfigError) as info:
+        parse_config(_one_deployment(**dep))
+    msg = str(info.value)
+    assert "models.m.deployments.0:" in msg
+    for w in words:
+        assert w in msg, msg
+    assert "Value error" not in msg
+    assert "pw@" not in msg and "sk-1" not in msg and "sk-2" not in msg
+
+
+def test_credentials_in_the_url_alone_are_http_basic_auth() -> None:
+    cfg = parse_config(_one_deployment(base_url="https://user:pw@vllm.internal/v1"))
+    assert cfg.models["m"].deployments[0].api_key.get_secret_value() == ""
+
+
+def test_client_connection_settings() -> None:
+    s = parse_config(_one_deployment()).server
+    assert (s.header_timeout, s.body_timeout, s.keepalive_timeout) == (60.0, 60.0, 75.0)
+    assert s.max_connections is None and s.drain_timeout == 25.0
+    with pytest.raises(ConfigError, match=r"server\.header_timeout"):
+        parse_config({**_one_deployment(), "server": {"header_timeout": 0}})
+    with pytest.raises(ConfigError, match=r"server\.max_connections"):
+        parse_config({**_one_deployment(), "server": {"max_connections": 0}})

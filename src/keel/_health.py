@@ -16,7 +16,8 @@ Peak-EWMA (Finagle's load-balancer cost): a sample above the estimate replaces i
 deployment that just got slow is avoided now, not after the average catches up); lower samples
 blend in with a weight that depends on the time since the last sample. Between samples the
 estimate decays towards zero with the same time constant, so a deployment nobody picks is
-eventually picked again, and its share recovers once it is fast again.
+eventually picked again, and its share recovers once it is fast again. Failed attempts raise
+a separate, bounded failure score instead of feeding the estimate (see ``FAILURE_WEIGHT``).
 """
 
 from __future__ import annotations
@@ -194,15 +195,29 @@ class Breaker:
         return ok_n, bad_n
 
 
+# A failed attempt says how often a deployment fails, not how fast it answers. So failures do
+# not feed the latency estimate (where ``max(2 x estimate, penalty)`` once compounded to +Inf):
+# they raise a failure score ``failing`` (an EWMA over outcomes, 0..1) that multiplies the cost
+# by up to 1 + FAILURE_WEIGHT. Bounded, at most that multiple of the healthy cost; forgotten
+# with each success (x (1 - FAILURE_ALPHA)) and with time (like the estimate); and a uniform
+# error rate scales every deployment's cost alike, so it does not disturb their balance.
+FAILURE_WEIGHT = 9.0  # a deployment failing every attempt costs 10 times its latency
+FAILURE_ALPHA = 0.2  # the weight of one outcome in the failure score
+_FORGOTTEN = 1e-3  # a failure score this small is zero (keeps the common path branch-free)
+
+
 @dataclass(slots=True)
 class PeakEwma:
     decay: float = 5.0  # seconds
     value: float = 0.0
     stamp: float = 0.0
-    samples: int = 0
+    samples: int = 0  # successes observed
+    failing: float = 0.0  # failure score, 0..1 (see FAILURE_WEIGHT)
+    failing_stamp: float = 0.0
 
     def observe(self, sample: float, now: float) -> None:
-        if self.samples == 0 or sample > self.value:
+        """A successful attempt's latency (per token)."""
+        if self.samples == 0 or sample > self.value:  # the first also replaces a placeholder
             self.value = sample
         else:
             dt = now - self.stamp
@@ -210,10 +225,33 @@ class PeakEwma:
             self.value = self.value * w + sample * (1.0 - w)
         self.stamp = now
         self.samples += 1
+        if self.failing:
+            f = self._failing(now) * (1.0 - FAILURE_ALPHA)
+            self.failing = f if f > _FORGOTTEN else 0.0
+            self.failing_stamp = now
+
+    def penalise(self, floor: float, now: float) -> None:
+        """A failed attempt that was the deployment's fault. ``floor``: the latency (per token)
+        to assume while no success has been observed (a deployment failing from the start
+        must not look average)."""
+        self.failing = self._failing(now) * (1.0 - FAILURE_ALPHA) + FAILURE_ALPHA
+        self.failing_stamp = now
+        if not self.samples:
+            self.value = floor
+        # The estimate's decay towards zero stands for "not tried lately", and this was a try:
+        # it holds (restamped), or a deployment failing fast would soon look the fastest.
+        self.stamp = now
 
     def cost(self, now: float) -> float | None:
-        """The decayed estimate, or None before the first sample."""
-        if not self.samples:
+        """The decayed estimate, scaled by the failure score; None before the first outcome."""
+        if not self.samples and not self.failing:
             return None
         dt = now - self.stamp  # a plain branch, not max(): this runs per request
-        return self.value * math.exp(-dt / self.decay) if dt > 0.0 else self.value
+        c = self.value * math.exp(-dt / self.decay) if dt > 0.0 else self.value
+        if self.failing:
+            c *= 1.0 + FAILURE_WEIGHT * self._failing(now)
+        return c
+
+    def _failing(self, now: float) -> float:
+        dt = now - self.failing_stamp
+        return self.failing * math.exp(-dt / self.decay) if dt > 0.0 else self.failing

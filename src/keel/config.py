@@ -11,6 +11,7 @@ import os
 import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
@@ -82,6 +83,32 @@ class DeploymentConfig(_Strict):
     # strictly: providers enforce per-minute limits over much shorter windows.
     burst: float = Field(0.0, ge=0)
 
+    @model_validator(mode="after")
+    def _one_authorization(self) -> DeploymentConfig:
+        # Messages name the field, never the URL: it may carry the credentials in question.
+        try:
+            parts = urlsplit(self.base_url)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError:
+            raise ValueError("base_url is not a valid URL") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("base_url must be an http:// or https:// URL with a host")
+        header = any(k.lower() == "authorization" for k in self.headers)
+        if self.api_key.get_secret_value() and header:
+            raise ValueError(
+                "api_key and headers.authorization are both set; an upstream request has one "
+                "Authorization header: keep one of them"
+            )
+        credentials = parts.username is not None or parts.password is not None
+        if credentials and (self.api_key.get_secret_value() or header):
+            what = "headers.authorization" if header else "api_key"
+            raise ValueError(
+                f"base_url carries credentials (user:password@) and {what} is set too; "
+                "an upstream request has one Authorization header: keep the credentials "
+                f"(HTTP Basic auth) or {what}, not both"
+            )
+        return self
+
 
 class CommitBuffer(_Strict):
     """Hold the first ``tokens`` content chunks or ``ms`` milliseconds of a stream (whichever
@@ -136,6 +163,18 @@ class ServerConfig(_Strict):
     # interface, or put it behind the ingress). Client keys do not open it: a client is not
     # an operator.
     metrics_key: SecretStr | None = None
+    # Client connections (nginx's defaults): the request headers must arrive within
+    # header_timeout of their first byte, a request body must not stall for body_timeout, a
+    # connection without a request closes after keepalive_timeout.
+    header_timeout: float = Field(60.0, gt=0)
+    body_timeout: float = Field(60.0, gt=0)
+    keepalive_timeout: float = Field(75.0, gt=0)
+    # Open client connections; one more gets a 503. None: half the open-file limit (each
+    # proxied request holds an upstream connection too).
+    max_connections: int | None = Field(None, gt=0)
+    # On SIGTERM/SIGINT: how long requests in flight may take to finish; then they are ended
+    # (a stream with an error frame and [DONE]). A second signal stops at once.
+    drain_timeout: float = Field(25.0, ge=0)
 
 
 class GatewayConfig(_Strict):
@@ -218,6 +257,7 @@ def parse_config(data: Any) -> GatewayConfig:
         for err in exc.errors():
             loc = ".".join(str(p) for p in err["loc"]) or "config"
             msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            msg = msg.removeprefix("Value error, ")  # pydantic's prefix for our own checks
             lines.append(f"  {loc}: {msg}")
         raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None
 

@@ -193,9 +193,30 @@ def bench_command(
         str,
         typer.Option(help="Comma-separated targets to run (direct, bare, keel, litellm, portkey)."),
     ] = "",
+    soak: Annotated[
+        str,
+        typer.Option(
+            help="Instead: a soak of this duration (90s, 5m, 30m) under the fault mix, "
+            "reporting keel's RSS, descriptors and live objects per type (keel.bench._soak)."
+        ),
+    ] = "",
+    interval: Annotated[
+        float, typer.Option(help="Seconds between two soak samples (0 = duration/30).", min=0)
+    ] = 0.0,
 ) -> None:
     """Measure keel against a bare proxy from the same stack: throughput, latency, CPU per
     request and per frame, memory per open stream, and disconnect → upstream close."""
+    if soak:
+        from keel.bench._soak import parse_duration
+        from keel.bench._soak import soak as run_soak
+
+        try:
+            parse_duration(soak)
+        except ValueError as exc:
+            typer.echo(f"keel bench: --soak: {exc}", err=True)
+            raise typer.Exit(2) from None
+        result = run_soak(soak, interval or None, out)
+        raise typer.Exit(1 if result["broken"] else 0)
     chosen = {x.strip() for x in cells.split(",") if x.strip()}
     unknown = chosen - set(CELLS)
     if unknown:

@@ -80,7 +80,7 @@ def _load_signal(err: UpstreamError) -> bool:
     return "concurren" in text
 
 
-FAILURE_PENALTY = 1.0  # seconds per token: a failed attempt makes a deployment look this slow
+FAILURE_PENALTY = 1.0  # seconds per token assumed for a deployment that failed before any success
 
 
 class Saturated(Exception):
@@ -662,8 +662,7 @@ def _failed(dep: Deployment, permit: Permit, now: float) -> None:
     ):
         lim.pause(retry_after)
     if health is False:
-        cost = dep.latency.cost(now) or 0.0
-        dep.latency.observe(max(2.0 * cost, FAILURE_PENALTY), now)
+        dep.latency.penalise(FAILURE_PENALTY, now)
     if lim.shared is not None:
         if err.disable_key_for and dep.benched_until > now:
             lim.shared.publish(lim.health_key, "bench", dep.benched_until - now, err.kind.value)

@@ -77,6 +77,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def models(request: web.Request) -> web.Response:
     keel = request.app[KEEL_KEY]
+    try:
+        keel.authenticate(request.headers)  # the model list is for clients, like the models
+    except KeelError as exc:
+        return error_response(exc)
     return web.json_response(
         {"object": "list", "data": keel.models()}, dumps=lambda o: orjson.dumps(o).decode()
     )

@@ -3,31 +3,157 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
-import socket
 from typing import Any
 
 from aiohttp import web
 
-from keel._signals import until_signalled
-from keel.config import GatewayConfig, parse_config
-from keel.gateway._app import create_app
+from keel._signals import Signals
+from keel.config import GatewayConfig, ServerConfig, parse_config
+from keel.gateway._app import KEEL_KEY, create_app
+from keel.gateway._http import SHUTDOWN_KEY, ConnectionPolicy, KeelProtocol, KeelSite, Shutdown
 
 log = logging.getLogger("keel")
 
 
-async def start_site(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+async def start_site(
+    app: web.Application, host: str, port: int, settings: ServerConfig | None = None
+) -> tuple[web.AppRunner, int]:
+    """Serve ``app`` on ``host:port`` (0: a free port, returned) with the connection limits of
+    ``settings`` (default: the gateway config's ``server``)."""
+    if settings is None:
+        keel = app.get(KEEL_KEY)
+        settings = keel.config.server if keel is not None else ServerConfig()
+    policy = ConnectionPolicy(
+        header_timeout=settings.header_timeout,
+        body_timeout=settings.body_timeout,
+        keepalive_timeout=settings.keepalive_timeout,
+        max_connections=settings.max_connections or default_max_connections(),
+    )
+    if SHUTDOWN_KEY not in app:  # before setup(): a started app is frozen
+        app[SHUTDOWN_KEY] = Shutdown()
     # handler_cancellation: a client that leaves cancels its handler, which closes the
-    # upstream connection in the handler's `finally` within a loop iteration.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    # upstream connection in the handler's `finally` within a loop iteration. The shutdown
+    # timeout is only the last grace: drain() has done the waiting by then.
+    runner = web.AppRunner(
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=DRAIN_GRACE
+    )
     await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
+    site = KeelSite(
+        runner,
+        host,
+        port,
+        policy=policy,
+        handler_kwargs={"access_log": None},
+        backlog=4096,
+        reuse_address=True,
+    )
     await site.start()
-    server = site._server
-    assert server is not None
-    sock: socket.socket = server.sockets[0]  # type: ignore[attr-defined]
-    return runner, sock.getsockname()[1]
+    return runner, site.port
+
+
+def raise_open_file_limit() -> tuple[int, int]:
+    """Raise the soft limit on open files to the hard limit (a server's connections are
+    descriptors; distributions default the soft limit to 1024); returns (soft, hard)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return -1, -1
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:  # e.g. macOS caps it below the hard limit
+            log.warning("could not raise the open-file limit from %d to %d: %s", soft, hard, exc)
+    return soft, hard
+
+
+def default_max_connections() -> int:
+    """Half the open-file limit: each client connection being proxied holds an upstream
+    connection too, and the process needs a few descriptors of its own."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return 4096
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    return max(16, (soft - 64) // 2)
+
+
+# After drain_timeout, how long the requests still running have to end (cancelled, they write
+# their error frame and close upstream) before their connections are closed regardless.
+DRAIN_GRACE = 1.0
+_POLL = 0.05  # seconds between two looks at the requests in flight while draining
+
+
+def _connections(runner: web.AppRunner) -> list[KeelProtocol]:
+    server = runner.server
+    return [c for c in (server.connections if server else []) if isinstance(c, KeelProtocol)]
+
+
+async def _until_idle(runner: web.AppRunner, deadline: float) -> int:
+    """Wait until no request is in flight or ``deadline``; returns how many still are.
+    (Polling, only while shutting down, keeps a hook off every request's path.)"""
+    loop = asyncio.get_running_loop()
+    while True:
+        busy = sum(1 for c in _connections(runner) if c.busy)
+        if not busy or loop.time() >= deadline:
+            return busy
+        await asyncio.sleep(min(_POLL, max(0.0, deadline - loop.time())))
+
+
+async def drain(runner: web.AppRunner, drain_timeout: float) -> None:
+    """Stop gracefully: no new connections, idle ones closed, requests in flight get
+    ``drain_timeout`` seconds to finish; then the rest are cancelled with ``Shutdown.expired`` set
+    (so that their streams end with an error frame and [DONE]) and get DRAIN_GRACE to end."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    app = runner.app
+    shutdown = app.get(SHUTDOWN_KEY) or Shutdown()
+    shutdown.draining = True
+    for site in list(runner.sites):
+        await site.stop()  # stop listening: new connections are refused by the kernel
+    server = runner.server
+    if server is not None:
+        server.pre_shutdown()  # idle keep-alive connections close now, busy ones after
+    busy = sum(1 for c in _connections(runner) if c.busy)
+    log.warning(
+        "shutting down: %d request%s in flight, waiting up to %gs (server.drain_timeout); "
+        "signal again to stop at once",
+        busy,
+        "" if busy == 1 else "s",
+        drain_timeout,
+    )
+    left = await _until_idle(runner, started + drain_timeout)
+    if left:
+        log.warning(
+            "drain timeout: ending %d request%s still in flight", left, "" if left == 1 else "s"
+        )
+        shutdown.expired = True
+        for c in _connections(runner):
+            if c.busy:
+                c.cancel_handler()
+        left = await _until_idle(runner, loop.time() + DRAIN_GRACE)
+    await runner.cleanup()
+    log.warning(
+        "drained in %.1fs%s",
+        loop.time() - started,
+        f" ({left} request{'' if left == 1 else 's'} cut off)" if left else "",
+    )
+
+
+async def stop_now(runner: web.AppRunner) -> None:
+    """Stop without waiting: every connection closes, handlers are cancelled."""
+    shutdown = runner.app.get(SHUTDOWN_KEY)
+    if shutdown is not None:
+        shutdown.draining = shutdown.expired = True
+    for c in _connections(runner):
+        c.force_close()
+    await runner.cleanup()
 
 
 # Young objects allowed before a generation-0 collection (CPython's default: 700).
@@ -76,22 +202,48 @@ async def builtin_config() -> tuple[GatewayConfig, list[Any]]:
 
 async def serve(config: GatewayConfig | None, host: str | None, port: int | None) -> None:
     sims: list[Any] = []
+    soft, hard = raise_open_file_limit()
     if config is None:
         config, sims = await builtin_config()
         log.warning("no --config given: serving model 'chat' from two built-in simulators")
     host = host or config.server.host
     port = config.server.port if port is None else port
     app = create_app(config)
-    runner, bound = await start_site(app, host, port)
-    tune_gc()
-    shown = f"[{host}]" if ":" in host else host
-    print(f"keel listening on http://{shown}:{bound}", flush=True)
-    try:
-        await until_signalled()
-    finally:
-        await runner.cleanup()
-        for s in sims:
-            await s.stop()
+    with Signals() as signals:
+        runner, bound = await start_site(app, host, port, config.server)
+        tune_gc()
+        shown = f"[{host}]" if ":" in host else host
+        cap = config.server.max_connections or default_max_connections()
+        log.info("open-file limit %d (hard %d); at most %d client connections", soft, hard, cap)
+        if soft > 0 and cap > default_max_connections():
+            log.warning(
+                "server.max_connections %d is more than half the open-file limit %d: proxied "
+                "requests need a descriptor each way, so new ones may fail before the cap "
+                "refuses them",
+                cap,
+                soft,
+            )
+        print(f"keel listening on http://{shown}:{bound}", flush=True)
+        try:
+            sig = await signals.next()
+            log.warning("%s received", sig.name)
+            draining = asyncio.ensure_future(drain(runner, config.server.drain_timeout))
+            again = asyncio.ensure_future(signals.next())
+            await asyncio.wait({draining, again}, return_when=asyncio.FIRST_COMPLETED)
+            if not draining.done():
+                log.warning("%s received again: stopping now", again.result().name)
+                draining.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await draining
+                await stop_now(runner)
+            else:
+                again.cancel()
+                draining.result()
+        finally:
+            if runner.server is not None:  # an error above: still close what is open
+                await stop_now(runner)
+            for s in sims:
+                await s.stop()
 
 
 def run(config: GatewayConfig | None, host: str | None, port: int | None) -> None:
