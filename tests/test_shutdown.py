@@ -182,6 +182,7 @@ def test_the_open_file_soft_limit_is_raised_to_the_hard_limit(sim: SimProcess, t
         limits = Path(f"/proc/{gw.pid}/limits").read_text()
         line = next(ln for ln in limits.splitlines() if ln.startswith("Max open files"))
         assert line.split()[3:5] == [str(hard), str(hard)], line
-        assert f"open-file limit {hard} (hard {hard}); at most {(hard - 64) // 2}" in (
-            gw.output_tail()
-        )
+        # (the log line comes on stderr, the listening line on stdout: wait for it)
+        wait_output(
+            gw, re.escape(f"open-file limit {hard} (hard {hard}); at most {(hard - 64) // 2}")
+        )  # type: ignore[arg-type]

@@ -40,10 +40,18 @@ class Authenticator(Protocol):
         ...
 
 
-def bearer(headers: Mapping[str, str]) -> str:
-    """The token of an ``Authorization: Bearer …`` header ("" when there is none)."""
+def bearer(headers: Mapping[str, str]) -> bytes:
+    """The token of an ``Authorization: Bearer …`` header (b"" when there is none), as bytes
+    for a constant-time comparison. Any byte sequence is a (wrong) token, never an error: a
+    header that is not UTF-8 reaches us with surrogates in it."""
     header = headers.get("authorization", "")
-    return header[7:] if header[:7].lower() == "bearer " else ""
+    token = header[7:] if header[:7].lower() == "bearer " else ""
+    return token.encode("utf-8", "surrogatepass")
+
+
+def presents(headers: Mapping[str, str], key: str) -> bool:
+    """The request carries ``key`` as its bearer token (constant time)."""
+    return compare_digest(bearer(headers), key.encode())
 
 
 class StaticKeys:
@@ -69,7 +77,7 @@ class StaticKeys:
     def authenticate(self, headers: Mapping[str, str]) -> Principal:
         if not self._keys:
             return self._anonymous
-        token = bearer(headers).encode()
+        token = bearer(headers)
         found = None
         for key, p in self._keys:
             if compare_digest(key, token):

@@ -18,6 +18,7 @@ from keel.config import GatewayConfig
 from keel.engine._driver import complete, stream
 from keel.engine._errors import KeelError
 from keel.engine._keel import Keel
+from keel.gateway._http import SHUTDOWN_KEY, SHUTTING_DOWN
 from keel.gateway._metrics import metrics, registry_for
 from keel.gateway._sink import SSESink, error_response, sse_end
 
@@ -59,13 +60,22 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         try:
             if call.stream:
                 sink = SSESink(request, rid)
-                await stream(keel, call, sink)
+                try:
+                    await stream(keel, call, sink)
+                except asyncio.CancelledError:
+                    if not _cut_off(request):
+                        raise  # the client went away: nobody to answer
+                    await sink.fail(_shutting_down())
                 assert sink.response is not None
                 return sink.response
             try:
                 body, out = await complete(keel, call)
             except KeelError as exc:
                 return error_response(exc)
+            except asyncio.CancelledError:
+                if not _cut_off(request):
+                    raise
+                return error_response(_shutting_down(), rid)
             return web.Response(body=body, content_type="application/json", headers=out)
         finally:
             keel.done(call)
@@ -73,6 +83,23 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raise
     except Exception as exc:
         return await internal_error(request, exc)
+
+
+def _cut_off(request: web.Request) -> bool:
+    """Cancelled by the server's drain timeout (not by a client that left): the client is
+    still there, and gets a well-formed end instead of a dropped connection. The upstream
+    attempt was closed by the cancellation already."""
+    shutdown = request.app.get(SHUTDOWN_KEY)
+    if shutdown is None or not shutdown.expired:
+        return False
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+    return True
+
+
+def _shutting_down() -> KeelError:
+    return KeelError(503, SHUTTING_DOWN, type="server_error", code="server_shutting_down")
 
 
 async def models(request: web.Request) -> web.Response:

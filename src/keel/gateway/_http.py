@@ -355,9 +355,9 @@ class Shutdown:
     ``expired``: ``server.drain_timeout`` passed; the requests still running are being
     cancelled (CancelledError in their handler, like a client gone away). A handler that sees
     ``expired`` in its ``except CancelledError`` has a client still listening: it should
-    ``asyncio.current_task().uncancel()``, close its upstream attempt, and end the answer —
-    a committed stream with ``STREAM_END`` (an error frame, then ``[DONE]``), otherwise an
-    OpenAI-shaped 503 ``server_shutting_down`` — and return it instead of re-raising."""
+    ``asyncio.current_task().uncancel()`` and end the answer — a committed stream through its
+    sink's ``fail`` (an error frame, then ``[DONE]``), otherwise an OpenAI-shaped 503
+    ``server_shutting_down`` — and return it instead of re-raising (``_app._cut_off``)."""
 
     draining: bool = False
     expired: bool = False
@@ -366,9 +366,4 @@ class Shutdown:
 SHUTDOWN_KEY: web.AppKey[Shutdown] = web.AppKey("keel_shutdown", Shutdown)
 SHUTTING_DOWN = (
     "keel is shutting down and this request ran past server.drain_timeout; it was cut off."
-)
-STREAM_END = (
-    b"data: "
-    + error_body(SHUTTING_DOWN, "server_error", "server_shutting_down")
-    + b"\n\ndata: [DONE]\n\n"
 )

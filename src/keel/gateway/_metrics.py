@@ -7,7 +7,6 @@ samples when Prometheus asks. Labels are deployment and client *names*, never ke
 
 from __future__ import annotations
 
-import hmac
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -17,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from keel.engine._auth import presents
 from keel.engine._errors import KeelError
 from keel.gateway._sink import error_response
 
@@ -135,10 +135,7 @@ async def metrics(request: web.Request) -> web.Response:
 
     keel = request.app[KEEL_KEY]
     key = keel.config.server.metrics_key
-    if key is not None and not hmac.compare_digest(
-        request.headers.get("authorization", "").encode(),
-        f"Bearer {key.get_secret_value()}".encode(),
-    ):
+    if key is not None and not presents(request.headers, key.get_secret_value()):
         return error_response(
             KeelError(
                 401,
