@@ -17,12 +17,14 @@ import pytest
 
 from keel.config import parse_config
 from keel.gateway import create_app, start_site
+from keel.gateway._http import ConnectionPolicy
 from keel.gateway._serve import default_max_connections
 
 HEADER_T, BODY_T, KEEPALIVE_T = 0.5, 0.5, 1.0
 SLACK = 1.0  # a busy 2-core machine may run a timer this late
 
 Server = Callable[..., Awaitable[int]]
+policies: dict[int, ConnectionPolicy] = {}  # port -> its site's policy (to poll, not to drive)
 
 
 @pytest.fixture
@@ -40,6 +42,7 @@ async def server() -> AsyncIterator[Server]:
         )
         runner, port = await start_site(create_app(cfg), "127.0.0.1", 0)
         runners.append(runner)
+        policies[port] = next(iter(runner.sites)).policy  # type: ignore[attr-defined]
         return port
 
     yield start
@@ -202,14 +205,38 @@ async def test_an_idle_keepalive_connection_is_closed_at_the_keepalive_timeout(
 # --- connection cap ------------------------------------------------------------------------------
 
 
-async def test_one_connection_over_the_cap_gets_a_503_and_a_freed_slot_is_reused(
-    server: Server,
-) -> None:
+async def test_at_the_cap_the_longest_idle_connection_makes_room(server: Server) -> None:
     port = await server(max_connections=3, keepalive_timeout=30)
     held = [await connect(port) for _ in range(3)]
-    for reader, writer in held:  # all three are served and stay open
+    for reader, writer in held:  # served, then idle keep-alive connections
         writer.write(HEALTHZ)
         await reader.readuntil(b'"ok"}')
+        await asyncio.sleep(0.01)  # so that they turn idle in order
+    reader, writer = await connect(port)
+    writer.write(HEALTHZ)
+    status, _, _ = parse_response(await asyncio.wait_for(reader.readuntil(b'"ok"}'), 5))
+    assert status == 200  # the fourth is served ...
+    assert await until_closed(held[0][0], 5) == b""  # ... the longest idle was closed for it
+    for r, w in held[1:]:  # the others still serve
+        w.write(HEALTHZ)
+        status, _, _ = parse_response(await asyncio.wait_for(r.readuntil(b'"ok"}'), 5))
+        assert status == 200
+    for _, w in [*held, (reader, writer)]:
+        w.close()
+
+
+async def test_over_the_cap_with_no_idle_connection_a_503_and_a_freed_slot_is_reused(
+    server: Server,
+) -> None:
+    port = await server(max_connections=3, header_timeout=30, keepalive_timeout=30)
+    held = [await connect(port) for _ in range(3)]
+    for _, writer in held:  # each in the middle of its request headers: none is idle
+        writer.write(HEALTHZ[:10])
+        await writer.drain()
+    deadline = time.monotonic() + 5
+    while len(policies[port].connections) < 3 or any(c.idle for c in policies[port].connections):
+        assert time.monotonic() < deadline, "the server never read the partial headers"
+        await asyncio.sleep(0.01)
     reader, writer = await connect(port)
     writer.write(HEALTHZ)
     raw = await until_closed(reader, 5)
@@ -231,7 +258,10 @@ async def test_one_connection_over_the_cap_gets_a_503_and_a_freed_slot_is_reused
             break
         assert status == 503 and time.monotonic() < deadline, "the closed slot was never freed"
         await asyncio.sleep(0.02)
-    for _, w in held[1:]:
+    for r, w in held[1:]:  # the partial requests complete and are served
+        w.write(HEALTHZ[10:])
+        status, _, _ = parse_response(await asyncio.wait_for(r.readuntil(b'"ok"}'), 5))
+        assert status == 200
         w.close()
 
 

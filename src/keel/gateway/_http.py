@@ -10,7 +10,8 @@ idle sockets, held their descriptors for as long as they liked. Here, like nginx
 * ``body_timeout``: between two reads of a request body (not the whole body, so a large
   upload on a slow link is fine while it moves);
 * ``keepalive_timeout``: a connection with no request (new, or between requests) is closed;
-* ``max_connections``: one more is answered with an OpenAI-shaped 503 and closed.
+* ``max_connections``: at the cap, the connection idle the longest is closed to make room
+  (as nginx does); when none is idle, the new one is answered with an OpenAI-shaped 503.
 
 A timed-out request gets an OpenAI-shaped 408 when nothing of its response was sent yet.
 Malformed HTTP gets an OpenAI-shaped 400 (aiohttp's is plain text) and at most one log line
@@ -56,6 +57,8 @@ class ConnectionPolicy:
     keepalive_timeout: float = 75.0
     max_connections: int = 1024
     open: int = 0  # connections accepted and not yet closed
+    connections: set[KeelProtocol] = field(default_factory=set)  # those, for reclaiming
+    reclaimed: int = 0  # idle connections closed to admit a new one, in total
     refused: int = 0  # connections refused at the cap, in total
     timed_out: int = 0  # requests closed at header_timeout / body_timeout, in total
     malformed: int = 0  # malformed requests, in total
@@ -125,12 +128,49 @@ class KeelProtocol(RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         policy = self._policy
-        if policy.open >= policy.max_connections:
+        if policy.open >= policy.max_connections and not self._reclaim_one():
             self._refuse(transport)
             return
         policy.open += 1
+        policy.connections.add(self)
         self._counted = True
         super().connection_made(transport)
+
+    @property
+    def idle(self) -> bool:
+        """Waiting for a request, none of it received yet: closing it loses nothing (HTTP
+        lets a server close an idle persistent connection at any time)."""
+        return (
+            self.transport is not None
+            and not self._request_in_progress
+            and not self._messages
+            and self._deadline is None  # no partial headers, no body being received
+            and self._waiter is not None
+            and not self._waiter.done()
+        )
+
+    def _reclaim_one(self) -> bool:
+        """At the cap: close the connection idle the longest (nginx reuses connections the
+        same way), so that idle or silent sockets cannot lock new clients out. False when
+        every connection is busy. O(connections), only at the cap."""
+        idlest: KeelProtocol | None = None
+        for c in self._policy.connections:
+            # aiohttp sets _next_keepalive_close_time when a connection turns idle (its
+            # keep-alive deadline): the smallest one has been idle the longest.
+            if c.idle and (
+                idlest is None or c._next_keepalive_close_time < idlest._next_keepalive_close_time
+            ):
+                idlest = c
+        if idlest is None:
+            return False
+        policy = self._policy
+        policy.reclaimed += 1
+        # Its slot is free now (the transport reports the loss a loop iteration later).
+        idlest._counted = False
+        policy.open -= 1
+        policy.connections.discard(idlest)
+        idlest.force_close()
+        return True
 
     def _refuse(self, transport: asyncio.BaseTransport) -> None:
         policy = self._policy
@@ -167,6 +207,7 @@ class KeelProtocol(RequestHandler):
         if self._counted:
             self._counted = False
             self._policy.open -= 1
+            self._policy.connections.discard(self)
         super().connection_lost(exc)
 
     # -- header and body timeouts ---------------------------------------------------------------
