@@ -169,8 +169,9 @@ class ServerConfig(_Strict):
     header_timeout: float = Field(60.0, gt=0)
     body_timeout: float = Field(60.0, gt=0)
     keepalive_timeout: float = Field(75.0, gt=0)
-    # Open client connections; one more gets a 503. None: half the open-file limit (each
-    # proxied request holds an upstream connection too).
+    # Open client connections; at the cap the longest idle one is closed to make room, or,
+    # none idle, a new one gets a 503. None: half the open-file limit (each proxied request
+    # holds an upstream connection too).
     max_connections: int | None = Field(None, gt=0)
     # On SIGTERM/SIGINT: how long requests in flight may take to finish; then they are ended
     # (a stream with an error frame and [DONE]). A second signal stops at once.
