@@ -98,6 +98,9 @@ def raw_response(status: int, body: bytes, headers: dict[str, str] | None = None
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
+_data_received = RequestHandler.data_received
+
+
 class KeelProtocol(RequestHandler):
     """aiohttp's request handler with header/body timeouts, a connection cap and OpenAI-shaped
     answers to malformed requests."""
@@ -213,27 +216,29 @@ class KeelProtocol(RequestHandler):
     # -- header and body timeouts ---------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self._refused:
-            return  # the request of a refused connection: read and dropped
+        # The common case, a whole request in one read, costs a few attribute tests around
+        # aiohttp's own parsing (no super() object, no timer).
         body = self._body
         if body is not None:
             self._body_read = self._loop.time()
+        elif self._refused:
+            return  # the request of a refused connection: read and dropped
         count = self._request_count
-        super().data_received(data)
+        _data_received(self, data)
         if self._request_count != count:  # a request's headers are complete
-            payload = self._messages[-1][1] if self._messages else None
-            if payload is not None and not payload.is_eof():
+            messages = self._messages
+            if messages and not (payload := messages[-1][1]).is_eof():
                 self._body = payload
                 self._body_read = self._loop.time()
                 self._arm(self._policy.body_timeout, self._body_late)
-            else:
+            elif self._deadline is not None:
                 self._body = None
                 self._disarm()
         elif body is not None:
             if body.is_eof():  # complete: any bytes left belong to a pipelined request,
                 self._body = None  # whose wait is bounded by the keep-alive timeout
                 self._disarm()
-        elif self._deadline is None and not self._upgraded and data:
+        elif self._deadline is None and data and not self._upgraded:
             self._arm(self._policy.header_timeout, self._headers_late)  # a request begins
 
     def _arm(self, delay: float, callback: Any) -> None:
