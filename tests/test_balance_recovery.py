@@ -1,7 +1,8 @@
 """Latency-aware balancing survives an error burst (issue 17, item 5): the balancer's estimate
 stays bounded while both deployments fail, and once the errors stop, the slow deployment's
 share is back under 10 % within seconds. (Before: each failure doubled the estimate, which
-reached +Inf; the 3x slower deployment then got ~19 % of the traffic for minutes.)
+reached +Inf; a 3x slower deployment then got ~19 % of the traffic for minutes.) The slow one
+here is 4x slower: its healthy share, ~6 %, leaves room below 10 % on a busy machine.
 
 Real simulators and a real ``keel serve``, default balancer settings. Run with ``-s`` to see
 the figures."""
@@ -31,10 +32,15 @@ def test_after_an_error_burst_the_slow_deployment_is_avoided_again_within_second
 ) -> None:
     with (
         spawn_sim("--name", "fast", "--latency", "0.05", "--seed", "1") as fast,
-        spawn_sim("--name", "slow", "--latency", "0.15", "--seed", "2") as slow,
+        spawn_sim("--name", "slow", "--latency", "0.2", "--seed", "2") as slow,
     ):
-        cfg = {"models": {"m": {"deployments": [
-            dep(fast.base_url, "fast"), dep(slow.base_url, "slow")]}}}  # fmt: skip
+        cfg = {
+            # The balancer alone: an open breaker would also move traffic (and, open on both,
+            # fail requests), which is a different mechanism with its own tests.
+            "breaker": {"enabled": False},
+            "models": {"m": {"deployments": [
+                dep(fast.base_url, "fast"), dep(slow.base_url, "slow")]}},
+        }  # fmt: skip
         with spawn_gateway(cfg, workdir=str(tmp_path)) as gw:
 
             def run(seconds: float) -> list:
@@ -60,6 +66,8 @@ def test_after_an_error_burst_the_slow_deployment_is_avoided_again_within_second
             after = run(4.0)
             start = after[0].t0
             settled = [r for r in after if r.t0 >= start + 1.5]
+    bins = [[r for r in after if start + i / 2 <= r.t0 < start + (i + 1) / 2] for i in range(8)]
+    print("\nslow share per 0.5 s after the burst:", [f"{share(b, 'slow'):.0%}" for b in bins if b])
     print(
         f"\nslow share: {share(before, 'slow'):.1%} before, {share(burst, 'slow'):.1%} during "
         f"the burst, {share(settled, 'slow'):.1%} from 1.5 s after it ({len(settled)} requests); "
@@ -73,5 +81,5 @@ def test_after_an_error_burst_the_slow_deployment_is_avoided_again_within_second
     assert not failed, failed
     for h, d in zip(healthy, during, strict=True):
         assert h is not None and d is not None and math.isfinite(d)
-        assert d <= 10 * h * 3  # bounded: at most 10x (failure weight) of a latency up to 3x
+        assert d <= 10 * h * 2  # bounded: 10x at most (the failure weight), latency noise aside
     assert share(settled, "slow") < 0.10
