@@ -77,7 +77,10 @@ async def _two_stalled(sim: Simulator, s: aiohttp.ClientSession) -> list[Any]:
 async def test_concurrency_wall_wordings(
     wording: str, content_type: str, hint: str | None, needle: str
 ) -> None:
-    async with Simulator(max_concurrency=2, wall_wording=wording) as sim, aiohttp.ClientSession() as s:
+    async with (
+        Simulator(max_concurrency=2, wall_wording=wording) as sim,
+        aiohttp.ClientSession() as s,
+    ):
         held = await _two_stalled(sim, s)
         status, headers, body = await post(sim, "third")
         for r in held:
@@ -101,7 +104,7 @@ async def test_sliding_rate_wall_wordings(wording: str) -> None:
                          wall_wording=wording) as sim:  # fmt: skip
         first = await post(sim, "r1")
         second = await post(sim, "r2")
-        status, headers, body = await post(sim, "r3")
+        status, headers, _ = await post(sim, "r3")
     assert first[0] == second[0] == 200 and status == 429
     t0 = sim.log[0].t_open
     expect = t0 + 1000.0 - sim.log[2].t_open  # exact: when r1 leaves the window
@@ -123,7 +126,11 @@ async def test_wall_settings_through_sim_config() -> None:
         cfg = await (await s.post(f"{root}/_sim/config", json={
             "rate_limit": 1, "rate_window": 1000, "rate_sliding": True,
             "wall_wording": "dashscope"})).json()  # fmt: skip
-        assert (cfg["rate_sliding"], cfg["wall_wording"], cfg["rate_limit"]) == (True, "dashscope", 1)
+        assert (cfg["rate_sliding"], cfg["wall_wording"], cfg["rate_limit"]) == (
+            True,
+            "dashscope",
+            1,
+        )
         assert (await post(sim, "a"))[0] == 200
         status, _, body = await post(sim, "b")
         assert status == 429 and b"Too many requests in route" in body

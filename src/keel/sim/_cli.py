@@ -57,9 +57,7 @@ def sim_command(
     rate_limit: Annotated[
         int, typer.Option(help="Requests per --rate-window beyond which answers are 429 (0 = off).")
     ] = 0,
-    rate_window: Annotated[
-        float, typer.Option(help="Seconds of one --rate-limit window.")
-    ] = 60.0,
+    rate_window: Annotated[float, typer.Option(help="Seconds of one --rate-limit window.")] = 60.0,
     rate_sliding: Annotated[
         bool,
         typer.Option(

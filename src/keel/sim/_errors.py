@@ -382,9 +382,7 @@ WALL_WORDINGS = ("default", "openai", "dashscope", "bare")
 CONCURRENCY_HINT = 0.5
 
 
-def wall_reply(
-    wall: str, wording: str, hint: float, *, model: str, request_id: str
-) -> ErrorReply:
+def wall_reply(wall: str, wording: str, hint: float, *, model: str, request_id: str) -> ErrorReply:
     """The 429 of a wall (``"concurrency"`` or ``"window"``) in ``wording``. ``hint``: the
     exact seconds until the window admits another request (the rate wall), or the default
     wording's short hint (the concurrency wall)."""

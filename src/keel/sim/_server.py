@@ -114,7 +114,9 @@ class Simulator:
         self.token_delay = token_delay
         self.first_token_delay = first_token_delay
         self.max_concurrency = max_concurrency
-        self.window = RequestWindow(rate_limit, rate_window, rate_sliding)  # --rate-limit/--rate-window
+        self.window = RequestWindow(
+            rate_limit, rate_window, rate_sliding
+        )  # --rate-limit/--rate-window
         self.wall_wording = "default"  # how the walls' 429s read (_errors.WALL_WORDINGS)
         self.latency = latency  # seconds before every successful answer's headers
         self.key_faults: dict[str, Fault] = {}
@@ -438,9 +440,7 @@ class Simulator:
         return self.wall_wording in ("default", "openai")
 
     def _wall(self, f: Fault, model: str, rid: str, now: float) -> ErrorReply:
-        reply = wall_reply(
-            f.name, self.wall_wording, f.param(), model=model, request_id=rid
-        )
+        reply = wall_reply(f.name, self.wall_wording, f.param(), model=model, request_id=rid)
         if f.name == "window" and self._limit_headers():
             reply.headers.update(self.window.headers(now))
         return reply
