@@ -443,7 +443,7 @@ def run_scenarios(
 ) -> dict[str, dict[str, Any]]:
     from rich.console import Console
 
-    console = console or Console()
+    console = console or Console(width=max(160, Console().width))
     results: dict[str, dict[str, Any]] = {}
     for name in names:
         t0 = time.monotonic()
