@@ -93,3 +93,41 @@ class Aimd:
         self.active = True
         self.epoch += 1
         return True
+
+
+@dataclass(slots=True)
+class RateAimd:
+    """The request rate a deployment takes, learned from refusals that track the rate (see
+    ``keel._evidence``): the pace keel sends at when the provider says nothing about its limit
+    (DashScope's "Too many requests in route", a bare proxy's 429; no x-ratelimit-* headers).
+
+    Unlimited until the first rate verdict; then the pace drops to ``backoff`` x the accepted
+    start rate the evidence measured (what the window let through), at most once per ``hold``
+    seconds (refusals of requests already sent at the old pace are no new evidence), and grows
+    by ``probe`` requests/s per success — about 1 % a second at the pace, so it finds a raised
+    limit again without a sawtooth of refusals."""
+
+    backoff: float = 0.9
+    probe: float = 0.01  # requests/s added per success
+    hold: float = 1.0
+    min_rate: float = 0.1  # requests/s
+    rate: float = math.inf
+    last_cut: float = -math.inf
+    cuts: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.rate != math.inf
+
+    def on_refusal(self, accepted_rate: float, now: float) -> bool:
+        """A refusal the evidence says tracks the rate; True when the pace was lowered."""
+        if now - self.last_cut < self.hold:
+            return False
+        self.rate = max(self.min_rate, min(self.rate, accepted_rate) * self.backoff)
+        self.last_cut = now
+        self.cuts += 1
+        return True
+
+    def on_success(self) -> None:
+        if self.rate != math.inf:
+            self.rate += self.probe

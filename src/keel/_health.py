@@ -1,13 +1,21 @@
 """Deployment health without I/O: the circuit breaker and the peak-EWMA latency estimate.
 
-Breaker (closed → open → half-open → closed):
+Breaker (closed → open → half-open → closed). What opens it distinguishes *down* from *noisy*:
 
-* **closed**: attempts flow. It opens after ``failures`` consecutive failures, or when at least
-  ``min_requests`` attempts in the last ``window`` seconds failed ``failure_ratio`` of the time.
-  While a failure streak is running, attempts started in the last second count as *suspects*:
+* **plainly down**: ``failures`` consecutive attempts that could not reach the upstream at all
+  (connection refused, timeouts — ``record(..., down=True)``), or at least ``min_requests``
+  attempts in the last ``window`` seconds of which ``DOWN_RATIO`` (90 %) failed. Always opens.
+  While a down-streak is running, attempts started in the last second count as *suspects*:
   only ``failures - streak`` may be in flight at once, so a burst of requests cannot all land on
   a dead deployment (connection refused answers in a millisecond, so its suspects never last a
   second) before the streak opens the breaker.
+* **much worse than its siblings** (Envoy's outlier detection): with at least ``min_requests``
+  attempts in the window, a failure ratio of at least ``RELATIVE_MARGIN`` above the pooled
+  ratio of the other (closed) deployments of its group *and* twice it. When the whole fleet is noisy
+  (a provider-wide incident, random faults everywhere) nobody is ejected for it: ejecting one
+  would only pile its traffic onto equally noisy siblings. A relative ejection is refused when
+  it would leave more than ``max_ejection`` of the group open (the rest would be overloaded);
+  without siblings with data, ``failure_ratio`` is the absolute threshold.
 * **open**: no attempts for the cooldown: ``cooldown`` doubled for each consecutive re-open up
   to ``max_cooldown``, never shorter than the Retry-After the failure carried.
 * **half-open**: exactly one probe; success closes, failure re-opens with the longer cooldown.
@@ -44,6 +52,37 @@ class Admit(IntEnum):
 
 SUSPECT_HORIZON = 0.1  # seconds: a suspect still running after this is not a fast failure
 _BUCKETS = 10
+DOWN_RATIO = 0.9  # failing this share of the window's attempts is plainly down
+RELATIVE_MARGIN = 0.25  # fail this much more often than the siblings (and twice as often)
+
+
+@dataclass(eq=False, slots=True)
+class BreakerGroup:
+    """The breakers of one model group's deployments, for health relative to siblings."""
+
+    members: list[Breaker] = field(default_factory=list)
+    max_ejection: float = 0.5  # share of the group that relative ejections may leave open
+
+    def add(self, breaker: Breaker) -> None:
+        self.members.append(breaker)
+        breaker.peers = self
+
+    def siblings_ratio(self, me: Breaker, now: float) -> float | None:
+        """The pooled failure ratio of the other members, or None without enough data."""
+        ok_n = bad_n = 0
+        for b in self.members:
+            if b is not me and now >= b.open_until:
+                o, f = b._totals(now)
+                ok_n += o
+                bad_n += f
+        if ok_n + bad_n < me.min_requests:
+            return None
+        return bad_n / (ok_n + bad_n)
+
+    def may_eject(self, me: Breaker, now: float) -> bool:
+        """Would one more open breaker stay within ``max_ejection`` of the group?"""
+        open_now = sum(1 for b in self.members if b is not me and now < b.open_until)
+        return open_now + 1 <= int(self.max_ejection * len(self.members))
 
 
 @dataclass(slots=True)
@@ -65,6 +104,7 @@ class Breaker:
     _ok: list[int] = field(default_factory=lambda: [0] * _BUCKETS)
     _bad: list[int] = field(default_factory=lambda: [0] * _BUCKETS)
     _slot_epoch: list[int] = field(default_factory=lambda: [-1] * _BUCKETS)
+    peers: BreakerGroup | None = field(default=None, repr=False)
 
     def state(self, now: float) -> BreakerState:
         if now < self.open_until:
@@ -109,9 +149,11 @@ class Breaker:
         ok: bool | None,
         now: float,
         retry_after: float | None = None,
+        down: bool = False,
     ) -> bool:
         """The outcome of an attempt admitted as ``how`` at ``started``: ``ok`` None is
-        neither (cancelled, or not the deployment's fault). True when this opened the breaker."""
+        neither (cancelled, or not the deployment's fault); ``down``: a failure that never
+        reached the upstream (refused, timed out). True when this opened the breaker."""
         if ok and how is Admit.NORMAL and not self.opens:  # the common case, every request
             self.streak = 0
             self._ok[self._slot(now)] += 1
@@ -137,15 +179,31 @@ class Breaker:
         if how is Admit.PROBE:
             self.open(now, retry_after)
             return True
-        self.streak += 1
+        if down:
+            self.streak += 1
         self._count(now, ok=False)
-        ok_n, bad_n = self._totals(now)
-        tripped = self.streak >= self.failures or (
-            ok_n + bad_n >= self.min_requests and bad_n >= self.failure_ratio * (ok_n + bad_n)
-        )
+        tripped = self.streak >= self.failures or self._ratio_trips(now)
         if tripped:
             self.open(now, retry_after)
         return tripped
+
+    def _ratio_trips(self, now: float) -> bool:
+        ok_n, bad_n = self._totals(now)
+        n = ok_n + bad_n
+        if n < self.min_requests:
+            return False
+        mine = bad_n / n
+        if mine >= DOWN_RATIO:
+            return True  # plainly down, whatever the siblings do
+        peers = self.peers
+        if peers is None or len(peers.members) < 2:
+            return mine >= self.failure_ratio  # alone: nobody to compare with
+        sib = peers.siblings_ratio(self, now)
+        if sib is None:  # the siblings are open or idle: nothing to be worse than
+            return False
+        if mine < sib + RELATIVE_MARGIN or mine < 2.0 * sib:
+            return False  # the fleet is noisy, not this deployment
+        return peers.may_eject(self, now)
 
     def open(self, now: float, retry_after: float | None = None) -> float:
         """Open for the next cooldown; returns the open period in seconds."""
