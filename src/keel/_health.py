@@ -3,7 +3,7 @@
 Breaker (closed → open → half-open → closed). What opens it distinguishes *down* from *noisy*:
 
 * **plainly down**: ``failures`` consecutive attempts that could not reach the upstream at all
-  (connection refused, timeouts — ``record(..., down=True)``), or at least ``min_requests``
+  (connection refused, timeouts; ``record(..., down=False)`` for the others), or at least ``min_requests``
   attempts in the last ``window`` seconds of which ``DOWN_RATIO`` (90 %) failed. Always opens.
   While a down-streak is running, attempts started in the last second count as *suspects*:
   only ``failures - streak`` may be in flight at once, so a burst of requests cannot all land on
@@ -149,11 +149,13 @@ class Breaker:
         ok: bool | None,
         now: float,
         retry_after: float | None = None,
-        down: bool = False,
+        down: bool = True,
     ) -> bool:
         """The outcome of an attempt admitted as ``how`` at ``started``: ``ok`` None is
-        neither (cancelled, or not the deployment's fault); ``down``: a failure that never
-        reached the upstream (refused, timed out). True when this opened the breaker."""
+        neither (cancelled, or not the deployment's fault). ``down`` False: a failure that
+        was an answer (a 5xx, a broken stream), which counts towards the failure ratio but not
+        towards the streak of attempts that could not reach the upstream at all. True when
+        this opened the breaker."""
         if ok and how is Admit.NORMAL and not self.opens:  # the common case, every request
             self.streak = 0
             self._ok[self._slot(now)] += 1
