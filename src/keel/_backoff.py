@@ -121,7 +121,7 @@ class RetryBudget:
 
 
 # The attempt loop withdraws a retry and then, in the same task, releases that attempt's
-# permit (keel.gateway._limits.release): this carries the withdrawal across so the outcome can
+# permit (keel.engine._limits.release): this carries the withdrawal across so the outcome can
 # be booked to the budget without the loop's help. The plan (keel._plan) reports outcomes
 # explicitly; then this goes.
 _withdrawn: ContextVar[RetryBudget | None] = ContextVar("keel_retry_withdrawn", default=None)

@@ -540,15 +540,18 @@ class DeploymentLimiter:
         if not success:
             # An exhausted window: pause, unless it resets sooner than a pause is worth (the
             # refused request's own retry waits that out anyway).
-            # Whether to act on it is the load evidence's call (_failed): an "exhausted window"
-            # on a refusal from a concurrency wall is boilerplate, not a reason to stop.
             pacing = window_pacing(r, now)
             if (
                 pacing is not None
                 and pacing.interval == math.inf
                 and pacing.until - now >= PAUSE_MIN
             ):
-                self._window_pause = pacing.until - now
+                if self.verdict.cause in (Cause.CONCURRENCY, Cause.NOISE):
+                    # The evidence says refusals here are not about the rate: an "exhausted
+                    # window" is boilerplate then; _failed decides with this refusal counted.
+                    self._window_pause = pacing.until - now
+                else:
+                    self.pause(pacing.until - now)
             return
         if r.limit and (self.rpm is None or r.limit < self.rpm) and r.limit != self.learned_rpm:
             self.learned_rpm = r.limit
