@@ -75,6 +75,14 @@ class Aimd:
         step = 1.0 if fast else self.probe
         self.limit = min(self.max_limit, self.limit + step / self.limit)
 
+    def forget(self) -> None:
+        """Back to unlimited: the evidence no longer says refusals track concurrency."""
+        self.active = False
+        self.limit = math.inf
+        self.ceiling = 0.0
+        self._recent.clear()
+        self.epoch += 1
+
     def on_overload(self, in_flight_at_send: int, epoch: int, now: float) -> bool:
         """The upstream refused a request for load; True when the limit was lowered."""
         if epoch != self.epoch and self.active:

@@ -109,19 +109,28 @@ class LoadEvidence:
             self._drop()
             self._dirty = True
 
-    def judge(self, now: float) -> Verdict:
-        """What the refusals of the last ``horizon`` seconds are evidence of."""
+    def judge(self, now: float, running: int = 0) -> Verdict:
+        """What the refusals of the last ``horizon`` seconds are evidence of. ``running``:
+        attempts still open on the deployment (refusals come back at once, so before the
+        first success has *ended* these are the ones that were let in)."""
         self._expire(now)
-        if self._dirty:
-            self._cached = self._judge(now)
+        if self._dirty or running:
+            self._cached = self._judge(now, running)
             self._dirty = False
         return self._cached
 
-    def _judge(self, now: float) -> Verdict:
+    def _judge(self, now: float, running: int) -> Verdict:
         refused = sum(self._r)
         n = len(self._r)
-        if refused < self.min_refusals or refused == n:
-            return UNKNOWN  # no refusals to explain, or no success to compare them with
+        if refused < self.min_refusals:
+            return UNKNOWN  # no refusals to explain
+        if refused == n:
+            # Nothing has succeeded yet. The first burst on a concurrency wall looks like
+            # this: ``running`` let in and still working, every refusal sent with more than
+            # that in flight. Anything else needs a success to compare with.
+            if running and min(self._f) > running:
+                return Verdict(Cause.CONCURRENCY, limit=running)
+            return UNKNOWN
         limit = self._concurrency(n, refused)
         if limit is not None:
             return Verdict(Cause.CONCURRENCY, limit=limit)

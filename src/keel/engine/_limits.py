@@ -577,7 +577,11 @@ class DeploymentLimiter:
     def judge_refusal(self, permit: Permit, now: float) -> Verdict:
         """Record a refusal and say what the evidence makes of it (also kept as ``verdict``)."""
         self.evidence.record(permit.started, permit.in_flight, True)
-        v = self.verdict = self.evidence.judge(now)
+        # this attempt's slot is freed after the verdict: the others are still running
+        v = self.verdict = self.evidence.judge(now, self.in_flight - 1)
+        if v.cause is Cause.RATE and self.aimd is not None and self.aimd.active:
+            # An early burst looked like a concurrency wall; the refusals since say rate.
+            self.aimd.forget()
         return v
 
     def learn_pace(self, accepted_rate: float, now: float) -> bool:
