@@ -9,6 +9,9 @@ Breaker (closed → open → half-open → closed). What opens it distinguishes 
   only ``failures - streak`` may be in flight at once, so a burst of requests cannot all land on
   a dead deployment (connection refused answers in a millisecond, so its suspects never last a
   second) before the streak opens the breaker.
+* **a run of failures no bad luck explains**: ``failures`` in a row of any kind when the rest
+  of the fleet is healthy, more when attempts fail anyway — as many as random faults at the
+  siblings' failure rate would produce less than ``RUN_ALPHA`` of the time (46 %: 12).
 * **much worse than its siblings** (Envoy's outlier detection): with at least ``min_requests``
   attempts in the window, a failure ratio of at least ``RELATIVE_MARGIN`` above the pooled
   ratio of the other (closed) deployments of its group *and* twice it. When the whole fleet is noisy
@@ -54,6 +57,7 @@ SUSPECT_HORIZON = 0.1  # seconds: a suspect still running after this is not a fa
 _BUCKETS = 10
 DOWN_RATIO = 0.9  # failing this share of the window's attempts is plainly down
 RELATIVE_MARGIN = 0.25  # fail this much more often than the siblings (and twice as often)
+RUN_ALPHA = 1e-4  # a run of failures this unlikely under the fleet's failure rate is no bad luck
 
 
 @dataclass(eq=False, slots=True)
@@ -80,7 +84,10 @@ class BreakerGroup:
         return bad_n / (ok_n + bad_n)
 
     def may_eject(self, me: Breaker, now: float) -> bool:
-        """Would one more open breaker stay within ``max_ejection`` of the group?"""
+        """Would one more open breaker stay within ``max_ejection`` of the group? (Alone in
+        its group a deployment may always be opened: there is nobody to overload.)"""
+        if len(self.members) < 2:
+            return True
         open_now = sum(1 for b in self.members if b is not me and now < b.open_until)
         return open_now + 1 <= int(self.max_ejection * len(self.members))
 
@@ -97,7 +104,8 @@ class Breaker:
     opens: int = (
         0  # consecutive opens without a successful probe; >0 after the cooldown = half-open
     )
-    streak: int = 0
+    streak: int = 0  # consecutive failures that never reached the upstream
+    run: int = 0  # consecutive failures of any kind
     probing: bool = False
     opened_total: int = 0
     _suspects: list[float] = field(default_factory=list)  # start times of suspects in flight
@@ -157,7 +165,7 @@ class Breaker:
         towards the streak of attempts that could not reach the upstream at all. True when
         this opened the breaker."""
         if ok and how is Admit.NORMAL and not self.opens:  # the common case, every request
-            self.streak = 0
+            self.streak = self.run = 0
             self._ok[self._slot(now)] += 1
             return False
         if how is Admit.SUSPECT:
@@ -170,7 +178,7 @@ class Breaker:
         if ok is None:
             return False
         if ok:
-            self.streak = 0
+            self.streak = self.run = 0
             i = self._slot(now)
             self._ok[i] += 1
             if how is Admit.PROBE or (self.opens and now >= self.open_until):
@@ -183,11 +191,39 @@ class Breaker:
             return True
         if down:
             self.streak += 1
+        self.run += 1
         self._count(now, ok=False)
-        tripped = self.streak >= self.failures or self._ratio_trips(now)
+        tripped = (
+            self.streak >= self.failures
+            or (self.run >= self._run_needed(now) and self._may_eject(now))
+            or self._ratio_trips(now)
+        )
         if tripped:
             self.open(now, retry_after)
         return tripped
+
+    def _may_eject(self, now: float) -> bool:
+        return self.peers is None or self.peers.may_eject(self, now)
+
+    def _fleet_ratio(self, now: float) -> float | None:
+        """How often attempts fail anyway: the siblings' pooled failure ratio, or (alone) this
+        deployment's own once it has ``min_requests`` in the window."""
+        peers = self.peers
+        if peers is not None and len(peers.members) > 1:
+            return peers.siblings_ratio(self, now)
+        ok_n, bad_n = self._totals(now)
+        return bad_n / (ok_n + bad_n) if ok_n + bad_n >= self.min_requests else None
+
+    def _run_needed(self, now: float) -> float:
+        """Consecutive failures (of any kind) that say more than bad luck: ``failures`` in a
+        healthy fleet; when attempts fail at rate p anyway, a run that random faults would
+        produce less than ``RUN_ALPHA`` of the time (p = 46 %: 12 in a row)."""
+        p = self._fleet_ratio(now)
+        if p is None or p <= 0.0:
+            return float(self.failures)
+        if p >= 0.99:
+            return math.inf
+        return max(float(self.failures), math.ceil(math.log(RUN_ALPHA) / math.log(p)))
 
     def _ratio_trips(self, now: float) -> bool:
         ok_n, bad_n = self._totals(now)
@@ -215,7 +251,7 @@ class Breaker:
         self.open_until = max(self.open_until, now + period)
         self.opens += 1
         self.opened_total += 1
-        self.streak = 0
+        self.streak = self.run = 0
         self._suspects.clear()
         for i in range(_BUCKETS):  # a fresh start after the cooldown
             self._ok[i] = self._bad[i] = 0
