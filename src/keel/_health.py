@@ -37,6 +37,19 @@ import math
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+from keel._classify import ErrorKind, UpstreamError
+
+
+def unreachable(err: UpstreamError) -> bool:
+    """Did the attempt fail without reaching the upstream at all: connection refused or
+    unreachable, or no response before the timeout? That is "plainly down" — unlike an answer
+    that was an error (a 5xx, a reset after connecting, a broken stream)."""
+    if err.kind is ErrorKind.TIMEOUT:
+        return err.message.endswith("before the response")
+    # aiohttp's connect-phase failures are ClientConnectorError & co.; the upstream adapter
+    # names the exception's type (keel.engine._upstream.transport_failure).
+    return err.kind is ErrorKind.CONNECTION and "ClientConnector" in err.message
+
 
 class BreakerState(IntEnum):
     CLOSED = 0
@@ -108,6 +121,7 @@ class Breaker:
     run: int = 0  # consecutive failures of any kind
     probing: bool = False
     opened_total: int = 0
+    down: bool = False  # open because it could not be reached at all (no panic for that)
     _suspects: list[float] = field(default_factory=list)  # start times of suspects in flight
     _ok: list[int] = field(default_factory=lambda: [0] * _BUCKETS)
     _bad: list[int] = field(default_factory=lambda: [0] * _BUCKETS)
@@ -188,18 +202,21 @@ class Breaker:
             return False  # an attempt that started before it opened: already counted
         if how is Admit.PROBE:
             self.open(now, retry_after)
+            self.down = down
             return True
         if down:
             self.streak += 1
         self.run += 1
         self._count(now, ok=False)
+        is_down = self.streak >= self.failures
         tripped = (
-            self.streak >= self.failures
+            is_down
             or (self.run >= self._run_needed(now) and self._may_eject(now))
             or self._ratio_trips(now)
         )
         if tripped:
             self.open(now, retry_after)
+            self.down = is_down
         return tripped
 
     def _may_eject(self, now: float) -> bool:

@@ -44,7 +44,7 @@ from keel._backoff import settle_retry
 from keel._classify import ErrorKind, UpstreamError
 from keel._concurrency import Aimd, RateAimd
 from keel._evidence import Cause, LoadEvidence, Verdict
-from keel._health import Admit, Breaker, BreakerGroup, PeakEwma
+from keel._health import Admit, Breaker, BreakerGroup, PeakEwma, unreachable
 from keel._ratelimit import Gcra, parse_ratelimit_headers, per_minute, window_pacing
 from keel._tokens import Calibration, completion_budget, prompt_tokens
 from keel.config import GatewayConfig
@@ -83,16 +83,6 @@ _NEUTRAL = frozenset((ErrorKind.RATE_LIMIT, ErrorKind.QUOTA, ErrorKind.AUTH))
 # Refusals that may be about load: what the load evidence judges. Which of them are is the
 # evidence's call, never the message's wording ("concurrent", "route", "rate" prove nothing).
 _REFUSALS = frozenset((ErrorKind.RATE_LIMIT, ErrorKind.OVERLOADED))
-
-
-def _down(err: UpstreamError) -> bool:
-    """Did the attempt fail to reach the upstream at all (connection refused, timed out)?
-    That is the breaker's "plainly down"; an answer that was an error is not."""
-    if err.kind is ErrorKind.TIMEOUT:
-        return True
-    # aiohttp's connect-phase failures are ClientConnectorError & co. (_upstream names the
-    # exception type): refused, unreachable, DNS. A reset after connecting is not "down".
-    return err.kind is ErrorKind.CONNECTION and "ClientConnector" in err.message
 
 
 FAILURE_PENALTY = 1.0  # seconds per token assumed for a deployment that failed before any success
@@ -185,6 +175,7 @@ class DeploymentLimiter:
     # An exhausted x-ratelimit window seen on the refusal being handled: a pause, if the
     # evidence says the refusals are about the rate (learn_headers → _failed).
     _window_pause: float = 0.0
+    down_reason: str = ""  # the last failure that never reached the upstream (for errors)
     learned_rpm: int | None = None
     learned_tpm: int | None = None
     calibration: Calibration = field(default_factory=Calibration)
@@ -643,12 +634,15 @@ async def acquire(
     """Let one attempt through to ``dep`` (waiting at most until ``wait_until``, monotonic),
     or raise Saturated. ``panic``: every breaker of the plan is open, let it through anyway."""
     now = time.monotonic()
-    if panic:
+    # No panic for a deployment that could not be reached at all: sending to it anyway only
+    # costs attempts (a request fails at once, saying so; the half-open probe finds it back).
+    if panic and not dep.breaker.down:
         permit = await dep.limiter.acquire(req, priority, wait_until)
         permit.started = time.monotonic()
         return permit
     if not dep.breaker.would_admit(now):
-        raise Saturated(f"{dep.name}: circuit breaker open", max(0.0, dep.breaker.open_until - now))
+        back = max(0.0, dep.breaker.open_until - now)
+        raise Saturated(_open_reason(dep, back), back)
     if now < dep.limiter.paused_until and dep.limiter.paused_until > wait_until:
         raise Saturated(f"{dep.name}: paused by the upstream", dep.limiter.paused_until - now)
     permit = await dep.limiter.acquire(req, priority, wait_until)
@@ -664,6 +658,27 @@ async def acquire(
     permit.how = how
     permit.started = now  # the breaker knows its suspects by this time
     return permit
+
+
+def holds_back(dep: Deployment) -> bool:
+    """Does the deployment's limiter hold excess requests back itself, because the evidence
+    says its refusals track load? Then a retry there waits for room and adds no load (the
+    plan does not charge it to the retry budget)."""
+    lim = dep.limiter
+    cause = lim.verdict.cause
+    if cause is Cause.CONCURRENCY:
+        return lim.aimd is not None and lim.aimd.active
+    return cause is Cause.RATE and lim.paced is not None
+
+
+def _open_reason(dep: Deployment, back: float) -> str:
+    b = dep.breaker
+    if b.down:
+        return (
+            f"{dep.name}: down ({dep.limiter.down_reason or 'unreachable'}); circuit breaker "
+            f"open for {back:.1f}s"
+        )
+    return f"{dep.name}: circuit breaker open for {back:.1f}s"
 
 
 def _usage_int(usage: Mapping[str, Any] | None, key: str) -> int | None:
@@ -718,7 +733,10 @@ def _failed(dep: Deployment, permit: Permit, now: float) -> None:
             if verdict.cause in (Cause.CONCURRENCY, Cause.RATE):
                 health = None  # refused for what keel sent: load, not the deployment's health
     retry_after = err.retry_after if err is not None else None
-    down = err is not None and _down(err)
+    down = err is not None and unreachable(err)
+    if down:
+        assert err is not None
+        lim.down_reason = err.message.removeprefix("upstream ")
     if dep.breaker.record(permit.how, permit.started, health, now, retry_after, down):
         period = dep.breaker.open_until - now
         log.warning(
