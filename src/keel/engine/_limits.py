@@ -61,6 +61,7 @@ PRIORITIES = {"interactive": 0, "batch": 1}
 HORIZON = 0.25  # seconds: how far ahead a rate slot may be booked
 LEASE_POLL = 0.005  # seconds between retries when the shared concurrency is full
 PAUSE_MIN = 0.25  # a 429 hint shorter than this is the request's own retry, not a pause
+RATE_PAUSE_MAX = 1.0  # seconds: the longest pause for hint-less rate refusals in a row
 # Seconds past its booked slot a request may still go. Later than that our event loop was
 # stalled and the request would bunch up with the next slots in the upstream's window: it books
 # again, once (a second stall sends it anyway: progress over precision).
@@ -176,6 +177,7 @@ class DeploymentLimiter:
     # evidence says the refusals are about the rate (learn_headers → _failed).
     _window_pause: float = 0.0
     down_reason: str = ""  # the last failure that never reached the upstream (for errors)
+    rate_run: int = 0  # rate-shaped refusals since the last success
     learned_rpm: int | None = None
     learned_tpm: int | None = None
     calibration: Calibration = field(default_factory=Calibration)
@@ -591,6 +593,7 @@ class DeploymentLimiter:
 
     def on_success_sample(self, permit: Permit) -> None:
         self.evidence.record(permit.started, permit.in_flight, False)
+        self.rate_run = 0
         if self.paced is not None:
             self.rate_aimd.on_success()
             self.paced.interval = 1.0 / self.rate_aimd.rate
@@ -775,10 +778,11 @@ def _refused(
     lim = dep.limiter
     aimd = lim.aimd
     if v.cause is Cause.CONCURRENCY:
-        if aimd is not None and v.limit is not None:
-            # The step the evidence found is a steadier estimate than this one refusal's count.
-            at = min(permit.in_flight, v.limit + 1)
-            if aimd.on_overload(at, permit.epoch, now):
+        # Only a refusal above the step the evidence found is about it (one below it is
+        # something else, and the evidence will say so); the step is a steadier estimate of
+        # the wall than this refusal's own in-flight count.
+        if aimd is not None and v.limit is not None and permit.in_flight > v.limit:
+            if aimd.on_overload(v.limit + 1, permit.epoch, now):
                 log.info(
                     "deployment %s: refusals track concurrency (%s): limit now %d",
                     dep.name,
@@ -806,6 +810,13 @@ def _refused(
         lim.pause(retry_after)
     elif window_pause:
         lim.pause(window_pause)
+    elif v.cause is Cause.RATE and retry_after is None:
+        # A spent window and no word on when it reopens (DashScope, a bare proxy): back off
+        # exponentially from one paced interval while the refusals continue, so a closed
+        # window costs a handful of attempts, not one per paced slot; a success resets it.
+        lim.rate_run += 1
+        step = 1.0 / lim.rate_aimd.rate if lim.rate_aimd.active else 0.05
+        lim.pause(min(RATE_PAUSE_MAX, step * 2.0 ** (lim.rate_run - 1)))
 
 
 def wire(dep: Deployment, config: GatewayConfig, shared: SharedState | None) -> None:
