@@ -781,14 +781,18 @@ def _refused(
         # Only a refusal above the step the evidence found is about it (one below it is
         # something else, and the evidence will say so); the step is a steadier estimate of
         # the wall than this refusal's own in-flight count.
-        if aimd is not None and v.limit is not None and permit.in_flight > v.limit:
-            if aimd.on_overload(v.limit + 1, permit.epoch, now):
-                log.info(
-                    "deployment %s: refusals track concurrency (%s): limit now %d",
-                    dep.name,
-                    v,
-                    aimd.slots or 0,
-                )
+        if (
+            aimd is not None
+            and v.limit is not None
+            and permit.in_flight > v.limit
+            and aimd.on_overload(v.limit + 1, permit.epoch, now)
+        ):
+            log.info(
+                "deployment %s: refusals track concurrency (%s): limit now %d",
+                dep.name,
+                v,
+                aimd.slots or 0,
+            )
         return  # waiting does not lift a concurrency wall; finishing requests does
     if v.cause is Cause.NOISE:
         return  # random refusals: nothing shrinks, the request's own retry waits its hint
