@@ -307,10 +307,10 @@ def test_down_streak_opens_whatever_the_siblings_do() -> None:
 @pytest.mark.parametrize(
     ("sibling_ratio", "run", "opens"),
     [
-        (None, 5, True),  # nothing known about the fleet: `failures` in a row
-        (0.02, 5, True),  # a healthy sibling
-        (0.46, 11, False),  # a noisy fleet: 11 in a row is bad luck at 46 %
-        (0.46, 12, True),  # 12 is not (0.46 ** 12 < 1e-4)
+        (None, 8, False),  # nothing known about the fleet yet: a run is not judged
+        (0.02, 5, True),  # a healthy fleet: `failures` in a row
+        (0.46, 11, False),  # a noisy fleet: 11 in a row is bad luck at ~46 %
+        (0.46, 16, True),  # 16 is not (the run itself raises the pooled ratio)
     ],
 )
 def test_a_run_of_errors_is_judged_against_the_fleets_failure_rate(
@@ -322,5 +322,12 @@ def test_a_run_of_errors_is_judged_against_the_fleets_failure_rate(
     opened = False
     for i in range(run):  # 500s in a row: answers, not "down"
         t = 1.0 + i * 0.001
-        opened = b.record(b.admit(t), t, False, t, down=False)
+        opened |= b.record(b.admit(t), t, False, t, down=False)
     assert opened is opens and b.streak == 0
+
+
+def test_alone_a_run_of_failures_opens_as_it_always_did() -> None:
+    (b,) = _group(1)
+    for i in range(5):
+        opened = b.record(b.admit(float(i)), float(i), False, float(i), down=False)
+    assert opened and "5 failures in a row" in b.why

@@ -46,8 +46,15 @@ CASES = [
     (
         "the README's chat -> qwen-plus -> qwen-turbo, first two dead",
         {"chat": [A], "qwen-plus": [B], "qwen-turbo": [C]},
-        [NO_ANSWER, REFUSED, OK],
+        [REFUSED, REFUSED, OK],
         ["try a", "try b", "try c"],
+        {},
+    ),
+    (
+        "no answer in time is not unreachable (it may have been accepted): retried in its group",
+        {"g": [A], "f": [B]},
+        [NO_ANSWER, OK],
+        ["try a", "wait", "try a"],
         {},
     ),
     (

@@ -9,9 +9,11 @@ Breaker (closed → open → half-open → closed). What opens it distinguishes 
   only ``failures - streak`` may be in flight at once, so a burst of requests cannot all land on
   a dead deployment (connection refused answers in a millisecond, so its suspects never last a
   second) before the streak opens the breaker.
-* **a run of failures no bad luck explains**: ``failures`` in a row of any kind when the rest
-  of the fleet is healthy, more when attempts fail anyway — as many as random faults at the
-  siblings' failure rate would produce less than ``RUN_ALPHA`` of the time (46 %: 12).
+* **a run of failures no bad luck explains**: ``failures`` in a row of any kind when the fleet
+  (the group's deployments, pooled) is healthy, more when attempts fail anyway — as many as
+  random faults at the fleet's failure rate would produce less than ``RUN_ALPHA`` of the time
+  (46 %: 12); not judged before the window holds ``FLEET_MIN`` attempts. A deployment alone
+  in its group has no fleet: ``failures`` in a row.
 * **much worse than its siblings** (Envoy's outlier detection): with at least ``min_requests``
   attempts in the window, a failure ratio of at least ``RELATIVE_MARGIN`` above the pooled
   ratio of the other (closed) deployments of its group *and* twice it. When the whole fleet is noisy
@@ -41,11 +43,11 @@ from keel._classify import ErrorKind, UpstreamError
 
 
 def unreachable(err: UpstreamError) -> bool:
-    """Did the attempt fail without reaching the upstream at all: connection refused or
-    unreachable, or no response before the timeout? That is "plainly down" — unlike an answer
-    that was an error (a 5xx, a reset after connecting, a broken stream)."""
-    if err.kind is ErrorKind.TIMEOUT:
-        return err.message.endswith("before the response")
+    """Did the attempt fail without reaching the upstream at all: connection refused,
+    unreachable, DNS? That is "plainly down" — unlike an answer that was an error (a 5xx, a
+    reset after connecting, a broken stream) or a timeout (which the run rule judges)."""
+    # Only connect-phase failures: a timeout before the response may be a request the upstream
+    # accepted and is slow with (a stall, a long prompt), and several of those end at once.
     # aiohttp's connect-phase failures are ClientConnectorError & co.; the upstream adapter
     # names the exception's type (keel.engine._upstream.transport_failure).
     return err.kind is ErrorKind.CONNECTION and "ClientConnector" in err.message
@@ -70,6 +72,7 @@ SUSPECT_HORIZON = 0.1  # seconds: a suspect still running after this is not a fa
 _BUCKETS = 10
 DOWN_RATIO = 0.9  # failing this share of the window's attempts is plainly down
 RELATIVE_MARGIN = 0.25  # fail this much more often than the siblings (and twice as often)
+FLEET_MIN = 10  # attempts in the window before the fleet's failure ratio is trusted
 RUN_ALPHA = 1e-4  # a run of failures this unlikely under the fleet's failure rate is no bad luck
 
 
@@ -122,6 +125,7 @@ class Breaker:
     probing: bool = False
     opened_total: int = 0
     down: bool = False  # open because it could not be reached at all (no panic for that)
+    why: str = ""  # what opened it last (for logs and errors)
     _suspects: list[float] = field(default_factory=list)  # start times of suspects in flight
     _ok: list[int] = field(default_factory=lambda: [0] * _BUCKETS)
     _bad: list[int] = field(default_factory=lambda: [0] * _BUCKETS)
@@ -203,62 +207,78 @@ class Breaker:
         if how is Admit.PROBE:
             self.open(now, retry_after)
             self.down = down
+            self.why = "the probe failed"
             return True
         if down:
             self.streak += 1
         self.run += 1
         self._count(now, ok=False)
-        is_down = self.streak >= self.failures
-        tripped = (
-            is_down
-            or (self.run >= self._run_needed(now) and self._may_eject(now))
-            or self._ratio_trips(now)
-        )
-        if tripped:
+        why = ""
+        if self.streak >= self.failures:
+            why = f"unreachable {self.streak} times in a row"
+        elif self.run >= (needed := self._run_needed(now)) and self._may_eject(now):
+            why = f"{self.run} failures in a row (more than bad luck explains: {needed:g})"
+        else:
+            why = self._ratio_trips(now)
+        if why:
             self.open(now, retry_after)
-            self.down = is_down
-        return tripped
+            self.down = self.streak >= self.failures
+            self.why = why
+        return bool(why)
 
     def _may_eject(self, now: float) -> bool:
         return self.peers is None or self.peers.may_eject(self, now)
 
     def _fleet_ratio(self, now: float) -> float | None:
-        """How often attempts fail anyway: the siblings' pooled failure ratio, or (alone) this
-        deployment's own once it has ``min_requests`` in the window."""
-        peers = self.peers
-        if peers is not None and len(peers.members) > 1:
-            return peers.siblings_ratio(self, now)
+        """How often attempts fail anyway: the pooled failure ratio of the group's closed
+        deployments, this one included, once the window holds ``FLEET_MIN`` attempts; None
+        before that."""
         ok_n, bad_n = self._totals(now)
-        return bad_n / (ok_n + bad_n) if ok_n + bad_n >= self.min_requests else None
+        assert self.peers is not None
+        for b in self.peers.members:
+            if b is not self and now >= b.open_until:
+                o, f = b._totals(now)
+                ok_n += o
+                bad_n += f
+        return bad_n / (ok_n + bad_n) if ok_n + bad_n >= FLEET_MIN else None
 
     def _run_needed(self, now: float) -> float:
         """Consecutive failures (of any kind) that say more than bad luck: ``failures`` in a
         healthy fleet; when attempts fail at rate p anyway, a run that random faults would
-        produce less than ``RUN_ALPHA`` of the time (p = 46 %: 12 in a row)."""
+        produce less than ``RUN_ALPHA`` of the time (p = 46 %: 12 in a row). Before the
+        window knows the fleet, the run is not judged: a streak of unreachable attempts still
+        opens, and the first seconds of a noisy fleet do not eject anyone."""
+        if self.peers is None or len(self.peers.members) < 2:
+            return float(self.failures)  # alone: no fleet to compare with, the classic rule
         p = self._fleet_ratio(now)
-        if p is None or p <= 0.0:
+        if p is None:
+            return math.inf
+        if p <= 0.0:
             return float(self.failures)
         if p >= 0.99:
             return math.inf
         return max(float(self.failures), math.ceil(math.log(RUN_ALPHA) / math.log(p)))
 
-    def _ratio_trips(self, now: float) -> bool:
+    def _ratio_trips(self, now: float) -> str:
+        """Why the window's failure ratio opens the breaker ("" when it does not)."""
         ok_n, bad_n = self._totals(now)
         n = ok_n + bad_n
         if n < self.min_requests:
-            return False
+            return ""
         mine = bad_n / n
-        if mine >= DOWN_RATIO:
-            return True  # plainly down, whatever the siblings do
+        if mine >= DOWN_RATIO:  # plainly failing, whatever the siblings do
+            return f"{bad_n} of {n} attempts failed"
         peers = self.peers
-        if peers is None or len(peers.members) < 2:
-            return mine >= self.failure_ratio  # alone: nobody to compare with
+        if peers is None or len(peers.members) < 2:  # alone: nobody to compare with
+            return f"{bad_n} of {n} attempts failed" if mine >= self.failure_ratio else ""
         sib = peers.siblings_ratio(self, now)
         if sib is None:  # the siblings are open or idle: nothing to be worse than
-            return False
+            return ""
         if mine < sib + RELATIVE_MARGIN or mine < 2.0 * sib:
-            return False  # the fleet is noisy, not this deployment
-        return peers.may_eject(self, now)
+            return ""  # the fleet is noisy, not this deployment
+        if not peers.may_eject(self, now):
+            return ""
+        return f"{mine:.0%} of attempts failed, its group {sib:.0%}"
 
     def open(self, now: float, retry_after: float | None = None) -> float:
         """Open for the next cooldown; returns the open period in seconds."""

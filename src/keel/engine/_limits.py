@@ -743,9 +743,10 @@ def _failed(dep: Deployment, permit: Permit, now: float) -> None:
     if dep.breaker.record(permit.how, permit.started, health, now, retry_after, down):
         period = dep.breaker.open_until - now
         log.warning(
-            "deployment %s: circuit breaker open for %.1fs after %s",
+            "deployment %s: circuit breaker open for %.1fs: %s (last: %s)",
             dep.name,
             period,
+            dep.breaker.why,
             err.kind.value if err is not None else "failures",
         )
         if lim.shared is not None:
