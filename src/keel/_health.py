@@ -5,7 +5,8 @@ Breaker (closed → open → half-open → closed). What opens it distinguishes 
 * **plainly down**: ``failures`` consecutive attempts that could not reach the upstream at all
   (connection refused, timeouts; ``record(..., down=False)`` for the others), or at least ``min_requests``
   attempts in the last ``window`` seconds of which ``DOWN_RATIO`` (90 %) failed. Always opens.
-  While a down-streak is running, attempts started in the last second count as *suspects*:
+  While a down-streak is running — and until a deployment's first success, so that a burst
+  at start-up cannot all land on one that is dead — attempts started recently count as *suspects*:
   only ``failures - streak`` may be in flight at once, so a burst of requests cannot all land on
   a dead deployment (connection refused answers in a millisecond, so its suspects never last a
   second) before the streak opens the breaker.
@@ -126,6 +127,10 @@ class Breaker:
     opened_total: int = 0
     down: bool = False  # open because it could not be reached at all (no panic for that)
     why: str = ""  # what opened it last (for logs and errors)
+    # Until its first success a deployment is treated like one in a failure streak (at most
+    # ``failures`` attempts at once in its first moments): a dead one found at start-up costs
+    # ``failures`` attempts, not one per request of the first burst.
+    proven: bool = False
     _suspects: list[float] = field(default_factory=list)  # start times of suspects in flight
     _ok: list[int] = field(default_factory=lambda: [0] * _BUCKETS)
     _bad: list[int] = field(default_factory=lambda: [0] * _BUCKETS)
@@ -138,7 +143,7 @@ class Breaker:
         return BreakerState.HALF_OPEN if self.opens else BreakerState.CLOSED
 
     def admit(self, now: float) -> Admit:
-        if not self.streak and not self.opens:  # the common case: healthy and closed
+        if not self.streak and not self.opens and self.proven:  # the common case
             return Admit.NORMAL
         st = self.state(now)
         if st is BreakerState.OPEN:
@@ -148,7 +153,7 @@ class Breaker:
                 return Admit.REFUSED
             self.probing = True
             return Admit.PROBE
-        if self.streak:
+        if self.streak or not self.proven:
             horizon = now - SUSPECT_HORIZON
             live = sum(1 for t in self._suspects if t > horizon)
             if self.streak + live >= self.failures:
@@ -165,8 +170,9 @@ class Breaker:
 
     @property
     def healthy(self) -> bool:
-        """Closed and no failure streak: ``admit`` would say NORMAL and change nothing."""
-        return not self.streak and not self.opens
+        """Closed, answered before, no failure streak: ``admit`` would say NORMAL and change
+        nothing."""
+        return not self.streak and not self.opens and self.proven
 
     def record(
         self,
@@ -197,6 +203,7 @@ class Breaker:
             return False
         if ok:
             self.streak = self.run = 0
+            self.proven = True
             i = self._slot(now)
             self._ok[i] += 1
             if how is Admit.PROBE or (self.opens and now >= self.open_until):

@@ -654,7 +654,13 @@ async def acquire(
     if how is Admit.REFUSED:  # opened, a probe started, or too many suspects in flight
         dep.limiter.release_slot(permit)
         is_open = dep.breaker.open_until > now
-        reason = "circuit breaker open" if is_open else "holding back during a failure streak"
+        reason = (
+            "circuit breaker open"
+            if is_open
+            else "holding back during a failure streak"
+            if dep.breaker.streak
+            else "holding back until its first answer"
+        )
         raise Saturated(
             f"{dep.name}: {reason}", max(0.0, dep.breaker.open_until - now), soon=not is_open
         )
