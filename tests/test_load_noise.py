@@ -37,10 +37,10 @@ async def attempts_total(gw_url: str, deployment: str | None = None) -> float:
 
 @pytest.mark.parametrize("wording", ["dashscope", "bare"])
 def test_a_hintless_concurrency_wall_is_learned_from_evidence(wording: str, tmp_path) -> None:
-    """429s that say nothing ("Too many requests in route", a proxy's bare text) above 4 in
-    flight, 12 clients: no client failure, keel's limit settles at the wall, and after the
+    """429s that say nothing ("Too many requests in route", a proxy's bare text) above 8 in
+    flight, 24 clients: no client failure, keel's limit settles at the wall, and after the
     first second under 5 % of attempts are refused."""
-    c = 4
+    c = 8
     with (
         spawn_sim("--max-concurrency", str(c), "--latency", "0.1", "--wall-wording", wording) as sim,
         spawn_gateway({"models": {"m": {"deployments": [dep(sim.base_url)]}}},
@@ -48,7 +48,7 @@ def test_a_hintless_concurrency_wall_is_learned_from_evidence(wording: str, tmp_
     ):  # fmt: skip
         t0 = time.monotonic()
         results = asyncio.run(
-            closed_loop([gw.base_url], 12, for_seconds(3.0), lambda i: body(f"w{i}"))
+            closed_loop([gw.base_url], 24, for_seconds(3.0), lambda i: body(f"w{i}"))
         )
         steady = [e for e in sim.log() if e.t_open >= t0 + 1.0]
         refused = [e for e in steady if e.status == 429]

@@ -331,3 +331,14 @@ def test_alone_a_run_of_failures_opens_as_it_always_did() -> None:
     for i in range(5):
         opened = b.record(b.admit(float(i)), float(i), False, float(i), down=False)
     assert opened and "5 failures in a row" in b.why
+
+
+def test_an_unreachable_streak_marks_the_breaker_down_others_do_not() -> None:
+    a, b = _group(2)
+    for i in range(5):
+        a.record(a.admit(float(i)), float(i), False, float(i), down=True)
+    assert a.state(5.0) is BreakerState.OPEN and a.down and "unreachable 5" in a.why
+    (c,) = _group(1)
+    for i in range(5):
+        c.record(c.admit(float(i)), float(i), False, float(i), down=False)
+    assert c.state(5.0) is BreakerState.OPEN and not c.down

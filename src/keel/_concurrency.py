@@ -10,10 +10,11 @@ controller holds ~0.95-1.0 C with about 1 % of attempts rejected.
 The limit starts unbounded: a deployment that never says "too many" costs nothing. On the first
 overload signal it drops to just below the in-flight count that was refused, then:
 
-* **corroboration**: a refusal moves the limit only when ``corroborate`` of the last ``window``
-  outcomes were refusals. Providers also refuse at random (a 503 in a healthy fleet): a lone
-  one says nothing about capacity, and reacting to each collapses the limit under random
-  faults while real saturation produces refusals in bunches at once;
+* **evidence first**: it is only told about refusals that ``keel._evidence`` attributes to
+  concurrency (refusals concentrated above an in-flight count), so random refusals (a 503 in a
+  healthy fleet, a 429 from a rate window) never reach it. ``corroborate`` of the last
+  ``window`` outcomes must still be refusals (1 by default: the evidence did the
+  corroborating; one refused probe above the known ceiling is the signal to step back);
 * **multiplicative decrease** (x ``backoff``) on overload, at most once per *epoch*: responses
   to requests sent before the last decrease describe the old limit, so a burst of 429s from
   one overfull moment counts once;
@@ -39,7 +40,7 @@ class Aimd:
     memory: float = 30.0  # seconds after the last overload until the ceiling is forgotten
     min_limit: float = 1.0
     window: int = 50  # recent outcomes kept as evidence
-    corroborate: int = 4  # refusals among them before the limit moves
+    corroborate: int = 1  # refusals among them before the limit moves
     max_limit: float = math.inf
     limit: float = math.inf
     # The capacity the last overload revealed (refused in-flight - 1), raised by successes at

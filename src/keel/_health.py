@@ -228,8 +228,9 @@ class Breaker:
         else:
             why = self._ratio_trips(now)
         if why:
+            down_now = self.streak >= self.failures  # before open() resets the streak
             self.open(now, retry_after)
-            self.down = self.streak >= self.failures
+            self.down = down_now
             self.why = why
         return bool(why)
 

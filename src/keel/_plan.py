@@ -173,6 +173,7 @@ class Plan(Generic[D]):
     _later: list[D] = field(default_factory=list)  # unreachable: once more after everything
     _swept: bool = False
     _load_refused: set[int] = field(default_factory=set)  # id() of deps that refused for load
+    _refusals: dict[int, str] = field(default_factory=dict)  # id(dep) → why it turned us away
     _end: GiveUp | Finish | None = None
 
     def __post_init__(self) -> None:
@@ -269,8 +270,15 @@ class Plan(Generic[D]):
 
     def refused(self, dep: D, reason: str, retry_after: float | None, soon: bool) -> None:
         """The deployment's limiter or breaker turned the attempt away (nothing was sent).
-        ``soon``: only for the moment — worth another look next round."""
-        self.saturated = (reason, retry_after)
+        ``soon``: only for the moment — worth another look next round. ``saturated`` names
+        every deployment that turned it away (each with its own reason, which names the
+        cause), with the soonest retry-after."""
+        refusals = self._refusals
+        refusals[id(dep)] = reason
+        back = retry_after
+        if self.saturated is not None and self.saturated[1] is not None:
+            back = self.saturated[1] if back is None else min(back, self.saturated[1])
+        self.saturated = ("; ".join(refusals.values()), back)
         if soon:
             self._again.append(dep)
 
