@@ -334,7 +334,7 @@ def test_alone_a_run_of_failures_opens_as_it_always_did() -> None:
 
 
 def test_an_unreachable_streak_marks_the_breaker_down_others_do_not() -> None:
-    a, b = _group(2)
+    a, _ = _group(2)
     for i in range(5):
         a.record(a.admit(float(i)), float(i), False, float(i), down=True)
     assert a.state(5.0) is BreakerState.OPEN and a.down and "unreachable 5" in a.why
@@ -342,3 +342,14 @@ def test_an_unreachable_streak_marks_the_breaker_down_others_do_not() -> None:
     for i in range(5):
         c.record(c.admit(float(i)), float(i), False, float(i), down=False)
     assert c.state(5.0) is BreakerState.OPEN and not c.down
+
+
+def test_held_for_says_when_a_suspect_stops_counting() -> None:
+    (b,) = _group(1)
+    hows = [b.admit(1.0 + i * 0.01) for i in range(6)]  # not proven yet: five suspects
+    assert hows[:5] == [Admit.SUSPECT] * 5 and hows[5] is Admit.REFUSED
+    assert b.held_for(1.05) == pytest.approx(0.05)  # the first suspect (1.0) ages out at 1.1
+    b.record(Admit.SUSPECT, 1.0, True, 1.06)  # it answered: proven, no more holding back
+    assert b.admit(1.07) is Admit.NORMAL and b.healthy
+    b.open(2.0)
+    assert b.held_for(2.5) is None

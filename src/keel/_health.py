@@ -162,6 +162,15 @@ class Breaker:
             return Admit.SUSPECT
         return Admit.NORMAL
 
+    def held_for(self, now: float) -> float | None:
+        """When ``admit`` refused only because of suspects in flight: seconds until the
+        oldest of them stops counting. None when it refused for another reason."""
+        if self.state(now) is not BreakerState.CLOSED or not self._suspects:
+            return None
+        horizon = now - SUSPECT_HORIZON
+        live = [t for t in self._suspects if t > horizon]
+        return min(live) - horizon if live else 0.0
+
     def would_admit(self, now: float) -> bool:
         """``admit`` without side effects (for ordering candidates)."""
         if now < self.open_until:
