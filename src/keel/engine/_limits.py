@@ -648,21 +648,19 @@ async def acquire(
         raise Saturated(_open_reason(dep, back), back)
     if now < dep.limiter.paused_until and dep.limiter.paused_until > wait_until:
         raise Saturated(f"{dep.name}: paused by the upstream", dep.limiter.paused_until - now)
-    permit = await dep.limiter.acquire(req, priority, wait_until)
     while True:
+        permit = await dep.limiter.acquire(req, priority, wait_until)
         now = time.monotonic()
         how = dep.breaker.admit(now)
         held = dep.breaker.held_for(now) if how is Admit.REFUSED else None
         if held is None or now + held > wait_until:
             break
         # Held back only until a suspect in flight proves itself (a failure streak, or a
-        # deployment that has not answered yet): wait for that, holding the slot, rather
-        # than turn the request away — queue, don't fail.
-        try:
-            await asyncio.sleep(held + 0.001)
-        except BaseException:  # cancelled (the client left): the slot is not ours any more
-            dep.limiter.release_slot(permit)
-            raise
+        # deployment that has not answered yet): wait for that rather than turn the request
+        # away — queue, don't fail. Not holding the slot: in-flight counts stay what the
+        # upstream sees (the load evidence reads them).
+        dep.limiter.release_slot(permit)
+        await asyncio.sleep(held + 0.001)
     if how is Admit.REFUSED:  # opened, a probe started, or too many suspects in flight
         dep.limiter.release_slot(permit)
         is_open = dep.breaker.open_until > now
