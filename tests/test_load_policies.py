@@ -353,3 +353,30 @@ def test_held_for_says_when_a_suspect_stops_counting() -> None:
     assert b.admit(1.07) is Admit.NORMAL and b.healthy
     b.open(2.0)
     assert b.held_for(2.5) is None
+
+
+@pytest.mark.parametrize(
+    ("refused_at", "running", "cause", "limit"),
+    [
+        (range(9, 31), 8, Cause.CONCURRENCY, 8),  # the first burst on a wall of 8
+        (range(9, 31), 0, Cause.UNKNOWN, None),  # nothing let in: no wall to see
+        (range(1, 11), 5, Cause.UNKNOWN, None),  # refused below what is running: not that
+        (range(9, 11), 8, Cause.UNKNOWN, None),  # two refusals are not evidence
+        (range(4, 9), 3, Cause.UNKNOWN, None),  # a few random refusals while few are running
+    ],
+)
+def test_before_the_first_success_running_attempts_are_the_evidence(
+    refused_at: range, running: int, cause: Cause, limit: int | None
+) -> None:
+    ev = LoadEvidence()
+    for f in refused_at:
+        ev.record(0.0, f, True)
+    v = ev.judge(0.01, running)
+    assert (v.cause, v.limit) == (cause, limit)
+
+
+def test_forget_makes_aimd_unlimited_again() -> None:
+    a = Aimd(corroborate=1)
+    assert a.on_overload(9, a.epoch, 0.0) and a.slots == 7
+    a.forget()
+    assert a.slots is None and not a.active

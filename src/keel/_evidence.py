@@ -20,8 +20,9 @@ of samples cannot look certain). A verdict needs a tail below ``alpha`` and at l
 ten thousand refusals under 15 % random refusals, table-tested) while a real wall is recognised
 from its first bunch.
 
-Samples are (send time, in flight at send including the request itself, refused?) of
-successes and load refusals only — other failures say nothing about load. They are kept for
+Samples are (send time, in flight at send including the request itself, refused?) of every
+attempt that ended (a 500 or a reset was not refused for load: it counts as not refused, so
+random failures cannot leave only refusals to look at). They are kept for
 ``horizon`` seconds (at most ``size``), so a wall that goes away is forgotten.
 """
 
@@ -128,7 +129,12 @@ class LoadEvidence:
             # Nothing has succeeded yet. The first burst on a concurrency wall looks like
             # this: ``running`` let in and still working, every refusal sent with more than
             # that in flight. Anything else needs a success to compare with.
-            if running and min(self._f) > running:
+            # A wall refuses everything above it: many refusals, none at or below ``running``.
+            if (
+                running
+                and refused >= max(2 * self.min_refusals, running)
+                and min(self._f) > running
+            ):
                 return Verdict(Cause.CONCURRENCY, limit=running)
             return UNKNOWN
         limit = self._concurrency(n, refused)

@@ -751,6 +751,8 @@ def _failed(dep: Deployment, permit: Permit, now: float) -> None:
             verdict = lim.judge_refusal(permit, now)
             if verdict.cause in (Cause.CONCURRENCY, Cause.RATE):
                 health = None  # refused for what keel sent: load, not the deployment's health
+        else:  # it was let in: evidence that this in-flight count was not refused for load
+            lim.evidence.record(permit.started, permit.in_flight, False)
     retry_after = err.retry_after if err is not None else None
     down = err is not None and unreachable(err)
     if down:
