@@ -21,6 +21,7 @@ def deployment(**kw: Any) -> Deployment:
     dep = {"base_url": "http://x/v1", **kw}
     cfg = parse_config({"models": {"m": {"deployments": [dep]}}})
     (d,) = Router(cfg).groups["m"]
+    d.breaker.proven = True  # it has answered before (until then the breaker holds back)
     return d
 
 
@@ -116,3 +117,12 @@ async def test_client_booking_fast_path_matches_the_checked_one() -> None:
     assert p.req.tat == pytest.approx(now + p.req.interval, abs=0.05)
     assert p.tok.tat == pytest.approx(now + ticket.cost * p.tok.interval, abs=0.05)
     adm.done(ticket, None)
+
+
+def test_a_deployment_that_never_answered_takes_the_full_path() -> None:
+    """Until its first success the breaker counts suspects (a dead deployment found at
+    start-up costs ``failures`` attempts, not one per request of the first burst)."""
+    dep = {"base_url": "http://x/v1"}
+    (d,) = Router(parse_config({"models": {"m": {"deployments": [dep]}}})).groups["m"]
+    assert not d.breaker.proven
+    assert try_acquire(d, RequestCost(REQ), time.monotonic()) is None
