@@ -16,9 +16,11 @@ read the message; it looks at *when* refusals happen:
 Both tests are one-sided binomial tails against the null hypothesis "refusals are independent
 of load" (the refusal rate of the rest of the samples, with a Laplace prior so that a handful
 of samples cannot look certain). A verdict needs a tail below ``alpha`` and at least
-``min_refusals`` refusals behind it, so random faults almost never look like load (about one in
-ten thousand refusals under 15 % random refusals, table-tested) while a real wall is recognised
-from its first bunch.
+``min_refusals`` refusals behind it, so random faults almost never look like load (fewer than
+one in a thousand refusals under 15 % random refusals: tests/test_load_policies.py) while a
+real wall is recognised from its first bunch. Before anything has succeeded, the attempts still
+running stand in for successes: a wall's first burst is many refusals, all sent with more in
+flight than are running now.
 
 Samples are (send time, in flight at send including the request itself, refused?) of every
 attempt that ended (a 500 or a reset was not refused for load: it counts as not refused, so
