@@ -281,7 +281,7 @@ def _pair(seed: int, faults: str, *extra: str) -> tuple[contextlib.ExitStack, li
 
 
 def scenario_noise(seed: int, direct: bool = True) -> dict[str, Any]:
-    """10 % random 429 + 5 % random 503 on two deployments, 32 clients, 300 requests; the
+    """10 % random 429 + 5 % random 503 on two deployments, 32 clients, 1,000 requests; the
     same run without faults for the throughput baseline."""
     out: dict[str, Any] = {}
     extra = ("--latency", "0.2", "--token-delay", "0.005")
@@ -289,7 +289,7 @@ def scenario_noise(seed: int, direct: bool = True) -> dict[str, Any]:
     with stack:
         deps = [_dep(s.base_url, f"sim-{'ab'[i]}") for i, s in enumerate(sims)]
         with _gateway({"chat": {"deployments": deps}}) as gw:
-            prompts = _prompts("noise", 300, 0.5, seed)
+            prompts = _prompts("noise", 1000, 0.5, seed)
             for label, faults in (("clean", ""), ("noise", NOISE_MIX)):
                 for s in sims:
                     s.configure(faults=faults)
