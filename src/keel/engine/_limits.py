@@ -624,11 +624,25 @@ class DeploymentLimiter:
 def try_acquire(dep: Deployment, req: RequestCost, now: float) -> Permit | None:
     """``acquire`` without waiting, for the common case: a healthy closed breaker (``admit``
     would say NORMAL) and a limiter with nothing to enforce right now
-    (``DeploymentLimiter.try_take``). None: call ``acquire``."""
+    (``DeploymentLimiter.try_take``). None: call ``acquire``.
+
+    A deployment that has not answered yet is let through as a suspect while fewer than
+    ``failures`` are in flight (what ``admit`` decides): a hedge, which only ever tries this,
+    may go to a fresh deployment too."""
     breaker = dep.breaker
-    if not breaker.healthy or now < breaker.open_until:
+    if breaker.healthy:
+        return dep.limiter.try_take(req, now) if now >= breaker.open_until else None
+    if breaker.streak or breaker.opens or now < breaker.open_until:
         return None
-    return dep.limiter.try_take(req, now)
+    permit = dep.limiter.try_take(req, now)  # never answered yet
+    if permit is None:
+        return None
+    how = breaker.admit(now)
+    if how is Admit.REFUSED:
+        dep.limiter.release_slot(permit)
+        return None
+    permit.how = how
+    return permit
 
 
 async def acquire(
