@@ -879,6 +879,7 @@ def wire(dep: Deployment, config: GatewayConfig, shared: SharedState | None) -> 
         window=b.window,
         cooldown=b.cooldown,
         max_cooldown=b.max_cooldown,
+        proven=not b.enabled,  # a disabled breaker holds nothing back, not even at start-up
     )
     dep.latency = PeakEwma(decay=config.balancer.decay)
 
