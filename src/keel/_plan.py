@@ -17,7 +17,7 @@ The policy, in the order the plan applies it:
    attempt cap, the retry budget or the request deadline says so.
 
 Attempts are spread over the whole plan: a deployment that could not be reached at all
-(connection refused, no response in time: ``keel._health.unreachable``) is not retried in its
+(connection refused, unreachable: ``keel._health.unreachable``) is not retried in its
 group's rounds but once more at the very end, after every fallback group has been tried — a
 dead deployment costs one attempt per request (until its breaker opens), and the last
 fallback is reached. A retry on a deployment whose limiter holds excess requests back itself
