@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from keel._health import Admit
 from keel.config import parse_config
 from keel.engine._admission import Admission
 from keel.engine._deployment import Deployment
@@ -21,6 +22,7 @@ def deployment(**kw: Any) -> Deployment:
     dep = {"base_url": "http://x/v1", **kw}
     cfg = parse_config({"models": {"m": {"deployments": [dep]}}})
     (d,) = Router(cfg).groups["m"]
+    d.breaker.proven = True  # it has answered before (until then the breaker holds back)
     return d
 
 
@@ -116,3 +118,20 @@ async def test_client_booking_fast_path_matches_the_checked_one() -> None:
     assert p.req.tat == pytest.approx(now + p.req.interval, abs=0.05)
     assert p.tok.tat == pytest.approx(now + ticket.cost * p.tok.interval, abs=0.05)
     adm.done(ticket, None)
+
+
+def test_a_deployment_that_never_answered_goes_as_a_suspect() -> None:
+    """Until its first success the breaker counts suspects (a dead deployment found at
+    start-up costs ``failures`` attempts, not one per request of the first burst); the fast
+    path lets them through as such, so a hedge can go to a fresh deployment."""
+    dep = {"base_url": "http://x/v1"}
+    (d,) = Router(parse_config({"models": {"m": {"deployments": [dep]}}})).groups["m"]
+    now = time.monotonic()
+    permits = [try_acquire(d, RequestCost(REQ), now) for _ in range(d.breaker.failures + 1)]
+    assert [p.how if p else None for p in permits] == [Admit.SUSPECT] * 5 + [None]
+    assert d.limiter.in_flight == 5
+    first = permits[0]
+    assert first is not None
+    first.ok = True
+    release(d, first)
+    assert d.breaker.proven and d.breaker.healthy

@@ -157,7 +157,7 @@ CASES = [
         "retry budget",
         {"g": [A, B]},
         [E500, OK],
-        ["try a", "give up: retry budget exhausted (an upstream outage is likely)"],
+        ["try a", "give up: retry budget exhausted: too many retries at once"],
         {"budget": RetryBudget(ratio=0.0, floor_per_s=0.0, clock=lambda: 0.0)},
     ),
     (

@@ -3,9 +3,18 @@
 * Full-jitter exponential backoff (AWS Architecture Blog, "Exponential Backoff and Jitter"):
   ``uniform(0, min(cap, base * 2**n))`` spreads synchronized retries best. A provider's hint
   (retry-after & co.) is a floor, never shortened by jitter.
-* Retry budget (Finagle's ``RetryBudget``): retries may add at most ``ratio`` of recent request
-  traffic plus a small floor, so a provider outage cannot be multiplied by retries. Counts live
-  in one-second buckets over a ``window`` of seconds; no per-request allocation.
+* Retry budget (Finagle's ``RetryBudget``, with Google SRE's client-side throttling as the
+  idea behind its ratio): retries may add a share of recent request traffic plus a small floor,
+  so an outage cannot be multiplied by retries — but the share is earned: it follows how often
+  recent retries *succeeded*. Retries that keep working are not a storm (two deployments with
+  46 % random faults need ~0.85 retries per request, and each of them pays off); retries into a
+  dead or saturated upstream are, and the share shrinks towards zero, leaving the floor:
+
+      share = MAX_RATIO * (ok + 1) / (done + PRIOR)     (PRIOR chosen so that share = ratio
+                                                        while no retry has ended yet)
+
+  ``ok``/``done`` count retries that ended in the window (``record_retry``). Counts live in
+  one-second buckets over a ``window`` of seconds; no per-request allocation.
 """
 
 from __future__ import annotations
@@ -13,7 +22,10 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+
+MAX_RATIO = 2.0  # retries per request when every recent retry succeeded
 
 
 def backoff_delay(
@@ -38,7 +50,8 @@ def backoff_delay(
 
 @dataclass(slots=True)
 class RetryBudget:
-    """Allow extra attempts up to ``floor_per_s * window + ratio * requests_in_window``."""
+    """Allow extra attempts up to ``floor_per_s * window + share * requests_in_window``, where
+    the share grows with the success of recent retries (``ratio`` before any has ended)."""
 
     ratio: float = 0.2
     floor_per_s: float = 5.0
@@ -46,11 +59,15 @@ class RetryBudget:
     clock: Callable[[], float] = field(default=lambda: 0.0)
     _requests: list[int] = field(default_factory=list)
     _retries: list[int] = field(default_factory=list)
+    _ok: list[int] = field(default_factory=list)
+    _done: list[int] = field(default_factory=list)
     _epoch: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._requests = [0] * self.window
         self._retries = [0] * self.window
+        self._ok = [0] * self.window
+        self._done = [0] * self.window
         self._epoch = [-1] * self.window
 
     def _slot(self) -> int:
@@ -58,13 +75,23 @@ class RetryBudget:
         i = second % self.window
         if self._epoch[i] != second:  # a bucket from an older lap: recycle it
             self._epoch[i] = second
-            self._requests[i] = 0
-            self._retries[i] = 0
+            self._requests[i] = self._retries[i] = self._ok[i] = self._done[i] = 0
         return i
 
     def _live(self, counts: list[int]) -> int:
         oldest = int(self.clock()) - self.window + 1
         return sum(c for c, e in zip(counts, self._epoch, strict=True) if e >= oldest)
+
+    @property
+    def share(self) -> float:
+        """Retries allowed per recent request, earned by the success of recent retries."""
+        if self.ratio <= 0.0:
+            return 0.0
+        prior = MAX_RATIO / self.ratio  # (0 + 1) / prior == ratio / MAX_RATIO
+        return MAX_RATIO * (self._live(self._ok) + 1) / (self._live(self._done) + prior)
+
+    def allowed(self) -> float:
+        return self.floor_per_s * self.window + self.share * self._live(self._requests)
 
     def record_request(self) -> None:
         self._requests[self._slot()] += 1
@@ -72,8 +99,37 @@ class RetryBudget:
     def try_withdraw(self) -> bool:
         """Take one retry from the budget; False means the budget is spent."""
         i = self._slot()
-        allowed = self.floor_per_s * self.window + self.ratio * self._live(self._requests)
-        if self._live(self._retries) + 1 > allowed:
+        if self._live(self._retries) + 1 > self.allowed():
             return False
         self._retries[i] += 1
+        _withdrawn.set(self)
         return True
+
+    def record_retry(self, ok: bool) -> None:
+        """A retry this budget allowed has ended: it succeeded, or failed."""
+        i = self._slot()
+        self._done[i] += 1
+        if ok:
+            self._ok[i] += 1
+
+    @property
+    def exhausted_by_failures(self) -> bool:
+        """Spent because recent retries kept failing (an outage or a saturated upstream), as
+        opposed to spent by a burst of retries that were working."""
+        done = self._live(self._done)
+        return done >= 5 and self._live(self._ok) * 4 < done
+
+
+# The attempt loop withdraws a retry and then, in the same task, releases that attempt's
+# permit (keel.engine._limits.release): this carries the withdrawal across so the outcome can
+# be booked to the budget without the loop's help. The plan (keel._plan) reports outcomes
+# explicitly; then this goes.
+_withdrawn: ContextVar[RetryBudget | None] = ContextVar("keel_retry_withdrawn", default=None)
+
+
+def settle_retry(ok: bool) -> None:
+    """Book the outcome of the attempt the current task last withdrew a retry for (if any)."""
+    budget = _withdrawn.get()
+    if budget is not None:
+        _withdrawn.set(None)
+        budget.record_retry(ok)

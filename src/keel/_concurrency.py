@@ -10,10 +10,11 @@ controller holds ~0.95-1.0 C with about 1 % of attempts rejected.
 The limit starts unbounded: a deployment that never says "too many" costs nothing. On the first
 overload signal it drops to just below the in-flight count that was refused, then:
 
-* **corroboration**: a refusal moves the limit only when ``corroborate`` of the last ``window``
-  outcomes were refusals. Providers also refuse at random (a 503 in a healthy fleet): a lone
-  one says nothing about capacity, and reacting to each collapses the limit under random
-  faults while real saturation produces refusals in bunches at once;
+* **evidence first**: it is only told about refusals that ``keel._evidence`` attributes to
+  concurrency (refusals concentrated above an in-flight count), so random refusals (a 503 in a
+  healthy fleet, a 429 from a rate window) never reach it. ``corroborate`` of the last
+  ``window`` outcomes must still be refusals (1 by default: the evidence did the
+  corroborating; one refused probe above the known ceiling is the signal to step back);
 * **multiplicative decrease** (x ``backoff``) on overload, at most once per *epoch*: responses
   to requests sent before the last decrease describe the old limit, so a burst of 429s from
   one overfull moment counts once;
@@ -39,7 +40,7 @@ class Aimd:
     memory: float = 30.0  # seconds after the last overload until the ceiling is forgotten
     min_limit: float = 1.0
     window: int = 50  # recent outcomes kept as evidence
-    corroborate: int = 4  # refusals among them before the limit moves
+    corroborate: int = 1  # refusals among them before the limit moves
     max_limit: float = math.inf
     limit: float = math.inf
     # The capacity the last overload revealed (refused in-flight - 1), raised by successes at
@@ -75,6 +76,14 @@ class Aimd:
         step = 1.0 if fast else self.probe
         self.limit = min(self.max_limit, self.limit + step / self.limit)
 
+    def forget(self) -> None:
+        """Back to unlimited: the evidence no longer says refusals track concurrency."""
+        self.active = False
+        self.limit = math.inf
+        self.ceiling = 0.0
+        self._recent.clear()
+        self.epoch += 1
+
     def on_overload(self, in_flight_at_send: int, epoch: int, now: float) -> bool:
         """The upstream refused a request for load; True when the limit was lowered."""
         if epoch != self.epoch and self.active:
@@ -93,3 +102,41 @@ class Aimd:
         self.active = True
         self.epoch += 1
         return True
+
+
+@dataclass(slots=True)
+class RateAimd:
+    """The request rate a deployment takes, learned from refusals that track the rate (see
+    ``keel._evidence``): the pace keel sends at when the provider says nothing about its limit
+    (DashScope's "Too many requests in route", a bare proxy's 429; no x-ratelimit-* headers).
+
+    Unlimited until the first rate verdict; then the pace drops to ``backoff`` x the accepted
+    start rate the evidence measured (what the window let through), at most once per ``hold``
+    seconds (refusals of requests already sent at the old pace are no new evidence), and grows
+    by ``probe`` requests/s per success — about 1 % a second at the pace, so it finds a raised
+    limit again without a sawtooth of refusals."""
+
+    backoff: float = 0.9
+    probe: float = 0.01  # requests/s added per success
+    hold: float = 1.0
+    min_rate: float = 0.1  # requests/s
+    rate: float = math.inf
+    last_cut: float = -math.inf
+    cuts: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.rate != math.inf
+
+    def on_refusal(self, accepted_rate: float, now: float) -> bool:
+        """A refusal the evidence says tracks the rate; True when the pace was lowered."""
+        if now - self.last_cut < self.hold:
+            return False
+        self.rate = max(self.min_rate, min(self.rate, accepted_rate) * self.backoff)
+        self.last_cut = now
+        self.cuts += 1
+        return True
+
+    def on_success(self) -> None:
+        if self.rate != math.inf:
+            self.rate += self.probe

@@ -1,13 +1,27 @@
 """Deployment health without I/O: the circuit breaker and the peak-EWMA latency estimate.
 
-Breaker (closed → open → half-open → closed):
+Breaker (closed → open → half-open → closed). What opens it distinguishes *down* from *noisy*:
 
-* **closed**: attempts flow. It opens after ``failures`` consecutive failures, or when at least
-  ``min_requests`` attempts in the last ``window`` seconds failed ``failure_ratio`` of the time.
-  While a failure streak is running, attempts started in the last second count as *suspects*:
+* **plainly down**: ``failures`` consecutive attempts that could not reach the upstream at all
+  (connection refused, timeouts; ``record(..., down=False)`` for the others), or at least ``min_requests``
+  attempts in the last ``window`` seconds of which ``DOWN_RATIO`` (90 %) failed. Always opens.
+  While a down-streak is running — and until a deployment's first success, so that a burst
+  at start-up cannot all land on one that is dead — attempts started recently count as *suspects*:
   only ``failures - streak`` may be in flight at once, so a burst of requests cannot all land on
   a dead deployment (connection refused answers in a millisecond, so its suspects never last a
   second) before the streak opens the breaker.
+* **a run of failures no bad luck explains**: ``failures`` in a row of any kind when the fleet
+  (the group's deployments, pooled) is healthy, more when attempts fail anyway — as many as
+  random faults at the fleet's failure rate would produce less than ``RUN_ALPHA`` of the time
+  (46 %: 12); not judged before the window holds ``FLEET_MIN`` attempts. A deployment alone
+  in its group has no fleet: ``failures`` in a row.
+* **much worse than its siblings** (Envoy's outlier detection): with at least ``min_requests``
+  attempts in the window, a failure ratio of at least ``RELATIVE_MARGIN`` above the pooled
+  ratio of the other (closed) deployments of its group *and* twice it. When the whole fleet is noisy
+  (a provider-wide incident, random faults everywhere) nobody is ejected for it: ejecting one
+  would only pile its traffic onto equally noisy siblings. A relative ejection is refused when
+  it would leave more than ``max_ejection`` of the group open (the rest would be overloaded);
+  without siblings with data, ``failure_ratio`` is the absolute threshold.
 * **open**: no attempts for the cooldown: ``cooldown`` doubled for each consecutive re-open up
   to ``max_cooldown``, never shorter than the Retry-After the failure carried.
 * **half-open**: exactly one probe; success closes, failure re-opens with the longer cooldown.
@@ -25,6 +39,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import IntEnum
+
+from keel._classify import ErrorKind, UpstreamError
+
+
+def unreachable(err: UpstreamError) -> bool:
+    """Did the attempt fail without reaching the upstream at all: connection refused,
+    unreachable, DNS? That is "plainly down" — unlike an answer that was an error (a 5xx, a
+    reset after connecting, a broken stream) or a timeout (which the run rule judges)."""
+    # Only connect-phase failures: a timeout before the response may be a request the upstream
+    # accepted and is slow with (a stall, a long prompt), and several of those end at once.
+    # aiohttp's connect-phase failures are ClientConnectorError & co.; the upstream adapter
+    # names the exception's type (keel.engine._upstream.transport_failure).
+    return err.kind is ErrorKind.CONNECTION and "ClientConnector" in err.message
 
 
 class BreakerState(IntEnum):
@@ -44,6 +71,42 @@ class Admit(IntEnum):
 
 SUSPECT_HORIZON = 0.1  # seconds: a suspect still running after this is not a fast failure
 _BUCKETS = 10
+DOWN_RATIO = 0.9  # failing this share of the window's attempts is plainly down
+RELATIVE_MARGIN = 0.25  # fail this much more often than the siblings (and twice as often)
+FLEET_MIN = 10  # attempts in the window before the fleet's failure ratio is trusted
+RUN_ALPHA = 1e-4  # a run of failures this unlikely under the fleet's failure rate is no bad luck
+
+
+@dataclass(eq=False, slots=True)
+class BreakerGroup:
+    """The breakers of one model group's deployments, for health relative to siblings."""
+
+    members: list[Breaker] = field(default_factory=list)
+    max_ejection: float = 0.5  # share of the group that relative ejections may leave open
+
+    def add(self, breaker: Breaker) -> None:
+        self.members.append(breaker)
+        breaker.peers = self
+
+    def siblings_ratio(self, me: Breaker, now: float) -> float | None:
+        """The pooled failure ratio of the other members, or None without enough data."""
+        ok_n = bad_n = 0
+        for b in self.members:
+            if b is not me and now >= b.open_until:
+                o, f = b._totals(now)
+                ok_n += o
+                bad_n += f
+        if ok_n + bad_n < me.min_requests:
+            return None
+        return bad_n / (ok_n + bad_n)
+
+    def may_eject(self, me: Breaker, now: float) -> bool:
+        """Would one more open breaker stay within ``max_ejection`` of the group? (Alone in
+        its group a deployment may always be opened: there is nobody to overload.)"""
+        if len(self.members) < 2:
+            return True
+        open_now = sum(1 for b in self.members if b is not me and now < b.open_until)
+        return open_now + 1 <= int(self.max_ejection * len(self.members))
 
 
 @dataclass(slots=True)
@@ -58,13 +121,21 @@ class Breaker:
     opens: int = (
         0  # consecutive opens without a successful probe; >0 after the cooldown = half-open
     )
-    streak: int = 0
+    streak: int = 0  # consecutive failures that never reached the upstream
+    run: int = 0  # consecutive failures of any kind
     probing: bool = False
     opened_total: int = 0
+    down: bool = False  # open because it could not be reached at all (no panic for that)
+    why: str = ""  # what opened it last (for logs and errors)
+    # Until its first success a deployment is treated like one in a failure streak (at most
+    # ``failures`` attempts at once in its first moments): a dead one found at start-up costs
+    # ``failures`` attempts, not one per request of the first burst.
+    proven: bool = False
     _suspects: list[float] = field(default_factory=list)  # start times of suspects in flight
     _ok: list[int] = field(default_factory=lambda: [0] * _BUCKETS)
     _bad: list[int] = field(default_factory=lambda: [0] * _BUCKETS)
     _slot_epoch: list[int] = field(default_factory=lambda: [-1] * _BUCKETS)
+    peers: BreakerGroup | None = field(default=None, repr=False)
 
     def state(self, now: float) -> BreakerState:
         if now < self.open_until:
@@ -72,7 +143,7 @@ class Breaker:
         return BreakerState.HALF_OPEN if self.opens else BreakerState.CLOSED
 
     def admit(self, now: float) -> Admit:
-        if not self.streak and not self.opens:  # the common case: healthy and closed
+        if not self.streak and not self.opens and self.proven:  # the common case
             return Admit.NORMAL
         st = self.state(now)
         if st is BreakerState.OPEN:
@@ -82,7 +153,7 @@ class Breaker:
                 return Admit.REFUSED
             self.probing = True
             return Admit.PROBE
-        if self.streak:
+        if self.streak or not self.proven:
             horizon = now - SUSPECT_HORIZON
             live = sum(1 for t in self._suspects if t > horizon)
             if self.streak + live >= self.failures:
@@ -90,6 +161,15 @@ class Breaker:
             self._suspects.append(now)
             return Admit.SUSPECT
         return Admit.NORMAL
+
+    def held_for(self, now: float) -> float | None:
+        """When ``admit`` refused only because of suspects in flight: seconds until the
+        oldest of them stops counting. None when it refused for another reason."""
+        if self.state(now) is not BreakerState.CLOSED or not self._suspects:
+            return None
+        horizon = now - SUSPECT_HORIZON
+        live = [t for t in self._suspects if t > horizon]
+        return min(live) - horizon if live else 0.0
 
     def would_admit(self, now: float) -> bool:
         """``admit`` without side effects (for ordering candidates)."""
@@ -99,8 +179,9 @@ class Breaker:
 
     @property
     def healthy(self) -> bool:
-        """Closed and no failure streak: ``admit`` would say NORMAL and change nothing."""
-        return not self.streak and not self.opens
+        """Closed, answered before, no failure streak: ``admit`` would say NORMAL and change
+        nothing."""
+        return not self.streak and not self.opens and self.proven
 
     def record(
         self,
@@ -109,11 +190,15 @@ class Breaker:
         ok: bool | None,
         now: float,
         retry_after: float | None = None,
+        down: bool = True,
     ) -> bool:
         """The outcome of an attempt admitted as ``how`` at ``started``: ``ok`` None is
-        neither (cancelled, or not the deployment's fault). True when this opened the breaker."""
+        neither (cancelled, or not the deployment's fault). ``down`` False: a failure that
+        was an answer (a 5xx, a broken stream), which counts towards the failure ratio but not
+        towards the streak of attempts that could not reach the upstream at all. True when
+        this opened the breaker."""
         if ok and how is Admit.NORMAL and not self.opens:  # the common case, every request
-            self.streak = 0
+            self.streak = self.run = 0
             self._ok[self._slot(now)] += 1
             return False
         if how is Admit.SUSPECT:
@@ -126,7 +211,8 @@ class Breaker:
         if ok is None:
             return False
         if ok:
-            self.streak = 0
+            self.streak = self.run = 0
+            self.proven = True
             i = self._slot(now)
             self._ok[i] += 1
             if how is Admit.PROBE or (self.opens and now >= self.open_until):
@@ -136,16 +222,80 @@ class Breaker:
             return False  # an attempt that started before it opened: already counted
         if how is Admit.PROBE:
             self.open(now, retry_after)
+            self.down = down
+            self.why = "the probe failed"
             return True
-        self.streak += 1
+        if down:
+            self.streak += 1
+        self.run += 1
         self._count(now, ok=False)
-        ok_n, bad_n = self._totals(now)
-        tripped = self.streak >= self.failures or (
-            ok_n + bad_n >= self.min_requests and bad_n >= self.failure_ratio * (ok_n + bad_n)
-        )
-        if tripped:
+        why = ""
+        if self.streak >= self.failures:
+            why = f"unreachable {self.streak} times in a row"
+        elif self.run >= (needed := self._run_needed(now)) and self._may_eject(now):
+            why = f"{self.run} failures in a row (more than bad luck explains: {needed:g})"
+        else:
+            why = self._ratio_trips(now)
+        if why:
+            down_now = self.streak >= self.failures  # before open() resets the streak
             self.open(now, retry_after)
-        return tripped
+            self.down = down_now
+            self.why = why
+        return bool(why)
+
+    def _may_eject(self, now: float) -> bool:
+        return self.peers is None or self.peers.may_eject(self, now)
+
+    def _fleet_ratio(self, now: float) -> float | None:
+        """How often attempts fail anyway: the pooled failure ratio of the group's closed
+        deployments, this one included, once the window holds ``FLEET_MIN`` attempts; None
+        before that."""
+        ok_n, bad_n = self._totals(now)
+        assert self.peers is not None
+        for b in self.peers.members:
+            if b is not self and now >= b.open_until:
+                o, f = b._totals(now)
+                ok_n += o
+                bad_n += f
+        return bad_n / (ok_n + bad_n) if ok_n + bad_n >= FLEET_MIN else None
+
+    def _run_needed(self, now: float) -> float:
+        """Consecutive failures (of any kind) that say more than bad luck: ``failures`` in a
+        healthy fleet; when attempts fail at rate p anyway, a run that random faults would
+        produce less than ``RUN_ALPHA`` of the time (p = 46 %: 12 in a row). Before the
+        window knows the fleet, the run is not judged: a streak of unreachable attempts still
+        opens, and the first seconds of a noisy fleet do not eject anyone."""
+        if self.peers is None or len(self.peers.members) < 2:
+            return float(self.failures)  # alone: no fleet to compare with, the classic rule
+        p = self._fleet_ratio(now)
+        if p is None:
+            return math.inf
+        if p <= 0.0:
+            return float(self.failures)
+        if p >= 0.99:
+            return math.inf
+        return max(float(self.failures), math.ceil(math.log(RUN_ALPHA) / math.log(p)))
+
+    def _ratio_trips(self, now: float) -> str:
+        """Why the window's failure ratio opens the breaker ("" when it does not)."""
+        ok_n, bad_n = self._totals(now)
+        n = ok_n + bad_n
+        if n < self.min_requests:
+            return ""
+        mine = bad_n / n
+        if mine >= DOWN_RATIO:  # plainly failing, whatever the siblings do
+            return f"{bad_n} of {n} attempts failed"
+        peers = self.peers
+        if peers is None or len(peers.members) < 2:  # alone: nobody to compare with
+            return f"{bad_n} of {n} attempts failed" if mine >= self.failure_ratio else ""
+        sib = peers.siblings_ratio(self, now)
+        if sib is None:  # the siblings are open or idle: nothing to be worse than
+            return ""
+        if mine < sib + RELATIVE_MARGIN or mine < 2.0 * sib:
+            return ""  # the fleet is noisy, not this deployment
+        if not peers.may_eject(self, now):
+            return ""
+        return f"{mine:.0%} of attempts failed, its group {sib:.0%}"
 
     def open(self, now: float, retry_after: float | None = None) -> float:
         """Open for the next cooldown; returns the open period in seconds."""
@@ -155,7 +305,7 @@ class Breaker:
         self.open_until = max(self.open_until, now + period)
         self.opens += 1
         self.opened_total += 1
-        self.streak = 0
+        self.streak = self.run = 0
         self._suspects.clear()
         for i in range(_BUCKETS):  # a fresh start after the cooldown
             self._ok[i] = self._bad[i] = 0

@@ -16,6 +16,14 @@ The policy, in the order the plan applies it:
 3. give up at once on errors that would fail anywhere (``failover`` false), and when the
    attempt cap, the retry budget or the request deadline says so.
 
+Attempts are spread over the whole plan: a deployment that could not be reached at all
+(connection refused, unreachable: ``keel._health.unreachable``) is not retried in its
+group's rounds but once more at the very end, after every fallback group has been tried — a
+dead deployment costs one attempt per request (until its breaker opens), and the last
+fallback is reached. A retry on a deployment whose limiter holds excess requests back itself
+(``queued(dep)``: a learned concurrency limit or pace) after a load refusal waits for room
+there instead of adding load, so it is not charged to the retry budget.
+
 For streams it also decides what only the whole request can know: after the commit only
 deployments that can *continue* the answer are candidates (never inside a tool call, never for
 ``n > 1``), a continuation that would exceed the client's token limit ends with ``length``,
@@ -32,7 +40,11 @@ from typing import Generic, Literal, Protocol, TypeVar
 
 from keel._backoff import RetryBudget, backoff_delay
 from keel._classify import ErrorKind, UpstreamError
+from keel._health import unreachable
 from keel._hedge import HedgePolicy
+
+# Refusals for load: a retry after one on a deployment that queues (``Plan.queued``) is free.
+_LOAD = frozenset((ErrorKind.RATE_LIMIT, ErrorKind.OVERLOADED))
 
 
 class Candidate(Protocol):
@@ -141,6 +153,9 @@ class Plan(Generic[D]):
     spliceable: bool = True  # a committed answer can be continued (one choice)
     token_limit: int | None = None  # the client's max_tokens / max_completion_tokens
     rng: random.Random | None = None
+    # The deployment's limiter now holds excess requests back itself (a learned concurrency
+    # limit or pace): a retry there after a load refusal waits for room, adding no load.
+    queued: Callable[[D], bool] | None = None
     # -- what happened (read by the driver for headers and errors)
     count: int = 0  # attempts started (hedges included)
     last: D | None = None  # the deployment of the latest attempt (or the hedge that won)
@@ -155,6 +170,10 @@ class Plan(Generic[D]):
     _next: int = 0
     _again: list[D] = field(default_factory=list)
     _hints: list[float] = field(default_factory=list)
+    _later: list[D] = field(default_factory=list)  # unreachable: once more after everything
+    _swept: bool = False
+    _load_refused: set[int] = field(default_factory=set)  # id() of deps that refused for load
+    _refusals: dict[int, str] = field(default_factory=dict)  # id(dep) → why it turned us away
     _end: GiveUp | Finish | None = None
 
     def __post_init__(self) -> None:
@@ -182,10 +201,8 @@ class Plan(Generic[D]):
                     return self._stop(GiveUp(f"gave up after {self.count} attempts"))
                 if now >= self.deadline:
                     return self._stop(GiveUp("request deadline exceeded"))
-                if self.count and not self.budget.try_withdraw():
-                    return self._stop(
-                        GiveUp("retry budget exhausted (an upstream outage is likely)")
-                    )
+                if self.count and not self._free_retry(dep) and not self.budget.try_withdraw():
+                    return self._stop(GiveUp(self._budget_reason()))
                 if self.hedge is None:
                     return Try(dep, self.committed)
                 return Try(dep, self.committed, None if self.committed else self.hedge.delay())
@@ -207,7 +224,19 @@ class Plan(Generic[D]):
                 return Wait(now + delay)
             self._group += 1
             if self._group >= len(self.groups):
-                return self._stop(GiveUp())
+                later = [d for d in self._later if self.eligible(d)]
+                if not later or self._swept:
+                    return self._stop(GiveUp())
+                # Every group tried: the unreachable ones get their one more look, last.
+                self._swept = True
+                self._round = self.policy.max_retries_per_deployment  # and no rounds after
+                self._restart(later)
+                delay = backoff_delay(
+                    1, base=self.policy.backoff_base, cap=self.policy.backoff_cap, rng=self.rng
+                )
+                if now + delay >= self.deadline:
+                    return self._stop(GiveUp("request deadline exceeded"))
+                return Wait(now + delay)
             self._round = 0
             self._restart(self.order(self.groups[self._group]))
 
@@ -231,7 +260,7 @@ class Plan(Generic[D]):
         nobody else, or the answer has started)."""
         if self.hedge is None or self.committed or not self.hedge.can_hedge():
             return None
-        group = self.groups[max(self._group, 0)]
+        group = self.groups[min(max(self._group, 0), len(self.groups) - 1)]
         for dep in self.order(group):
             if dep is not busy and self.eligible(dep):
                 return dep
@@ -241,8 +270,15 @@ class Plan(Generic[D]):
 
     def refused(self, dep: D, reason: str, retry_after: float | None, soon: bool) -> None:
         """The deployment's limiter or breaker turned the attempt away (nothing was sent).
-        ``soon``: only for the moment — worth another look next round."""
-        self.saturated = (reason, retry_after)
+        ``soon``: only for the moment — worth another look next round. ``saturated`` names
+        every deployment that turned it away (each with its own reason, which names the
+        cause), with the soonest retry-after."""
+        refusals = self._refusals
+        refusals[id(dep)] = reason
+        back = retry_after
+        if self.saturated is not None and self.saturated[1] is not None:
+            back = self.saturated[1] if back is None else min(back, self.saturated[1])
+        self.saturated = ("; ".join(refusals.values()), back)
         if soon:
             self._again.append(dep)
 
@@ -276,6 +312,13 @@ class Plan(Generic[D]):
             return penalty
         if err.retry_after is not None and err.retry_after > self.policy.max_retry_wait:
             return Penalty(penalty.bench_for if penalty else None, err.retry_after)
+        if unreachable(err):
+            # Not again in this group's rounds: the fallbacks first, this one at the end.
+            if not self._swept and dep not in self._later:
+                self._later.append(dep)
+            return penalty
+        if err.kind in _LOAD:
+            self._load_refused.add(id(dep))
         self._again.append(dep)
         if err.retry_after is not None:
             self._hints.append(err.retry_after)
@@ -300,6 +343,21 @@ class Plan(Generic[D]):
             self.hedge.observe(seconds)
 
     # -- pieces -----------------------------------------------------------------------------------
+
+    def _free_retry(self, dep: D) -> bool:
+        """A retry on ``dep`` after its load refusal, where it will wait for room."""
+        key = id(dep)
+        if key not in self._load_refused or self.queued is None:
+            return False
+        self._load_refused.discard(key)
+        return self.queued(dep)
+
+    def _budget_reason(self) -> str:
+        if self.budget.exhausted_by_failures:
+            return (
+                "retry budget exhausted: recent retries keep failing (an upstream outage is likely)"
+            )
+        return "retry budget exhausted: too many retries at once"
 
     def _stop(self, end: GiveUp | Finish) -> GiveUp | Finish:
         self._end = end

@@ -445,6 +445,21 @@ def render_table(summaries: dict[str, dict[str, Any]]) -> Any:
 # --- the command -------------------------------------------------------------------------------
 
 
+def _scenarios(names: list[str], seed: int, direct: bool, json_out: str | None) -> None:
+    from keel.bench._scenarios import SCENARIOS, run_scenarios
+
+    chosen = list(SCENARIOS) if "all" in names else names
+    unknown = [n for n in chosen if n not in SCENARIOS]
+    if unknown:
+        typer.echo(f"keel demo: unknown scenario {unknown[0]!r}; one of {', '.join(SCENARIOS)}, all",
+                   err=True)  # fmt: skip
+        raise typer.Exit(2)
+    results = run_scenarios(chosen, seed=seed, direct=direct)
+    if json_out:
+        with open(json_out, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2, ensure_ascii=False)
+
+
 def demo_command(
     requests: Annotated[int, typer.Option(help="Requests per path.", min=1)] = 300,
     concurrency: Annotated[int, typer.Option(help="Requests in flight at once.", min=1)] = 32,
@@ -473,6 +488,14 @@ def demo_command(
     json_out: Annotated[
         str | None, typer.Option("--json", help="Also write the figures to this JSON file.")
     ] = None,
+    scenario: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Run a load-or-noise scenario instead (repeatable): wall, rate, noise, storm, "
+            "outage or all. Default policies; prints exact %, refused %, throughput, p99 and "
+            "attempts per request, direct vs keel where comparable.",
+        ),
+    ] = None,
     gateway_set: Annotated[
         list[str] | None,
         typer.Option(
@@ -497,6 +520,9 @@ def demo_command(
             err=True,
         )
         raise typer.Exit(2) from None
+    if scenario:
+        _scenarios(scenario, seed, direct, json_out)
+        return
     from keel.sim._faults import DirectiveError, parse_rates
 
     if faults is not None:

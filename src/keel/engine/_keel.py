@@ -32,7 +32,7 @@ from keel.engine._auth import Authenticator, Principal
 from keel.engine._deadlines import Deadlines
 from keel.engine._deployment import Deployment
 from keel.engine._errors import KeelError
-from keel.engine._limits import PRIORITIES, RequestCost, apply_remote_health
+from keel.engine._limits import PRIORITIES, RequestCost, apply_remote_health, holds_back
 from keel.engine._router import Router
 from keel.engine._shared import SharedState
 from keel.engine._validate import check_chat_request, parse_chat_request
@@ -265,6 +265,7 @@ class Keel:
             groups=router.plan(call.model),
             order=router.order,
             has_room=_has_room,
+            queued=holds_back,
             policy=self.policies[call.model],
             budget=self.budget,
             deadline=call.deadline,

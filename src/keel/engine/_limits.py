@@ -12,8 +12,21 @@ Three gates, in order, each cheap when the deployment has nothing to enforce:
    longer waits happen in a head-of-line queue, again interactive first, so a batch backlog
    cannot book the next minute away from interactive requests.
 
-``release`` reports the attempt's outcome to the breaker, the AIMD controller, the peak-EWMA
-latency and the token reconciliation, and frees the slot for the next waiter.
+``release`` reports the attempt's outcome to the breaker, the load evidence, the AIMD
+controllers, the retry budget, the peak-EWMA latency and the token reconciliation, and frees
+the slot for the next waiter.
+
+**Load or noise.** A refusal (429 of any wording, 503 overloaded, 529) is evidence, not a
+verdict: ``keel._evidence`` judges from the outcomes' in-flight counts and timing whether
+refusals track concurrency, rate, or neither, and only then does a policy act:
+
+* concurrency → the AIMD limit (``Aimd``) drops to what fit, and excess requests wait in this
+  limiter's queue instead of being sent to collect a 429; no deployment-wide pause (a wall of
+  in-flight requests is not lifted by waiting, only by finishing);
+* rate → the learned pace (``RateAimd``, a GCRA) drops below the accepted rate, and a hint or
+  an exhausted x-ratelimit window pauses the deployment;
+* noise → nothing shrinks; the request's own retry still honours the hint;
+* not enough evidence yet → the hint pauses the deployment (as before the evidence existed).
 """
 
 from __future__ import annotations
@@ -27,9 +40,11 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from keel._backoff import settle_retry
 from keel._classify import ErrorKind, UpstreamError
-from keel._concurrency import Aimd
-from keel._health import Admit, Breaker, PeakEwma
+from keel._concurrency import Aimd, RateAimd
+from keel._evidence import Cause, LoadEvidence, Verdict
+from keel._health import Admit, Breaker, BreakerGroup, PeakEwma, unreachable
 from keel._ratelimit import Gcra, parse_ratelimit_headers, per_minute, window_pacing
 from keel._tokens import Calibration, completion_budget, prompt_tokens
 from keel.config import GatewayConfig
@@ -46,6 +61,7 @@ PRIORITIES = {"interactive": 0, "batch": 1}
 HORIZON = 0.25  # seconds: how far ahead a rate slot may be booked
 LEASE_POLL = 0.005  # seconds between retries when the shared concurrency is full
 PAUSE_MIN = 0.25  # a 429 hint shorter than this is the request's own retry, not a pause
+RATE_PAUSE_MAX = 1.0  # seconds: the longest pause for hint-less rate refusals in a row
 # Seconds past its booked slot a request may still go. Later than that our event loop was
 # stalled and the request would bunch up with the next slots in the upstream's window: it books
 # again, once (a second stall sends it anyway: progress over precision).
@@ -65,19 +81,9 @@ BREAKER_FAILURES = frozenset(
 _NEUTRAL = frozenset((ErrorKind.RATE_LIMIT, ErrorKind.QUOTA, ErrorKind.AUTH))
 
 
-def _load_signal(err: UpstreamError) -> bool:
-    """Is this refusal about how many requests are in flight? Only then is it adaptive
-    concurrency's business. An overloaded provider is; a 429 is only when it says
-    "concurrent" (DashScope Throttling.Concurrency, "Too many concurrent requests"): RPM/TPM
-    429s are the rate limiter's (their headers and hints pace the window), and treating them
-    as capacity signals collapses the limit whenever a provider rate-limits at random.
-    """
-    if err.kind is ErrorKind.OVERLOADED:
-        return True
-    if err.kind is not ErrorKind.RATE_LIMIT:
-        return False
-    text = f"{err.message} {err.upstream_code or ''}".lower()
-    return "concurren" in text
+# Refusals that may be about load: what the load evidence judges. Which of them are is the
+# evidence's call, never the message's wording ("concurrent", "route", "rate" prove nothing).
+_REFUSALS = frozenset((ErrorKind.RATE_LIMIT, ErrorKind.OVERLOADED))
 
 
 FAILURE_PENALTY = 1.0  # seconds per token assumed for a deployment that failed before any success
@@ -162,6 +168,16 @@ class DeploymentLimiter:
     win: Gcra = field(default_factory=lambda: Gcra(0.0))  # pacing learned from headers
     win_until: float = 0.0
     paused_until: float = 0.0
+    # What refusals are evidence of, and the pace learned from rate-shaped ones.
+    evidence: LoadEvidence = field(default_factory=LoadEvidence)
+    verdict: Verdict = field(default_factory=lambda: Verdict(Cause.UNKNOWN))
+    rate_aimd: RateAimd = field(default_factory=RateAimd)
+    paced: Gcra | None = None  # 1 / rate_aimd.rate, strictly paced
+    # An exhausted x-ratelimit window seen on the refusal being handled: a pause, if the
+    # evidence says the refusals are about the rate (learn_headers → _failed).
+    _window_pause: float = 0.0
+    down_reason: str = ""  # the last failure that never reached the upstream (for errors)
+    rate_run: int = 0  # rate-shaped refusals since the last success
     learned_rpm: int | None = None
     learned_tpm: int | None = None
     calibration: Calibration = field(default_factory=Calibration)
@@ -213,19 +229,22 @@ class DeploymentLimiter:
         return c
 
     def rate_limited(self, now: float) -> bool:
-        return bool(self.req or self.tok or now < self.win_until or now < self.paused_until)
+        return bool(
+            self.req or self.tok or self.paced or now < self.win_until or now < self.paused_until
+        )
 
     def has_capacity(self, now: float) -> bool:
         if self.waiting or self.in_flight >= self.cap() or now < self.paused_until:
             return False
         if self._rate_head is not None or self._rate_waiters or now < self._saturated_until:
             return False
-        req, tok = self.req, self.tok
-        if not (req or tok or now < self.win_until):
+        req, tok, paced = self.req, self.tok, self.paced
+        if not (req or tok or paced or now < self.win_until):
             return True
         if (
             (req is None or req.tat <= now)
             and (tok is None or tok.tat <= now)
+            and (paced is None or paced.tat <= now)
             and (now >= self.win_until or self.win.tat <= now)
         ):
             return True  # every bucket rested: any request conforms now
@@ -251,9 +270,13 @@ class DeploymentLimiter:
             or self.in_flight >= self.cap()
         ):
             return None
-        rq, tok = self.req, self.tok
+        rq, tok, paced = self.req, self.tok, self.paced
         if (rq is not None and rq.tat > now) or (tok is not None and tok.tat > now):
             return None
+        if paced is not None:
+            if paced.tat > now:
+                return None
+            paced.book(now, 1.0)
         cost = prompt = 0
         if tok is not None:
             prompt = req.prompt
@@ -301,12 +324,9 @@ class DeploymentLimiter:
                 await fut
         except TimeoutError:
             self.saturated_total += 1
-            cap = self.cap()
             # When a slot frees is unknown; a second is the honest order of magnitude for an
             # LLM call, and keeps SDKs in front of keel from retrying at once.
-            raise Saturated(
-                f"{self.key}: {self.in_flight} requests in flight (limit {cap:g})", 1.0
-            ) from None
+            raise Saturated(self._full_reason(), 1.0) from None
         except BaseException:
             if fut.done() and not fut.cancelled():  # granted as we left: hand it on
                 self.in_flight -= 1
@@ -315,6 +335,17 @@ class DeploymentLimiter:
         finally:
             self.waiting -= 1
             fut.cancel()  # no-op when granted; lets _pump skip it when not
+
+    def _full_reason(self) -> str:
+        cap = self.cap()
+        v = self.verdict
+        if self.aimd is not None and self.aimd.active and v.cause is Cause.CONCURRENCY:
+            return (
+                f"{self.key}: upstream refused at its concurrency limit of ~{v.limit}; "
+                f"{self.in_flight} in flight (keel's learned limit {cap:g}), "
+                f"{self.waiting} waiting"
+            )
+        return f"{self.key}: {self.in_flight} requests in flight (limit {cap:g})"
 
     def _pump(self) -> None:
         """Hand free slots to the best waiters."""
@@ -412,6 +443,8 @@ class DeploymentLimiter:
             out.append((self.tok, float(cost)))
         if now < self.win_until:
             out.append((self.win, 1.0))
+        if self.paced is not None:
+            out.append((self.paced, 1.0))
         return out
 
     def _local_wait(self, now: float, cost: int, share: int = 0) -> float:
@@ -457,6 +490,7 @@ class DeploymentLimiter:
             ("rpm", self.req, 1.0),
             ("tpm", self.tok if cost else None, float(cost)),
             ("win", self.win if now < self.win_until else None, 1.0),
+            ("paced", self.paced, 1.0),
         ):
             if g is not None:
                 keys.append(shared.key("limit", self.key, name))
@@ -505,7 +539,12 @@ class DeploymentLimiter:
                 and pacing.interval == math.inf
                 and pacing.until - now >= PAUSE_MIN
             ):
-                self.pause(pacing.until - now)
+                if self.verdict.cause in (Cause.CONCURRENCY, Cause.NOISE):
+                    # The evidence says refusals here are not about the rate: an "exhausted
+                    # window" is boilerplate then; _failed decides with this refusal counted.
+                    self._window_pause = pacing.until - now
+                else:
+                    self.pause(pacing.until - now)
             return
         if r.limit and (self.rpm is None or r.limit < self.rpm) and r.limit != self.learned_rpm:
             self.learned_rpm = r.limit
@@ -525,6 +564,39 @@ class DeploymentLimiter:
             # tighter than the per-minute limit: what is left of this window is short
             self.win.interval = pacing.interval
             self.win_until = pacing.until
+
+    # -- load evidence ---------------------------------------------------------------------------
+
+    def judge_refusal(self, permit: Permit, now: float) -> Verdict:
+        """Record a refusal and say what the evidence makes of it (also kept as ``verdict``)."""
+        self.evidence.record(permit.started, permit.in_flight, True)
+        # this attempt's slot is freed after the verdict: the others are still running
+        v = self.verdict = self.evidence.judge(now, self.in_flight - 1)
+        if v.cause is Cause.RATE and self.aimd is not None and self.aimd.active:
+            # An early burst looked like a concurrency wall; the refusals since say rate.
+            self.aimd.forget()
+        return v
+
+    def learn_pace(self, accepted_rate: float, now: float) -> bool:
+        """A rate-shaped refusal: pace below what the window let through."""
+        if not self.rate_aimd.on_refusal(accepted_rate, now):
+            return False
+        self._set_pace(now)
+        return True
+
+    def _set_pace(self, now: float) -> None:
+        rate = self.rate_aimd.rate
+        if self.paced is None:
+            self.paced = Gcra(1.0 / rate, 0.0, now)
+        else:
+            self.paced.interval = 1.0 / rate
+
+    def on_success_sample(self, permit: Permit) -> None:
+        self.evidence.record(permit.started, permit.in_flight, False)
+        self.rate_run = 0
+        if self.paced is not None:
+            self.rate_aimd.on_success()
+            self.paced.interval = 1.0 / self.rate_aimd.rate
 
     # -- release -------------------------------------------------------------------------------
 
@@ -552,11 +624,25 @@ class DeploymentLimiter:
 def try_acquire(dep: Deployment, req: RequestCost, now: float) -> Permit | None:
     """``acquire`` without waiting, for the common case: a healthy closed breaker (``admit``
     would say NORMAL) and a limiter with nothing to enforce right now
-    (``DeploymentLimiter.try_take``). None: call ``acquire``."""
+    (``DeploymentLimiter.try_take``). None: call ``acquire``.
+
+    A deployment that has not answered yet is let through as a suspect while fewer than
+    ``failures`` are in flight (what ``admit`` decides): a hedge, which only ever tries this,
+    may go to a fresh deployment too."""
     breaker = dep.breaker
-    if not breaker.healthy or now < breaker.open_until:
+    if breaker.healthy:
+        return dep.limiter.try_take(req, now) if now >= breaker.open_until else None
+    if breaker.streak or breaker.opens or now < breaker.open_until:
         return None
-    return dep.limiter.try_take(req, now)
+    permit = dep.limiter.try_take(req, now)  # never answered yet
+    if permit is None:
+        return None
+    how = breaker.admit(now)
+    if how is Admit.REFUSED:
+        dep.limiter.release_slot(permit)
+        return None
+    permit.how = how
+    return permit
 
 
 async def acquire(
@@ -565,27 +651,67 @@ async def acquire(
     """Let one attempt through to ``dep`` (waiting at most until ``wait_until``, monotonic),
     or raise Saturated. ``panic``: every breaker of the plan is open, let it through anyway."""
     now = time.monotonic()
-    if panic:
+    # No panic for a deployment that could not be reached at all: sending to it anyway only
+    # costs attempts (a request fails at once, saying so; the half-open probe finds it back).
+    if panic and not dep.breaker.down:
         permit = await dep.limiter.acquire(req, priority, wait_until)
         permit.started = time.monotonic()
         return permit
     if not dep.breaker.would_admit(now):
-        raise Saturated(f"{dep.name}: circuit breaker open", max(0.0, dep.breaker.open_until - now))
+        back = max(0.0, dep.breaker.open_until - now)
+        raise Saturated(_open_reason(dep, back), back)
     if now < dep.limiter.paused_until and dep.limiter.paused_until > wait_until:
         raise Saturated(f"{dep.name}: paused by the upstream", dep.limiter.paused_until - now)
-    permit = await dep.limiter.acquire(req, priority, wait_until)
-    now = time.monotonic()
-    how = dep.breaker.admit(now)
+    while True:
+        permit = await dep.limiter.acquire(req, priority, wait_until)
+        now = time.monotonic()
+        how = dep.breaker.admit(now)
+        held = dep.breaker.held_for(now) if how is Admit.REFUSED else None
+        if held is None or now + held > wait_until:
+            break
+        # Held back only until a suspect in flight proves itself (a failure streak, or a
+        # deployment that has not answered yet): wait for that rather than turn the request
+        # away — queue, don't fail. Not holding the slot: in-flight counts stay what the
+        # upstream sees (the load evidence reads them).
+        dep.limiter.release_slot(permit)
+        await asyncio.sleep(held + 0.001)
     if how is Admit.REFUSED:  # opened, a probe started, or too many suspects in flight
         dep.limiter.release_slot(permit)
         is_open = dep.breaker.open_until > now
-        reason = "circuit breaker open" if is_open else "holding back during a failure streak"
+        reason = (
+            "circuit breaker open"
+            if is_open
+            else "holding back during a failure streak"
+            if dep.breaker.streak
+            else "holding back until its first answer"
+        )
         raise Saturated(
             f"{dep.name}: {reason}", max(0.0, dep.breaker.open_until - now), soon=not is_open
         )
     permit.how = how
     permit.started = now  # the breaker knows its suspects by this time
     return permit
+
+
+def holds_back(dep: Deployment) -> bool:
+    """Does the deployment's limiter hold excess requests back itself, because the evidence
+    says its refusals track load? Then a retry there waits for room and adds no load (the
+    plan does not charge it to the retry budget)."""
+    lim = dep.limiter
+    cause = lim.verdict.cause
+    if cause is Cause.CONCURRENCY:
+        return lim.aimd is not None and lim.aimd.active
+    return cause is Cause.RATE and lim.paced is not None
+
+
+def _open_reason(dep: Deployment, back: float) -> str:
+    b = dep.breaker
+    if b.down:
+        return (
+            f"{dep.name}: down ({dep.limiter.down_reason or 'unreachable'}); circuit breaker "
+            f"open for {back:.1f}s"
+        )
+    return f"{dep.name}: circuit breaker open for {back:.1f}s"
 
 
 def _usage_int(usage: Mapping[str, Any] | None, key: str) -> int | None:
@@ -616,6 +742,8 @@ def _succeeded(dep: Deployment, permit: Permit, now: float) -> None:
     dep.latency.observe((now - permit.started) / (tokens if tokens > 1.0 else 1.0), now)
     if lim.aimd is not None:
         lim.aimd.on_success(permit.in_flight, permit.epoch, now)
+    lim.on_success_sample(permit)
+    settle_retry(True)
     if usage is not None:
         prompt = _usage_int(usage, "prompt_tokens")
         if permit.cost and prompt is not None and completion is not None:
@@ -629,15 +757,28 @@ def _failed(dep: Deployment, permit: Permit, now: float) -> None:
     lim = dep.limiter
     err = permit.error
     health: bool | None = None
+    verdict: Verdict | None = None
     if err is not None:
         health = False if err.kind in BREAKER_FAILURES else None if err.kind in _NEUTRAL else True
+        settle_retry(False)
+        if err.kind in _REFUSALS:
+            verdict = lim.judge_refusal(permit, now)
+            if verdict.cause in (Cause.CONCURRENCY, Cause.RATE):
+                health = None  # refused for what keel sent: load, not the deployment's health
+        else:  # it was let in: evidence that this in-flight count was not refused for load
+            lim.evidence.record(permit.started, permit.in_flight, False)
     retry_after = err.retry_after if err is not None else None
-    if dep.breaker.record(permit.how, permit.started, health, now, retry_after):
+    down = err is not None and unreachable(err)
+    if down:
+        assert err is not None
+        lim.down_reason = err.message.removeprefix("upstream ")
+    if dep.breaker.record(permit.how, permit.started, health, now, retry_after, down):
         period = dep.breaker.open_until - now
         log.warning(
-            "deployment %s: circuit breaker open for %.1fs after %s",
+            "deployment %s: circuit breaker open for %.1fs: %s (last: %s)",
             dep.name,
             period,
+            dep.breaker.why,
             err.kind.value if err is not None else "failures",
         )
         if lim.shared is not None:
@@ -645,22 +786,9 @@ def _failed(dep: Deployment, permit: Permit, now: float) -> None:
     if err is None:
         dep.outcomes["cancelled"] += 1
         return
-    aimd = lim.aimd
-    if aimd and _load_signal(err) and aimd.on_overload(permit.in_flight, permit.epoch, now):
-        log.info(
-            "deployment %s: concurrency limit now %d (overloaded at %d in flight)",
-            dep.name,
-            aimd.slots or 0,
-            permit.in_flight,
-        )
-    # A hint the loop will wait out anyway holds back this deployment's other requests
-    # too; a longer one is the loop's cooldown (fail over, still last resort).
-    if (
-        err.kind is ErrorKind.RATE_LIMIT
-        and retry_after is not None
-        and PAUSE_MIN <= retry_after <= lim.config.retry.max_retry_wait
-    ):
-        lim.pause(retry_after)
+    window_pause, lim._window_pause = lim._window_pause, 0.0
+    if verdict is not None:
+        _refused(dep, permit, err, verdict, now, window_pause)
     if health is False:
         dep.latency.penalise(FAILURE_PENALTY, now)
     if lim.shared is not None:
@@ -669,6 +797,63 @@ def _failed(dep: Deployment, permit: Permit, now: float) -> None:
         elif dep.cooldown_until > now + PAUSE_MIN:
             lim.shared.publish(lim.health_key, "cooldown", dep.cooldown_until - now)
     dep.outcomes[err.kind.value] += 1
+
+
+def _refused(
+    dep: Deployment,
+    permit: Permit,
+    err: UpstreamError,
+    v: Verdict,
+    now: float,
+    window_pause: float,
+) -> None:
+    """A load-shaped refusal: act on what the evidence says it is (module docstring)."""
+    lim = dep.limiter
+    aimd = lim.aimd
+    if v.cause is Cause.CONCURRENCY:
+        # Only a refusal above the step the evidence found is about it (one below it is
+        # something else, and the evidence will say so); the step is a steadier estimate of
+        # the wall than this refusal's own in-flight count.
+        if (
+            aimd is not None
+            and v.limit is not None
+            and permit.in_flight > v.limit
+            and aimd.on_overload(v.limit + 1, permit.epoch, now)
+        ):
+            log.info(
+                "deployment %s: refusals track concurrency (%s): limit now %d",
+                dep.name,
+                v,
+                aimd.slots or 0,
+            )
+        return  # waiting does not lift a concurrency wall; finishing requests does
+    if v.cause is Cause.NOISE:
+        return  # random refusals: nothing shrinks, the request's own retry waits its hint
+    if v.cause is Cause.RATE and v.rate is not None and lim.learn_pace(v.rate, now):
+        log.info(
+            "deployment %s: refusals track the request rate (%s): pacing at %.3g/s",
+            dep.name,
+            v,
+            lim.rate_aimd.rate,
+        )
+    # RATE or not yet known: a hint the loop will wait out anyway holds back this deployment's
+    # other requests too; a longer one is the loop's cooldown (fail over, still last resort).
+    retry_after = err.retry_after
+    if (
+        err.kind is ErrorKind.RATE_LIMIT
+        and retry_after is not None
+        and PAUSE_MIN <= retry_after <= lim.config.retry.max_retry_wait
+    ):
+        lim.pause(retry_after)
+    elif window_pause:
+        lim.pause(window_pause)
+    elif v.cause is Cause.RATE and retry_after is None:
+        # A spent window and no word on when it reopens (DashScope, a bare proxy): back off
+        # exponentially from one paced interval while the refusals continue, so a closed
+        # window costs a handful of attempts, not one per paced slot; a success resets it.
+        lim.rate_run += 1
+        step = 1.0 / lim.rate_aimd.rate if lim.rate_aimd.active else 0.05
+        lim.pause(min(RATE_PAUSE_MAX, step * 2.0 ** (lim.rate_run - 1)))
 
 
 def wire(dep: Deployment, config: GatewayConfig, shared: SharedState | None) -> None:
@@ -694,8 +879,16 @@ def wire(dep: Deployment, config: GatewayConfig, shared: SharedState | None) -> 
         window=b.window,
         cooldown=b.cooldown,
         max_cooldown=b.max_cooldown,
+        proven=not b.enabled,  # a disabled breaker holds nothing back, not even at start-up
     )
     dep.latency = PeakEwma(decay=config.balancer.decay)
+
+
+def link_siblings(deps: list[Deployment]) -> None:
+    """The deployments of one model group judge each other's health (relative ejection)."""
+    group = BreakerGroup()
+    for dep in deps:
+        group.add(dep.breaker)
 
 
 def apply_remote_health(deps: list[Deployment], health: Mapping[str, RemoteHealth]) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from keel.config import GatewayConfig
 from keel.engine import _balancer
 from keel.engine._deployment import Deployment
-from keel.engine._limits import wire
+from keel.engine._limits import link_siblings, wire
 from keel.engine._shared import SharedState
 
 
@@ -33,6 +33,8 @@ class Router:
             ]
         for dep in self.deployments():
             wire(dep, config, shared)
+        for deps in self.groups.values():  # health relative to the group's other deployments
+            link_siblings(deps)
         self._fallbacks = {name: group.fallbacks for name, group in config.models.items()}
         self._plans: dict[str, list[str]] = {}
         self._rng = random.Random()

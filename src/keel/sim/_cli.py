@@ -57,9 +57,22 @@ def sim_command(
     rate_limit: Annotated[
         int, typer.Option(help="Requests per --rate-window beyond which answers are 429 (0 = off).")
     ] = 0,
-    rate_window: Annotated[
-        float, typer.Option(help="Seconds of one --rate-limit window (fixed windows).")
-    ] = 60.0,
+    rate_window: Annotated[float, typer.Option(help="Seconds of one --rate-limit window.")] = 60.0,
+    rate_sliding: Annotated[
+        bool,
+        typer.Option(
+            "--rate-sliding/--rate-fixed",
+            help="--rate-limit over a sliding window (exact retry hints) instead of fixed ones.",
+        ),
+    ] = False,
+    wall_wording: Annotated[
+        str,
+        typer.Option(
+            help="How the --max-concurrency / --rate-limit 429s read: default (the simulator's "
+            "own, naming the limit), openai (retry-after), dashscope (no hint), bare (a proxy's "
+            "text '429 Too Many Requests')."
+        ),
+    ] = "default",
     latency: Annotated[
         float, typer.Option(help="Extra seconds before every successful answer.")
     ] = 0.0,
@@ -85,6 +98,8 @@ def sim_command(
         "max_concurrency": max_concurrency,
         "rate_limit": rate_limit,
         "rate_window": rate_window,
+        "rate_sliding": rate_sliding,
+        "wall_wording": wall_wording,
         "latency": latency,
         "key_faults": key_faults,
         "keys": keys,

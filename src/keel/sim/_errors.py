@@ -366,3 +366,48 @@ def non_stream_mid_error(name: str, chunk_id: str, request_id: str) -> ErrorRepl
     if name == "anth_err_mid":
         return ErrorReply(529, anth_err_payload(request_id), {"x-should-retry": "true"})
     return ErrorReply(500, err_mid_payload())
+
+
+# -- the walls' refusals (--max-concurrency, --rate-limit) -------------------------------------
+
+#: How a wall's 429 reads. ``default``: the simulator's own explicit wording (the concurrency
+#: wall says "concurrent", the rate wall "per window"), with hints; the others are what real
+#: upstreams send, none of which says *which* limit was hit:
+#: ``openai`` "Rate limit reached for requests" with retry-after (and x-ratelimit-* headers);
+#: ``dashscope`` "Too many requests in route. Please try again later." - no hint, no headers;
+#: ``bare`` a proxy's text/plain ``429 Too Many Requests`` - no hint, no JSON.
+WALL_WORDINGS = ("default", "openai", "dashscope", "bare")
+#: The retry-after OpenAI's wording carries on a concurrency refusal: a concurrency wall knows
+#: no exact time, so a provider states a round figure.
+CONCURRENCY_HINT = 0.5
+
+
+def wall_reply(wall: str, wording: str, hint: float, *, model: str, request_id: str) -> ErrorReply:
+    """The 429 of a wall (``"concurrency"`` or ``"window"``) in ``wording``. ``hint``: the
+    exact seconds until the window admits another request (the rate wall), or the default
+    wording's short hint (the concurrency wall)."""
+    if wording == "default":
+        return error_reply(wall, hint, "openai", api_key=None, model=model, request_id=request_id)
+    if wording == "openai":
+        if wall == "concurrency":
+            hint = CONCURRENCY_HINT
+        body = _openai(
+            f"Rate limit reached for requests on {model} in organization org-sim. "
+            f"Please try again in {go_duration(hint)}.",
+            "requests",
+            "rate_limit_exceeded",
+        )
+        headers = {"retry-after": _seconds_header(round(hint, 3)),
+                   "retry-after-ms": _seconds_header(round(hint * 1000, 3))}  # fmt: skip
+        return ErrorReply(429, orjson.dumps(body), headers)
+    if wording == "dashscope":
+        body = _openai(
+            "Too many requests in route. Please try again later.",
+            "rate_limit_error",
+            "rate_limit_error",
+        )
+        body["request_id"] = request_id
+        return ErrorReply(429, orjson.dumps(body))
+    if wording == "bare":
+        return ErrorReply(429, b"429 Too Many Requests\n", {}, "text/plain")
+    raise ValueError(f"unknown wall wording {wording!r}; expected one of {WALL_WORDINGS}")

@@ -24,11 +24,13 @@ from aiohttp import web
 from keel.sim._answer import DEFAULT_LENGTH, prompt_tokens, strip_directives
 from keel.sim._compose import completion_json, compose, stream_deltas, turn_of
 from keel.sim._errors import (
+    WALL_WORDINGS,
     ErrorReply,
     bad_request,
     error_reply,
     key_fingerprint,
     non_stream_mid_error,
+    wall_reply,
 )
 from keel.sim._faults import (
     TERMINAL,
@@ -58,6 +60,7 @@ from keel.sim._window import RequestWindow
 
 # keel's dialects; the last three answer like openai except where _errors aliases a name.
 DIALECTS = ("openai", "dashscope", "anthropic", "azure", "deepseek", "moonshot", "vllm")
+_WALLS = ("concurrency", "window")  # what --max-concurrency / --rate-limit answer with
 _MID_ERRORS = ("err_mid", "inspect_mid", "anth_err_mid")
 _SSE_HEADERS = {
     "content-type": "text/event-stream; charset=utf-8",
@@ -88,6 +91,8 @@ class Simulator:
         max_concurrency: int = 0,
         rate_limit: int = 0,
         rate_window: float = 60.0,
+        rate_sliding: bool = False,
+        wall_wording: str = "default",
         latency: float = 0.0,
         key_faults: str | Mapping[str, str] | None = None,
         keys: Iterable[str] | str | None = None,
@@ -109,11 +114,20 @@ class Simulator:
         self.token_delay = token_delay
         self.first_token_delay = first_token_delay
         self.max_concurrency = max_concurrency
-        self.window = RequestWindow(rate_limit, rate_window)  # --rate-limit per --rate-window
+        self.window = RequestWindow(
+            rate_limit, rate_window, rate_sliding
+        )  # --rate-limit/--rate-window
+        self.wall_wording = "default"  # how the walls' 429s read (_errors.WALL_WORDINGS)
         self.latency = latency  # seconds before every successful answer's headers
         self.key_faults: dict[str, Fault] = {}
         self.keys: frozenset[str] = frozenset()
-        self.configure(dialect=dialect, faults=faults or "", key_faults=key_faults, keys=keys)
+        self.configure(
+            dialect=dialect,
+            faults=faults or "",
+            key_faults=key_faults,
+            keys=keys,
+            wall_wording=wall_wording,
+        )
 
     # -- configuration ------------------------------------------------------------------------
 
@@ -125,6 +139,8 @@ class Simulator:
         max_concurrency: int | None = None,
         rate_limit: int | None = None,
         rate_window: float | None = None,
+        rate_sliding: bool | None = None,
+        wall_wording: str | None = None,
         latency: float | None = None,
         token_delay: float | None = None,
         first_token_delay: float | None = None,
@@ -154,10 +170,17 @@ class Simulator:
             self.keys = frozenset(k.strip() for k in items if k.strip())
         if max_concurrency is not None:
             self.max_concurrency = max_concurrency
-        if rate_limit is not None or rate_window is not None:
+        if wall_wording is not None:
+            if wall_wording not in WALL_WORDINGS:
+                raise ValueError(
+                    f"unknown wall wording {wall_wording!r}; expected one of {WALL_WORDINGS}"
+                )
+            self.wall_wording = wall_wording
+        if rate_limit is not None or rate_window is not None or rate_sliding is not None:
             self.window = RequestWindow(
                 self.window.limit if rate_limit is None else rate_limit,
                 self.window.seconds if rate_window is None else rate_window,
+                self.window.sliding if rate_sliding is None else bool(rate_sliding),
             )
         if latency is not None:
             self.latency = latency
@@ -181,6 +204,8 @@ class Simulator:
             "max_concurrency": self.max_concurrency,
             "rate_limit": self.window.limit,
             "rate_window": self.window.seconds,
+            "rate_sliding": self.window.sliding,
+            "wall_wording": self.wall_wording,
             "latency": self.latency,
             "key_faults": len(self.key_faults),  # keys are secrets: count only
             "keys": len(self.keys),
@@ -342,6 +367,8 @@ class Simulator:
         if faults:
             entry.fault = ",".join(f.name for f in faults)
         for f in faults:
+            if f.name in _WALLS and self.wall_wording != "default":
+                return self._error(entry, self._wall(f, model, rid, entry.t_open))
             if f.spec.phase == "error":
                 reply = error_reply(
                     f.name, f.value, self.dialect, api_key=api_key, model=model, request_id=rid
@@ -354,7 +381,7 @@ class Simulator:
             await asyncio.sleep(active["slow_first"])
         if self.latency:
             await asyncio.sleep(self.latency)
-        limit_headers = self.window.headers(entry.t_open)
+        limit_headers = self.window.headers(entry.t_open) if self._limit_headers() else {}
 
         n = len(answer.pieces)
         p = prompt_tokens(m for m in messages if isinstance(m, dict))
@@ -406,6 +433,17 @@ class Simulator:
         if await self._run(request, resp, plan, entry, count_tokens=entry.stream):
             entry.finished = complete
         return resp
+
+    def _limit_headers(self) -> bool:
+        """Do answers carry x-ratelimit-* headers? OpenAI sends them; DashScope and a bare
+        proxy do not, so a client must learn their limits from the refusals alone."""
+        return self.wall_wording in ("default", "openai")
+
+    def _wall(self, f: Fault, model: str, rid: str, now: float) -> ErrorReply:
+        reply = wall_reply(f.name, self.wall_wording, f.param(), model=model, request_id=rid)
+        if f.name == "window" and self._limit_headers():
+            reply.headers.update(self.window.headers(now))
+        return reply
 
     def _choose_faults(
         self, api_key: str | None, prompt: str, d: Directives, n: int, now: float

@@ -1,0 +1,196 @@
+"""Load or noise: what a deployment's refusals (429s, overloaded answers) are evidence of. Pure.
+
+A 429 does not say which limit it hit. DashScope answers "Too many requests in route. Please try
+again later." whether the request rate or the number in flight was too high, a bare proxy just
+``429 Too Many Requests``, and random 429s/503s happen in a healthy fleet too. So keel does not
+read the message; it looks at *when* refusals happen:
+
+* **concurrency**: refusals happen when many requests were in flight and not when few were —
+  the refusal rate steps up at some in-flight count ``x`` (``limit = x - 1`` fit);
+* **rate**: not that, but refusals come in runs — once a window is spent every request is
+  refused until it reopens, whatever the in-flight count; the accepted start rate over the
+  recent past is then what fits;
+* **noise**: neither — refusals independent of load and of each other (a random 503): a
+  policy must not shrink anything for them.
+
+Both tests are one-sided binomial tails against the null hypothesis "refusals are independent
+of load" (the refusal rate of the rest of the samples, with a Laplace prior so that a handful
+of samples cannot look certain). A verdict needs a tail below ``alpha`` and at least
+``min_refusals`` refusals behind it, so random faults almost never look like load (fewer than
+one in a thousand refusals under 15 % random refusals: tests/test_load_policies.py) while a
+real wall is recognised from its first bunch. Before anything has succeeded, the attempts still
+running stand in for successes: a wall's first burst is many refusals, all sent with more in
+flight than are running now.
+
+Samples are (send time, in flight at send including the request itself, refused?) of every
+attempt that ended (a 500 or a reset was not refused for load: it counts as not refused, so
+random failures cannot leave only refusals to look at). They are kept for
+``horizon`` seconds (at most ``size``), so a wall that goes away is forgotten.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Cause(StrEnum):
+    UNKNOWN = "unknown"  # too little evidence yet
+    CONCURRENCY = "concurrency"
+    RATE = "rate"
+    NOISE = "noise"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    cause: Cause
+    limit: int | None = None  # CONCURRENCY: the most in flight that fit
+    rate: float | None = None  # RATE: accepted starts per second over the recent past
+
+    def __str__(self) -> str:
+        if self.cause is Cause.CONCURRENCY:
+            return f"concurrency limit of ~{self.limit}"
+        if self.cause is Cause.RATE and self.rate is not None:
+            return f"rate limit of ~{self.rate:.3g}/s"
+        return str(self.cause.value)
+
+
+UNKNOWN = Verdict(Cause.UNKNOWN)
+NOISE = Verdict(Cause.NOISE)
+
+
+def binomial_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p)."""
+    if k <= 0:
+        return 1.0
+    if k > n:
+        return 0.0
+    if p <= 0.0:
+        return 0.0
+    if p >= 1.0:
+        return 1.0
+    lp, lq = math.log(p), math.log1p(-p)
+    total = 0.0
+    for i in range(k, n + 1):
+        total += math.exp(math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
+                          + i * lp + (n - i) * lq)  # fmt: skip
+    return min(1.0, total)
+
+
+@dataclass(slots=True)
+class LoadEvidence:
+    horizon: float = 30.0  # seconds of samples kept
+    size: int = 512
+    alpha: float = 1e-4  # the tail a pattern must beat to count as load
+    min_refusals: int = 3
+    rate_span: float = 10.0  # seconds over which the accepted rate is measured
+    _t: deque[float] = field(default_factory=deque)
+    _f: deque[int] = field(default_factory=deque)
+    _r: deque[bool] = field(default_factory=deque)
+    _cached: Verdict = UNKNOWN
+    _dirty: bool = True
+
+    def record(self, t: float, in_flight: int, refused: bool) -> None:
+        """One outcome: sent at ``t`` with ``in_flight`` in flight (itself included)."""
+        self._t.append(t)
+        self._f.append(in_flight)
+        self._r.append(refused)
+        if len(self._t) > self.size:
+            self._drop()
+        self._dirty = True
+
+    def _drop(self) -> None:
+        self._t.popleft()
+        self._f.popleft()
+        self._r.popleft()
+
+    def _expire(self, now: float) -> None:
+        horizon = now - self.horizon
+        while self._t and self._t[0] < horizon:
+            self._drop()
+            self._dirty = True
+
+    def judge(self, now: float, running: int = 0) -> Verdict:
+        """What the refusals of the last ``horizon`` seconds are evidence of. ``running``:
+        attempts still open on the deployment (refusals come back at once, so before the
+        first success has *ended* these are the ones that were let in)."""
+        self._expire(now)
+        if self._dirty or running:
+            self._cached = self._judge(now, running)
+            self._dirty = False
+        return self._cached
+
+    def _judge(self, now: float, running: int) -> Verdict:
+        refused = sum(self._r)
+        n = len(self._r)
+        if refused < self.min_refusals:
+            return UNKNOWN  # no refusals to explain
+        if refused == n:
+            # Nothing has succeeded yet. The first burst on a concurrency wall looks like
+            # this: ``running`` let in and still working, every refusal sent with more than
+            # that in flight. Anything else needs a success to compare with.
+            # A wall refuses everything above it: many refusals, none at or below ``running``.
+            if (
+                running
+                and refused >= max(2 * self.min_refusals, running)
+                and min(self._f) > running
+            ):
+                return Verdict(Cause.CONCURRENCY, limit=running)
+            return UNKNOWN
+        limit = self._concurrency(n, refused)
+        if limit is not None:
+            return Verdict(Cause.CONCURRENCY, limit=limit)
+        if self._runs(n, refused):
+            return Verdict(Cause.RATE, rate=self._accepted_rate(now))
+        return NOISE
+
+    def _concurrency(self, n: int, refused: int) -> int | None:
+        """The in-flight count above which refusals concentrate, as the most that fit; None
+        when refusals do not depend on it."""
+        ok_at: dict[int, int] = {}
+        bad_at: dict[int, int] = {}
+        for f, r in zip(self._f, self._r, strict=True):
+            d = bad_at if r else ok_at
+            d[f] = d.get(f, 0) + 1
+        levels = sorted(set(ok_at) | set(bad_at), reverse=True)
+        best: tuple[float, int] | None = None
+        n_hi = r_hi = 0
+        for x in levels:  # hi = samples sent with at least x in flight
+            r_hi += bad_at.get(x, 0)
+            n_hi += bad_at.get(x, 0) + ok_at.get(x, 0)
+            n_lo, r_lo = n - n_hi, refused - r_hi
+            if n_lo == 0:
+                break
+            if r_hi < self.min_refusals or 2 * r_hi < n_hi:
+                continue  # not enough refusals up here, or refusals no majority
+            p_lo = (r_lo + 1) / (n_lo + 2)
+            if r_hi / n_hi < 2.0 * p_lo:
+                continue
+            tail = binomial_tail(r_hi, n_hi, p_lo)
+            if tail < self.alpha and (best is None or tail < best[0]):
+                best = (tail, x)
+        return None if best is None else max(1, best[1] - 1)
+
+    def _runs(self, n: int, refused: int) -> bool:
+        """Do refusals follow refusals far more often than their share says?"""
+        after_refusal = both = 0
+        prev = False
+        for r in self._r:
+            if prev:
+                after_refusal += 1
+                both += r
+            prev = r
+        if both < self.min_refusals or 2 * both < after_refusal:
+            return False
+        p = (refused + 1) / (n + 2)
+        return binomial_tail(both, after_refusal, p) < self.alpha
+
+    def _accepted_rate(self, now: float) -> float:
+        """Accepted starts per second over the last ``rate_span`` seconds (or since the
+        first sample, if that is sooner)."""
+        since = now - self.rate_span
+        first = next((t for t in self._t if t >= since), now)
+        ok = sum(1 for t, r in zip(self._t, self._r, strict=True) if t >= since and not r)
+        return ok / max(now - first, 1.0)
