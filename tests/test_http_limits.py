@@ -198,7 +198,9 @@ async def test_an_idle_keepalive_connection_is_closed_at_the_keepalive_timeout(
     await reader.readuntil(b'"ok"}')
     start = time.monotonic()
     assert await until_closed(reader, KEEPALIVE_T + SLACK + 2) == b""
-    assert KEEPALIVE_T <= time.monotonic() - start < KEEPALIVE_T + SLACK
+    # The server's idle clock starts when it has written the response, a moment before this
+    # client has read it (longer on a loaded machine): hence the small allowance below.
+    assert KEEPALIVE_T - 0.05 <= time.monotonic() - start < KEEPALIVE_T + SLACK
     writer.close()
 
 

@@ -195,11 +195,19 @@ async def test_no_request_and_no_traceback_outlives_faulty_streams(gateway: str)
     await one_round(gateway)
     chains_second = _exception_chains()
     second = _census()
+    await one_round(gateway)
+    third = _census()
 
     assert _alive_requests() == 0, "a request object survived its request"
     requests = 5 * PER_KIND
-    grown = {t: second[t] - first[t] for t in second if second[t] - first[t] >= requests // 2}
-    assert not grown, f"object counts grew with {requests} requests: {grown}"
+    # A leak grows with every round; callbacks and closes still pending when a census is
+    # taken (on a loaded machine) are a backlog of about the same size each time, not growth.
+    grown = {
+        t: (second[t] - first[t], third[t] - second[t])
+        for t in third
+        if min(second[t] - first[t], third[t] - second[t]) >= requests // 2
+    }
+    assert not grown, f"object counts grew with each round of {requests} requests: {grown}"
     longer = {
         k: (chains_first[k], n) for k, n in chains_second.items() if n > chains_first.get(k, n)
     }
