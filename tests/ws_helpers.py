@@ -9,7 +9,7 @@ import contextlib
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -187,3 +187,61 @@ def one_closed(es: list[LogEntry]) -> bool:
 
 def one_open(es: list[LogEntry]) -> bool:
     return len(es) == 1 and es[0].t_close is None and es[0].tokens > 0
+
+
+@dataclass
+class Event:
+    id: str
+    data: str
+
+
+class EventSource:
+    """An EventSource as browsers implement it (WHATWG HTML, "Server-sent events"): it
+    reconnects by itself whenever the connection ends or fails — sending the last event id it
+    saw as ``Last-Event-ID`` — after ``retry`` seconds, and stops at a 204 (or any non-200).
+    A POST variant (``method="POST"``) is what fetch-event-source-style clients do.
+    (aiohttp-sse-client, the package, gives up on a connection reset mid-body instead.)"""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        method: str = "GET",
+        retry: float = 0.005,
+        **kw: Any,
+    ) -> None:
+        self.session, self.url, self.method, self.retry, self.kw = session, url, method, retry, kw
+        self.last_event_id = ""
+        self.connects = 0
+
+    async def events(self) -> AsyncIterator[Event]:
+        while True:
+            headers = dict(self.kw.get("headers") or {})
+            headers["accept"] = "text/event-stream"
+            if self.last_event_id:
+                headers["last-event-id"] = self.last_event_id
+            self.connects += 1
+            try:
+                async with self.session.request(
+                    self.method, self.url, **{**self.kw, "headers": headers}
+                ) as resp:
+                    if resp.status != 200:
+                        return
+                    ev_id, data = self.last_event_id, []
+                    async for raw in resp.content:
+                        line = raw.decode().rstrip("\r\n")
+                        if not line:
+                            if data:
+                                self.last_event_id = ev_id
+                                yield Event(ev_id, "\n".join(data))
+                            data = []
+                            continue
+                        name, _, value = line.partition(":")
+                        value = value.removeprefix(" ")
+                        if name == "id":
+                            ev_id = value
+                        elif name == "data":
+                            data.append(value)
+            except (aiohttp.ClientError, ConnectionError):
+                pass  # the network failed: reconnect, like a browser
+            await asyncio.sleep(self.retry)

@@ -26,8 +26,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import secrets
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from keel._config_streams import ResumeConfig
@@ -43,6 +44,22 @@ def new_stream_id() -> str:
     """Unguessable (a stream id lets its holder read the answer) and safe in a URL path, an
     SSE ``id:`` field and a Redis key."""
     return "ks_" + secrets.token_urlsafe(15)
+
+
+_CLIENT_ID = re.compile(r"[A-Za-z0-9_-]{8,128}")
+
+
+def client_stream_id(value: object, where: str) -> str:
+    """A stream id the client chose (so that it can resume a stream that dropped before its
+    first chunk, which is what brings keel's id): 8 to 128 of ``A-Z a-z 0-9 _ -``."""
+    if not isinstance(value, str) or not _CLIENT_ID.fullmatch(value):
+        raise KeelError(
+            400,
+            f"{where} must be 8 to 128 characters of A-Z, a-z, 0-9, '_' and '-'.",
+            code="invalid_stream_id",
+            param=where,
+        )
+    return value
 
 
 def cancelled_error(sid: str) -> KeelError:
@@ -301,7 +318,7 @@ class Streams:
     def get(self, sid: str) -> StreamBuffer | None:
         return self._by_id.get(sid)
 
-    def open(self, owner: str) -> StreamBuffer:
+    def open(self, owner: str, sid: str | None = None) -> StreamBuffer:
         if len(self._by_id) >= self.cfg.max_streams:
             self.evict_finished()
             if len(self._by_id) >= self.cfg.max_streams:
@@ -313,18 +330,20 @@ class Streams:
                     code="resume_full",
                     headers={"retry-after": "1"},
                 )
-        buf = StreamBuffer(self, new_stream_id(), owner)
+        if sid is not None and sid in self._by_id:
+            raise KeelError(409, f"Stream id {sid!r} is in use.", code="stream_id_in_use")
+        buf = StreamBuffer(self, sid or new_stream_id(), owner)
         self._by_id[buf.sid] = buf
         if self.mirror is not None:
             self.mirror.opened(buf)
         return buf
 
-    def start(self, keel: Keel, call: Call) -> StreamBuffer:
+    def start(self, keel: Keel, call: Call, sid: str | None = None) -> StreamBuffer:
         """A resumable stream for an admitted ``call``: its driver runs in a task of its own
         (which ends the call with ``keel.done``), writing into the returned buffer."""
         from keel.engine._driver import stream
 
-        buf = self.open(call.principal.name)
+        buf = self.open(call.principal.name, sid)
 
         async def run() -> None:
             try:
@@ -400,5 +419,3 @@ def parse_last_event_id(value: str, sid: str | None = None) -> tuple[str, int]:
         raise ValueError(f"Last-Event-ID {value!r} belongs to another stream than {sid}")
     return stream, int(seq)
 
-
-Lookup = Callable[[str], "Source | None"]

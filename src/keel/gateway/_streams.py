@@ -23,6 +23,7 @@ from keel.engine._resume import (
     Source,
     Streams,
     cancelled_error,
+    client_stream_id,
     gone_error,
     parse_last_event_id,
     unknown_stream,
@@ -66,7 +67,9 @@ async def resumable_chat(request: web.Request, keel: Keel, call: Call) -> web.St
             return error_response(unknown_stream(sid), call.rid)
         return await serve_sse(request, src, after, call.rid)
     try:
-        buf = request.app[STREAMS_KEY].start(keel, call)
+        named = request.headers.get("x-keel-stream-id")
+        sid = None if named is None else client_stream_id(named, "x-keel-stream-id")
+        buf = request.app[STREAMS_KEY].start(keel, call, sid)
     except KeelError as exc:
         keel.done(call)
         return error_response(exc, call.rid)
@@ -188,9 +191,15 @@ async def cancel_stream(app: web.Application, sid: str, owner: str) -> bool:
 
 
 async def _stream_other_method(request: web.Request) -> web.StreamResponse:
-    from keel.gateway._app import unrouted
-
-    return error_response(unrouted(request.method, "/v1/streams/{id}"))
+    allowed = "GET, HEAD, DELETE"
+    return error_response(
+        KeelError(
+            405,
+            f"Method {request.method} is not allowed on {request.path}; use {allowed}.",
+            code="method_not_allowed",
+            headers={"allow": allowed},
+        )
+    )
 
 
 def install(app: web.Application, keel: Keel) -> None:

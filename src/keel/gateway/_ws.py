@@ -30,7 +30,13 @@ from aiohttp import WSMsgType, web
 from keel.engine._driver import stream
 from keel.engine._errors import KeelError
 from keel.engine._keel import Call, Keel
-from keel.engine._resume import Source, StreamBuffer, new_stream_id, unknown_stream
+from keel.engine._resume import (
+    Source,
+    StreamBuffer,
+    client_stream_id,
+    new_stream_id,
+    unknown_stream,
+)
 from keel.engine._sinks import ClientGone
 from keel.gateway._sink import error_response
 
@@ -250,7 +256,8 @@ class Socket:
         except KeelError as exc:
             self._start(rid, req, self.finish(rid, req, exc))
             return
-        self._start(rid, req, self._serve(rid, req, call, msg.get("resumable") is True))
+        resumable = msg.get("resumable") is True
+        self._start(rid, req, self._serve(rid, req, call, resumable, msg.get("stream")))
 
     def _refusal(self, msg: Mapping[str, Any]) -> KeelError | None:
         if self.principal is None:
@@ -273,7 +280,9 @@ class Socket:
             return _bad("'resumable' must be true or false.", "invalid_resumable", "resumable")
         return None
 
-    async def _serve(self, rid: str, req: _Request, call: Call, resumable: bool) -> None:
+    async def _serve(
+        self, rid: str, req: _Request, call: Call, resumable: bool, named: Any = None
+    ) -> None:
         keel = self.keel
         try:
             await keel.admit(call)
@@ -282,7 +291,8 @@ class Socket:
             return
         if resumable:
             try:
-                buf = self.streams.start(keel, call)  # its task ends the call
+                sid = None if named is None else client_stream_id(named, "stream")
+                buf = self.streams.start(keel, call, sid)  # its task ends the call
             except KeelError as exc:
                 keel.done(call)
                 await self.finish(rid, req, exc)
