@@ -319,6 +319,8 @@ class Streams:
         return self._by_id.get(sid)
 
     def open(self, owner: str, sid: str | None = None) -> StreamBuffer:
+        if sid is not None and sid in self._by_id:
+            raise KeelError(409, f"Stream id {sid!r} is in use.", code="stream_id_in_use")
         if len(self._by_id) >= self.cfg.max_streams:
             self.evict_finished()
             if len(self._by_id) >= self.cfg.max_streams:
@@ -330,8 +332,6 @@ class Streams:
                     code="resume_full",
                     headers={"retry-after": "1"},
                 )
-        if sid is not None and sid in self._by_id:
-            raise KeelError(409, f"Stream id {sid!r} is in use.", code="stream_id_in_use")
         buf = StreamBuffer(self, sid or new_stream_id(), owner)
         self._by_id[buf.sid] = buf
         if self.mirror is not None:
