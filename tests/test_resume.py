@@ -20,7 +20,17 @@ from openai import AsyncOpenAI
 from gw_fixtures import unique
 from keel.sim import answer_text
 from keel.testing import GatewayProcess, SimProcess, spawn_gateway
-from ws_helpers import CutProxy, Event, EventSource, Reader, create, one_closed, one_open, sim_entries, text_of
+from ws_helpers import (
+    CutProxy,
+    Event,
+    EventSource,
+    Reader,
+    create,
+    one_closed,
+    one_open,
+    sim_entries,
+    text_of,
+)
 
 CANCEL_WITHIN = 0.020
 
@@ -39,8 +49,12 @@ BOB = {"authorization": "Bearer sk-bob"}
 
 
 @pytest.fixture(scope="module")
-def gw(sims: tuple[SimProcess, SimProcess], tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    with spawn_gateway(resume_config(sims[0].base_url), workdir=str(tmp_path_factory.mktemp("resume"))) as g:
+def gw(
+    sims: tuple[SimProcess, SimProcess], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProcess]:
+    with spawn_gateway(
+        resume_config(sims[0].base_url), workdir=str(tmp_path_factory.mktemp("resume"))
+    ) as g:
         yield g
 
 
@@ -68,7 +82,12 @@ def chat(prompt: str, **kw: Any) -> dict[str, Any]:
 
 
 async def _ws_drop_and_resume(
-    gw: GatewayProcess, proxy: CutProxy, sim: SimProcess, prompt: str, seen: int, wait_end: bool = False
+    gw: GatewayProcess,
+    proxy: CutProxy,
+    sim: SimProcess,
+    prompt: str,
+    seen: int,
+    wait_end: bool = False,
 ) -> tuple[list[int], str, int]:
     """Start a resumable stream through the proxy, cut the network after ``seen`` chunks,
     resume on a new socket. Returns (all seqs, joined text, done count)."""
@@ -111,7 +130,9 @@ async def _ws_drop_and_resume(
 async def test_ws_resume_mid_stream(gw, proxy, sims, seen) -> None:
     sim = sims[0]
     prompt = unique("ws-resume")
-    seqs, text, done = await _ws_drop_and_resume(gw, proxy, sim, f"{prompt} [[sim:len=40,delay=0.02]]", seen)
+    seqs, text, done = await _ws_drop_and_resume(
+        gw, proxy, sim, f"{prompt} [[sim:len=40,delay=0.02]]", seen
+    )
     assert text == answer_text(prompt, 40)
     assert seqs == list(range(len(seqs))) and done == 1
     (e,) = await sim_entries(sim, prompt, one_closed)
@@ -137,7 +158,9 @@ async def test_ws_resume_before_the_first_chunk(gw, proxy, sims) -> None:
     async with aiohttp.ClientSession() as s:
         ws = await s.ws_connect(proxy.url + "/v1/ws", headers=ALICE)
         r = Reader(ws)
-        await r.send(create("r", f"{prompt} [[sim:slow_first=0.3,len=20]]", resumable=True, stream=sid))
+        await r.send(
+            create("r", f"{prompt} [[sim:slow_first=0.3,len=20]]", resumable=True, stream=sid)
+        )
         await sim_entries(sim, prompt, lambda es: len(es) == 1)  # the upstream is working
         assert not r.by_id
         proxy.cut()
@@ -225,13 +248,17 @@ async def test_ws_cancel_of_a_resumable_stream_stops_it_for_good(gw, sims, sessi
 async def test_another_client_cannot_resume_a_stream(gw, session) -> None:
     prompt = unique("not-yours")
     async with session.post(
-        gw.url + "/v1/chat/completions", json=chat(prompt), headers={**ALICE, "x-keel-resumable": "true"}
+        gw.url + "/v1/chat/completions",
+        json=chat(prompt),
+        headers={**ALICE, "x-keel-resumable": "true"},
     ) as resp:
         sid = resp.headers["x-keel-stream-id"]
         await resp.read()
     async with session.get(gw.url + f"/v1/streams/{sid}", headers=BOB) as other:
         assert other.status == 404 and (await other.json())["error"]["code"] == "stream_not_found"
-    async with session.get(gw.url + f"/v1/streams/{sid}", headers={"authorization": "Bearer x"}) as anon:
+    async with session.get(
+        gw.url + f"/v1/streams/{sid}", headers={"authorization": "Bearer x"}
+    ) as anon:
         assert anon.status == 401
 
 
@@ -266,14 +293,20 @@ async def test_sse_resume_with_last_event_id(gw, proxy, sims) -> None:
         resp.close()
         seen = _events(got.decode()[: got.decode().rindex("\n\n") + 2])
         last = seen[-1]["id"]
-        async with s.get(gw.url + f"/v1/streams/{sid}", headers={**ALICE, "last-event-id": last}) as again:
+        async with s.get(
+            gw.url + f"/v1/streams/{sid}", headers={**ALICE, "last-event-id": last}
+        ) as again:
             assert again.status == 200 and again.headers["x-keel-stream-id"] == sid
             rest = _events(await again.text())
-        async with s.get(gw.url + f"/v1/streams/{sid}", headers={**ALICE, "last-event-id": rest[-1]["id"]}) as end:
+        async with s.get(
+            gw.url + f"/v1/streams/{sid}", headers={**ALICE, "last-event-id": rest[-1]["id"]}
+        ) as end:
             assert end.status == 204  # seen it all: an EventSource stops here
         async with s.get(gw.url + f"/v1/streams/{sid}?after=x", headers=ALICE) as bad:
             assert bad.status == 400 and "after" in (await bad.json())["error"]["message"]
-        async with s.get(gw.url + f"/v1/streams/{sid}", headers={**ALICE, "last-event-id": "ks_other:3"}) as bad:
+        async with s.get(
+            gw.url + f"/v1/streams/{sid}", headers={**ALICE, "last-event-id": "ks_other:3"}
+        ) as bad:
             assert bad.status == 400 and "another stream" in (await bad.json())["error"]["message"]
     events = seen + rest
     ids = [e["id"] for e in events]
@@ -284,7 +317,9 @@ async def test_sse_resume_with_last_event_id(gw, proxy, sims) -> None:
     assert e.finished
 
 
-async def _event_source(url: str, proxy: CutProxy, cut_after: int, **kw: Any) -> tuple[list[Event], int]:
+async def _event_source(
+    url: str, proxy: CutProxy, cut_after: int, **kw: Any
+) -> tuple[list[Event], int]:
     """Follow ``url`` with an EventSource; the network drops after ``cut_after`` events."""
     events = []
     async with aiohttp.ClientSession() as s:
@@ -296,7 +331,9 @@ async def _event_source(url: str, proxy: CutProxy, cut_after: int, **kw: Any) ->
     return events, source.connects
 
 
-async def test_an_event_source_reconnects_by_itself_and_misses_nothing(gw, proxy, sims, session) -> None:
+async def test_an_event_source_reconnects_by_itself_and_misses_nothing(
+    gw, proxy, sims, session
+) -> None:
     sim = sims[0]
     prompt = unique("eventsource")
     async with session.post(
@@ -306,7 +343,9 @@ async def test_an_event_source_reconnects_by_itself_and_misses_nothing(gw, proxy
     ) as resp:
         sid = resp.headers["x-keel-stream-id"]
     # The POST's reader left at once; the stream goes on. An EventSource follows it.
-    events, connects = await _event_source(proxy.url + f"/v1/streams/{sid}", proxy, 5, headers=ALICE)
+    events, connects = await _event_source(
+        proxy.url + f"/v1/streams/{sid}", proxy, 5, headers=ALICE
+    )
     assert proxy.cuts == 1 and connects == 3  # the first, after the drop, and the 204
     ids = [e.id for e in events]
     assert ids == [f"{sid}:{i}" for i in range(len(ids))]
@@ -343,7 +382,10 @@ async def test_the_openai_sdk_reads_resumable_and_plain_streams(gw) -> None:
         for headers in ({"x-keel-resumable": "true"}, {}):
             prompt = unique("sdk")
             raw = await client.chat.completions.with_raw_response.create(
-                model="m", messages=[{"role": "user", "content": prompt}], stream=True, extra_headers=headers
+                model="m",
+                messages=[{"role": "user", "content": prompt}],
+                stream=True,
+                extra_headers=headers,
             )
             assert ("x-keel-stream-id" in raw.headers) == bool(headers)
             text = ""
@@ -353,7 +395,9 @@ async def test_the_openai_sdk_reads_resumable_and_plain_streams(gw) -> None:
             assert text == answer_text(prompt)
 
 
-async def test_a_plain_stream_still_closes_its_upstream_when_the_client_leaves(gw, sims, session) -> None:
+async def test_a_plain_stream_still_closes_its_upstream_when_the_client_leaves(
+    gw, sims, session
+) -> None:
     sim = sims[0]
     prompt = unique("plain-leaves")
     async with session.post(
@@ -384,7 +428,11 @@ async def test_delete_cancels_at_once(gw, sims, session) -> None:
             assert other.status == 404  # not Bob's to cancel
         t = time.monotonic()
         async with session.delete(gw.url + f"/v1/streams/{sid}", headers=ALICE) as d:
-            assert d.status == 200 and (await d.json()) == {"id": sid, "object": "stream", "deleted": True}
+            assert d.status == 200 and (await d.json()) == {
+                "id": sid,
+                "object": "stream",
+                "deleted": True,
+            }
         tail = _events(await resp.text())  # the reader still attached hears why, then [DONE]
     (e,) = await sim_entries(sim, prompt, one_closed)
     assert e.t_close is not None and e.client_disconnected
@@ -419,7 +467,7 @@ async def test_nobody_back_within_the_grace_closes_the_upstream(sims, tmp_path) 
                 await r.until(lambda: "g" in r.by_id and len(r.by_id["g"].chunks) >= 2)
                 sid = next(iter(r.by_id["g"].streams))
                 t = time.monotonic()
-            (e,) = await sim_entries(sim, prompt, one_closed, timeout=5)
+            (e,) = await sim_entries(sim, prompt, one_closed, within=5)
             async with s.get(g.url + f"/v1/streams/{sid}", headers=ALICE) as again:
                 assert again.status == 404
     assert e.t_close is not None and e.client_disconnected and not e.finished

@@ -48,7 +48,9 @@ async def proxy_a(replicas) -> AsyncIterator[CutProxy]:
         await p.close()
 
 
-async def _read_ws_until_drop(ws: aiohttp.ClientWebSocketResponse, proxy: CutProxy, n: int) -> tuple[str, list[int], list[dict[str, Any]]]:
+async def _read_ws_until_drop(
+    ws: aiohttp.ClientWebSocketResponse, proxy: CutProxy, n: int
+) -> tuple[str, list[int], list[dict[str, Any]]]:
     seqs: list[int] = []
     chunks: list[dict[str, Any]] = []
     sid = ""
@@ -73,7 +75,11 @@ async def test_ws_stream_on_one_replica_resumed_on_the_other(replicas, proxy_a, 
     prompt = unique("cross-replica-ws")
     async with aiohttp.ClientSession() as s:
         ws = await s.ws_connect(proxy_a.url + "/v1/ws", headers=ALICE)
-        await ws.send_str(orjson.dumps(create("x", f"{prompt} [[sim:len=120,delay=0.02]]", resumable=True)).decode())
+        await ws.send_str(
+            orjson.dumps(
+                create("x", f"{prompt} [[sim:len=120,delay=0.02]]", resumable=True)
+            ).decode()
+        )
         sid, seqs, chunks = await _read_ws_until_drop(ws, proxy_a, 5)
         t = time.monotonic()
         async with s.ws_connect(b.url + "/v1/ws", headers=ALICE) as ws_b:
@@ -90,7 +96,9 @@ async def test_ws_stream_on_one_replica_resumed_on_the_other(replicas, proxy_a, 
     assert e.finished and not e.client_disconnected
 
 
-async def test_sse_stream_resumed_on_the_other_replica_after_its_end(replicas, proxy_a, sims) -> None:
+async def test_sse_stream_resumed_on_the_other_replica_after_its_end(
+    replicas, proxy_a, sims
+) -> None:
     sim = sims[0]
     _, b = replicas
     prompt = unique("cross-replica-sse")
@@ -109,12 +117,18 @@ async def test_sse_stream_resumed_on_the_other_replica_after_its_end(replicas, p
         text = got.decode()
         seen = _events(text[: text.rindex("\n\n") + 2])
         await sim_entries(sim, prompt, one_closed)  # A has finished it meanwhile
-        async with s.get(b.url + f"/v1/streams/{sid}", headers={**ALICE, "last-event-id": seen[-1]["id"]}) as again:
+        async with s.get(
+            b.url + f"/v1/streams/{sid}", headers={**ALICE, "last-event-id": seen[-1]["id"]}
+        ) as again:
             assert again.status == 200 and again.headers["x-keel-stream-id"] == sid
             rest = _events(await again.text())
-        async with s.get(b.url + f"/v1/streams/{sid}", headers={**ALICE, "last-event-id": rest[-1]["id"]}) as end:
+        async with s.get(
+            b.url + f"/v1/streams/{sid}", headers={**ALICE, "last-event-id": rest[-1]["id"]}
+        ) as end:
             assert end.status == 204
-        async with s.get(b.url + f"/v1/streams/{sid}", headers={"authorization": "Bearer sk-bob"}) as other:
+        async with s.get(
+            b.url + f"/v1/streams/{sid}", headers={"authorization": "Bearer sk-bob"}
+        ) as other:
             assert other.status == 404
     events = seen + rest
     assert [e["id"] for e in events] == [f"{sid}:{i}" for i in range(len(events))]

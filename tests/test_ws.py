@@ -86,7 +86,7 @@ async def test_fifty_requests_multiplexed_on_one_socket_exact_through_faults(rea
     t0 = time.monotonic()
     for rid, prompt in prompts.items():
         await reader.send(create(rid, prompt))
-    outcomes = await reader.until_done(*prompts, timeout=60)
+    outcomes = await reader.until_done(*prompts, within=60)
     elapsed = time.monotonic() - t0
     await reader.settle()
     for rid, prompt in prompts.items():
@@ -166,7 +166,9 @@ async def test_closing_the_socket_closes_all_its_upstreams_within_20ms(ws_gatewa
         r = Reader(ws)
         for i, p in enumerate(prompts):
             await r.send(create(f"s{i}", f"{p} [[sim:len=400,delay=0.02]]", model="solo"))
-        await r.until(lambda: all(len(r.by_id.get(f"s{i}", _empty()).chunks) >= 2 for i in range(4)))
+        await r.until(
+            lambda: all(len(r.by_id.get(f"s{i}", _empty()).chunks) >= 2 for i in range(4))
+        )
         for p in prompts:
             await sim_entries(sim, p, one_open)
         t = time.monotonic()
@@ -196,7 +198,9 @@ async def test_the_websockets_package_as_a_client(ws_gateway) -> None:
             if m["type"] == "done":
                 break
     assert "pong" in kinds and kinds.count("done") == 1 and "error" not in kinds
-    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == answer_text(prompt)
+    assert "".join(
+        c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]
+    ) == answer_text(prompt)
 
 
 # --- bad input: an error naming the problem, the socket stays open ------------------------------
@@ -207,7 +211,11 @@ async def test_the_websockets_package_as_a_client(ws_gateway) -> None:
     [
         ("this is not json", "invalid_json", "not JSON"),
         ("[1, 2]", "invalid_message", "JSON object"),
-        ('{"type": "chat.completions.delete", "id": "x"}', "unknown_type", "chat.completions.delete"),
+        (
+            '{"type": "chat.completions.delete", "id": "x"}',
+            "unknown_type",
+            "chat.completions.delete",
+        ),
         ('{"id": "x"}', "unknown_type", "None"),
         ('{"type": "chat.completions.create", "body": {}}', "invalid_id", "'id'"),
         ('{"type": "chat.completions.create", "id": 7, "body": {}}', "invalid_id", "'id'"),
@@ -216,7 +224,9 @@ async def test_the_websockets_package_as_a_client(ws_gateway) -> None:
         ('{"type": "auth"}', "invalid_token", "'token'"),
     ],
 )
-async def test_bad_messages_get_an_error_and_the_socket_stays_open(reader, frame, code, names) -> None:
+async def test_bad_messages_get_an_error_and_the_socket_stays_open(
+    reader, frame, code, names
+) -> None:
     await reader.ws.send_str(frame)
     if code is None:  # a resume with a bad 'after' is a request: error, then done
         (out,) = (await reader.until_done("q")).values()
@@ -249,7 +259,11 @@ async def test_binary_frames_are_refused_by_name(reader) -> None:
         ("not an object", "invalid_body", "'body'"),
         ({"model": "m"}, None, "messages"),
         ({"model": "m", "messages": "hi"}, None, "messages"),
-        ({"model": "no-such", "messages": [{"role": "user", "content": "x"}]}, "model_not_found", "no-such"),
+        (
+            {"model": "no-such", "messages": [{"role": "user", "content": "x"}]},
+            "model_not_found",
+            "no-such",
+        ),
     ],
 )
 async def test_a_bad_body_is_an_error_then_done_for_that_id(reader, body, code, names) -> None:
@@ -358,14 +372,14 @@ async def test_unauthenticated_sockets_are_closed_after_the_auth_timeout(keyed) 
 
 
 async def test_per_socket_request_limit(keyed) -> None:
-    async with aiohttp.ClientSession() as s:
-        async with s.ws_connect(keyed, headers={"authorization": "Bearer sk-one"}) as ws:
-            r = Reader(ws)
-            for i in range(4):
-                await r.send(create(f"l{i}", f"{unique('limit')} [[sim:len=20,delay=0.02]]"))
-            out = await r.until_done(*(f"l{i}" for i in range(4)))
-            assert [o.errors[0]["code"] for o in out.values() if o.errors] == ["too_many_requests"]
-            assert out["l3"].errors and "websocket.max_requests" in out["l3"].errors[0]["message"]
+    headers = {"authorization": "Bearer sk-one"}
+    async with aiohttp.ClientSession() as s, s.ws_connect(keyed, headers=headers) as ws:
+        r = Reader(ws)
+        for i in range(4):
+            await r.send(create(f"l{i}", f"{unique('limit')} [[sim:len=20,delay=0.02]]"))
+        out = await r.until_done(*(f"l{i}" for i in range(4)))
+        assert [o.errors[0]["code"] for o in out.values() if o.errors] == ["too_many_requests"]
+        assert out["l3"].errors and "websocket.max_requests" in out["l3"].errors[0]["message"]
 
 
 async def test_heartbeat_closes_a_dead_peer_and_its_upstream(keyed, sims) -> None:
@@ -375,11 +389,17 @@ async def test_heartbeat_closes_a_dead_peer_and_its_upstream(keyed, sims) -> Non
     prompt = unique("dead-peer")
     async with aiohttp.ClientSession() as s:
         ws = await s.ws_connect(keyed, headers={"authorization": "Bearer sk-one"}, autoping=False)
-        await ws.send_str(orjson.dumps(create("z", f"{prompt} [[sim:len=2000,delay=0.02]]", model="solo")).decode())
+        await ws.send_str(
+            orjson.dumps(
+                create("z", f"{prompt} [[sim:len=2000,delay=0.02]]", model="solo")
+            ).decode()
+        )
         await sim_entries(sim, prompt, one_open)
         t = time.monotonic()
-        (e,) = await sim_entries(sim, prompt, one_closed, timeout=5)
+        (e,) = await sim_entries(sim, prompt, one_closed, within=5)
         assert e.t_close is not None and e.client_disconnected and not e.finished
-        print(f"\ndead peer: upstream closed {(e.t_close - t) * 1000:.0f} ms after it went quiet (heartbeat 0.4 s)")
+        print(
+            f"\ndead peer: upstream closed {(e.t_close - t) * 1000:.0f} ms after it went quiet (heartbeat 0.4 s)"
+        )
         assert e.t_close - t < 1.5
         await ws.close()

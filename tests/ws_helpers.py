@@ -77,19 +77,19 @@ class Reader:
         else:
             raise AssertionError(f"unexpected message {m}")
 
-    async def next(self, timeout: float = 10.0) -> dict[str, Any]:
-        msg = await self.ws.receive(timeout)
+    async def next(self, within: float = 10.0) -> dict[str, Any]:
+        msg = await self.ws.receive(within)
         assert msg.type == aiohttp.WSMsgType.TEXT, msg
         m: dict[str, Any] = orjson.loads(msg.data)
         return m
 
-    async def until(self, cond: Callable[[], bool], timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
+    async def until(self, cond: Callable[[], bool], within: float = 20.0) -> None:
+        deadline = time.monotonic() + within
         while not cond():
             self.take(await self.next(max(0.01, deadline - time.monotonic())))
 
-    async def until_done(self, *ids: str, timeout: float = 30.0) -> dict[str, Outcome]:
-        await self.until(lambda: all(self.by_id.get(i, Outcome()).done for i in ids), timeout)
+    async def until_done(self, *ids: str, within: float = 30.0) -> dict[str, Outcome]:
+        await self.until(lambda: all(self.by_id.get(i, Outcome()).done for i in ids), within)
         return {i: self.by_id[i] for i in ids}
 
     async def settle(self) -> None:
@@ -98,9 +98,9 @@ class Reader:
         n = len([m for m in self.loose if m.get("type") == "pong"])
         await self.until(lambda: len([m for m in self.loose if m.get("type") == "pong"]) > n)
 
-    async def loose_error(self, timeout: float = 5.0) -> dict[str, Any]:
+    async def loose_error(self, within: float = 5.0) -> dict[str, Any]:
         n = len(self.loose)
-        await self.until(lambda: len(self.loose) > n, timeout)
+        await self.until(lambda: len(self.loose) > n, within)
         m = self.loose[n]
         assert m["type"] == "error", m
         return m
@@ -169,7 +169,7 @@ class CutProxy:
 
 
 async def sim_entries(
-    sim: SimProcess, fragment: str, cond: Callable[[list[LogEntry]], bool], timeout: float = 10.0
+    sim: SimProcess, fragment: str, cond: Callable[[list[LogEntry]], bool], within: float = 10.0
 ) -> list[LogEntry]:
     """Await a condition on the simulator's entries for ``fragment`` (polled in a thread, so
     this loop keeps serving the clients under test)."""
@@ -177,7 +177,7 @@ async def sim_entries(
     def pred(log: list[LogEntry]) -> bool:
         return cond([e for e in log if fragment in e.prompt])
 
-    log = await asyncio.to_thread(sim.wait_for, pred, timeout)
+    log = await asyncio.to_thread(sim.wait_for, pred, within)
     return [e for e in log if fragment in e.prompt]
 
 

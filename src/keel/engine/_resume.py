@@ -418,4 +418,3 @@ def parse_last_event_id(value: str, sid: str | None = None) -> tuple[str, int]:
     if sid is not None and stream != sid:
         raise ValueError(f"Last-Event-ID {value!r} belongs to another stream than {sid}")
     return stream, int(seq)
-

@@ -165,8 +165,11 @@ class RedisStreams:
             await pipe.execute(raise_on_error=False)
         except (RedisError, OSError) as exc:
             if not self._down:
-                log.warning("redis: resumable stream writes failing (%s); resumes on other "
-                            "replicas may fail until it is back", exc)
+                log.warning(
+                    "redis: resumable stream writes failing (%s); resumes on other "
+                    "replicas may fail until it is back",
+                    exc,
+                )
             self._down = True
             return
         if self._down:
@@ -253,7 +256,9 @@ class RemoteSource:
             if now - self._seen > 1.0:
                 self._seen = now
                 await store._present(self.sid)
-            res = await store._blocking.xread({store.key(self.sid): last}, count=count, block=_BLOCK_MS)
+            res = await store._blocking.xread(
+                {store.key(self.sid): last}, count=count, block=_BLOCK_MS
+            )
             if not res:
                 if not await store._redis.exists(store.key(self.sid, ":m")):
                     raise _lost(self.sid, "its owner is gone")

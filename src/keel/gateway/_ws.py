@@ -179,14 +179,18 @@ class Socket:
             self.error(None, _bad(f"The message is not JSON ({exc}).", "invalid_json"))
             return
         if not isinstance(msg, dict):
-            self.error(None, _bad("A message must be a JSON object with a 'type'.", "invalid_message"))
+            self.error(
+                None, _bad("A message must be a JSON object with a 'type'.", "invalid_message")
+            )
             return
         kind = msg.get("type")
         handler = self._handlers.get(kind) if isinstance(kind, str) else None
         if handler is None:
             self.error(
                 None,
-                _bad(f"Unknown message type {kind!r}; keel accepts {_TYPES}.", "unknown_type", "type"),
+                _bad(
+                    f"Unknown message type {kind!r}; keel accepts {_TYPES}.", "unknown_type", "type"
+                ),
             )
             return
         try:
@@ -194,7 +198,10 @@ class Socket:
         except Exception:  # a bug of ours: say so once, keep the socket and the others
             log.exception("websocket: unexpected error handling a %s message", kind)
             self.error(
-                None, KeelError(500, "keel hit an internal error; it has been logged.", type="server_error")
+                None,
+                KeelError(
+                    500, "keel hit an internal error; it has been logged.", type="server_error"
+                ),
             )
 
     def _new_id(self, msg: Mapping[str, Any]) -> str | None:
@@ -202,7 +209,8 @@ class Socket:
         rid = msg.get("id")
         if not isinstance(rid, str) or not rid or len(rid) > _MAX_ID:
             self.error(
-                None, _bad(f"'id' must be a string of 1 to {_MAX_ID} characters.", "invalid_id", "id")
+                None,
+                _bad(f"'id' must be a string of 1 to {_MAX_ID} characters.", "invalid_id", "id"),
             )
             return None
         if rid in self.running:
@@ -233,7 +241,9 @@ class Socket:
             await self.finish(rid, req, exc)
         except Exception:
             log.exception("websocket: unexpected error in request %r", rid)
-            err = KeelError(500, "keel hit an internal error; it has been logged.", type="server_error")
+            err = KeelError(
+                500, "keel hit an internal error; it has been logged.", type="server_error"
+            )
             await self.finish(rid, req, err)
         finally:
             if self.running.get(rid) is req:
@@ -318,7 +328,7 @@ class Socket:
             try:
                 async for first, batch in src.follow(after):
                     for seq, chunk in enumerate(batch, first):
-                        await write(b"%s%d,\"chunk\":%s}" % (prefix, seq, chunk))
+                        await write(b'%s%d,"chunk":%s}' % (prefix, seq, chunk))
                 err = src.error
             except KeelError as exc:  # fell behind the buffer's byte cap
                 err = exc
@@ -356,9 +366,15 @@ class Socket:
         if self.principal is None:
             err = self._refusal(msg)
         elif not isinstance(sid, str) or not sid:
-            err = _bad("'stream' must be the stream id of a resumable stream.", "invalid_stream", "stream")
+            err = _bad(
+                "'stream' must be the stream id of a resumable stream.", "invalid_stream", "stream"
+            )
         elif type(after) is not int or after < -1:
-            err = _bad("'after' must be the seq of the last chunk seen (an integer ≥ -1).", "invalid_after", "after")
+            err = _bad(
+                "'after' must be the seq of the last chunk seen (an integer ≥ -1).",
+                "invalid_after",
+                "after",
+            )
         if err is not None:
             self._start(rid, req, self.finish(rid, req, err))
             return
@@ -430,7 +446,7 @@ class WSSink:
     async def send(self, chunks: list[bytes]) -> None:
         write, prefix = self.sock.write, self.prefix
         for chunk in chunks:
-            await write(b"%s%d,\"chunk\":%s}" % (prefix, self.seq, chunk))
+            await write(b'%s%d,"chunk":%s}' % (prefix, self.seq, chunk))
             self.seq += 1
 
     async def end(self, chunks: list[bytes]) -> None:
@@ -466,7 +482,11 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     )
     if not ws.can_prepare(request).ok:
         return error_response(
-            KeelError(426, "GET /v1/ws is a WebSocket endpoint: send an Upgrade request.", code="upgrade_required")
+            KeelError(
+                426,
+                "GET /v1/ws is a WebSocket endpoint: send an Upgrade request.",
+                code="upgrade_required",
+            )
         )
     await ws.prepare(request)
     sock = Socket(request.app, keel, ws, request)
@@ -480,6 +500,4 @@ _PLAYGROUND = Path(__file__).with_name("playground.html")
 
 async def playground(request: web.Request) -> web.StreamResponse:
     """GET /playground: a small chat page over the WebSocket that survives a network drop."""
-    return web.Response(
-        body=_PLAYGROUND.read_bytes(), content_type="text/html", charset="utf-8"
-    )
+    return web.Response(body=_PLAYGROUND.read_bytes(), content_type="text/html", charset="utf-8")
