@@ -224,6 +224,12 @@ class RedisStreams:
             return None
         return RemoteSource(self, sid, meta)
 
+    async def exists(self, sid: str) -> bool:
+        try:
+            return bool(await self._redis.exists(self.key(sid, ":m")))
+        except (RedisError, OSError):
+            return False  # cannot tell: this replica's own registry still refuses its own
+
     async def _present(self, sid: str) -> None:
         await self._redis.set(self.key(sid, ":r"), b"1", px=int(self.cfg.grace * 1000))
 

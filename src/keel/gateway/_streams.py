@@ -52,6 +52,14 @@ async def lookup(app: web.Application, sid: str, owner: str) -> Source | None:
     return src
 
 
+async def check_free(app: web.Application, sid: str | None) -> None:
+    """A stream id the client chose must not be one another replica runs (this replica's
+    registry checks its own)."""
+    remote = app[REMOTE_KEY]
+    if sid is not None and remote is not None and await remote.exists(sid):
+        raise KeelError(409, f"Stream id {sid!r} is in use.", code="stream_id_in_use")
+
+
 async def resumable_chat(request: web.Request, keel: Keel, call: Call) -> web.StreamResponse:
     """A resumable stream for an admitted ``call`` (this function ends the call: the driver's
     task does, or it does itself when no stream is started)."""
@@ -69,6 +77,7 @@ async def resumable_chat(request: web.Request, keel: Keel, call: Call) -> web.St
     try:
         named = request.headers.get("x-keel-stream-id")
         sid = None if named is None else client_stream_id(named, "x-keel-stream-id")
+        await check_free(request.app, sid)
         buf = request.app[STREAMS_KEY].start(keel, call, sid)
     except KeelError as exc:
         keel.done(call)

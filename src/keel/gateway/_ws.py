@@ -39,6 +39,7 @@ from keel.engine._resume import (
 )
 from keel.engine._sinks import ClientGone
 from keel.gateway._sink import error_response
+from keel.gateway._streams import check_free
 
 log = logging.getLogger("keel.gateway.ws")
 
@@ -302,6 +303,7 @@ class Socket:
         if resumable:
             try:
                 sid = None if named is None else client_stream_id(named, "stream")
+                await check_free(self.app, sid)
                 buf = self.streams.start(keel, call, sid)  # its task ends the call
             except KeelError as exc:
                 keel.done(call)
