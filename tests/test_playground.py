@@ -161,3 +161,66 @@ async def test_the_playground_survives_a_network_drop(gw, sims, tmp_path) -> Non
     assert "reconnected" in status
     (e,) = await sim_entries(sim, prompt, one_closed)
     assert e.finished and not e.client_disconnected  # one upstream request, not restarted
+
+
+@pytest.fixture(scope="module")
+def open_gw(
+    sims: tuple[SimProcess, SimProcess], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProcess]:
+    """No client keys: a browser's EventSource cannot send an Authorization header."""
+    cfg = resume_config(sims[0].base_url)
+    del cfg["server"]
+    with spawn_gateway(cfg, workdir=str(tmp_path_factory.mktemp("pg-open"))) as g:
+        yield g
+
+
+async def test_chromiums_own_event_source_reconnects_with_last_event_id(
+    open_gw, sims, tmp_path
+) -> None:
+    """The browser's EventSource on GET /v1/streams/{id}: the network drops mid-stream, it
+    reconnects by itself (after its own retry delay) sending Last-Event-ID, and gets exactly
+    the rest; after [DONE] the page closes it."""
+    sim = sims[0]
+    host, port = open_gw.url.removeprefix("http://").rsplit(":", 1)
+    proxy = await CutProxy(host, int(port)).start()
+    prompt = unique("browser-eventsource")
+    body = {
+        "model": "m",
+        "stream": True,
+        "messages": [{"role": "user", "content": f"{prompt} [[sim:len=300,delay=0.02]]"}],
+    }
+    try:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(
+                open_gw.url + "/v1/chat/completions",
+                json=body,
+                headers={"x-keel-resumable": "true"},
+            ) as resp,
+        ):
+            sid = resp.headers["x-keel-stream-id"]  # and leave: the stream goes on
+        async with chromium(tmp_path / "profile") as b:
+            await b.call("Page.navigate", url=f"{proxy.url}/healthz")  # the stream's origin
+            await b.until("document.readyState === 'complete'")
+            await b.eval(
+                "window.es = {events: [], errors: 0};"
+                f"const src = new EventSource('/v1/streams/{sid}');"
+                "src.onmessage = (e) => { window.es.events.push([e.lastEventId, e.data]);"
+                "  if (e.data === '[DONE]') { src.close(); window.es.closed = true; } };"
+                "src.onerror = () => { window.es.errors++; };"
+            )
+            await b.until("window.es.events.length >= 20")
+            proxy.cut()
+            await b.until("window.es.closed", within=30)
+            es = await b.eval("window.es")
+    finally:
+        await proxy.close()
+    ids = [i for i, _ in es["events"]]
+    assert ids == [f"{sid}:{n}" for n in range(len(ids))]  # no duplicate, no gap
+    assert es["errors"] >= 1  # it saw the drop, and came back by itself
+    chunks = [orjson.loads(d) for _, d in es["events"][:-1]]
+    assert "".join(
+        c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]
+    ) == answer_text(prompt, 300)
+    (e,) = await sim_entries(sim, prompt, one_closed)
+    assert e.finished

@@ -21,18 +21,18 @@ from gw_fixtures import unique
 from keel.sim import answer_text
 from keel.testing import GatewayProcess, SimProcess, spawn_gateway
 from ws_helpers import (
+    WORST_WITHIN,
     CutProxy,
     Event,
     EventSource,
     Reader,
+    assert_prompt,
     create,
     one_closed,
     one_open,
     sim_entries,
     text_of,
 )
-
-CANCEL_WITHIN = 0.020
 
 
 def resume_config(a: str, **extra: Any) -> dict[str, Any]:
@@ -222,7 +222,7 @@ async def test_socket_close_keeps_resumable_streams_and_stops_the_others(gw, sim
     (stopped,) = await sim_entries(sim, stop, one_closed)
     (kept,) = await sim_entries(sim, keep, one_closed)
     assert stopped.client_disconnected and stopped.t_close is not None
-    assert stopped.t_close - t < CANCEL_WITHIN
+    assert stopped.t_close - t < WORST_WITHIN
     assert kept.finished and not kept.client_disconnected
 
 
@@ -240,7 +240,7 @@ async def test_ws_cancel_of_a_resumable_stream_stops_it_for_good(gw, sims, sessi
         await r.until_done("c")
         await r.send({"type": "resume", "id": "c2", "stream": sid, "after": 0})
         (gone,) = (await r.until_done("c2")).values()
-    assert e.t_close is not None and e.t_close - t < CANCEL_WITHIN
+    assert e.t_close is not None and e.t_close - t < WORST_WITHIN
     assert r.by_id["c"].done == 1
     assert gone.errors[0]["code"] == "stream_not_found"
 
@@ -411,37 +411,37 @@ async def test_a_plain_stream_still_closes_its_upstream_when_the_client_leaves(
         t = time.monotonic()
         resp.close()
     (e,) = await sim_entries(sim, prompt, one_closed)
-    assert e.client_disconnected and e.t_close is not None and e.t_close - t < CANCEL_WITHIN
+    assert e.client_disconnected and e.t_close is not None and e.t_close - t < WORST_WITHIN
 
 
 async def test_delete_cancels_at_once(gw, sims, session) -> None:
     sim = sims[0]
-    prompt = unique("delete")
-    async with session.post(
-        gw.url + "/v1/chat/completions",
-        json=chat(f"{prompt} [[sim:len=300,delay=0.02]]"),
-        headers={**ALICE, "x-keel-resumable": "true"},
-    ) as resp:
-        sid = resp.headers["x-keel-stream-id"]
-        await sim_entries(sim, prompt, one_open)
-        async with session.delete(gw.url + f"/v1/streams/{sid}", headers=BOB) as other:
-            assert other.status == 404  # not Bob's to cancel
-        t = time.monotonic()
-        async with session.delete(gw.url + f"/v1/streams/{sid}", headers=ALICE) as d:
-            assert d.status == 200 and (await d.json()) == {
-                "id": sid,
-                "object": "stream",
-                "deleted": True,
-            }
-        tail = _events(await resp.text())  # the reader still attached hears why, then [DONE]
-    (e,) = await sim_entries(sim, prompt, one_closed)
-    assert e.t_close is not None and e.client_disconnected
-    print(f"\nDELETE -> upstream closed: {(e.t_close - t) * 1000:.1f} ms")
-    assert e.t_close - t < CANCEL_WITHIN
-    assert orjson.loads(tail[-2]["data"])["error"]["code"] == "stream_cancelled"
-    assert tail[-1]["data"] == "[DONE]"
-    async with session.get(gw.url + f"/v1/streams/{sid}", headers=ALICE) as again:
-        assert again.status == 404
+    lags = []
+    for _ in range(3):
+        prompt = unique("delete")
+        async with session.post(
+            gw.url + "/v1/chat/completions",
+            json=chat(f"{prompt} [[sim:len=300,delay=0.02]]"),
+            headers={**ALICE, "x-keel-resumable": "true"},
+        ) as resp:
+            sid = resp.headers["x-keel-stream-id"]
+            await sim_entries(sim, prompt, one_open)
+            async with session.delete(gw.url + f"/v1/streams/{sid}", headers=BOB) as other:
+                assert other.status == 404  # not Bob's to cancel
+            t = time.monotonic()
+            async with session.delete(gw.url + f"/v1/streams/{sid}", headers=ALICE) as d:
+                assert d.status == 200
+                assert (await d.json()) == {"id": sid, "object": "stream", "deleted": True}
+            tail = _events(await resp.text())  # the reader still attached hears why, then [DONE]
+        (e,) = await sim_entries(sim, prompt, one_closed)
+        assert e.t_close is not None and e.client_disconnected
+        lags.append(e.t_close - t)
+        assert orjson.loads(tail[-2]["data"])["error"]["code"] == "stream_cancelled"
+        assert tail[-1]["data"] == "[DONE]"
+        async with session.get(gw.url + f"/v1/streams/{sid}", headers=ALICE) as again:
+            assert again.status == 404
+    print(f"\nDELETE -> upstream closed: {', '.join(f'{x * 1000:.1f}' for x in lags)} ms")
+    assert_prompt(lags)
 
 
 async def test_unknown_methods_and_streams(gw, session) -> None:

@@ -16,7 +16,16 @@ from keel.sim import answer_text
 from keel.testing import GatewayProcess, SimProcess, spawn_gateway
 from limits_helpers import RedisServer, needs_redis
 from test_resume import ALICE, _events, chat, resume_config
-from ws_helpers import CutProxy, Reader, create, one_closed, one_open, sim_entries, text_of
+from ws_helpers import (
+    WORST_WITHIN,
+    CutProxy,
+    Reader,
+    create,
+    one_closed,
+    one_open,
+    sim_entries,
+    text_of,
+)
 
 pytestmark = needs_redis
 
@@ -154,4 +163,4 @@ async def test_delete_on_the_other_replica_closes_the_upstream(replicas, sims) -
     assert e.t_close is not None and e.client_disconnected and not e.finished
     lag = e.t_close - t
     print(f"\nDELETE on replica B -> A's upstream closed: {lag * 1000:.1f} ms")
-    assert lag < 0.05
+    assert lag < WORST_WITHIN  # a Redis publish and the owner's subscriber in between

@@ -8,7 +8,6 @@ reading comparable with this process's ``time.monotonic()``. Run with ``-s`` for
 from __future__ import annotations
 
 import asyncio
-import statistics
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -24,17 +23,7 @@ from keel.gateway._app import create_app
 from keel.gateway._serve import start_site
 from keel.sim import answer_text
 from keel.testing import GatewayProcess, SimProcess, spawn_gateway
-from ws_helpers import Reader, create, one_closed, one_open, sim_entries
-
-CANCEL_WITHIN = 0.020  # seconds from the client's cancel (or close) to the upstream's close
-# With several upstreams closing at once on a machine shared with other work, a few
-# milliseconds of scheduling land on one or two of them: the typical close must be within
-# CANCEL_WITHIN, none may take longer than this.
-WORST_WITHIN = 0.050
-
-
-def assert_prompt(lags: list[float]) -> None:
-    assert statistics.median(lags) < CANCEL_WITHIN and max(lags) < WORST_WITHIN, lags
+from ws_helpers import Reader, assert_prompt, create, one_closed, one_open, sim_entries
 
 
 def ws_config(a: str, b: str, **extra: Any) -> dict[str, Any]:
@@ -155,16 +144,23 @@ def _empty() -> Any:
 
 async def test_cancel_before_the_first_token_closes_the_upstream(reader, sims) -> None:
     sim = sims[0]
-    prompt = unique("cancel-early")
-    await reader.send(create("early", f"{prompt} [[sim:slow_first=5]]", model="solo"))
-    await sim_entries(sim, prompt, lambda es: len(es) == 1 and es[0].t_close is None)
-    t = time.monotonic()
-    await reader.send({"type": "cancel", "id": "early"})
-    (e,) = await sim_entries(sim, prompt, one_closed)
-    (out,) = (await reader.until_done("early")).values()
-    assert e.t_close is not None and e.t_close - t < CANCEL_WITHIN
-    assert out.done == 1 and not out.chunks and not out.errors
-    print(f"\ncancel before the first token -> upstream closed: {(e.t_close - t) * 1000:.1f} ms")
+    lags = []
+    for i in range(5):
+        prompt = unique("cancel-early")
+        rid = f"early{i}"
+        await reader.send(create(rid, f"{prompt} [[sim:slow_first=5]]", model="solo"))
+        await sim_entries(sim, prompt, lambda es: len(es) == 1 and es[0].t_close is None)
+        t = time.monotonic()
+        await reader.send({"type": "cancel", "id": rid})
+        (e,) = await sim_entries(sim, prompt, one_closed)
+        (out,) = (await reader.until_done(rid)).values()
+        assert e.t_close is not None and e.client_disconnected
+        assert out.done == 1 and not out.chunks and not out.errors
+        lags.append(e.t_close - t)
+    print(
+        f"\ncancel before the first token -> upstream closed: {', '.join(f'{x * 1000:.1f}' for x in lags)} ms"
+    )
+    assert_prompt(lags)
 
 
 async def test_closing_the_socket_closes_all_its_upstreams_within_20ms(ws_gateway, sims) -> None:

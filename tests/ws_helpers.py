@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import statistics
 import struct
 import time
 from collections.abc import AsyncIterator, Callable
@@ -18,6 +19,16 @@ import orjson
 
 from keel.sim import LogEntry
 from keel.testing import SimProcess
+
+CANCEL_WITHIN = 0.020  # seconds from the client's cancel (or close) to the upstream's close
+# On a machine shared with other work a few milliseconds of scheduling sometimes land on one
+# close: the typical one (the median of several) must be within CANCEL_WITHIN, none may take
+# longer than WORST_WITHIN.
+WORST_WITHIN = 0.050
+
+
+def assert_prompt(lags: list[float]) -> None:
+    assert statistics.median(lags) < CANCEL_WITHIN and max(lags) < WORST_WITHIN, lags
 
 
 def create(rid: str, prompt: str, model: str = "m", **extra: Any) -> dict[str, Any]:
