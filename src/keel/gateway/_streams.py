@@ -10,6 +10,8 @@ and the like) sends when it reconnects by itself.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -119,6 +121,19 @@ async def serve_sse(request: web.Request, src: Source, after: int, rid: str) -> 
         # stream stays buffered for the grace.
         if response is None:
             raise
+        return response
+    except asyncio.CancelledError:
+        from keel.gateway._app import _cut_off, _shutting_down
+
+        if not _cut_off(request):
+            raise  # the client left: the stream goes on for the grace
+        # server.drain_timeout passed: the client is still there and hears why it ends.
+        if response is None:
+            return error_response(_shutting_down(), rid)
+        body = orjson.dumps(_shutting_down().body)
+        with contextlib.suppress(ConnectionError):
+            await response.write(sse_end_ids(src.sid.encode(), src.next_seq, body))
+            await response.write_eof()
         return response
     finally:
         src.detach()
@@ -234,6 +249,9 @@ def install(app: web.Application, keel: Keel) -> None:
         await streams.close()
 
     app.on_shutdown.append(stop_streams)
+    from keel.gateway._ws import install as install_sockets
+
+    install_sockets(app)
     if mirror is not None:
 
         async def lifecycle(app: web.Application) -> AsyncIterator[None]:

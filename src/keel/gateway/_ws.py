@@ -79,6 +79,8 @@ class Socket:
         self.headers: dict[str, str] = {k.lower(): v for k, v in request.headers.items()}
         self.principal: Any = None
         self.running: dict[str, _Request] = {}
+        self.cut: list[str] = []  # requests the socket's end cut short
+        self.draining = False
         self._auth_timer: asyncio.TimerHandle | None = None
 
     # -- writing ----------------------------------------------------------------------------------
@@ -135,17 +137,44 @@ class Socket:
         finally:
             self.closed()
 
-    def closed(self) -> None:
+    def closed(self) -> list[str]:
         """The socket is gone: every request's task is cancelled — a plain stream's driver
         closes its upstream attempt; a resumable stream's follower only detaches, and the
-        stream goes on for the resume grace."""
+        stream goes on for the resume grace. Returns the ids that had not ended."""
         if self._auth_timer is not None:
             self._auth_timer.cancel()
+        cut = [rid for rid, req in self.running.items() if not req.over]
         for req in self.running.values():
             req.over = True
             if req.task is not None:
                 req.task.cancel()
         self.running.clear()
+        self.cut = cut
+        return cut
+
+    # -- a graceful shutdown (keel.gateway._http.Shutdown) --------------------------------------
+
+    def drain(self) -> None:
+        """The server is draining: the socket closes (1001, going away) once its running
+        requests have ended — at once if there are none. (aiohttp reads nothing more from a
+        connection once its server drains, so no new message arrives meanwhile.)"""
+        self.draining = True
+        if not self.running:
+            self._later(self.ws.close(code=1001, message=b"keel is shutting down"))
+
+    async def cut_off(self) -> None:
+        """``server.drain_timeout`` passed with requests still running (their tasks are
+        cancelled, upstreams closed): the client is still there, so each of them ends the one
+        well-formed way — an error naming the cut-off, then its ``done`` — and the socket
+        closes as going away."""
+        from keel.gateway._app import _shutting_down
+
+        err = _shutting_down().body["error"]
+        for rid in self.cut:
+            await self.say({"type": "error", "id": rid, "error": err})
+            await self.say({"type": "done", "id": rid})
+        with contextlib.suppress(Exception):
+            await self.ws.close(code=1001, message=b"keel is shutting down")
 
     def _auth_expired(self) -> None:
         self._auth_timer = None
@@ -249,6 +278,8 @@ class Socket:
         finally:
             if self.running.get(rid) is req:
                 del self.running[rid]
+            if self.draining and not self.running and not self.ws.closed:
+                self._later(self.ws.close(code=1001, message=b"keel is shutting down"))
 
     def create(self, msg: Mapping[str, Any]) -> None:
         rid = self._new_id(msg)
@@ -493,8 +524,54 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     await ws.prepare(request)
     sock = Socket(request.app, keel, ws, request)
     sock.principal = principal
-    await sock.run()
+    sockets = request.app[SOCKETS_KEY]
+    sockets.add(sock)
+    try:
+        await sock.run()
+    except asyncio.CancelledError:
+        from keel.gateway._app import _cut_off
+
+        if not _cut_off(request):  # the peer left
+            raise
+        await sock.cut_off()  # the drain timeout: the peer is still there
+    finally:
+        sockets.discard(sock)
     return ws
+
+
+SOCKETS_KEY: web.AppKey[set[Socket]] = web.AppKey("ws_sockets")
+
+
+def install(app: web.Application) -> None:
+    """The sockets' registry, and the watch that drains them when a graceful shutdown starts
+    (``Shutdown.draining``: no hook of the HTTP server's fires then, so a look every
+    ``_DRAIN_POLL`` seconds — nothing on any request's path)."""
+    from keel.gateway._http import SHUTDOWN_KEY
+
+    app[SOCKETS_KEY] = set()
+
+    async def watch(app: web.Application) -> Any:
+        async def loop() -> None:
+            shutdown = app.get(SHUTDOWN_KEY)
+            if shutdown is None:
+                return
+            while True:
+                await asyncio.sleep(_DRAIN_POLL)
+                if shutdown.draining:
+                    break
+            for sock in list(app[SOCKETS_KEY]):
+                sock.drain()
+
+        task = asyncio.get_running_loop().create_task(loop(), name="keel-ws-drain")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    app.cleanup_ctx.append(watch)
+
+
+_DRAIN_POLL = 0.1
 
 
 _PLAYGROUND = Path(__file__).with_name("playground.html")
