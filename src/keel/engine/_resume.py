@@ -113,6 +113,7 @@ class Source(Protocol):
     headers: dict[str, str]
     error: KeelError | None
     ended: bool
+    base: int  # the first seq still buffered
 
     async def started(self) -> None:
         """Until the stream is committed or has ended (a failure before the first chunk)."""

@@ -78,9 +78,9 @@ async def resumable_chat(request: web.Request, keel: Keel, call: Call) -> web.St
         return await serve_sse(request, src, after, call.rid)
     try:
         named = request.headers.get("x-keel-stream-id")
-        sid = None if named is None else client_stream_id(named, "x-keel-stream-id")
-        await check_free(request.app, sid)
-        buf = request.app[STREAMS_KEY].start(keel, call, sid)
+        chosen = None if named is None else client_stream_id(named, "x-keel-stream-id")
+        await check_free(request.app, chosen)
+        buf = request.app[STREAMS_KEY].start(keel, call, chosen)
     except KeelError as exc:
         keel.done(call)
         return error_response(exc, call.rid)
