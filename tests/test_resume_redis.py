@@ -164,3 +164,41 @@ async def test_delete_on_the_other_replica_closes_the_upstream(replicas, sims) -
     lag = e.t_close - t
     print(f"\nDELETE on replica B -> A's upstream closed: {lag * 1000:.1f} ms")
     assert lag < WORST_WITHIN  # a Redis publish and the owner's subscriber in between
+
+
+async def test_redis_down_never_fails_a_stream_and_the_owner_still_resumes(sims, tmp_path) -> None:
+    """With Redis gone, a resumable stream completes and its owner serves the resume from
+    memory; a resume on another replica would fail (404), never hang."""
+    sim = sims[0]
+    redis = RedisServer()
+    redis.start()
+    cfg = resume_config(sims[0].base_url, redis_url=redis.url)
+    try:
+        with spawn_gateway(cfg, workdir=str(tmp_path)) as a:
+            redis.kill()
+            host, port = a.url.removeprefix("http://").rsplit(":", 1)
+            proxy = await CutProxy(host, int(port)).start()
+            prompt = unique("redis-down")
+            try:
+                async with aiohttp.ClientSession() as s:
+                    ws = await s.ws_connect(proxy.url + "/v1/ws", headers=ALICE)
+                    msg = create("d", f"{prompt} [[sim:len=40,delay=0.01]]", resumable=True)
+                    t = time.monotonic()
+                    await ws.send_str(orjson.dumps(msg).decode())
+                    sid, seqs, chunks = await _read_ws_until_drop(ws, proxy, 6)
+                    async with s.ws_connect(a.url + "/v1/ws", headers=ALICE) as ws2:
+                        r = Reader(ws2)
+                        await r.send(
+                            {"type": "resume", "id": "d", "stream": sid, "after": seqs[-1]}
+                        )
+                        (out,) = (await r.until_done("d")).values()
+                    took = time.monotonic() - t
+            finally:
+                await proxy.close()
+    finally:
+        redis.kill()
+    assert out.errors == [] and text_of(chunks) + out.text == answer_text(prompt, 40)
+    assert seqs + out.seqs == list(range(len(seqs) + len(out.seqs)))
+    assert took < 3.0  # 40 chunks 10 ms apart, and no wait on the dead Redis
+    (e,) = await sim_entries(sim, prompt, one_closed)
+    assert e.finished
