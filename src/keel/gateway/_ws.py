@@ -512,6 +512,10 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         # stays open); beyond that the protocol's 1009 close is the only sane answer.
         max_msg_size=cfg.max_message_bytes * 4,
         decode_text=False,  # orjson parses bytes: no str copy of each message
+        # No permessage-deflate (browsers and the websockets package ask for it): it cost
+        # ~60 % more gateway CPU per chunk frame (9.6 vs 6.0 µs), for frames of a few
+        # hundred bytes on streams that are slow anyway.
+        compress=False,
     )
     if not ws.can_prepare(request).ok:
         return error_response(
