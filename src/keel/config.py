@@ -25,6 +25,7 @@ from keel._config_limits import (
     QueueConfig,
     SharedConfig,
 )
+from keel._config_streams import ResumeConfig, WebSocketConfig
 
 
 class ConfigError(ValueError):
@@ -191,6 +192,9 @@ class GatewayConfig(_Strict):
     adaptive_concurrency: AdaptiveConcurrency = AdaptiveConcurrency()
     queue: QueueConfig = QueueConfig()
     shared: SharedConfig = SharedConfig()
+    # the WebSocket door and resumable streams (keel/_config_streams.py)
+    websocket: WebSocketConfig = WebSocketConfig()
+    resume: ResumeConfig = ResumeConfig()
 
     @model_validator(mode="after")
     def _client_keys_unique(self) -> GatewayConfig:

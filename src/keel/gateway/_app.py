@@ -21,6 +21,9 @@ from keel.engine._keel import Keel
 from keel.gateway._http import SHUTDOWN_KEY, SHUTTING_DOWN
 from keel.gateway._metrics import metrics, registry_for
 from keel.gateway._sink import SSESink, error_response, sse_end
+from keel.gateway._streams import install as install_streams
+from keel.gateway._streams import resumable_chat, wants_resume
+from keel.gateway._ws import playground, websocket
 
 log = logging.getLogger("keel.gateway")
 
@@ -57,6 +60,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 await keel.admit(call)
         except KeelError as exc:
             return error_response(exc, rid)
+        if call.stream and wants_resume(headers):  # keel.gateway._streams; it ends the call
+            return await resumable_chat(request, keel, call)
         try:
             if call.stream:
                 sink = SSESink(request, rid)
@@ -117,7 +122,10 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-_ENDPOINTS = "POST /v1/chat/completions, GET /v1/models, GET /healthz, GET /metrics"
+_ENDPOINTS = (
+    "POST /v1/chat/completions, GET /v1/models, GET /v1/ws, GET|DELETE /v1/streams/{id}, "
+    "GET /playground, GET /healthz, GET /metrics"
+)
 
 
 def unrouted(method: str, path: str) -> KeelError:
@@ -182,6 +190,8 @@ _ROUTES: list[tuple[str, str, Handler]] = [
     ("/v1/models", "GET", guarded(models)),
     ("/healthz", "GET", guarded(healthz)),
     ("/metrics", "GET", guarded(metrics)),
+    ("/v1/ws", "GET", websocket),  # keel.gateway._ws (guards itself)
+    ("/playground", "GET", guarded(playground)),
 ]
 _ALLOWED = {path: "GET, HEAD" if method == "GET" else method for path, method, _ in _ROUTES}
 
@@ -198,6 +208,7 @@ def create_app(config: GatewayConfig | Keel) -> web.Application:
             app.router.add_get(path, handler)  # and HEAD, for load balancers' health checks
         else:
             app.router.add_route(method, path, handler)
+    install_streams(app, keel)  # GET/DELETE /v1/streams/{id} and the resume buffers
     app.router.add_route("*", "/{tail:.*}", _unrouted)  # last: only what nothing else took
 
     async def lifecycle(app: web.Application) -> Any:

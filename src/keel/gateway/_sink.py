@@ -35,6 +35,21 @@ def sse_end(chunks: list[bytes]) -> bytes:
     return (sse(chunks) if chunks else b"") + _DONE
 
 
+def sse_ids(sid: bytes, first: int, chunks: list[bytes]) -> bytes:
+    """Chunk payloads as SSE events of a resumable stream: each with ``id: <stream id>:<seq>``,
+    what an EventSource sends back as ``Last-Event-ID`` when it reconnects."""
+    return b"".join(
+        [b"id: %s:%d\ndata: %s\n\n" % (sid, seq, c) for seq, c in enumerate(chunks, first)]
+    )
+
+
+def sse_end_ids(sid: bytes, seq: int, error: bytes | None) -> bytes:
+    """A resumable stream's ending: an error frame if it failed, then ``[DONE]``, both with
+    the id after the last chunk's (a reconnect that saw them gets 204: nothing more)."""
+    head = b"id: %s:%d\n" % (sid, seq)
+    return (head + b"data: " + error + b"\n\n" if error else b"") + head + _DONE
+
+
 def error_response(err: KeelError, request_id: str = "") -> web.Response:
     headers = dict(err.headers)
     if request_id:
