@@ -364,26 +364,47 @@ async def _hedged(
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 d, p = racers.pop(task)
-                exc = None if task.cancelled() else task.exception()
-                if exc is None and not task.cancelled():
-                    call.usage = task.result()
-                    _settle(plan, d, p, ok=True, usage=call.usage)
+                if _ended(plan, call, task, d, p, hedge=task is not first):
                     return True
-                if isinstance(exc, AttemptFailed):
-                    _settle(plan, d, p, exc.error, hedge=task is not first)
-                else:
-                    _settle(plan, d, p)  # lost the race, or cancelled
-                    if exc is not None and not isinstance(exc, Lost):
-                        raise exc
         return False
     finally:
+        # Done, or cancelled (the client left): the attempts still racing stop, and each is
+        # settled by what it did — one that completed the stream a moment before the client
+        # closed is a success, not a cancellation.
         for task in racers:
             task.cancel()
         for task, (d, p) in list(racers.items()):
             with contextlib.suppress(BaseException):
                 await task
-            _settle(plan, d, p)
+            with contextlib.suppress(Exception):
+                _ended(plan, call, task, d, p, hedge=task is not first)
         call.racers = None
+
+
+def _ended(
+    plan: Plan[Deployment],
+    call: Call,
+    task: asyncio.Task[Mapping[str, Any]],
+    dep: Deployment,
+    permit: Permit,
+    hedge: bool,
+) -> bool:
+    """Settle a raced attempt by its own outcome; True when it completed the stream."""
+    if task.cancelled():
+        _settle(plan, dep, permit)
+        return False
+    exc = task.exception()
+    if exc is None:
+        call.usage = task.result()
+        _settle(plan, dep, permit, ok=True, usage=call.usage)
+        return True
+    if isinstance(exc, AttemptFailed):
+        _settle(plan, dep, permit, exc.error, hedge=hedge)
+        return False
+    _settle(plan, dep, permit)  # lost the race (or the client left)
+    if not isinstance(exc, Lost):
+        raise exc
+    return False
 
 
 # -- shared by both --------------------------------------------------------------------------------
