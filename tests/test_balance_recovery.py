@@ -31,8 +31,8 @@ def test_after_an_error_burst_the_slow_deployment_is_avoided_again_within_second
     tmp_path,
 ) -> None:
     with (
-        spawn_sim("--name", "fast", "--latency", "0.05", "--seed", "1") as fast,
-        spawn_sim("--name", "slow", "--latency", "0.2", "--seed", "2") as slow,
+        spawn_sim("--name", "fast", "--latency", "0.1", "--seed", "1") as fast,
+        spawn_sim("--name", "slow", "--latency", "0.4", "--seed", "2") as slow,
     ):
         cfg = {
             # The balancer alone: an open breaker would also move traffic (and, open on both,
