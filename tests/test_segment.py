@@ -1,3 +1,4 @@
+# ruff: noqa: RUF001 - full-width CJK punctuation is what is tested
 """Sentence segmentation (keel._segment): table-driven, plus properties that must hold for any
 text — the segments concatenate to exactly the input, none is longer than max_chars, and
 how the text is split into pieces on the way in does not change where it is cut."""
@@ -15,10 +16,15 @@ CASES = [
     # (text, max_chars, min_chars, expected segments)
     ("", 100, 0, []),
     ("当然可以。", 100, 0, ["当然可以。"]),
-    ("当然可以。一一得一，一二得二。", 100, 0, ["当然可以。", "一一得一，一二得二。"]),  # noqa: RUF001
-    ("你好！你好吗？我很好；谢谢…再见", 100, 0, ["你好！", "你好吗？", "我很好；", "谢谢…", "再见"]),  # noqa: RUF001
-    ("真的吗？！太好了……好。", 100, 0, ["真的吗？！", "太好了……", "好。"]),  # noqa: RUF001
-    ("他说：“好。”然后走了。", 100, 0, ["他说：“好。”", "然后走了。"]),  # noqa: RUF001
+    ("当然可以。一一得一，一二得二。", 100, 0, ["当然可以。", "一一得一，一二得二。"]),
+    (
+        "你好！你好吗？我很好；谢谢…再见",
+        100,
+        0,
+        ["你好！", "你好吗？", "我很好；", "谢谢…", "再见"],
+    ),
+    ("真的吗？！太好了……好。", 100, 0, ["真的吗？！", "太好了……", "好。"]),
+    ("他说：“好。”然后走了。", 100, 0, ["他说：“好。”", "然后走了。"]),
     ("Hello world. How are you? Fine!", 100, 0, ["Hello world.", " How are you?", " Fine!"]),
     ("Wait... what?! Ok", 100, 0, ["Wait...", " what?!", " Ok"]),
     ('He said "hi." Then left.', 100, 0, ['He said "hi."', " Then left."]),
@@ -30,7 +36,7 @@ CASES = [
     # long runs: the last soft break in the window's last two thirds, else a hard cut
     ("aaaa bbbb cccc dddd", 10, 0, ["aaaa bbbb ", "cccc dddd"]),
     ("一二三四五六七八九十一二三", 5, 0, ["一二三四五", "六七八九十", "一二三"]),
-    ("一二三，四五六七八九十", 6, 0, ["一二三，", "四五六七八九", "十"]),  # noqa: RUF001
+    ("一二三，四五六七八九十", 6, 0, ["一二三，", "四五六七八九", "十"]),
     ("!!!!!!!!", 3, 0, ["!!!", "!!!", "!!"]),
     # min_chars: a short sentence joins the next one
     ("好。我们开始吧。", 100, 3, ["好。我们开始吧。"]),
@@ -57,8 +63,8 @@ def test_table_char_by_char(text: str, max_chars: int, min_chars: int, expected:
 
 def test_a_cut_waits_for_the_end_of_the_run() -> None:
     s = Segmenter()
-    assert s.feed("真的吗？") == []  # noqa: RUF001 - "？！" may follow
-    assert s.feed("！好") == ["真的吗？！"]  # noqa: RUF001
+    assert s.feed("真的吗？") == []
+    assert s.feed("！好") == ["真的吗？！"]
     assert s.pending == "好"
     assert s.feed("Pi is 3.") == []  # a digit may follow
     assert s.feed("14.") == []  # the run may go on
@@ -81,7 +87,7 @@ def test_bad_bounds() -> None:
         Segmenter(10, 11)
 
 
-ALPHABET = st.sampled_from(list("ab 1.!?;，。！？；…”\"\n好🚀,:"))  # noqa: RUF001
+ALPHABET = st.sampled_from(list('ab 1.!?;，。！？；…”"\n好🚀,:'))
 
 
 @given(

@@ -1,3 +1,4 @@
+# ruff: noqa: RUF001, RUF002 - full-width CJK punctuation is the point of this module
 """Sentence segmentation for text-to-speech: a streamed answer in, sentence-sized pieces out.
 
 Pure and incremental: ``feed`` the answer's text as it arrives, take the segments that are
@@ -21,14 +22,14 @@ Where a cut goes:
 from __future__ import annotations
 
 # Sentence enders: the CJK full-width forms and their Western counterparts.
-_CJK_ENDERS = frozenset("。！？；…")  # noqa: RUF001 - full-width on purpose
+_CJK_ENDERS = frozenset("。！？；…")
 _ASCII_ENDERS = frozenset(".!?;")
 _ENDERS = _CJK_ENDERS | _ASCII_ENDERS | {"\n"}
 # What may trail an ender and still belong to its sentence: closing quotes and brackets,
 # more newlines.
-_CLOSERS = frozenset("\"')]}”’」』）》】\n")  # noqa: RUF001
+_CLOSERS = frozenset("\"')]}”’」』）》】\n")
 # Where a too-long run may be cut: after a comma, colon, dash or space.
-_SOFT = frozenset("，,、：:—-　 \t）)")  # noqa: RUF001
+_SOFT = frozenset("，,、：:—-　 \t）)")
 
 DEFAULT_MAX_CHARS = 100
 

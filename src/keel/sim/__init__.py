@@ -40,6 +40,7 @@ from keel.sim._errors import go_duration, key_fingerprint, mask_key
 from keel.sim._faults import FAULTS, SETTINGS, DirectiveError, Fault
 from keel.sim._log import LogEntry
 from keel.sim._server import DIALECTS, Simulator
+from keel.sim._speech import audio_bytes
 
 __all__ = [
     "CONTINUE_MARKER",
@@ -53,6 +54,7 @@ __all__ = [
     "Simulator",
     "answer_for",
     "answer_text",
+    "audio_bytes",
     "go_duration",
     "key_fingerprint",
     "mask_key",

@@ -43,6 +43,7 @@ class LogEntry:
     key: str | None = None
     prompt: str = ""  # first 80 characters of the directive-free prompt
     request_id: str = ""
+    kind: str = "chat"  # "chat" | "speech" (/v1/audio/speech)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
