@@ -30,6 +30,7 @@ class NodeConfig(_Strict):
     model: str = "chat"  # the model group that answers (its fallbacks and all)
     system: str | None = None  # the system prompt of every conversation
     history_turns: int = Field(10, ge=0)  # earlier turns sent with each new one, per session
+    max_tokens: int | None = Field(None, ge=1)  # bound on an answer (ends with "length")
     tts: NodeTTS | None = None
     # "events": segment/end messages (README); "seq": the original chat node's wire format
     # ({"seq": 1, 2, …, "text"}, the last seq negated — always).

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
 import typer
 
@@ -43,11 +45,11 @@ def node_command(
     _run(run_node(cfg))
 
 
-def _run(coro: object) -> int:
+def _run(coro: Coroutine[Any, Any, int | None]) -> int:
     if sys.platform != "win32":
         import uvloop
 
-        result = uvloop.run(coro)  # type: ignore[arg-type]
+        result = uvloop.run(coro)
     else:
-        result = asyncio.run(coro)  # type: ignore[arg-type]
+        result = asyncio.run(coro)
     return int(result or 0)

@@ -170,7 +170,10 @@ class Turn:
             messages.append({"role": "system", "content": self.cfg.system})
         messages.extend(self.session.history)
         messages.append({"role": "user", "content": self.utt.text})
-        return {"model": self.cfg.model, "messages": messages}
+        body: dict[str, Any] = {"model": self.cfg.model, "messages": messages}
+        if self.cfg.max_tokens is not None:
+            body["max_tokens"] = self.cfg.max_tokens
+        return body
 
     async def _answer(self) -> tuple[str, dict[str, Any] | None]:
         seg = Segmenter(self.cfg.max_segment_chars, self.cfg.min_segment_chars)
@@ -220,7 +223,9 @@ class Turn:
 
         async def starter() -> None:
             while (item := await self._segments.get()) is not _END:
-                k, text = item  # type: ignore[misc]
+                assert isinstance(item, tuple)
+                k: int = item[0]
+                text: str = item[1]
                 if not text.strip():
                     continue  # nothing to say
                 await slots.acquire()

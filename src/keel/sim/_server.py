@@ -365,6 +365,7 @@ class Simulator:
             return self._error(entry, bad_request("'messages' must be a non-empty array"))
         model = str(body.get("model") or request.match_info.get("deployment") or self.models[0])
         entry.model, entry.stream = model, bool(body.get("stream"))
+        entry.messages = len(messages)
 
         turn = turn_of(messages)
         try:
