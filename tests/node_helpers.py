@@ -9,6 +9,7 @@ import asyncio
 import base64
 import os
 import socket
+import sys
 import uuid
 from collections import defaultdict
 from collections.abc import Callable
@@ -18,8 +19,10 @@ from urllib.parse import urlsplit
 import aio_pika
 import orjson
 import pytest
+import yaml
 
 from keel.sim import answer_text, audio_bytes
+from keel.testing import ListeningProcess, spawn_listening
 
 AMQP_URL = os.environ.get("KEEL_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
@@ -214,3 +217,70 @@ def check_turn(
         order = [m["segment"] for m in kept[:-1]]
         assert order == sorted(order), "audio in segment order"
     return str(reason)
+
+
+def spawn_node(config: dict[str, Any], workdir: str) -> ListeningProcess:
+    """``keel node`` in a subprocess (for killing it)."""
+    path = os.path.join(workdir, f"node-{uuid.uuid4().hex[:6]}.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(config, f)
+    cmd = [sys.executable, "-m", "keel", "node", "--config", path]
+    return spawn_listening(cmd, r"keel node consuming \S+ as (\S+)")
+
+
+class Proxy:
+    """A TCP proxy in front of the broker that can be cut (every connection dropped, no new
+    ones) and restored on the same port: the node sees exactly what a broker restart looks
+    like from its side — the connection gone, then a broker that answers again."""
+
+    def __init__(self, target: tuple[str, int] = ("127.0.0.1", 5672)) -> None:
+        self.target = target
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    async def start(self) -> Proxy:
+        self._server = await asyncio.start_server(self._client, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            ur, uw = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        self._writers |= {writer, uw}
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            try:
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+            except (OSError, asyncio.CancelledError):
+                pass
+            finally:
+                w.close()
+
+        await asyncio.gather(pipe(reader, uw), pipe(ur, writer))
+        self._writers -= {writer, uw}
+
+    async def cut(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for w in list(self._writers):
+            w.transport.abort()
+        self._writers.clear()
+        await self._server.wait_closed()
+        self._server = None
+
+    async def restore(self) -> None:
+        await self.start()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            await self.cut()

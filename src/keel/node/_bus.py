@@ -168,7 +168,10 @@ class Bus:
 
 
 def _closed(delivery: AbstractIncomingMessage) -> bool:
-    channel = delivery.channel
+    try:
+        channel = delivery.channel  # raises once the channel that delivered it is gone
+    except aio_pika.exceptions.ChannelInvalidStateError:
+        return True
     return bool(getattr(channel, "is_closed", False))
 
 

@@ -1,0 +1,112 @@
+"""Nothing lost across a crash: a node SIGKILLed mid-turn (the other node answers the turn,
+after a ``restart``, with exactly one end), and the broker connection dropped under a node
+(it reconnects, the interrupted turn and one sent meanwhile are answered, once each)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from keel.config import parse_config
+from keel.node import Node
+from keel.sim import answer_text
+from keel.testing import SimProcess, spawn_sim
+from node_helpers import (
+    Listener,
+    Names,
+    Proxy,
+    after_restart,
+    node_config,
+    one_end,
+    said,
+    spawn_node,
+)
+
+LENGTH = 120  # tokens of each answer: ~1.2 s at 10 ms per token, a turn long enough to kill
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[SimProcess]:
+    with spawn_sim("--name", "c", "--token-delay", "0.01", "--length", str(LENGTH)) as s:
+        yield s
+
+
+@pytest.fixture
+async def names() -> AsyncIterator[tuple[Names, Listener]]:
+    n = Names()
+    lis = await Listener(n).open()
+    try:
+        yield n, lis
+    finally:
+        await lis.close()
+
+
+async def test_sigkill_mid_turn_the_other_node_answers(
+    names: tuple[Names, Listener], sim: SimProcess, tmp_path: Path
+) -> None:
+    n, lis = names
+    cfg = node_config(n, [{"base_url": sim.base_url}])
+    one, two = await asyncio.gather(
+        asyncio.to_thread(spawn_node, cfg, str(tmp_path)),
+        asyncio.to_thread(spawn_node, cfg, str(tmp_path)),
+    )
+    try:
+        await lis.say("k", "t1", "a turn to crash in")
+        await lis.until(
+            lambda: len([m for m in lis.chat[("k", "t1")] if m["type"] == "segment"]) >= 2
+        )
+        running = next(p for p in (one, two) if "turn k/t1: answering" in p.output_tail())
+        other = two if running is one else one
+        running.proc.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(running.proc.wait, 10)
+        await lis.until(lambda: lis.ended("k", "t1"))
+        assert "turn k/t1: answering (redelivered)" in other.output_tail()
+        msgs = lis.chat[("k", "t1")]
+        assert [m["type"] for m in msgs].count("restart") == 1
+        assert one_end(msgs)["finish_reason"] == "stop"
+        assert said(msgs) == answer_text("a turn to crash in", LENGTH)
+        before = msgs[: msgs.index(next(m for m in msgs if m["type"] == "restart"))]
+        assert before and all(m["type"] == "segment" for m in before)  # the dead node's part
+        # The survivor goes on serving.
+        await lis.say("k", "t2", "and another [[sim:len=8]]")
+        await lis.until(lambda: lis.ended("k", "t2"))
+        assert said(lis.chat[("k", "t2")]) == answer_text("and another", 8)
+    finally:
+        for p in (one, two):
+            p.terminate()
+
+
+async def test_broker_connection_lost_and_back(
+    names: tuple[Names, Listener], sim: SimProcess
+) -> None:
+    n, lis = names
+    proxy = await Proxy().start()
+    cfg = node_config(n, [{"base_url": sim.base_url}], amqp_url=proxy.url)
+    try:
+        async with Node(parse_config(cfg)) as node:
+            await lis.say("r", "t1", "interrupted by the broker")
+            await lis.until(lambda: any(m["type"] == "segment" for m in lis.chat[("r", "t1")]))
+            assert node.bus.connection is not None
+            await proxy.cut()
+            async with asyncio.timeout(10):
+                while node.bus.connection.connected.is_set():
+                    await asyncio.sleep(0.01)
+            await lis.say("r2", "t1", "sent while the node was away [[sim:len=10]]")
+            await proxy.restore()
+            await asyncio.wait_for(node.bus.reconnected.wait(), 20)
+            await lis.until(lambda: lis.ended("r", "t1") and lis.ended("r2", "t1"), 30)
+            assert node.stats["lost"] >= 1
+    finally:
+        await proxy.close()
+    msgs = lis.chat[("r", "t1")]
+    assert one_end(msgs)["finish_reason"] == "stop"
+    assert "restart" in [m["type"] for m in msgs]
+    assert "".join(m["text"] for m in after_restart(msgs) if m["type"] == "segment") == answer_text(
+        "interrupted by the broker", LENGTH
+    )
+    assert said(lis.chat[("r2", "t1")]) == answer_text("sent while the node was away", 10)
+    assert one_end(lis.chat[("r2", "t1")])["finish_reason"] == "stop"
