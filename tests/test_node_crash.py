@@ -92,9 +92,7 @@ async def test_broker_connection_lost_and_back(
             await lis.until(lambda: any(m["type"] == "segment" for m in lis.chat[("r", "t1")]))
             assert node.bus.connection is not None
             await proxy.cut()
-            async with asyncio.timeout(10):
-                while node.bus.connection.connected.is_set():
-                    await asyncio.sleep(0.01)
+            await asyncio.wait_for(node.bus.lost.wait(), 10)
             await lis.say("r2", "t1", "sent while the node was away [[sim:len=10]]")
             await proxy.restore()
             await asyncio.wait_for(node.bus.reconnected.wait(), 20)

@@ -62,6 +62,7 @@ class Bus:
         self.exchanges: dict[str, AbstractExchange] = {}
         self._tags: list[tuple[AbstractQueue, str]] = []
         self.reconnected = asyncio.Event()  # set at every reconnect (tests, logs)
+        self.lost = asyncio.Event()  # set while the connection is down
         self._closing = False
 
     async def connect(self, retry_for: float = 0.0) -> None:
@@ -159,11 +160,14 @@ class Bus:
 
     def _on_reconnect(self, *args: Any) -> None:
         log.warning("reconnected to RabbitMQ at %s; consuming again", safe_url(self.url))
+        self.lost.clear()
         self.reconnected.set()
 
     def _on_close(self, *args: Any) -> None:
         exc = args[1] if len(args) > 1 else None
         if exc is not None and not self._closing:
+            self.reconnected.clear()
+            self.lost.set()
             log.warning("lost the RabbitMQ connection (%s); reconnecting", type(exc).__name__)
 
 
