@@ -141,7 +141,12 @@ class Node:
         await self._publish_control(cancel_message(utt.session, by_turn=utt.turn))
         async with session.lock:
             self.stats["turns"] += 1
-            log.info("turn %s/%s: answering%s", utt.session, utt.turn, " (redelivered)" if redelivered else "")
+            log.info(
+                "turn %s/%s: answering%s",
+                utt.session,
+                utt.turn,
+                " (redelivered)" if redelivered else "",
+            )
             ended = await turn.run()
         if session.latest is turn:
             session.latest = None
