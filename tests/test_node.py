@@ -303,3 +303,23 @@ def test_config_names_unknown_groups() -> None:
     with pytest.raises(ValueError, match=r"node\.protocol"):
         parse_config({**base, "node": {"protocol": "nope"}})
     assert "guest" not in repr(parse_config({**base, "node": {}}).node)
+
+
+async def test_new_utterance_on_another_node_cancels_the_turn(
+    names: tuple[Names, Listener], slow: tuple[SimProcess, SimProcess]
+) -> None:
+    """With prefetch 1 the node running t1 cannot take t2: the other node does, and its
+    announcement on the control exchange stops t1 on the first node."""
+    n, lis = names
+    s, _ = slow
+    cfg = parse_config(node_config(n, deps(s, dialect="openai"), prefetch=1))
+    async with Node(cfg) as first:
+        await lis.say("x", "t1", "a long answer on the first node")
+        await lis.until(lambda: any(m["type"] == "segment" for m in lis.chat[("x", "t1")]))
+        async with Node(cfg) as second:
+            await lis.say("x", "t2", "[[sim:len=6]] now on the second")
+            await lis.until(lambda: lis.ended("x", "t1") and lis.ended("x", "t2"))
+            assert second.stats["turns"] == 1
+        assert first.stats["turns"] == 1
+    assert one_end(lis.chat[("x", "t1")])["finish_reason"] == "cancelled"
+    assert said(lis.chat[("x", "t2")]) == answer_text("now on the second", 6)
