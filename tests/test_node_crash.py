@@ -5,10 +5,16 @@ after a ``restart``, with exactly one end), and the broker connection dropped un
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import subprocess
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
+import aio_pika
+import orjson
 import pytest
 
 from keel.config import parse_config
@@ -16,6 +22,7 @@ from keel.node import Node
 from keel.sim import answer_text
 from keel.testing import SimProcess, spawn_sim
 from node_helpers import (
+    AMQP_URL,
     Listener,
     Names,
     Proxy,
@@ -108,3 +115,72 @@ async def test_broker_connection_lost_and_back(
     )
     assert said(lis.chat[("r2", "t1")]) == answer_text("sent while the node was away", 10)
     assert one_end(lis.chat[("r2", "t1")])["finish_reason"] == "stop"
+
+
+@pytest.mark.skipif(
+    os.environ.get("KEEL_TEST_RESTART_BROKER") != "1",
+    reason="restarts the machine's RabbitMQ (rabbitmqctl stop_app/start_app): set "
+    "KEEL_TEST_RESTART_BROKER=1 where nothing else uses it",
+)
+async def test_real_broker_restart(sim: SimProcess) -> None:
+    """The real thing: the broker itself stopped and started under a running node."""
+    n = Names()
+    cfg = node_config(n, [{"base_url": sim.base_url}])
+    conn = await aio_pika.connect_robust(AMQP_URL, reconnect_interval=0.5)
+    ch = await conn.channel()
+    events = await ch.declare_exchange(n.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+    # Durable, so it keeps what the node publishes while this listener is still reconnecting.
+    q = await ch.declare_queue(f"{n.events_exchange}.listener", durable=True)
+    await q.bind(events, "#")
+    got: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    done = asyncio.Event()
+    first = asyncio.Event()
+
+    async def on(m: aio_pika.abc.AbstractIncomingMessage) -> None:
+        d = orjson.loads(m.body)
+        got.setdefault((d["session"], d["turn"]), []).append(d)
+        first.set()
+        await m.ack()
+        if all(
+            any(x["type"] == "end" for x in got.get(k, [])) for k in (("b", "t1"), ("b2", "t1"))
+        ):
+            done.set()
+
+    await q.consume(on)
+    try:
+        async with Node(parse_config(cfg)) as node:
+            await ch.default_exchange.publish(
+                aio_pika.Message(orjson.dumps({"session": "b", "turn": "t1", "text": "across a restart"}),
+                                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                routing_key=n.requests_queue,
+            )  # fmt: skip
+            await asyncio.wait_for(first.wait(), 10)
+            t0 = time.monotonic()
+            await asyncio.to_thread(
+                subprocess.run, ["rabbitmqctl", "stop_app"], check=True, capture_output=True
+            )
+            await asyncio.to_thread(
+                subprocess.run, ["rabbitmqctl", "start_app"], check=True, capture_output=True
+            )
+            await asyncio.to_thread(
+                subprocess.run, ["rabbitmqctl", "await_startup"], check=True, capture_output=True
+            )
+            await asyncio.wait_for(node.bus.reconnected.wait(), 30)
+            print(f"broker back and node reconnected after {time.monotonic() - t0:.1f} s")
+            await ch.default_exchange.publish(
+                aio_pika.Message(orjson.dumps({"session": "b2", "turn": "t1", "text": "after it [[sim:len=6]]"}),
+                                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                routing_key=n.requests_queue,
+            )  # fmt: skip
+            await asyncio.wait_for(done.wait(), 30)
+        t1 = got[("b", "t1")]
+        assert one_end(t1)["finish_reason"] == "stop" and "restart" in [m["type"] for m in t1]
+        assert said(t1) == answer_text("across a restart", LENGTH)
+        assert said(got[("b2", "t1")]) == answer_text("after it", 6)
+    finally:
+        ch2 = await conn.channel()
+        for name in (q.name, n.requests_queue, n.dead_letter_exchange):
+            await ch2.queue_delete(name)
+        for name in (n.events_exchange, n.tts_exchange, n.control_exchange, n.dead_letter_exchange):
+            await ch2.exchange_delete(name)
+        await conn.close()
