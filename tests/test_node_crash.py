@@ -21,6 +21,7 @@ from keel.config import parse_config
 from keel.node import Node
 from keel.sim import answer_text
 from keel.testing import SimProcess, spawn_sim
+from limits_helpers import RedisServer
 from node_helpers import (
     AMQP_URL,
     Listener,
@@ -184,3 +185,37 @@ async def test_real_broker_restart(sim: SimProcess) -> None:
         for name in (n.events_exchange, n.tts_exchange, n.control_exchange, n.dead_letter_exchange):
             await ch2.exchange_delete(name)
         await conn.close()
+
+
+async def test_finished_turns_remembered_across_nodes_with_redis(
+    names: tuple[Names, Listener], sim: SimProcess
+) -> None:
+    """A turn whose end went out, redelivered to another node (as after a crash between the
+    end and the ack): with redis_url the other node acks it without a second end."""
+    n, lis = names
+    server = RedisServer()
+    server.start()
+    try:
+        cfg = node_config(n, [{"base_url": sim.base_url}])
+        cfg["redis_url"] = server.url
+        async with Node(parse_config(cfg)):
+            await lis.say("d", "t1", "once only [[sim:len=5]]")
+            await lis.until(lambda: lis.ended("d", "t1"))
+        # The same turn again, taken by a consumer that dies without acking: the broker
+        # redelivers it, flagged, to the next node.
+        await lis.say("d", "t1", "once only [[sim:len=5]]")
+        conn = await aio_pika.connect(AMQP_URL)
+        ch = await conn.channel()
+        q = await ch.get_queue(n.requests_queue)
+        assert await q.get(no_ack=False, timeout=5) is not None
+        await conn.close()  # unacked: requeued with redelivered=True
+        async with Node(parse_config(cfg)) as other:
+            async with asyncio.timeout(10):
+                while other.stats["duplicates"] == 0:  # noqa: ASYNC110 - a counter, no event
+                    await asyncio.sleep(0.01)
+        assert len(server.command("KEYS", "keel:node:done:*")) == 1
+    finally:
+        server.kill()
+    assert one_end(lis.chat[("d", "t1")])["finish_reason"] == "stop"
+    assert "restart" not in [m["type"] for m in lis.chat[("d", "t1")]]
+    assert (await lis.requests.declare()).message_count == 0
