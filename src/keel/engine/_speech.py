@@ -13,6 +13,7 @@ upstream connection at once: the voice bot's barge-in, and a gateway client that
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -266,4 +267,6 @@ class Speech:
         self._end()
 
     def __del__(self) -> None:
-        self._end()  # dropped without aclose(): free the upstream and the slot now
+        # Dropped without aclose(): free the upstream and the slot now.
+        with contextlib.suppress(Exception):
+            self._end()

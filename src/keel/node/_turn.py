@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -82,7 +81,6 @@ class Turn:
         self.tts = TTSWire(utt.session, utt.turn) if cfg.tts is not None else None
         self.said: list[str] = []
         self._segments: asyncio.Queue[object] = asyncio.Queue()
-        self.on_segment: Callable[[int, str], None] | None = None  # tests, the demo
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -204,8 +202,6 @@ class Turn:
             await self._pub(self.cfg.events_exchange, m)
         self.said.append(text)
         self._segments.put_nowait((k, text))
-        if self.on_segment is not None:
-            self.on_segment(k, text)
 
     # -- speech ----------------------------------------------------------------------------------
 
