@@ -201,7 +201,8 @@ class Turn:
         for m in self.chat.segment(text):
             await self._pub(self.cfg.events_exchange, m)
         self.said.append(text)
-        self._segments.put_nowait((k, text))
+        if self.tts is not None:
+            self._segments.put_nowait((k, text))
 
     # -- speech ----------------------------------------------------------------------------------
 
