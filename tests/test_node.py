@@ -106,6 +106,13 @@ async def test_sessions_through_faults(
             assert first and all(e.messages == 2 + 2 * t for e in first), (s, t, first)
     ta_log = tts[0].log()
     assert any(e.status != 200 for e in ta_log), "the flaky TTS deployment failed some"
+    speech = ta_log + tts[1].log()
+    print(
+        f"60 turns: {reasons}; LLM attempts {len(log)} "
+        f"(r429_ds {sum('r429_ds' in f for f in faults)}, other faults "
+        f"{sum(bool(f) and 'r429_ds' not in f for f in faults)}); TTS attempts {len(speech)} "
+        f"({sum(e.status != 200 or not e.finished for e in speech)} failed, all failed over)"
+    )
 
 
 async def test_malformed_messages_are_dead_lettered(
@@ -190,9 +197,11 @@ async def test_barge_in_closes_llm_and_tts_within_100ms(
                 t.wait_for, lambda log: bool(log) and all(e.t_close for e in log)
             )
             open_at_cancel = [e for e in llm_log + tts_log if e.t_close and e.t_close > sent]
-            assert any(e.kind == "chat" for e in open_at_cancel), "the answer was still streaming"
-            assert any(e.kind == "speech" for e in open_at_cancel), "audio was still streaming"
-            assert all(e.client_disconnected for e in open_at_cancel)
+            # Cut by the cancel: the answer and audio mid-synthesis (a synthesis may also
+            # have finished on its own in the same instant: it counts in the bound too).
+            cut = [e for e in open_at_cancel if e.client_disconnected]
+            assert any(e.kind == "chat" for e in cut), "the answer was still streaming"
+            assert any(e.kind == "speech" for e in cut), "audio was still streaming"
             worst.append(max(e.t_close - sent for e in open_at_cancel))  # type: ignore[operator]
     worst.sort()
     p99 = worst[-1]  # of 20 tries, the 99th percentile is the worst one
