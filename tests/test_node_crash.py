@@ -219,3 +219,22 @@ async def test_finished_turns_remembered_across_nodes_with_redis(
     assert one_end(lis.chat[("d", "t1")])["finish_reason"] == "stop"
     assert "restart" not in [m["type"] for m in lis.chat[("d", "t1")]]
     assert (await lis.requests.declare()).message_count == 0
+
+
+async def test_graceful_stop_hands_the_turn_over(
+    names: tuple[Names, Listener], sim: SimProcess
+) -> None:
+    """SIGTERM (Node.stop) mid-answer: no end from the stopping node, no ack; the next node
+    answers the turn after a restart, once."""
+    n, lis = names
+    cfg = parse_config(node_config(n, [{"base_url": sim.base_url}]))
+    async with Node(cfg):
+        await lis.say("g", "t1", "stopped half way")
+        await lis.until(lambda: any(m["type"] == "segment" for m in lis.chat[("g", "t1")]))
+    assert not lis.ended("g", "t1")
+    async with Node(cfg) as other:
+        await lis.until(lambda: lis.ended("g", "t1"))
+        assert other.stats["turns"] == 1
+    msgs = lis.chat[("g", "t1")]
+    assert one_end(msgs)["finish_reason"] == "stop" and "restart" in [m["type"] for m in msgs]
+    assert said(msgs) == answer_text("stopped half way", LENGTH)

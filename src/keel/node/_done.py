@@ -18,7 +18,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("keel.node")
 _LOCAL = 100_000
-_TIMEOUT = 0.2  # seconds per Redis call
+# Seconds per Redis call. Both calls sit off the answer's path — the write comes after the end
+# is published (it delays only the ack), the read only on a redelivery — so a busy Redis is
+# waited for a little rather than risk a second end.
+_TIMEOUT = 1.0
 
 
 class FinishedTurns:

@@ -52,6 +52,7 @@ class Node:
         self.sessions: OrderedDict[str, Session] = OrderedDict()
         self.finished = FinishedTurns(config.redis_url, self.cfg)
         self.turns: set[asyncio.Task[None]] = set()
+        self._turn_of: dict[asyncio.Task[Any], Turn] = {}  # the turn each task runs, once known
         self.stats: dict[str, int] = {"turns": 0, "malformed": 0, "duplicates": 0, "lost": 0}
         self._stopped = asyncio.Event()
 
@@ -70,10 +71,16 @@ class Node:
 
     async def stop(self) -> None:
         """Stop consuming; running turns stop without an ack (the broker hands them to
-        another node), then the connections close."""
+        another node, which answers them afresh), then the connections close. A turn whose
+        chat end is already out is finished here instead (its TTS ends ``cancelled``, it is
+        acked): answered again elsewhere, it would end twice."""
         await self.bus.stop_consuming()
         for task in list(self.turns):
-            task.cancel()
+            turn = self._turn_of.get(task)
+            if turn is not None and turn.chat.ended:
+                turn.cancel()
+            else:
+                task.cancel()
         for task in list(self.turns):
             try:
                 await task
@@ -136,6 +143,10 @@ class Node:
             session.latest.cancel()  # a newer utterance: the running turn stops first
         turn = Turn(self.gw, self.bus, self.cfg, utt, session, delivery, redelivered)
         session.latest = turn
+        task = asyncio.current_task()
+        if task is not None:
+            self._turn_of[task] = turn
+            task.add_done_callback(self._turn_of.pop)
         # Another node may be running this session's previous turn: tell it (it ignores the
         # message when this very turn is its own).
         await self._publish_control(cancel_message(utt.session, by_turn=utt.turn))
