@@ -161,10 +161,11 @@ async def test_unrepairable_failures_end_with_error(
 
 @pytest.fixture(scope="module")
 def slow() -> Iterator[tuple[SimProcess, SimProcess]]:
-    """A long, slow answer and slow audio: a barge-in lands mid-answer and mid-audio."""
+    """A long, slow answer and slower audio (0.1 s per character, so speech always lags
+    the text): a barge-in lands mid-answer and mid-audio."""
     with (
         spawn_sim("--name", "slow", "--token-delay", "0.01", "--length", "400") as s,
-        spawn_sim("--name", "slowtts", "--audio-chunk", "200", "--audio-delay", "0.02") as t,
+        spawn_sim("--name", "slowtts", "--audio-chunk", "100", "--audio-delay", "0.05") as t,
     ):
         yield s, t
 
