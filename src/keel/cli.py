@@ -1,4 +1,4 @@
-"""The ``keel`` command line: serve, sim, demo, bench.
+"""The ``keel`` command line: serve, sim, demo, bench, node.
 
 Each subcommand lives with the code it drives; this module only wires them together so that
 ``keel --help`` is one place to read. Imports are lazy to keep start-up fast.
@@ -28,6 +28,9 @@ def _register() -> None:
     app.command("demo", help="Simulators + gateway + a workload: direct vs through keel.")(
         demo_command
     )
+    from keel.node._cli import node_command
+
+    app.command("node", help="Run the RabbitMQ chat + TTS voice-bot worker.")(node_command)
 
 
 @app.command()

@@ -25,6 +25,8 @@ from keel._config_limits import (
     QueueConfig,
     SharedConfig,
 )
+from keel._config_node import NodeConfig
+from keel._config_node import NodeTTS as NodeTTS  # the ``node:`` section, re-exported
 from keel._config_streams import ResumeConfig, WebSocketConfig
 
 
@@ -195,6 +197,18 @@ class GatewayConfig(_Strict):
     # the WebSocket door and resumable streams (keel/_config_streams.py)
     websocket: WebSocketConfig = WebSocketConfig()
     resume: ResumeConfig = ResumeConfig()
+    node: NodeConfig | None = None  # `keel node`: the RabbitMQ voice-bot worker
+
+    @model_validator(mode="after")
+    def _node_models_exist(self) -> GatewayConfig:
+        if self.node is not None:
+            names = [("node.model", self.node.model)]
+            if self.node.tts is not None:
+                names.append(("node.tts.model", self.node.tts.model))
+            for where, name in names:
+                if name not in self.models:
+                    raise ValueError(f"{where} names unknown model group {name!r}")
+        return self
 
     @model_validator(mode="after")
     def _client_keys_unique(self) -> GatewayConfig:

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     import httpx
 
     from keel.engine._sinks import ChunkStream
+    from keel.engine._speech import Speech
 
 # How long before the client's own timeout keel answers, so that its error (not a client-side
 # timeout) is what the client sees: a response's trip back, with room to spare.
@@ -173,6 +174,16 @@ class Keel:
         from keel.engine._sinks import ChunkStream
 
         return ChunkStream(self, lambda: self.library_call(body, True, api_key))
+
+    async def speech(self, body: Mapping[str, Any], *, api_key: str | None = None) -> Speech:
+        """Text-to-speech on a model group whose deployments serve ``/v1/audio/speech``:
+        retried and failed over until the first audio byte, then an async iterator of audio
+        chunks (``KeelError`` if it breaks after that). Leaving it closes the upstream."""
+        from keel.engine._speech import speech
+
+        headers = {} if api_key is None else {"authorization": f"Bearer {api_key}"}
+        principal = None if api_key is None else self.authenticate(headers)
+        return await speech(self, body, principal, headers)
 
     def transport(self) -> httpx.AsyncBaseTransport:
         """An ``httpx`` transport that calls the engine in-process (no socket, no HTTP

@@ -107,6 +107,12 @@ def _shutting_down() -> KeelError:
     return KeelError(503, SHUTTING_DOWN, type="server_error", code="server_shutting_down")
 
 
+async def _speech(request: web.Request) -> web.StreamResponse:
+    from keel.gateway._speech import audio_speech  # (it imports this module)
+
+    return await audio_speech(request)
+
+
 async def models(request: web.Request) -> web.Response:
     keel = request.app[KEEL_KEY]
     try:
@@ -123,8 +129,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 _ENDPOINTS = (
-    "POST /v1/chat/completions, GET /v1/models, GET /v1/ws, GET|DELETE /v1/streams/{id}, "
-    "GET /playground, GET /healthz, GET /metrics"
+    "POST /v1/chat/completions, POST /v1/audio/speech, GET /v1/models, GET /v1/ws, "
+    "GET|DELETE /v1/streams/{id}, GET /playground, GET /healthz, GET /metrics"
 )
 
 
@@ -187,6 +193,7 @@ async def _end_committed_stream(request: web.Request, body: dict[str, Any]) -> N
 _ROUTES: list[tuple[str, str, Handler]] = [
     ("/v1/chat/completions", "POST", chat_completions),  # guarded inline: the hot path
     ("/chat/completions", "POST", chat_completions),
+    ("/v1/audio/speech", "POST", _speech),  # keel.gateway._speech
     ("/v1/models", "GET", guarded(models)),
     ("/healthz", "GET", guarded(healthz)),
     ("/metrics", "GET", guarded(metrics)),

@@ -23,6 +23,9 @@ Errors before any byte: ``r429[=S]`` ``r429_ds`` ``r429_long[=S]`` ``quota`` ``q
 ``anth_err_mid=N`` ``garbage_fatal=N`` ``no_finish`` ``null_finish`` ``empty_finish``
 ``no_done`` ``garbage`` ``crlf`` ``cr`` ``frag`` ``keepalive`` ``slow_first=S``
 ``slow_token=S``. Settings: ``len=N`` ``delay=S`` ``overlap=N`` ``tool``.
+
+Text-to-speech: ``POST /v1/audio/speech`` streams :func:`audio_bytes` of the input in
+``--audio-chunk`` byte chunks, ``--audio-delay`` seconds apart (``keel.sim._speech``).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from keel.sim._errors import go_duration, key_fingerprint, mask_key
 from keel.sim._faults import FAULTS, SETTINGS, DirectiveError, Fault
 from keel.sim._log import LogEntry
 from keel.sim._server import DIALECTS, Simulator
+from keel.sim._speech import audio_bytes
 
 __all__ = [
     "CONTINUE_MARKER",
@@ -53,6 +57,7 @@ __all__ = [
     "Simulator",
     "answer_for",
     "answer_text",
+    "audio_bytes",
     "go_duration",
     "key_fingerprint",
     "mask_key",

@@ -85,6 +85,12 @@ def sim_command(
     models: Annotated[
         str, typer.Option(help="Comma-separated model ids listed by /v1/models.")
     ] = "sim-model",
+    audio_chunk: Annotated[
+        int, typer.Option(help="/v1/audio/speech: bytes per audio chunk.")
+    ] = 1024,
+    audio_delay: Annotated[
+        float, typer.Option(help="/v1/audio/speech: seconds before each chunk after the first.")
+    ] = 0.0,
 ) -> None:
     """Run the OpenAI-compatible upstream simulator with fault injection."""
     kwargs: dict[str, object] = {
@@ -104,6 +110,8 @@ def sim_command(
         "key_faults": key_faults,
         "keys": keys,
         "models": [m.strip() for m in models.split(",") if m.strip()],
+        "audio_chunk": audio_chunk,
+        "audio_delay": audio_delay,
     }
     try:
         if sys.platform != "win32":

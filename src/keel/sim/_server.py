@@ -97,6 +97,8 @@ class Simulator:
         key_faults: str | Mapping[str, str] | None = None,
         keys: Iterable[str] | str | None = None,
         models: Iterable[str] = ("sim-model",),
+        audio_chunk: int = 1024,
+        audio_delay: float = 0.0,
     ) -> None:
         self.name = name
         self.models = list(models)
@@ -121,6 +123,8 @@ class Simulator:
         self.latency = latency  # seconds before every successful answer's headers
         self.key_faults: dict[str, Fault] = {}
         self.keys: frozenset[str] = frozenset()
+        self.audio_chunk = audio_chunk  # /v1/audio/speech: bytes per chunk (keel.sim._speech)
+        self.audio_delay = audio_delay  # seconds before each chunk after the first
         self.configure(
             dialect=dialect,
             faults=faults or "",
@@ -148,6 +152,8 @@ class Simulator:
         key_faults: str | Mapping[str, str] | None = None,
         keys: Iterable[str] | str | None = None,
         dialect: str | None = None,
+        audio_chunk: int | None = None,
+        audio_delay: float | None = None,
     ) -> dict[str, Any]:
         """Change settings at run time (None = unchanged; ``faults=""`` = none). Setting
         ``faults`` or ``seed`` restarts the seeded fault sequence."""
@@ -190,6 +196,10 @@ class Simulator:
             self.first_token_delay = first_token_delay
         if length is not None:
             self.length = length
+        if audio_chunk is not None:
+            self.audio_chunk = audio_chunk
+        if audio_delay is not None:
+            self.audio_delay = audio_delay
         return self.config()
 
     def config(self) -> dict[str, Any]:
@@ -210,6 +220,8 @@ class Simulator:
             "key_faults": len(self.key_faults),  # keys are secrets: count only
             "keys": len(self.keys),
             "models": self.models,
+            "audio_chunk": self.audio_chunk,
+            "audio_delay": self.audio_delay,
         }
 
     # -- lifecycle and introspection ----------------------------------------------------------
@@ -220,6 +232,8 @@ class Simulator:
         r.add_post("/v1/chat/completions", self._chat)
         r.add_post("/chat/completions", self._chat)
         r.add_post("/openai/deployments/{deployment}/chat/completions", self._chat)  # Azure
+        r.add_post("/v1/audio/speech", self._speech)
+        r.add_post("/audio/speech", self._speech)
         r.add_get("/v1/models", self._models)
         r.add_get("/_sim/log", self._get_log)
         r.add_delete("/_sim/log", self._delete_log)
@@ -320,6 +334,11 @@ class Simulator:
     async def _health(self, request: web.Request) -> web.Response:
         return _json({"ok": True, "name": self.name})
 
+    async def _speech(self, request: web.Request) -> web.StreamResponse:
+        from keel.sim._speech import speech
+
+        return await speech(self, request)
+
     # -- chat completions ---------------------------------------------------------------------
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
@@ -346,6 +365,7 @@ class Simulator:
             return self._error(entry, bad_request("'messages' must be a non-empty array"))
         model = str(body.get("model") or request.match_info.get("deployment") or self.models[0])
         entry.model, entry.stream = model, bool(body.get("stream"))
+        entry.messages = len(messages)
 
         turn = turn_of(messages)
         try:
