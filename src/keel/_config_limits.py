@@ -81,3 +81,28 @@ class ClientConfig(_Strict):
         if not self.key.get_secret_value():
             raise ValueError("client key must not be empty")
         return self
+
+
+class JwtConfig(_Strict):
+    """Access tokens (``POST /v1/auth/token``): RS256 JWTs signed with keys kept in the key
+    database (rotated every ``rotate_every`` seconds; old verification keys stay as long as
+    tokens they signed can live)."""
+
+    issuer: str = "keel"
+    audience: str = "keel"
+    access_ttl: float = Field(900.0, gt=0)  # 15 minutes
+    refresh_ttl: float = Field(30 * 86400.0, gt=0)
+    leeway: float = Field(5.0, ge=0)  # clock skew allowed on exp / nbf / iat
+    rotate_every: float = Field(86400.0, gt=0)
+    code_ttl: float = Field(600.0, gt=0)  # admin-issued one-time codes
+
+
+class AuthConfig(_Strict):
+    """Virtual keys (keel.auth): how replicas learn of changes and write spend."""
+
+    # Seconds between polls of the key database; revocations arrive sooner by Postgres
+    # LISTEN/NOTIFY or Redis pub/sub (the poll is the safety net, and SQLite's only path).
+    sync_interval: float = Field(0.5, gt=0)
+    # Spend is counted in memory and written in batches this often.
+    spend_flush_interval: float = Field(1.0, gt=0)
+    jwt: JwtConfig = JwtConfig()

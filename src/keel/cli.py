@@ -28,6 +28,9 @@ def _register() -> None:
     app.command("demo", help="Simulators + gateway + a workload: direct vs through keel.")(
         demo_command
     )
+    from keel.auth._cli import app as keys_app
+
+    app.add_typer(keys_app, name="keys", help="Virtual keys: create, list, show, revoke, rotate.")
 
 
 @app.command()
