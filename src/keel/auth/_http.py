@@ -129,7 +129,16 @@ async def keys(request: web.Request) -> web.Response:
     if request.method not in ("GET", "HEAD"):
         raise _not_allowed(request, "GET, POST")
     rows = await svc.store.list_keys() if await svc._open() else []
-    return _json({"object": "list", "data": [public(r) for r in rows]})
+    return _json({"object": "list", "data": [_shown(svc, r) for r in rows]})
+
+
+def _shown(svc: KeyService, row: dict[str, Any]) -> dict[str, Any]:
+    """A key with the spend this replica counted and has not written yet."""
+    data = public(row)
+    vk = svc.by_id.get(row["id"])
+    if vk is not None and data["status"] == "active":
+        data["spend_usd"] = round(data["spend_usd"] + vk.pending + vk.flushing, 9)
+    return data
 
 
 def _not_allowed(request: web.Request, allowed: str) -> KeelError:
@@ -150,7 +159,7 @@ async def one_key(request: web.Request) -> web.Response:
     key_id = request.match_info["id"]
     await _opened(svc, key_id)
     if request.method in ("GET", "HEAD"):
-        return _json(public(await svc.store.get_key(key_id)))
+        return _json(_shown(svc, await svc.store.get_key(key_id)))
     if request.method == "DELETE":
         row = await svc.store.revoke_key(key_id)
         await svc.announce()
