@@ -257,14 +257,20 @@ class KeyService:
 
     async def _loop(self) -> None:
         failing = False
+        last_sync = time.monotonic()
+        tick = min(self.auth.sync_interval, self.auth.spend_flush_interval)
         while True:
+            woken = False
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.auth.sync_interval)
+                await asyncio.wait_for(self._wake.wait(), tick)
+                woken = True
             self._wake.clear()
             try:
                 if not self.opened and not await self._open():
                     continue
-                await self.sync()
+                if woken or time.monotonic() - last_sync >= self.auth.sync_interval:
+                    last_sync = time.monotonic()
+                    await self.sync()
                 now = time.time()
                 if now - self._last_flush >= self.auth.spend_flush_interval:
                     self._last_flush = now
