@@ -42,7 +42,9 @@ def http(
     return status, headers, raw.decode()
 
 
-def chat(gw_url: str, token: str | None, model: str = "chat", prompt: str = "hi", **kw: Any) -> tuple[int, dict[str, str], Any]:
+def chat(
+    gw_url: str, token: str | None, model: str = "chat", prompt: str = "hi", **kw: Any
+) -> tuple[int, dict[str, str], Any]:
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], **kw}
     return http("POST", gw_url + "/v1/chat/completions", body, token)
 
@@ -82,9 +84,23 @@ def wait_until(pred: Callable[[], bool], timeout: float, step: float = 0.01) -> 
 
 def _psql(sql: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["psql", "-h", "127.0.0.1", "-U", "root", "-d", "postgres", "-v", "ON_ERROR_STOP=1",
-         "-c", sql], capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
+        [
+            "psql",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "root",
+            "-d",
+            "postgres",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            sql,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def _pg_up() -> bool:

@@ -32,8 +32,15 @@ def _b64(data: bytes) -> str:
 
 
 def claims(now: float = T0, **over: object) -> dict[str, object]:
-    c: dict[str, object] = {"iss": "keel", "aud": "keel", "sub": "key_1", "fam": "fam_1",
-                            "iat": int(now), "nbf": int(now), "exp": int(now + 900)}  # fmt: skip
+    c: dict[str, object] = {
+        "iss": "keel",
+        "aud": "keel",
+        "sub": "key_1",
+        "fam": "fam_1",
+        "iat": int(now),
+        "nbf": int(now),
+        "exp": int(now + 900),
+    }
     c.update(over)
     return {k: v for k, v in c.items() if v is not None}
 
@@ -73,12 +80,18 @@ def _tampered(pem: str, kid: str) -> str:
 
 CASES = {
     "expired": (lambda pem, kid: signed(pem, kid, claims(T0 - 1000)), "token expired"),
-    "not yet valid": (lambda pem, kid: signed(pem, kid, claims(nbf=int(T0 + 60))),
-                      "token not yet valid"),  # fmt: skip
-    "issued in the future": (lambda pem, kid: signed(pem, kid, claims(iat=int(T0 + 60))),
-                             "token not yet valid"),  # fmt: skip
-    "wrong audience": (lambda pem, kid: signed(pem, kid, claims(aud="someone-else")),
-                       "wrong audience"),  # fmt: skip
+    "not yet valid": (
+        lambda pem, kid: signed(pem, kid, claims(nbf=int(T0 + 60))),
+        "token not yet valid",
+    ),
+    "issued in the future": (
+        lambda pem, kid: signed(pem, kid, claims(iat=int(T0 + 60))),
+        "token not yet valid",
+    ),
+    "wrong audience": (
+        lambda pem, kid: signed(pem, kid, claims(aud="someone-else")),
+        "wrong audience",
+    ),
     "wrong issuer": (lambda pem, kid: signed(pem, kid, claims(iss="evil")), "wrong issuer"),
     "no exp": (lambda pem, kid: signed(pem, kid, claims(exp=None)), "invalid token"),
     "alg none": (lambda pem, kid: _none(kid), "algorithm 'none' is not accepted"),

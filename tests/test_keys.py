@@ -43,18 +43,43 @@ def test_zero_config_sqlite_and_the_cli_lifecycle(upstream: SimProcess, tmp_path
         assert chat(gw.url, None)[0] == 200
         assert not db.exists()
 
-        out = keel_cli(cfg, "--json", "create", "--name", "voice-bot", "--models", "chat",
-                       "--rpm", "600", "--tpm", "200000", "--max-concurrency", "20",
-                       "--budget-usd", "50", "--budget-period", "month", "--expires", "90d")  # fmt: skip
+        out = keel_cli(
+            cfg,
+            "--json",
+            "create",
+            "--name",
+            "voice-bot",
+            "--models",
+            "chat",
+            "--rpm",
+            "600",
+            "--tpm",
+            "200000",
+            "--max-concurrency",
+            "20",
+            "--budget-usd",
+            "50",
+            "--budget-period",
+            "month",
+            "--expires",
+            "90d",
+        )
         created = json.loads(out.stdout)
         key = created.pop("key")
         assert key.startswith("sk-keel-") and len(key) == len("sk-keel-") + 43
         assert db.exists()
         assert created["name"] == "voice-bot" and created["status"] == "active"
         assert (created["models"], created["rpm"], created["tpm"], created["max_concurrency"]) == (
-            ["chat"], 600, 200000, 20)  # fmt: skip
+            ["chat"],
+            600,
+            200000,
+            20,
+        )
         assert (created["budget_usd"], created["budget_period"], created["spend_usd"]) == (
-            50.0, "month", 0.0)  # fmt: skip
+            50.0,
+            "month",
+            0.0,
+        )
         assert created["expires_at"] - created["created_at"] == 90 * 86400
         kid = created["id"]
 
@@ -78,10 +103,15 @@ def test_zero_config_sqlite_and_the_cli_lifecycle(upstream: SimProcess, tmp_path
         assert revoked["status"] == "revoked" and revoked["revoked_at"] is not None
         took = wait_until(lambda: chat(gw.url, new_key)[0] == 401, timeout=1.0)
         print(f"revocation seen by the gateway after {took * 1000:.0f} ms")
-        status, headers, body = chat(gw.url, new_key)
-        assert body == {"error": {"message": "Invalid or missing API key for this gateway.",
-                                  "type": "invalid_request_error", "param": None,
-                                  "code": "invalid_api_key"}}  # fmt: skip
+        _status, headers, body = chat(gw.url, new_key)
+        assert body == {
+            "error": {
+                "message": "Invalid or missing API key for this gateway.",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "invalid_api_key",
+            }
+        }
         assert headers["x-should-retry"] == "false"
         out = gw.output_tail()
     for secret in (key, new_key):
@@ -93,13 +123,25 @@ def test_the_admin_api(upstream: SimProcess, tmp_path: Path) -> None:
     cfg = write_config(tmp_path, config(upstream, server={"admin_key": ADMIN}))
     with spawn_gateway(str(cfg)) as gw:
         url = gw.url + "/admin/keys"
-        spec = {"name": "voice-bot", "models": ["chat"], "rpm": 600, "tpm": 200000,
-                "max_concurrency": 20, "budget_usd": 50, "budget_period": "month",
-                "expires": "90d"}  # fmt: skip
-        assert http("POST", url, spec)[2] == {"error": {
-            "message": "The admin API needs the gateway's admin key (server.admin_key) as a "
-                       "bearer token.",
-            "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}  # fmt: skip
+        spec = {
+            "name": "voice-bot",
+            "models": ["chat"],
+            "rpm": 600,
+            "tpm": 200000,
+            "max_concurrency": 20,
+            "budget_usd": 50,
+            "budget_period": "month",
+            "expires": "90d",
+        }
+        assert http("POST", url, spec)[2] == {
+            "error": {
+                "message": "The admin API needs the gateway's admin key (server.admin_key) as a "
+                "bearer token.",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "invalid_api_key",
+            }
+        }
         assert http("POST", url, spec, token="sk-wrong")[0] == 401
         # An admin key is set: nothing is open, even before the first virtual key.
         assert chat(gw.url, None)[0] == 401
@@ -108,7 +150,8 @@ def test_the_admin_api(upstream: SimProcess, tmp_path: Path) -> None:
         assert status == 201
         key, kid = created["key"], created["id"]
         assert {k: created[k] for k in spec if k != "expires"} == {
-            k: v for k, v in spec.items() if k != "expires"}  # fmt: skip
+            k: v for k, v in spec.items() if k != "expires"
+        }
         assert created["expires_at"] - created["created_at"] == 90 * 86400
         assert chat(gw.url, key)[0] == 200  # usable at once on the replica that made it
 
@@ -119,18 +162,39 @@ def test_the_admin_api(upstream: SimProcess, tmp_path: Path) -> None:
         assert status == 200 and one["name"] == "voice-bot" and "key" not in one
 
         # Mistakes: exact statuses and bodies, never a 500.
-        assert http("POST", url, {**spec, "name": "voice-bot"}, token=ADMIN)[:3:2] == (409, {
-            "error": {"message": "An active key named 'voice-bot' exists already.",
-                      "type": "invalid_request_error", "param": "name", "code": "name_taken"}})  # fmt: skip
-        assert http("POST", url, {"name": "x", "rpm": -1}, token=ADMIN)[2]["error"]["param"] == "rpm"
+        assert http("POST", url, {**spec, "name": "voice-bot"}, token=ADMIN)[:3:2] == (
+            409,
+            {
+                "error": {
+                    "message": "An active key named 'voice-bot' exists already.",
+                    "type": "invalid_request_error",
+                    "param": "name",
+                    "code": "name_taken",
+                }
+            },
+        )
+        assert (
+            http("POST", url, {"name": "x", "rpm": -1}, token=ADMIN)[2]["error"]["param"] == "rpm"
+        )
         assert http("POST", url, {"name": "x", "bogus": 1}, token=ADMIN)[2]["error"] == {
-            "message": "Unknown field 'bogus'.", "type": "invalid_request_error",
-            "param": "bogus", "code": "unknown_parameter"}  # fmt: skip
+            "message": "Unknown field 'bogus'.",
+            "type": "invalid_request_error",
+            "param": "bogus",
+            "code": "unknown_parameter",
+        }
         assert http("POST", url, {"name": "x", "models": ["nope"]}, token=ADMIN)[0] == 400
         assert http("POST", url, {"name": "x", "expires": "soon"}, token=ADMIN)[0] == 400
-        assert http("GET", f"{url}/key_missing", token=ADMIN)[:3:2] == (404, {"error": {
-            "message": "No key with id 'key_missing'.", "type": "invalid_request_error",
-            "param": None, "code": "key_not_found"}})  # fmt: skip
+        assert http("GET", f"{url}/key_missing", token=ADMIN)[:3:2] == (
+            404,
+            {
+                "error": {
+                    "message": "No key with id 'key_missing'.",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "key_not_found",
+                }
+            },
+        )
         status, headers, _ = http("PUT", f"{url}/{kid}", {}, token=ADMIN)
         assert status == 405 and headers["allow"] == "GET, DELETE"
 
@@ -147,7 +211,9 @@ def test_the_admin_api(upstream: SimProcess, tmp_path: Path) -> None:
 
 
 def test_models_a_key_may_use(upstream: SimProcess, tmp_path: Path) -> None:
-    cfg = write_config(tmp_path, config(upstream, server={"admin_key": ADMIN, "metrics_key": "mk-1"}))
+    cfg = write_config(
+        tmp_path, config(upstream, server={"admin_key": ADMIN, "metrics_key": "mk-1"})
+    )
     with spawn_gateway(str(cfg)) as gw:
         url = gw.url + "/admin/keys"
         only_chat = http("POST", url, {"name": "narrow", "models": ["chat"]}, token=ADMIN)[2]["key"]
@@ -156,13 +222,20 @@ def test_models_a_key_may_use(upstream: SimProcess, tmp_path: Path) -> None:
         assert chat(gw.url, only_chat, model="chat")[0] == 200
         status, headers, body = chat(gw.url, only_chat, model="other")
         assert status == 404 and headers["x-should-retry"] == "false"
-        assert body == {"error": {
-            "message": "The model 'other' does not exist or key 'narrow' may not use it. "
-                       "Available: chat.",
-            "type": "invalid_request_error", "param": "model", "code": "model_not_found"}}  # fmt: skip
+        assert body == {
+            "error": {
+                "message": "The model 'other' does not exist or key 'narrow' may not use it. "
+                "Available: chat.",
+                "type": "invalid_request_error",
+                "param": "model",
+                "code": "model_not_found",
+            }
+        }
         assert chat(gw.url, every, model="other")[0] == 200
 
-        ids = lambda tok: [m["id"] for m in http("GET", gw.url + "/v1/models", token=tok)[2]["data"]]  # noqa: E731
+        def ids(tok):
+            return [m["id"] for m in http("GET", gw.url + "/v1/models", token=tok)[2]["data"]]
+
         assert ids(only_chat) == ["chat"]
         assert ids(every) == ["chat", "other"]
         assert http("GET", gw.url + "/v1/models")[0] == 401
@@ -189,8 +262,12 @@ def _open_stream(gw_url: str, token: str, body: dict[str, Any]) -> Any:
 
     u = urlsplit(gw_url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
-    conn.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}),
-                 {"authorization": f"Bearer {token}", "content-type": "application/json"})  # fmt: skip
+    conn.request(
+        "POST",
+        "/v1/chat/completions",
+        json.dumps({**body, "stream": True}),
+        {"authorization": f"Bearer {token}", "content-type": "application/json"},
+    )
     resp = conn.getresponse()
     assert resp.status == 200
     return conn, resp
@@ -216,8 +293,13 @@ def test_budget_exhaustion_exact_arithmetic_streams_included(
     def msgs(text: str) -> list[dict[str, str]]:
         return [{"role": "user", "content": text}]
 
-    prompts = ["budget one", "budget two [[sim:len=20]]", "budget three [[sim:len=10]]",
-               "budget four [[sim:len=60]]", "budget slow [[sim:len=30,delay=0.04]]"]  # fmt: skip
+    prompts = [
+        "budget one",
+        "budget two [[sim:len=20]]",
+        "budget three [[sim:len=10]]",
+        "budget four [[sim:len=60]]",
+        "budget slow [[sim:len=30,delay=0.04]]",
+    ]
     lengths = [24, 20, 10, 60, 30]
     costs = [usd(prompt_tokens(msgs(p)), n) for p, n in zip(prompts, lengths, strict=True)]
     # Spent before the fourth request: under budget; after it: over.
@@ -225,9 +307,12 @@ def test_budget_exhaustion_exact_arithmetic_streams_included(
     assert sum(costs[:3]) < budget <= sum(costs[:4])
 
     with spawn_gateway(str(cfgp)) as gw:
-        created = http("POST", gw.url + "/admin/keys",
-                       {"name": "voice-bot", "budget_usd": budget, "budget_period": "month"},
-                       token=ADMIN)[2]  # fmt: skip
+        created = http(
+            "POST",
+            gw.url + "/admin/keys",
+            {"name": "voice-bot", "budget_usd": budget, "budget_period": "month"},
+            token=ADMIN,
+        )[2]
         key, kid = created["key"], created["id"]
 
         # 1: non-stream, priced from the usage it reports.
@@ -238,8 +323,15 @@ def test_budget_exhaustion_exact_arithmetic_streams_included(
         # 2: a stream that asked for usage: the client sees the one usage chunk.
         from auth_helpers import stream_chunks
 
-        chunks = stream_chunks(gw.url, key, {"model": "chat", "messages": msgs(prompts[1]),
-                                             "stream_options": {"include_usage": True}})  # fmt: skip
+        chunks = stream_chunks(
+            gw.url,
+            key,
+            {
+                "model": "chat",
+                "messages": msgs(prompts[1]),
+                "stream_options": {"include_usage": True},
+            },
+        )
         u = chunks[-1]["usage"]
         assert usd(u["prompt_tokens"], u["completion_tokens"]) == costs[1]
         # 3: a stream that did not: keel still counts it, and the client gets no usage chunk.
@@ -257,9 +349,14 @@ def test_budget_exhaustion_exact_arithmetic_streams_included(
         # ... the next is refused, exactly so ...
         status, headers, body = chat(gw.url, key, prompt="one more")
         assert status == 429 and headers["x-should-retry"] == "false"
-        assert body == {"error": {
-            "message": f"budget of ${budget:g}/month for key voice-bot reached",
-            "type": "insufficient_quota", "param": None, "code": "insufficient_quota"}}  # fmt: skip
+        assert body == {
+            "error": {
+                "message": f"budget of ${budget:g}/month for key voice-bot reached",
+                "type": "insufficient_quota",
+                "param": None,
+                "code": "insufficient_quota",
+            }
+        }
         assert chat(gw.url, key, prompt="one more", stream=True)[0] == 429
         # ... and the stream in flight finishes, and is charged too.
         rest = [first, *events]
@@ -267,7 +364,10 @@ def test_budget_exhaustion_exact_arithmetic_streams_included(
         assert rest[-1] == "[DONE]"
         content = [json.loads(e) for e in rest[:-1]]
         assert content[-1]["choices"][0]["finish_reason"] == "stop"
-        assert sum(1 for c in content if c["choices"] and c["choices"][0]["delta"].get("content")) == 30
+        assert (
+            sum(1 for c in content if c["choices"] and c["choices"][0]["delta"].get("content"))
+            == 30
+        )
 
         total = sum(costs)
 
@@ -284,7 +384,9 @@ def _db_spend(directory: Path, kid: str) -> float:
     import sqlite3
 
     with sqlite3.connect(directory / "keel.keys.db") as c:
-        return float(c.execute("SELECT spend_usd FROM keel_keys WHERE id = ?", (kid,)).fetchone()[0])
+        return float(
+            c.execute("SELECT spend_usd FROM keel_keys WHERE id = ?", (kid,)).fetchone()[0]
+        )
 
 
 def test_a_stream_the_client_leaves_is_charged_for_what_was_generated(
@@ -298,8 +400,10 @@ def test_a_stream_the_client_leaves_is_charged_for_what_was_generated(
     cfgp = write_config(tmp_path, cfg)
     with spawn_gateway(str(cfgp)) as gw:
         created = http("POST", gw.url + "/admin/keys", {"name": "leaver"}, token=ADMIN)[2]
-        body = {"model": "chat",
-                "messages": [{"role": "user", "content": "leave early [[sim:len=40,delay=0.03]]"}]}  # fmt: skip
+        body = {
+            "model": "chat",
+            "messages": [{"role": "user", "content": "leave early [[sim:len=40,delay=0.03]]"}],
+        }
         conn, resp = _open_stream(gw.url, created["key"], body)
         events = _events(resp)
         got = [next(events) for _ in range(4)]  # the role chunk and three tokens

@@ -38,8 +38,12 @@ def redis_server() -> Iterator[RedisServer]:
 def _config(sim: SimProcess, **extra: Any) -> dict[str, Any]:
     return {
         "server": {"admin_key": ADMIN},
-        "models": {"chat": {"deployments": [{"base_url": sim.base_url}],
-                            "price": {"input": 1000.0, "output": 4000.0}}},  # fmt: skip
+        "models": {
+            "chat": {
+                "deployments": [{"base_url": sim.base_url}],
+                "price": {"input": 1000.0, "output": 4000.0},
+            }
+        },
         "auth": {"sync_interval": 30, "spend_flush_interval": 0.2},
         **extra,
     }
@@ -86,12 +90,15 @@ def test_revoked_on_a_refused_on_b_within_a_second_postgres(
         import json
 
         made = json.loads(keel_cli(cfg, "--json", "create", "--name", "cli-made").stdout)
-        t_cli = max(_seen_within(lambda gw=gw: chat(gw.url, made["key"])[0] == 200, 1.0)
-                    for gw in (a, b))  # fmt: skip
+        t_cli = max(
+            _seen_within(lambda gw=gw: chat(gw.url, made["key"])[0] == 200, 1.0) for gw in (a, b)
+        )
         out = a.output_tail() + b.output_tail()
     assert key not in out and made["key"] not in out
-    print(f"postgres NOTIFY: new key on B after {t_new * 1000:.0f} ms, revocation after "
-          f"{t_revoke * 1000:.0f} ms, CLI key after {t_cli * 1000:.0f} ms (poll 30 s)")
+    print(
+        f"postgres NOTIFY: new key on B after {t_new * 1000:.0f} ms, revocation after "
+        f"{t_revoke * 1000:.0f} ms, CLI key after {t_cli * 1000:.0f} ms (poll 30 s)"
+    )
 
 
 @needs_redis
@@ -99,8 +106,9 @@ def test_revoked_on_a_refused_on_b_within_a_second_redis(
     upstream: SimProcess, tmp_path: Path, redis_server: RedisServer
 ) -> None:
     db = tmp_path / "shared.keys.db"
-    cfg = write_config(tmp_path, _config(upstream, database_url=f"sqlite:///{db}",
-                                         redis_url=redis_server.url))  # fmt: skip
+    cfg = write_config(
+        tmp_path, _config(upstream, database_url=f"sqlite:///{db}", redis_url=redis_server.url)
+    )
     import json
 
     made = json.loads(keel_cli(cfg, "--json", "create", "--name", "bus").stdout)
@@ -119,5 +127,7 @@ def test_revoked_on_a_refused_on_b_within_a_second_redis(
         for gw in (a, b):
             wait_until(lambda gw=gw: chat(gw.url, other["key"])[0] == 401, timeout=1.0, step=0.005)
         t_cli = time.monotonic() - t0  # includes the CLI's own start-up
-    print(f"redis pub/sub: revocation on B after {t_api * 1000:.0f} ms (admin API on A), "
-          f"{t_cli * 1000:.0f} ms after `keel keys revoke` started (poll 30 s)")
+    print(
+        f"redis pub/sub: revocation on B after {t_api * 1000:.0f} ms (admin API on A), "
+        f"{t_cli * 1000:.0f} ms after `keel keys revoke` started (poll 30 s)"
+    )

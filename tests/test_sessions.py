@@ -15,7 +15,7 @@ from typing import Any
 import jwt
 import pytest
 
-from auth_helpers import ADMIN, chat, http, wait_until, write_config
+from auth_helpers import ADMIN, chat, http, write_config
 from keel.testing import GatewayProcess, SimProcess, spawn_gateway, spawn_sim
 
 UNAUTHORIZED = {"type": "invalid_request_error", "param": None, "code": "invalid_api_key"}
@@ -53,7 +53,9 @@ def _refresh(gw: GatewayProcess, rt: str) -> tuple[int, Any]:
     return status, body
 
 
-def test_sessions_refresh_rotation_and_reuse_detection(upstream: SimProcess, tmp_path: Path) -> None:
+def test_sessions_refresh_rotation_and_reuse_detection(
+    upstream: SimProcess, tmp_path: Path
+) -> None:
     with _gateway(upstream, tmp_path) as gw:
         key = _key(gw)
         pair = _token(gw, key["key"])
@@ -81,15 +83,22 @@ def test_sessions_refresh_rotation_and_reuse_detection(upstream: SimProcess, tmp
         # Reuse of a spent one: refused, and the whole family is revoked — the newest refresh
         # token and every access token of the session stop working.
         status, body = _refresh(gw, pair["refresh_token"])
-        assert status == 401 and body == {"error": {
-            "message": "This refresh token was used before; the session is revoked.",
-            "type": "invalid_request_error", "param": None, "code": "refresh_token_reused"}}  # fmt: skip
+        assert status == 401 and body == {
+            "error": {
+                "message": "This refresh token was used before; the session is revoked.",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "refresh_token_reused",
+            }
+        }
         status, body = _refresh(gw, third["refresh_token"])
         assert status == 401 and body["error"]["code"] == "session_revoked"
         for access in (pair["access_token"], second["access_token"], third["access_token"]):
             status, _, body = chat(gw.url, access)
             assert status == 401 and body["error"] == {
-                "message": "Invalid access token: the session was revoked.", **UNAUTHORIZED}
+                "message": "Invalid access token: the session was revoked.",
+                **UNAUTHORIZED,
+            }
         # Another session of the same key is not affected.
         assert chat(gw.url, _token(gw, key["key"])["access_token"])[0] == 200
         assert _refresh(gw, "rt-keel-unknown")[0] == 401
@@ -115,11 +124,22 @@ def test_sessions_refresh_rotation_and_reuse_detection(upstream: SimProcess, tmp
 
 def _forge(pem: str, kid: str, **over: Any) -> str:
     now = int(time.time())
-    claims = {"iss": "keel", "aud": "keel", "sub": over.pop("sub"), "fam": over.pop("fam"),
-              "iat": now, "nbf": now, "exp": now + 900}  # fmt: skip
+    claims = {
+        "iss": "keel",
+        "aud": "keel",
+        "sub": over.pop("sub"),
+        "fam": over.pop("fam"),
+        "iat": now,
+        "nbf": now,
+        "exp": now + 900,
+    }
     claims.update(over)
-    return jwt.encode({k: v for k, v in claims.items() if v is not None}, pem, algorithm="RS256",
-                      headers={"kid": kid})  # fmt: skip
+    return jwt.encode(
+        {k: v for k, v in claims.items() if v is not None},
+        pem,
+        algorithm="RS256",
+        headers={"kid": kid},
+    )
 
 
 def test_bad_access_tokens_are_401s(upstream: SimProcess, tmp_path: Path) -> None:
@@ -129,15 +149,20 @@ def test_bad_access_tokens_are_401s(upstream: SimProcess, tmp_path: Path) -> Non
         claims = jwt.decode(good, options={"verify_signature": False})
         kid = jwt.get_unverified_header(good)["kid"]
         with sqlite3.connect(tmp_path / "keel.keys.db") as c:
-            pem = c.execute("SELECT private_pem FROM keel_signing WHERE kid = ?", (kid,)).fetchone()[0]
+            pem = c.execute(
+                "SELECT private_pem FROM keel_signing WHERE kid = ?", (kid,)
+            ).fetchone()[0]
         ids = {"sub": claims["sub"], "fam": claims["fam"]}
         assert chat(gw.url, _forge(pem, kid, **ids))[0] == 200  # the forger holds the real key
         now = int(time.time())
         head, body, sig = good.split(".")
         import base64
 
-        tampered_body = base64.urlsafe_b64encode(
-            json.dumps({**claims, "sub": "key_other"}).encode()).rstrip(b"=").decode()  # fmt: skip
+        tampered_body = (
+            base64.urlsafe_b64encode(json.dumps({**claims, "sub": "key_other"}).encode())
+            .rstrip(b"=")
+            .decode()
+        )
         bad = {
             "token expired": _forge(pem, kid, **ids, iat=now - 1000, nbf=now - 1000, exp=now - 100),
             "token not yet valid": _forge(pem, kid, **ids, nbf=now + 120),
@@ -145,16 +170,22 @@ def test_bad_access_tokens_are_401s(upstream: SimProcess, tmp_path: Path) -> Non
             "wrong issuer": _forge(pem, kid, **ids, iss="not-keel"),
             "unknown signing key id": _forge(pem, "k-unknown", **ids),
             "algorithm 'none' is not accepted": jwt.encode(
-                {**claims}, None, algorithm="none", headers={"kid": kid}),  # fmt: skip
+                {**claims}, None, algorithm="none", headers={"kid": kid}
+            ),
             "algorithm 'HS256' is not accepted": jwt.encode(
-                claims, "a-secret-of-32-bytes-or-more-abcdef", algorithm="HS256",
-                headers={"kid": kid}),  # fmt: skip
+                claims,
+                "a-secret-of-32-bytes-or-more-abcdef",
+                algorithm="HS256",
+                headers={"kid": kid},
+            ),
             "bad signature": f"{head}.{tampered_body}.{sig}",
         }
         for reason, token in bad.items():
             status, headers, body = chat(gw.url, token)
-            assert (status, body) == (401, {"error": {
-                "message": f"Invalid access token: {reason}.", **UNAUTHORIZED}}), reason  # fmt: skip
+            assert (status, body) == (
+                401,
+                {"error": {"message": f"Invalid access token: {reason}.", **UNAUTHORIZED}},
+            ), reason
             assert headers["x-should-retry"] == "false"
             assert token not in json.dumps(body)
 
@@ -173,8 +204,9 @@ def test_token_session_50_requests_across_an_expiry_make_one_refresh(
         async def scenario() -> tuple[TokenSession, list[Any], str]:
             session = TokenSession(gw.base_url, api_key=key["key"], refresh_ahead=0)
             async with httpx2.AsyncClient(auth=session, timeout=30) as http_client:
-                client = openai.AsyncOpenAI(base_url=gw.base_url, api_key="unused",
-                                            http_client=http_client, max_retries=0)  # fmt: skip
+                client = openai.AsyncOpenAI(
+                    base_url=gw.base_url, api_key="unused", http_client=http_client, max_retries=0
+                )
 
                 async def ask(i: int) -> Any:
                     return await client.chat.completions.create(
@@ -190,8 +222,7 @@ def test_token_session_50_requests_across_an_expiry_make_one_refresh(
                 while chat(gw.url, first)[0] != 401:
                     assert time.monotonic() - t0 < 5
                     await asyncio.sleep(0.05)
-                results = await asyncio.gather(*(ask(i) for i in range(50)),
-                                               return_exceptions=True)  # fmt: skip
+                results = await asyncio.gather(*(ask(i) for i in range(50)), return_exceptions=True)
                 return session, results, first
 
         session, results, first = asyncio.run(scenario())
@@ -220,7 +251,9 @@ def test_token_session_logs_in_again_when_its_refresh_token_is_gone(
             session = TokenSession(gw.base_url, api_key=key["key"])
             async with httpx2.AsyncClient(auth=session) as client:
                 body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
-                assert (await client.post(gw.base_url + "/chat/completions", json=body)).status_code == 200
+                assert (
+                    await client.post(gw.base_url + "/chat/completions", json=body)
+                ).status_code == 200
                 # Someone else spends the session's refresh token (a thief): the session's own
                 # refresh is then a reuse, the family dies, and the session logs in afresh.
                 assert _refresh(gw, session._refresh)[0] == 200  # type: ignore[arg-type]

@@ -66,8 +66,11 @@ def _show(row: dict[str, Any], key: str | None = None) -> None:
     if key:
         typer.echo(key)
         typer.echo("  (shown once: keel stores only a hash of it)", err=True)
-    budget = (f"${data['budget_usd']:g}/{data['budget_period']}, spent ${data['spend_usd']:.6f}"
-              if data["budget_usd"] is not None else "no budget")  # fmt: skip
+    budget = (
+        f"${data['budget_usd']:g}/{data['budget_period']}, spent ${data['spend_usd']:.6f}"
+        if data["budget_usd"] is not None
+        else "no budget"
+    )
     limits = ", ".join(f"{k} {data[k]}" for k in ("rpm", "tpm", "max_concurrency") if data[k])
     typer.echo(
         f"{data['id']}  {data['name']}  {data['status']}  "
@@ -91,8 +94,13 @@ def create(
     body: dict[str, Any] = {"name": name, "budget_period": budget_period}
     if models:
         body["models"] = models
-    for k, v in (("rpm", rpm), ("tpm", tpm), ("max_concurrency", max_concurrency),
-                 ("budget_usd", budget_usd), ("expires", expires)):  # fmt: skip
+    for k, v in (
+        ("rpm", rpm),
+        ("tpm", tpm),
+        ("max_concurrency", max_concurrency),
+        ("budget_usd", budget_usd),
+        ("expires", expires),
+    ):
         if v is not None and v != "":
             body[k] = v
     try:

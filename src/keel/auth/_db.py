@@ -224,7 +224,7 @@ class PostgresDatabase:
     async def open(self, create: bool) -> bool:
         if self._pool is not None:
             return True
-        import asyncpg
+        import asyncpg  # type: ignore[import-untyped]
 
         self._pool = await asyncpg.create_pool(self.url, min_size=1, max_size=4, timeout=5)
         async with self._pool.acquire() as c, c.transaction():

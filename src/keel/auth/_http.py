@@ -47,14 +47,13 @@ def _admin(request: web.Request) -> KeyService:
     keel = _keel(request)
     key = keel.config.server.admin_key
     if key is None:
-        raise KeelError(
-            401, "The admin API is off: set server.admin_key.", code="invalid_api_key"
-        )
+        raise KeelError(401, "The admin API is off: set server.admin_key.", code="invalid_api_key")
     if not hmac.compare_digest(bearer(request.headers).encode(), key.get_secret_value().encode()):
         raise KeelError(
-            401, "The admin API needs the gateway's admin key (server.admin_key) as a bearer token.",
+            401,
+            "The admin API needs the gateway's admin key (server.admin_key) as a bearer token.",
             code="invalid_api_key",
-        )  # fmt: skip
+        )
     return _service(keel)
 
 
@@ -86,12 +85,21 @@ def handler(fn: Any) -> Any:
             return error_response(exc)
         except Exception as exc:
             if type(exc).__module__.startswith(("asyncpg", "sqlite3")):
-                log.error("key database error on %s %s: %s", request.method, request.path,
-                          type(exc).__name__)  # fmt: skip
-                return error_response(KeelError(
-                    503, "The key database is unavailable; try again.", type="server_error",
-                    code="database_unavailable", headers={"x-should-retry": "true"},
-                ))  # fmt: skip
+                log.error(
+                    "key database error on %s %s: %s",
+                    request.method,
+                    request.path,
+                    type(exc).__name__,
+                )
+                return error_response(
+                    KeelError(
+                        503,
+                        "The key database is unavailable; try again.",
+                        type="server_error",
+                        code="database_unavailable",
+                        headers={"x-should-retry": "true"},
+                    )
+                )
             from keel.gateway._app import internal_error
 
             return await internal_error(request, exc)
@@ -111,10 +119,12 @@ async def create_key(request: web.Request) -> web.Response:
     unknown = [m for m in spec.models or () if m not in keel.config.models]
     if unknown:
         raise KeelError(
-            400, f"Unknown model group(s): {', '.join(unknown)}. "
+            400,
+            f"Unknown model group(s): {', '.join(unknown)}. "
             f"Available: {', '.join(sorted(keel.config.models))}.",
-            code="model_not_found", param="models",
-        )  # fmt: skip
+            code="model_not_found",
+            param="models",
+        )
     row, token = await svc.store.create_key(spec, reserved=list(keel.config.clients))
     await svc.announce()
     log.info("virtual key %s (%s) created", row["id"], row["name"])
@@ -143,9 +153,11 @@ def _shown(svc: KeyService, row: dict[str, Any]) -> dict[str, Any]:
 
 def _not_allowed(request: web.Request, allowed: str) -> KeelError:
     return KeelError(
-        405, f"Method {request.method} is not allowed on {request.path}; use {allowed}.",
-        code="method_not_allowed", headers={"allow": allowed},
-    )  # fmt: skip
+        405,
+        f"Method {request.method} is not allowed on {request.path}; use {allowed}.",
+        code="method_not_allowed",
+        headers={"allow": allowed},
+    )
 
 
 async def _opened(svc: KeyService, key_id: str) -> None:
@@ -207,7 +219,7 @@ async def _pair(svc: KeyService, key_id: str, family: str | None, refresh: str |
         refresh, family = await svc.store.issue_refresh(key_id, family, cfg.refresh_ttl)
     assert family is not None
     await svc.signing_ready()
-    access, exp = svc.tokens.issue(key_id, family, time.time())
+    access, _exp = svc.tokens.issue(key_id, family, time.time())
     return {
         "access_token": access,
         "refresh_token": refresh,
@@ -248,8 +260,9 @@ async def refresh(request: web.Request) -> web.Response:
     body = await _body(request)
     rt = body.get("refresh_token") if isinstance(body, dict) else None
     if not isinstance(rt, str) or not rt:
-        raise KeelError(400, "'refresh_token' is required.", code="invalid_value",
-                        param="refresh_token")  # fmt: skip
+        raise KeelError(
+            400, "'refresh_token' is required.", code="invalid_value", param="refresh_token"
+        )
     try:
         key_id, family, nxt = await svc.store.use_refresh(rt, svc.auth.jwt.refresh_ttl)
     except StoreError as exc:
@@ -259,8 +272,9 @@ async def refresh(request: web.Request) -> web.Response:
             log.warning(
                 "refresh token reused for key %s (session %s): the whole session is revoked; "
                 "likely a stolen token",
-                vk.name if vk else "?", getattr(exc, "family", "?"),
-            )  # fmt: skip
+                vk.name if vk else "?",
+                getattr(exc, "family", "?"),
+            )
         raise
     vk = svc.by_id.get(key_id)
     if vk is None or vk.revoked or vk.expires_at <= time.time():

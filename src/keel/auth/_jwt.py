@@ -141,9 +141,13 @@ class TokenKeys:
                 issuer=self.cfg.issuer,
                 # The times are checked below against ``now`` (one clock for the whole
                 # gateway, and testable), the rest by PyJWT.
-                options={"require": _REQUIRED, "verify_exp": False, "verify_nbf": False,
-                         "verify_iat": False},
-            )  # fmt: skip
+                options={
+                    "require": _REQUIRED,
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                },
+            )
         except jwt.InvalidAudienceError:
             raise InvalidToken("wrong audience") from None
         except jwt.InvalidIssuerError:
@@ -152,14 +156,13 @@ class TokenKeys:
             raise InvalidToken("bad signature") from None
         except jwt.PyJWTError:
             raise InvalidToken("invalid token") from None
-        times = [claims.get(k) for k in ("exp", "nbf", "iat")]
-        if not all(type(t) in (int, float) for t in times):
+        exp, nbf, iat = (claims.get(k) for k in ("exp", "nbf", "iat"))
+        if not all(type(t) in (int, float) for t in (exp, nbf, iat)):
             raise InvalidToken("invalid token")
-        exp, nbf, iat = times
         leeway = self.cfg.leeway
-        if exp + leeway <= now:
+        if float(exp) + leeway <= now:  # type: ignore[arg-type]
             raise InvalidToken("token expired")
-        if nbf - leeway > now or iat - leeway > now:
+        if float(nbf) - leeway > now or float(iat) - leeway > now:  # type: ignore[arg-type]
             raise InvalidToken("token not yet valid")
         sub, fam = claims.get("sub"), claims.get("fam")
         if not isinstance(sub, str) or not isinstance(fam, str):

@@ -22,9 +22,10 @@ class KeyCollector(Collector):
         )
         budget = GaugeMetricFamily("keel_key_budget_usd", "A virtual key's budget.", labels=labels)
         refused = CounterMetricFamily(
-            "keel_key_rate_limited", "Requests refused by a virtual key's limits.",
+            "keel_key_rate_limited",
+            "Requests refused by a virtual key's limits.",
             labels=[*labels, "limit"],
-        )  # fmt: skip
+        )
         active = 0
         for vk in list(self.keys.by_id.values()):
             if vk.revoked:

@@ -47,9 +47,21 @@ class VirtualKey:
     """A key of the database as the hot path sees it; also its principal's ``meter``."""
 
     __slots__ = (
-        "budget", "db_period", "db_spend", "digest", "expires_at", "flushing", "id", "models",
-        "name", "pending", "period", "principal", "revoked", "service",
-    )  # fmt: skip
+        "budget",
+        "db_period",
+        "db_spend",
+        "digest",
+        "expires_at",
+        "flushing",
+        "id",
+        "models",
+        "name",
+        "pending",
+        "period",
+        "principal",
+        "revoked",
+        "service",
+    )
 
     def __init__(self, service: KeyService, row: Mapping[str, Any]) -> None:
         self.service = service
@@ -62,6 +74,7 @@ class VirtualKey:
             rpm=row["rpm"],
             tpm=row["tpm"],
             max_concurrency=row["max_concurrency"],
+            burst=60.0,  # a minute's worth at once, as for the config's clients
         )
         p = Principal(self.name, cfg)
         if cfg.rpm:
@@ -283,7 +296,9 @@ class KeyService:
                 raise
             except Exception as exc:
                 if not failing:  # once per outage; the cache keeps serving meanwhile
-                    log.error("key database unavailable (%s); serving from the cache", type(exc).__name__)
+                    log.error(
+                        "key database unavailable (%s); serving from the cache", type(exc).__name__
+                    )
                 failing = True
 
     async def _subscribe(self) -> None:

@@ -57,8 +57,16 @@ class KeySpec:
         """From the admin API's JSON body; StoreError 400 naming the field otherwise."""
         if not isinstance(body, dict):
             raise StoreError(400, "The body must be a JSON object.", "invalid_request")
-        known = {"name", "models", "rpm", "tpm", "max_concurrency", "budget_usd",
-                 "budget_period", "expires"}  # fmt: skip
+        known = {
+            "name",
+            "models",
+            "rpm",
+            "tpm",
+            "max_concurrency",
+            "budget_usd",
+            "budget_period",
+            "expires",
+        }
         for k in body:
             if k not in known:
                 raise StoreError(400, f"Unknown field {k!r}.", "unknown_parameter", k)
@@ -71,8 +79,9 @@ class KeySpec:
         if models is not None and (
             not isinstance(models, list) or not all(isinstance(m, str) and m for m in models)
         ):
-            raise StoreError(400, "'models' must be a list of model names.", "invalid_value",
-                             "models")  # fmt: skip
+            raise StoreError(
+                400, "'models' must be a list of model names.", "invalid_value", "models"
+            )
         ints: dict[str, int | None] = {}
         for k in ("rpm", "tpm", "max_concurrency"):
             v = body.get(k)
@@ -83,12 +92,17 @@ class KeySpec:
         if budget is not None and (
             isinstance(budget, bool) or not isinstance(budget, int | float) or budget <= 0
         ):
-            raise StoreError(400, "'budget_usd' must be a positive number.", "invalid_value",
-                             "budget_usd")  # fmt: skip
+            raise StoreError(
+                400, "'budget_usd' must be a positive number.", "invalid_value", "budget_usd"
+            )
         period = body.get("budget_period", "month")
         if period not in PERIODS:
-            raise StoreError(400, f"'budget_period' must be one of {', '.join(PERIODS)}.",
-                             "invalid_value", "budget_period")  # fmt: skip
+            raise StoreError(
+                400,
+                f"'budget_period' must be one of {', '.join(PERIODS)}.",
+                "invalid_value",
+                "budget_period",
+            )
         expires = body.get("expires")
         seconds = None
         if expires is not None:
@@ -183,8 +197,9 @@ class KeyStore:
     ) -> tuple[dict[str, Any], str]:
         """A new key: its row and the plaintext (shown once, never stored)."""
         if spec.name in reserved:
-            raise StoreError(409, f"A client named {spec.name!r} is in the config already.",
-                             "name_taken", "name")  # fmt: skip
+            raise StoreError(
+                409, f"A client named {spec.name!r} is in the config already.", "name_taken", "name"
+            )
         token = new_secret(KEY_PREFIX)
         now = time.time()
         async with self.db.transaction() as c:
@@ -192,19 +207,28 @@ class KeyStore:
                 "SELECT id FROM keel_keys WHERE name = $1 AND revoked_at IS NULL", spec.name
             )
             if taken:
-                raise StoreError(409, f"An active key named {spec.name!r} exists already.",
-                                 "name_taken", "name")  # fmt: skip
+                raise StoreError(
+                    409, f"An active key named {spec.name!r} exists already.", "name_taken", "name"
+                )
             seq = await c.next_seq()
             kid = new_id("key")
             await c.execute(
                 f"INSERT INTO keel_keys ({_KEY_COLUMNS}) VALUES "
                 "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, NULL, 0, $12, $13)",
-                kid, spec.name, self.digest(token),
+                kid,
+                spec.name,
+                self.digest(token),
                 json.dumps(list(spec.models)) if spec.models is not None else None,
-                spec.rpm, spec.tpm, spec.max_concurrency, spec.budget_usd, spec.budget_period,
-                now + spec.expires if spec.expires else None, now,
-                period_start(spec.budget_period, now), seq,
-            )  # fmt: skip
+                spec.rpm,
+                spec.tpm,
+                spec.max_concurrency,
+                spec.budget_usd,
+                spec.budget_period,
+                now + spec.expires if spec.expires else None,
+                now,
+                period_start(spec.budget_period, now),
+                seq,
+            )
             await self.db.notify(c)
             rows = await c.fetch(f"SELECT {_KEY_COLUMNS} FROM keel_keys WHERE id = $1", kid)
         return rows[0], token
@@ -230,8 +254,10 @@ class KeyStore:
                 seq = await c.next_seq()
                 await c.execute(
                     "UPDATE keel_keys SET revoked_at = $1, seq = $2 WHERE id = $3",
-                    time.time(), seq, key_id,
-                )  # fmt: skip
+                    time.time(),
+                    seq,
+                    key_id,
+                )
                 await self.db.notify(c)
                 row = await self._get(c, key_id)
         return row
@@ -247,8 +273,10 @@ class KeyStore:
             seq = await c.next_seq()
             await c.execute(
                 "UPDATE keel_keys SET digest = $1, seq = $2 WHERE id = $3",
-                self.digest(token), seq, key_id,
-            )  # fmt: skip
+                self.digest(token),
+                seq,
+                key_id,
+            )
             await self.db.notify(c)
             row = await self._get(c, key_id)
         return row, token
@@ -276,8 +304,14 @@ class KeyStore:
                 "SELECT kid, private_pem, created_at, seq FROM keel_signing WHERE seq > $1",
                 since,
             )
-        seq = max([since, *(r["seq"] for r in keys), *(r["seq"] for r in fams),
-                   *(r["seq"] for r in signing)])  # fmt: skip
+        seq = max(
+            [
+                since,
+                *(r["seq"] for r in keys),
+                *(r["seq"] for r in fams),
+                *(r["seq"] for r in signing),
+            ]
+        )
         return Changes(seq, keys, [r["id"] for r in fams], signing)
 
     async def spends(self) -> list[dict[str, Any]]:
@@ -303,8 +337,10 @@ class KeyStore:
                     "UPDATE keel_keys SET spend_usd = CASE WHEN period_start = $1 "
                     "THEN spend_usd + $2 ELSE $2 END, period_start = $1 WHERE id = $3 "
                     "RETURNING spend_usd",
-                    start, usd, key_id,
-                )  # fmt: skip
+                    start,
+                    usd,
+                    key_id,
+                )
                 totals[key_id] = float(out[0]["spend_usd"])
         return totals
 
@@ -320,13 +356,19 @@ class KeyStore:
                 await c.execute(
                     "INSERT INTO keel_families (id, key_id, created_at, seq) "
                     "VALUES ($1, $2, $3, 0)",
-                    family, key_id, now,
-                )  # fmt: skip
+                    family,
+                    key_id,
+                    now,
+                )
             await c.execute(
                 "INSERT INTO keel_refresh (digest, family, key_id, created_at, expires_at) "
                 "VALUES ($1, $2, $3, $4, $5)",
-                self.digest(token), family, key_id, now, now + ttl,
-            )  # fmt: skip
+                self.digest(token),
+                family,
+                key_id,
+                now,
+                now + ttl,
+            )
         return token, family
 
     async def use_refresh(self, token: str, ttl: float) -> tuple[str, str, str]:
@@ -349,14 +391,17 @@ class KeyStore:
                 seq = await c.next_seq()
                 await c.execute(
                     "UPDATE keel_families SET revoked_at = $1, seq = $2 WHERE id = $3",
-                    now, seq, r["family"],
-                )  # fmt: skip
+                    now,
+                    seq,
+                    r["family"],
+                )
                 await self.db.notify(c)
                 # Committed below: the reuse is answered after the family is gone.
                 reused = StoreError(
-                    401, "This refresh token was used before; the session is revoked.",
+                    401,
+                    "This refresh token was used before; the session is revoked.",
                     "refresh_token_reused",
-                )  # fmt: skip
+                )
                 reused.family = r["family"]  # type: ignore[attr-defined]
                 reused.key_id = r["key_id"]  # type: ignore[attr-defined]
             elif r["expires_at"] <= now:
@@ -365,23 +410,26 @@ class KeyStore:
                 reused = None
                 await c.execute(
                     "UPDATE keel_refresh SET used_at = $1 WHERE digest = $2",
-                    now, self.digest(token),
-                )  # fmt: skip
+                    now,
+                    self.digest(token),
+                )
                 nxt = new_secret(REFRESH_PREFIX)
                 await c.execute(
                     "INSERT INTO keel_refresh (digest, family, key_id, created_at, expires_at) "
                     "VALUES ($1, $2, $3, $4, $5)",
-                    self.digest(nxt), r["family"], r["key_id"], now, now + ttl,
-                )  # fmt: skip
+                    self.digest(nxt),
+                    r["family"],
+                    r["key_id"],
+                    now,
+                    now + ttl,
+                )
         if reused is not None:
             raise reused
         return r["key_id"], r["family"], nxt
 
     async def family_size(self, family: str) -> int:
         async with self.db.transaction() as c:
-            rows = await c.fetch(
-                "SELECT COUNT(*) AS n FROM keel_refresh WHERE family = $1", family
-            )
+            rows = await c.fetch("SELECT COUNT(*) AS n FROM keel_refresh WHERE family = $1", family)
         return int(rows[0]["n"])
 
     async def create_code(self, key_id: str, ttl: float) -> str:
@@ -392,8 +440,10 @@ class KeyStore:
                 raise StoreError(409, f"Key {key_id!r} is revoked.", "key_revoked")
             await c.execute(
                 "INSERT INTO keel_codes (digest, key_id, expires_at) VALUES ($1, $2, $3)",
-                self.digest(code), key_id, time.time() + ttl,
-            )  # fmt: skip
+                self.digest(code),
+                key_id,
+                time.time() + ttl,
+            )
         return code
 
     async def use_code(self, code: str) -> str | None:
@@ -403,8 +453,9 @@ class KeyStore:
             rows = await c.fetch(
                 "UPDATE keel_codes SET used_at = $1 WHERE digest = $2 AND used_at IS NULL "
                 "AND expires_at > $1 RETURNING key_id",
-                now, self.digest(code),
-            )  # fmt: skip
+                now,
+                self.digest(code),
+            )
         return rows[0]["key_id"] if rows else None
 
     async def add_signing_key(self, kid: str, private_pem: str) -> None:
@@ -413,6 +464,9 @@ class KeyStore:
             await c.execute(
                 "INSERT INTO keel_signing (kid, private_pem, created_at, seq) "
                 "VALUES ($1, $2, $3, $4)",
-                kid, private_pem, time.time(), seq,
-            )  # fmt: skip
+                kid,
+                private_pem,
+                time.time(),
+                seq,
+            )
             await self.db.notify(c)

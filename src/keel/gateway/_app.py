@@ -221,10 +221,13 @@ def create_app(config: GatewayConfig | Keel) -> web.Application:
 
     async def lifecycle(app: web.Application) -> Any:
         await keel.start()
+        # After start: virtual keys (keel.auth) are loaded by then.
+        if getattr(keel.authenticator, "open", False):
+            log.warning(
+                "no client keys configured: any bearer token is accepted (local use only)"
+            )
         yield
         await keel.close()
 
     app.cleanup_ctx.append(lifecycle)
-    if keel.admission.authenticator.open:
-        log.warning("no client api_keys configured: any bearer token is accepted (local use only)")
     return app
