@@ -16,6 +16,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Mapping
+from hashlib import blake2b
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -25,7 +26,7 @@ from keel._config_limits import ClientConfig
 from keel._ratelimit import per_minute
 from keel.auth._jwt import InvalidToken, TokenKeys, generate_key
 from keel.auth._store import KeyStore
-from keel.auth._terms import KEY_PREFIX, Rates, budget_message, cost, digest, period_start
+from keel.auth._terms import KEY_PREFIX, Rates, budget_message, cost, period_start
 from keel.config import GatewayConfig
 from keel.engine._auth import Principal, StaticKeys, bearer
 from keel.engine._errors import KeelError
@@ -90,7 +91,7 @@ class VirtualKey:
 
     def update(self, row: Mapping[str, Any]) -> None:
         """A newer row of the same key (rotated, revoked): limits and state stay."""
-        self.digest: str = row["digest"]
+        self.digest = bytes.fromhex(row["digest"])
         self.budget: float | None = row["budget_usd"]
         self.period: str = row["budget_period"] or "total"
         self.expires_at: float = row["expires_at"] or float("inf")
@@ -158,7 +159,7 @@ class KeyService:
         self.config = config
         self.auth = config.auth
         self.store = KeyStore(config.database_url)
-        self.by_digest: dict[str, VirtualKey] = {}
+        self.by_digest: dict[bytes, VirtualKey] = {}  # the stored digest, as bytes
         self.by_id: dict[str, VirtualKey] = {}
         self.revoked_families: set[str] = set()
         self.tokens = TokenKeys(config.auth.jwt)
@@ -177,10 +178,12 @@ class KeyService:
         self.seq = 0
         self.opened = False
         self.pepper = b""
+        self._hasher = blake2b(digest_size=32)
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._redis: Any = None
         self._sync_lock = asyncio.Lock()
+        self._open_lock = asyncio.Lock()
         self._last_flush = 0.0
         self._tick_periods(time.time())
 
@@ -196,7 +199,9 @@ class KeyService:
         if not self.by_id:
             return None  # no virtual keys (yet): nothing to find
         if token.startswith(KEY_PREFIX):
-            vk = self.by_digest.get(digest(self.pepper, token)) if self.pepper else None
+            h = self._hasher.copy()  # the keyed state, set up once (half the hash's cost)
+            h.update(token.encode())
+            vk = self.by_digest.get(h.digest())
             if vk is None or vk.revoked:
                 raise _invalid()
             if vk.expires_at <= time.time():
@@ -242,11 +247,16 @@ class KeyService:
     async def _open(self, create: bool = False) -> bool:
         if self.opened:
             return True
+        async with self._open_lock:  # the sync loop and an admin request may race here
+            return self.opened or await self._open_once(create)
+
+    async def _open_once(self, create: bool) -> bool:
         # SQLite: a file nobody has created yet is simply no keys (zero set-up); Postgres is
         # created on first connect.
         if not await self.store.open(create=create or self.store.db.kind != "sqlite"):
             return False
         self.pepper = self.store.pepper
+        self._hasher = blake2b(key=self.pepper, digest_size=32)  # = keel.auth._terms.digest
         self.opened = True
         with contextlib.suppress(Exception):
             await self.store.db.listen(self._wake.set)
