@@ -202,6 +202,18 @@ def test_the_admin_api(upstream: SimProcess, tmp_path: Path) -> None:
         assert status == 200 and rotated["id"] == kid and rotated["key"] != key
         assert chat(gw.url, key)[0] == 401 and chat(gw.url, rotated["key"])[0] == 200
 
+        # A key with a lifetime stops working when it ends.
+        status, _, short = http("POST", url, {"name": "brief", "expires": 1}, token=ADMIN)
+        assert status == 201 and short["expires_at"] - short["created_at"] == 1
+        wait_until(lambda: chat(gw.url, short["key"])[0] == 401, timeout=3)
+        assert chat(gw.url, short["key"])[2]["error"] == {
+            "message": "This API key has expired.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "invalid_api_key",
+        }
+        assert http("GET", f"{url}/{short['id']}", token=ADMIN)[2]["status"] == "expired"
+
         status, _, revoked = http("DELETE", f"{url}/{kid}", token=ADMIN)
         assert status == 200 and revoked["status"] == "revoked"
         assert chat(gw.url, rotated["key"])[0] == 401
