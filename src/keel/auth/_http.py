@@ -7,7 +7,6 @@ exactly two answers — creation and rotation — and nowhere else (not in logs,
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from typing import Any
@@ -17,7 +16,7 @@ from aiohttp import web
 
 from keel.auth._service import KeyService
 from keel.auth._store import KeySpec, StoreError, public
-from keel.engine._auth import bearer
+from keel.engine._auth import bearer, presents
 from keel.engine._errors import KeelError
 from keel.engine._keel import Keel
 from keel.gateway._sink import error_response
@@ -48,7 +47,7 @@ def _admin(request: web.Request) -> KeyService:
     key = keel.config.server.admin_key
     if key is None:
         raise KeelError(401, "The admin API is off: set server.admin_key.", code="invalid_api_key")
-    if not hmac.compare_digest(bearer(request.headers).encode(), key.get_secret_value().encode()):
+    if not presents(request.headers, key.get_secret_value()):
         raise KeelError(
             401,
             "The admin API needs the gateway's admin key (server.admin_key) as a bearer token.",
@@ -243,7 +242,7 @@ async def token(request: web.Request) -> web.Response:
     else:
         vk = None
         tok = bearer(request.headers)
-        found = svc.find(tok) if tok.startswith("sk-keel-") else None
+        found = svc.find(tok) if tok.startswith(b"sk-keel-") else None
         if found is not None:
             vk = svc.by_id.get(getattr(found.meter, "id", ""))
         if vk is None:

@@ -38,6 +38,7 @@ log = logging.getLogger("keel.auth")
 
 _JWT_CACHE_MAX = 50_000  # verified tokens kept (cleared when full: a miss only re-verifies)
 _REDIS_CHANNEL = "keys"
+_KEY_PREFIX = KEY_PREFIX.encode()
 
 
 def _invalid(message: str = "Invalid or missing API key for this gateway.") -> KeelError:
@@ -163,7 +164,7 @@ class KeyService:
         self.by_id: dict[str, VirtualKey] = {}
         self.revoked_families: set[str] = set()
         self.tokens = TokenKeys(config.auth.jwt)
-        self._jwt_cache: dict[str, tuple[float, str, VirtualKey]] = {}
+        self._jwt_cache: dict[bytes, tuple[float, str, VirtualKey]] = {}
         self.rates = {
             name: Rates(
                 g.price.input,
@@ -193,30 +194,32 @@ class KeyService:
     def has_keys(self) -> bool:
         return bool(self.by_id)
 
-    def find(self, token: str) -> Principal | None:
-        """The principal of a virtual key or an access JWT; None when the token is neither
-        kind; a 401 KeelError when it is one of them but not valid (now)."""
+    def find(self, token: bytes) -> Principal | None:
+        """The principal of a virtual key or an access JWT (``bearer(headers)``: bytes); None
+        when the token is neither kind; a 401 KeelError when it is one of them but not valid
+        (now)."""
         if not self.by_id:
             return None  # no virtual keys (yet): nothing to find
-        if token.startswith(KEY_PREFIX):
+        if token.startswith(_KEY_PREFIX):
             h = self._hasher.copy()  # the keyed state, set up once (half the hash's cost)
-            h.update(token.encode())
+            h.update(token)
             vk = self.by_digest.get(h.digest())
             if vk is None or vk.revoked:
                 raise _invalid()
             if vk.expires_at <= time.time():
                 raise _invalid("This API key has expired.")
             return vk.principal
-        if token.count(".") == 2:
+        if token.count(b".") == 2:
             return self._jwt(token)
         return None
 
-    def _jwt(self, token: str) -> Principal:
+    def _jwt(self, token: bytes) -> Principal:
         now = time.time()
         hit = self._jwt_cache.get(token)
         if hit is None:
             try:
-                claims = self.tokens.verify(token, now)
+                # Not UTF-8 (surrogates from the header): not a JWT, and it fails as one.
+                claims = self.tokens.verify(token.decode("utf-8", "replace"), now)
             except InvalidToken as exc:
                 raise _invalid(f"Invalid access token: {exc}.") from None
             vk = self.by_id.get(claims.key_id)
