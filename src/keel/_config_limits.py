@@ -97,6 +97,31 @@ class JwtConfig(_Strict):
     code_ttl: float = Field(600.0, gt=0)  # admin-issued one-time codes
 
 
+class OidcConfig(_Strict):
+    """An external identity provider's JWTs (OIDC), verified with its published keys (JWKS)
+    and mapped to a virtual key by one claim: the token may do what that key may."""
+
+    jwks_url: str
+    issuer: str
+    audience: str
+    claim: str = "keel_key"  # its value names the virtual key (its name or its id)
+    algorithms: list[str] = ["RS256"]
+    refresh_interval: float = Field(300.0, gt=0)  # seconds between JWKS fetches
+    leeway: float = Field(5.0, ge=0)
+
+    @model_validator(mode="after")
+    def _asymmetric_only(self) -> OidcConfig:
+        # A provider's keys are public: an HMAC algorithm would let anyone with the JWKS sign.
+        allowed = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384",
+                   "ES512", "EdDSA"}  # fmt: skip
+        bad = [a for a in self.algorithms if a not in allowed]
+        if bad or not self.algorithms:
+            raise ValueError(
+                f"auth.oidc.algorithms: only public-key algorithms ({', '.join(sorted(allowed))})"
+            )
+        return self
+
+
 class AuthConfig(_Strict):
     """Virtual keys (keel.auth): how replicas learn of changes and write spend."""
 
@@ -106,3 +131,4 @@ class AuthConfig(_Strict):
     # Spend is counted in memory and written in batches this often.
     spend_flush_interval: float = Field(1.0, gt=0)
     jwt: JwtConfig = JwtConfig()
+    oidc: OidcConfig | None = None

@@ -121,50 +121,81 @@ class TokenKeys:
         token = jwt.encode(claims, key.private, algorithm="RS256", headers={"kid": key.kid})
         return token, float(int(exp))
 
+    def has(self, kid: object, now: float) -> bool:
+        """``kid`` is one of this gateway's own verification keys."""
+        return isinstance(kid, str) and kid in self.verifiers(now)
+
     def verify(self, token: str, now: float) -> Claims:
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
-            raise InvalidToken("malformed token") from None
-        if header.get("alg") not in ALGORITHMS:
-            raise InvalidToken(f"algorithm {str(header.get('alg'))[:16]!r} is not accepted")
+        header = unverified_header(token, ALGORITHMS)
         kid = header.get("kid")
         public = self.verifiers(now).get(kid) if isinstance(kid, str) else None
         if public is None:
             raise InvalidToken("unknown signing key id")
-        try:
-            claims: dict[str, Any] = jwt.decode(
-                token,
-                public,
-                algorithms=ALGORITHMS,
-                audience=self.cfg.audience,
-                issuer=self.cfg.issuer,
-                # The times are checked below against ``now`` (one clock for the whole
-                # gateway, and testable), the rest by PyJWT.
-                options={
-                    "require": _REQUIRED,
-                    "verify_exp": False,
-                    "verify_nbf": False,
-                    "verify_iat": False,
-                },
-            )
-        except jwt.InvalidAudienceError:
-            raise InvalidToken("wrong audience") from None
-        except jwt.InvalidIssuerError:
-            raise InvalidToken("wrong issuer") from None
-        except jwt.InvalidSignatureError:
-            raise InvalidToken("bad signature") from None
-        except jwt.PyJWTError:
-            raise InvalidToken("invalid token") from None
-        exp, nbf, iat = (claims.get(k) for k in ("exp", "nbf", "iat"))
-        if not all(type(t) in (int, float) for t in (exp, nbf, iat)):
-            raise InvalidToken("invalid token")
-        leeway = self.cfg.leeway
-        if float(exp) + leeway <= now:  # type: ignore[arg-type]
-            raise InvalidToken("token expired")
-        if float(nbf) - leeway > now or float(iat) - leeway > now:  # type: ignore[arg-type]
-            raise InvalidToken("token not yet valid")
+        c = self.cfg
+        claims = decode(token, public, ALGORITHMS, c.audience, c.issuer, c.leeway, now, _REQUIRED)
         sub, fam = claims.get("sub"), claims.get("fam")
         if not isinstance(sub, str) or not isinstance(fam, str):
             raise InvalidToken("invalid token")
         return Claims(sub, fam, float(claims["exp"]))
+
+
+def unverified_header(token: str, algorithms: list[str]) -> dict[str, Any]:
+    """The header, once its algorithm is one of ``algorithms`` (checked before any key is
+    looked at: the token does not choose how it is verified)."""
+    try:
+        header: dict[str, Any] = jwt.get_unverified_header(token)
+    except jwt.PyJWTError:
+        raise InvalidToken("malformed token") from None
+    if header.get("alg") not in algorithms:
+        raise InvalidToken(f"algorithm {str(header.get('alg'))[:16]!r} is not accepted")
+    return header
+
+
+def decode(
+    token: str,
+    key: Any,
+    algorithms: list[str],
+    audience: str,
+    issuer: str,
+    leeway: float,
+    now: float,
+    require: list[str],
+) -> dict[str, Any]:
+    """The verified claims, or InvalidToken saying why. Times are checked here against ``now``
+    (one clock for the whole gateway, and testable); signature, audience and issuer by PyJWT."""
+    try:
+        claims: dict[str, Any] = jwt.decode(
+            token,
+            key,
+            algorithms=algorithms,
+            audience=audience,
+            issuer=issuer,
+            options={
+                "require": require,
+                "verify_exp": False,
+                "verify_nbf": False,
+                "verify_iat": False,
+            },
+        )
+    except jwt.InvalidAudienceError:
+        raise InvalidToken("wrong audience") from None
+    except jwt.InvalidIssuerError:
+        raise InvalidToken("wrong issuer") from None
+    except jwt.InvalidSignatureError:
+        raise InvalidToken("bad signature") from None
+    except jwt.PyJWTError:
+        raise InvalidToken("invalid token") from None
+    exp = claims.get("exp")
+    if type(exp) not in (int, float):
+        raise InvalidToken("invalid token")
+    if float(exp) + leeway <= now:  # type: ignore[arg-type]
+        raise InvalidToken("token expired")
+    for k in ("nbf", "iat"):
+        t = claims.get(k)
+        if t is None and k not in require:
+            continue
+        if type(t) not in (int, float):
+            raise InvalidToken("invalid token")
+        if float(t) - leeway > now:  # type: ignore[arg-type]
+            raise InvalidToken("token not yet valid")
+    return claims

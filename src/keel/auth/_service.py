@@ -19,12 +19,14 @@ from collections.abc import Mapping
 from hashlib import blake2b
 from typing import TYPE_CHECKING, Any
 
+import jwt
 import orjson
 from pydantic import SecretStr
 
 from keel._config_limits import ClientConfig
 from keel._ratelimit import per_minute
 from keel.auth._jwt import InvalidToken, TokenKeys, generate_key
+from keel.auth._oidc import Oidc
 from keel.auth._store import KeyStore
 from keel.auth._terms import KEY_PREFIX, Rates, budget_message, cost, period_start
 from keel.config import GatewayConfig
@@ -186,6 +188,8 @@ class KeyService:
         self._sync_lock = asyncio.Lock()
         self._open_lock = asyncio.Lock()
         self._last_flush = 0.0
+        self.by_name: dict[str, VirtualKey] = {}  # active keys (OIDC claims name them)
+        self.oidc: Oidc | None = Oidc(config.auth.oidc) if config.auth.oidc else None
         self._tick_periods(time.time())
 
     # -- the hot path ----------------------------------------------------------------------------
@@ -217,26 +221,45 @@ class KeyService:
         now = time.time()
         hit = self._jwt_cache.get(token)
         if hit is None:
+            # Not UTF-8 (surrogates from the header): not a JWT, and it fails as one.
+            text = token.decode("utf-8", "replace")
             try:
-                # Not UTF-8 (surrogates from the header): not a JWT, and it fails as one.
-                claims = self.tokens.verify(token.decode("utf-8", "replace"), now)
+                vk, exp, family = self._verify(text, now)
             except InvalidToken as exc:
                 raise _invalid(f"Invalid access token: {exc}.") from None
-            vk = self.by_id.get(claims.key_id)
-            if vk is None:
-                raise _invalid("Invalid access token: unknown key.")
             if len(self._jwt_cache) >= _JWT_CACHE_MAX:
                 self._jwt_cache.clear()
-            hit = self._jwt_cache[token] = (claims.exp, claims.family, vk)
+            hit = self._jwt_cache[token] = (exp, family, vk)
         exp, family, vk = hit
         if exp + self.auth.jwt.leeway <= now:
             del self._jwt_cache[token]
             raise _invalid("Invalid access token: token expired.")
-        if vk.revoked or family in self.revoked_families:
+        if vk.revoked:
+            raise _invalid("Invalid access token: its key was revoked.")
+        if family in self.revoked_families:
             raise _invalid("Invalid access token: the session was revoked.")
         if vk.expires_at <= now:
             raise _invalid("This API key has expired.")
         return vk.principal
+
+    def _verify(self, token: str, now: float) -> tuple[VirtualKey, float, str]:
+        """A JWT of this gateway's, or of the OIDC provider's: the key it acts as."""
+        oidc = self.oidc
+        if oidc is not None:
+            kid = None
+            with contextlib.suppress(jwt.PyJWTError):
+                kid = jwt.get_unverified_header(token).get("kid")
+            if not self.tokens.has(kid, now):  # not one of ours: the provider's, or nobody's
+                name, exp = oidc.verify(token, now)
+                vk = self.by_name.get(name) or self.by_id.get(name)
+                if vk is None or vk.revoked:
+                    raise InvalidToken(f"no active key for its {oidc.cfg.claim[:40]!r} claim")
+                return vk, exp, ""
+        claims = self.tokens.verify(token, now)
+        vk = self.by_id.get(claims.key_id)
+        if vk is None:
+            raise InvalidToken("unknown key")
+        return vk, claims.exp, claims.family
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -244,6 +267,8 @@ class KeyService:
         with contextlib.suppress(Exception):
             await self._open()
         self._tasks.append(asyncio.create_task(self._loop(), name="keel-keys-sync"))
+        if self.oidc is not None:
+            await self.oidc.start()
         if self.config.redis_url:
             self._tasks.append(asyncio.create_task(self._subscribe(), name="keel-keys-redis"))
 
@@ -267,6 +292,8 @@ class KeyService:
         return True
 
     async def close(self) -> None:
+        if self.oidc is not None:
+            await self.oidc.close()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -357,6 +384,9 @@ class KeyService:
                     vk.update(row)
                 if not vk.revoked:
                     self.by_digest[vk.digest] = vk
+                    self.by_name[vk.name] = vk
+                elif self.by_name.get(vk.name) is vk:
+                    del self.by_name[vk.name]
             self.revoked_families.update(ch.revoked_families)
             for r in ch.signing:
                 self.tokens.add(r["kid"], r["private_pem"], r["created_at"])
