@@ -83,7 +83,7 @@ def handler(fn: Any) -> Any:
         except KeelError as exc:
             return error_response(exc)
         except Exception as exc:
-            if type(exc).__module__.startswith(("asyncpg", "sqlite3")):
+            if isinstance(exc, OSError) or type(exc).__module__.startswith(("asyncpg", "sqlite3")):
                 log.error(
                     "key database error on %s %s: %s",
                     request.method,
