@@ -138,7 +138,7 @@ def test_provider_tokens_act_as_the_virtual_key_their_claim_names(
         )
         forged = jwt.encode(
             {"iss": ISSUER, "aud": "keel-api", "exp": now + 60, "keel_key": "partner-app"},
-            "guess",
+            "a-guessed-secret-of-32-bytes-or-more",
             algorithm="HS256",
             headers={"kid": provider.kid},
         )
