@@ -264,3 +264,49 @@ def test_token_session_logs_in_again_when_its_refresh_token_is_gone(
 
         session = asyncio.run(scenario())
         assert (session.logins, session.refreshes) == (2, 0)
+
+
+def test_access_tokens_and_virtual_keys_over_the_websocket(
+    upstream: SimProcess, tmp_path: Path
+) -> None:
+    """The WebSocket door authenticates like every other: a JWT in the upgrade's header, a
+    virtual key in an ``auth`` message; a revoked key's socket takes no new requests."""
+    import aiohttp
+
+    with _gateway(upstream, tmp_path) as gw:
+        key = _key(gw, "ws-client")
+        access = _token(gw, key["key"])["access_token"]
+        ws_url = gw.url.replace("http://", "ws://") + "/v1/ws"
+
+        async def ask(ws: Any, rid: str) -> list[dict[str, Any]]:
+            body = {"model": "chat", "messages": [{"role": "user", "content": f"ws {rid}"}]}
+            await ws.send_json({"type": "chat.completions.create", "id": rid, "body": body})
+            seen = []
+            while True:
+                msg = json.loads((await ws.receive(timeout=10)).data)
+                if msg.get("id") == rid:
+                    seen.append(msg)
+                    if msg["type"] == "done":
+                        return seen
+
+        async def scenario() -> None:
+            async with aiohttp.ClientSession() as s:
+                headers = {"authorization": f"Bearer {access}"}
+                async with s.ws_connect(ws_url, headers=headers) as ws:
+                    seen = await ask(ws, "jwt-1")
+                    assert [m["type"] for m in seen][-1] == "done"
+                    assert not [m for m in seen if m["type"] == "error"]
+                async with s.ws_connect(ws_url) as ws:
+                    await ws.send_json({"type": "auth", "token": key["key"]})
+                    seen = await ask(ws, "key-1")
+                    assert not [m for m in seen if m["type"] == "error"]
+                    assert http("DELETE", f"{gw.url}/admin/keys/{key['id']}", token=ADMIN)[0] == 200
+                    await ws.send_json({"type": "auth", "token": key["key"]})  # now refused
+                    seen = await ask(ws, "key-2")
+                    errors = [m for m in seen if m["type"] == "error"]
+                    assert errors and errors[0]["error"]["code"] == "invalid_api_key"
+                with pytest.raises(aiohttp.WSServerHandshakeError) as err:
+                    await s.ws_connect(ws_url, headers=headers)  # the key's JWT is dead too
+                assert err.value.status == 401
+
+        asyncio.run(scenario())
