@@ -81,3 +81,54 @@ class ClientConfig(_Strict):
         if not self.key.get_secret_value():
             raise ValueError("client key must not be empty")
         return self
+
+
+class JwtConfig(_Strict):
+    """Access tokens (``POST /v1/auth/token``): RS256 JWTs signed with keys kept in the key
+    database (rotated every ``rotate_every`` seconds; old verification keys stay as long as
+    tokens they signed can live)."""
+
+    issuer: str = "keel"
+    audience: str = "keel"
+    access_ttl: float = Field(900.0, gt=0)  # 15 minutes
+    refresh_ttl: float = Field(30 * 86400.0, gt=0)
+    leeway: float = Field(5.0, ge=0)  # clock skew allowed on exp / nbf / iat
+    rotate_every: float = Field(86400.0, gt=0)
+    code_ttl: float = Field(600.0, gt=0)  # admin-issued one-time codes
+
+
+class OidcConfig(_Strict):
+    """An external identity provider's JWTs (OIDC), verified with its published keys (JWKS)
+    and mapped to a virtual key by one claim: the token may do what that key may."""
+
+    jwks_url: str
+    issuer: str
+    audience: str
+    claim: str = "keel_key"  # its value names the virtual key (its name or its id)
+    algorithms: list[str] = ["RS256"]
+    refresh_interval: float = Field(300.0, gt=0)  # seconds between JWKS fetches
+    leeway: float = Field(5.0, ge=0)
+
+    @model_validator(mode="after")
+    def _asymmetric_only(self) -> OidcConfig:
+        # A provider's keys are public: an HMAC algorithm would let anyone with the JWKS sign.
+        allowed = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384",
+                   "ES512", "EdDSA"}  # fmt: skip
+        bad = [a for a in self.algorithms if a not in allowed]
+        if bad or not self.algorithms:
+            raise ValueError(
+                f"auth.oidc.algorithms: only public-key algorithms ({', '.join(sorted(allowed))})"
+            )
+        return self
+
+
+class AuthConfig(_Strict):
+    """Virtual keys (keel.auth): how replicas learn of changes and write spend."""
+
+    # Seconds between polls of the key database; revocations arrive sooner by Postgres
+    # LISTEN/NOTIFY or Redis pub/sub (the poll is the safety net, and SQLite's only path).
+    sync_interval: float = Field(0.5, gt=0)
+    # Spend is counted in memory and written in batches this often.
+    spend_flush_interval: float = Field(1.0, gt=0)
+    jwt: JwtConfig = JwtConfig()
+    oidc: OidcConfig | None = None

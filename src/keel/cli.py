@@ -32,6 +32,10 @@ def _register() -> None:
 
     app.command("node", help="Run the RabbitMQ chat + TTS voice-bot worker.")(node_command)
 
+    from keel.auth._cli import app as keys_app
+
+    app.add_typer(keys_app, name="keys", help="Virtual keys: create, list, show, revoke, rotate.")
+
 
 @app.command()
 def serve(

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 from keel._classify import Dialect
 from keel._config_limits import (
     AdaptiveConcurrency,
+    AuthConfig,
     BalancerConfig,
     BreakerConfig,
     ClientConfig,
@@ -134,7 +135,17 @@ class Hedge(_Strict):
     max_ratio: float = Field(0.1, ge=0, le=1)  # hedges ≤ this share of requests
 
 
+class Price(_Strict):
+    """USD per 1M tokens, for virtual keys' spend and budgets (keel.auth). ``cached_input``:
+    prompt tokens the provider served from its cache (default: the ``input`` price)."""
+
+    input: float = Field(0.0, ge=0)
+    output: float = Field(0.0, ge=0)
+    cached_input: float | None = Field(None, ge=0)
+
+
 class ModelGroup(_Strict):
+    price: Price | None = None  # spend of virtual keys; none: this group costs nothing
     deployments: list[DeploymentConfig] = Field(min_length=1)
     fallbacks: list[str] = []
     # Output moderation mid-stream: end with finish_reason content_filter (pass), or continue
@@ -179,6 +190,8 @@ class ServerConfig(_Strict):
     # On SIGTERM/SIGINT: how long requests in flight may take to finish; then they are ended
     # (a stream with an error frame and [DONE]). A second signal stops at once.
     drain_timeout: float = Field(25.0, ge=0)
+    # Bearer token of the admin API (/admin/keys…); None: the admin API answers 401.
+    admin_key: SecretStr | None = None
 
 
 class GatewayConfig(_Strict):
@@ -186,6 +199,10 @@ class GatewayConfig(_Strict):
     timeouts: Timeouts = Timeouts()
     retry: RetryPolicy = RetryPolicy()
     redis_url: str | None = None
+    # Virtual keys and spend (keel.auth): postgresql://… (replicas share keys and spend) or
+    # sqlite:///path; none: a SQLite file next to the config file (keel.auth._store).
+    database_url: str | None = None
+    auth: AuthConfig = AuthConfig()
     models: dict[str, ModelGroup] = Field(min_length=1)
     # limits, health, balancing, admission, shared state (keel/_config_limits.py)
     clients: dict[str, ClientConfig] = {}  # principal name → key and limits
@@ -292,4 +309,11 @@ def load_config(path: str | Path) -> GatewayConfig:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with a 'models' key")
-    return parse_config(data)
+    cfg = parse_config(data)
+    if cfg.database_url is None:
+        # Zero set-up virtual keys: a SQLite file next to the config (created by the first
+        # `keel keys create`; until then the gateway only watches for it).
+        p = Path(path).resolve()
+        default = p.with_name(f"{p.stem}.keys.db")
+        cfg = cfg.model_copy(update={"database_url": f"sqlite:///{default}"})
+    return cfg

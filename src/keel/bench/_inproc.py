@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import socket
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -83,7 +85,9 @@ async def _site(app: web.Application) -> tuple[web.AppRunner, int]:
     return runner, sock.getsockname()[1]
 
 
-async def _gateway(which: str, upstream: str) -> tuple[web.AppRunner | None, str, str]:
+async def _gateway(
+    which: str, upstream: str, auth: str = "static"
+) -> tuple[web.AppRunner | None, str, str]:
     """(runner, chat URL, model) for keel, the bare proxy, or the upstream itself."""
     if which == "direct":
         return None, upstream + "/chat/completions", "sim-model"
@@ -92,7 +96,16 @@ async def _gateway(which: str, upstream: str) -> tuple[web.AppRunner | None, str
         from keel.config import parse_config
         from keel.gateway._app import create_app
 
-        app = create_app(parse_config(keel_config(upstream)[0]))
+        cfg = keel_config(upstream)[0]
+        if auth != "static":
+            client = cfg.pop("clients")["bench"]
+            if auth != "off":  # the same limits on a virtual key, with a budget and a price
+                cfg["database_url"] = await _key_database(client)
+                # The hot path alone: no background poll or spend write while measuring
+                # (under valgrind they would run ~50x as often per request as for real).
+                cfg["auth"] = {"sync_interval": 3600, "spend_flush_interval": 3600}
+                cfg["models"][MODEL]["price"] = {"input": 0.15, "output": 0.6}
+        app = create_app(parse_config(cfg))
         model = MODEL
     else:
         from keel.bench import _bare
@@ -112,12 +125,47 @@ async def _gateway(which: str, upstream: str) -> tuple[web.AppRunner | None, str
     return runner, f"http://127.0.0.1:{port}/v1/chat/completions", model
 
 
-async def run(which: str, requests: int, concurrency: int, tokens: int) -> None:
+_VIRTUAL_KEY: list[str] = []
+
+
+async def _key_database(client: dict[str, Any]) -> str:
+    """A SQLite key database in a temp dir with one virtual key like the bench's client."""
+    import tempfile
+
+    from keel.auth._store import KeySpec, KeyStore
+
+    url = f"sqlite:///{tempfile.mkdtemp(prefix='keel-bench-')}/keys.db"
+    store = KeyStore(url)
+    await store.open()
+    spec = KeySpec.from_json(
+        {
+            "name": "bench",
+            "budget_usd": 1e9,
+            **{k: client[k] for k in ("rpm", "tpm", "max_concurrency")},
+        }
+    )
+    _, key = await store.create_key(spec)
+    # One signing key for every run: RSA key generation takes a random number of steps,
+    # which would swamp the per-request difference of two runs.
+    from keel.auth._jwt import generate_key
+
+    pem_file = Path(tempfile.gettempdir()) / "keel-bench-signing.pem"
+    if not pem_file.exists():
+        pem_file.write_text(generate_key()[1])
+    await store.add_signing_key("kbench", pem_file.read_text())
+    await store.close()
+    _VIRTUAL_KEY[:] = [key]
+    return url
+
+
+async def run(
+    which: str, requests: int, concurrency: int, tokens: int, auth: str = "static"
+) -> None:
     up = web.Application()
     up[_TOKENS] = tokens
     up.router.add_post("/v1/chat/completions", _upstream)
     up_runner, up_port = await _site(up)
-    runner, url, model = await _gateway(which, f"http://127.0.0.1:{up_port}/v1")
+    runner, url, model = await _gateway(which, f"http://127.0.0.1:{up_port}/v1", auth)
     body = orjson.dumps(
         {
             "model": model,
@@ -127,6 +175,13 @@ async def run(which: str, requests: int, concurrency: int, tokens: int) -> None:
     )
     headers = {"authorization": "Bearer sk-bench", "content-type": "application/json"}
     async with aiohttp.ClientSession() as client:
+        if auth in ("virtual", "jwt"):
+            headers["authorization"] = f"Bearer {_VIRTUAL_KEY[0]}"
+        if auth == "jwt":  # an access token for the virtual key
+            async with client.post(url.replace("/chat/completions", "/auth/token"),
+                                   headers=headers) as r:  # fmt: skip
+                token = (await r.json())["access_token"]
+            headers["authorization"] = f"Bearer {token}"
 
         async def one() -> None:
             async with client.post(url, data=body, headers=headers) as r:
@@ -156,10 +211,16 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--tokens", type=int, default=0, help="0: non-stream; N: N-token streams")
+    parser.add_argument(
+        "--auth",
+        choices=["static", "off", "virtual", "jwt"],
+        default="static",
+        help="keel's client: the config's key (default), none, a virtual key, its access JWT",
+    )
     args = parser.parse_args()
     import uvloop
 
-    uvloop.run(run(args.which, args.requests, args.concurrency, args.tokens))
+    uvloop.run(run(args.which, args.requests, args.concurrency, args.tokens, args.auth))
 
 
 if __name__ == "__main__":

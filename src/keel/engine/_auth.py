@@ -10,11 +10,26 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from hmac import compare_digest
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from keel._config_limits import ClientConfig
 from keel._ratelimit import Gcra
 from keel.engine._errors import KeelError
+
+if TYPE_CHECKING:
+    from keel.engine._keel import Call
+
+
+class Meter(Protocol):
+    """A principal's spend and budget (virtual keys, ``keel.auth``)."""
+
+    def check(self) -> None:
+        """Before a request: a 429 ``KeelError`` when the budget is spent."""
+        ...
+
+    def charge(self, call: Call) -> None:
+        """After a request (streams too, also when the client left): count what it cost."""
+        ...
 
 
 @dataclass(slots=True, eq=False)
@@ -28,6 +43,8 @@ class Principal:
     in_flight: int = 0
     refused: Counter[str] = field(default_factory=Counter)
     limited: bool = False  # any of rpm/tpm/max_concurrency (a field: read per request)
+    models: frozenset[str] | None = None  # the model groups it may ask for (None: all)
+    meter: Meter | None = None  # spend and budget (virtual keys)
 
     def __post_init__(self) -> None:
         cfg = self.cfg
@@ -74,14 +91,18 @@ class StaticKeys:
     def open(self) -> bool:
         return not self._keys
 
-    def authenticate(self, headers: Mapping[str, str]) -> Principal:
-        if not self._keys:
-            return self._anonymous
-        token = bearer(headers)
+    def find(self, token: bytes) -> Principal | None:
+        """The principal of one of the config's keys (``bearer(headers)``), or None."""
         found = None
         for key, p in self._keys:
             if compare_digest(key, token):
                 found = p
+        return found
+
+    def authenticate(self, headers: Mapping[str, str]) -> Principal:
+        if not self._keys:
+            return self._anonymous
+        found = self.find(bearer(headers))
         if found is None:
             raise KeelError(
                 401, "Invalid or missing API key for this gateway.", code="invalid_api_key"

@@ -163,9 +163,8 @@ async def stream(keel: Keel, call: Call, sink: Sink) -> None:
     that leaves (``ClientGone``) ends it quietly."""
     plan = keel.plan(call)
     group = keel.config.models[call.model]
-    opts = call.body.get("stream_options")
-    t = Transcript(
-        wants_usage=bool(isinstance(opts, dict) and opts.get("include_usage")),
+    t = call.transcript = Transcript(
+        wants_usage=call.wants_usage,
         commit_tokens=group.commit_buffer.tokens,
         commit_ms=group.commit_buffer.ms,
     )
@@ -291,6 +290,9 @@ async def _attempt(
     except AttemptFailed:
         take.failed()
         plan.shown(t.tokens, t.tool_calls)
+        raise
+    except (ClientGone, asyncio.CancelledError):
+        take.failed()  # what it generated until the client left still counts (spend)
         raise
     finally:
         reader.close()

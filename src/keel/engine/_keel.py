@@ -40,6 +40,8 @@ from keel.engine._validate import check_chat_request, parse_chat_request
 if TYPE_CHECKING:
     import httpx
 
+    from keel._transcript import Transcript
+    from keel.auth._service import KeyService
     from keel.engine._sinks import ChunkStream
     from keel.engine._speech import Speech
 
@@ -64,6 +66,8 @@ class Call:
     ticket: Ticket | None = None  # the client's booked limits
     usage: Mapping[str, Any] | None = None  # the upstream's usage, once an attempt succeeded
     racers: dict[asyncio.Task[Any], Any] | None = None  # a hedge's attempts, while it races
+    wants_usage: bool = False  # the client asked for a stream's usage chunk
+    transcript: Transcript | None = None  # a stream's, for its spend (``Meter.charge``)
 
 
 class Keel:
@@ -76,6 +80,16 @@ class Keel:
         self.router = Router(config, self.shared)
         self.admission = Admission(config, self.shared)
         self.authenticator: Authenticator = self.admission.authenticator
+        # Virtual keys, budgets and token sessions (keel.auth) when there is a key database:
+        # the config's keys first, then the database's, then access JWTs.
+        self.keys: KeyService | None = None
+        if config.database_url:
+            from keel.auth._service import KeyChain, KeyService
+
+            self.keys = KeyService(config)
+            self.authenticator = KeyChain(
+                self.admission.authenticator, self.keys, self.admission.anonymous
+            )
         # Hedging state per model group that hedges (first-token history, hedge budget).
         self.hedges = {
             name: HedgePolicy(
@@ -133,8 +147,12 @@ class Keel:
             await self.shared.start(
                 [d.limiter.health_key for d in deps], lambda h: apply_remote_health(deps, h)
             )
+        if self.keys is not None:
+            await self.keys.start()
 
     async def close(self) -> None:
+        if self.keys is not None:
+            await self.keys.close()  # writes the spend not yet written
         if self.session is not None:
             await self.session.close()
             self.session = None
@@ -193,11 +211,14 @@ class Keel:
 
         return KeelTransport(self)
 
-    def models(self) -> list[dict[str, Any]]:
+    def models(self, principal: Principal | None = None) -> list[dict[str, Any]]:
+        """The model groups (those ``principal`` may use, when its key is restricted)."""
         created = int(time.time())
+        allowed = principal.models if principal is not None else None
         return [
             {"id": name, "object": "model", "created": created, "owned_by": "keel"}
             for name in self.router.groups
+            if allowed is None or name in allowed
         ]
 
     # -- what every door does ---------------------------------------------------------------------
@@ -228,11 +249,31 @@ class Keel:
                 code="model_not_found",
                 param="model",
             )
+        if principal.models is not None and model not in principal.models:
+            # As OpenAI answers for a model the key may not use: 404, naming what it may.
+            raise KeelError(
+                404,
+                f"The model '{model}' does not exist or key '{principal.name}' may not use "
+                f"it. Available: {', '.join(sorted(principal.models & set(self.router.groups)))}.",
+                code="model_not_found",
+                param="model",
+            )
+        meter = principal.meter
+        if meter is not None:
+            meter.check()  # a 429 when its budget is spent
         priority = self.admission.priority(headers, principal)
         config = self.config
         now = asyncio.get_running_loop().time()
         deadline = now + config.retry.deadline
         streaming = bool(body.get("stream"))
+        wants_usage = False
+        if streaming:
+            opts = body.get("stream_options")
+            wants_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
+            if meter is not None and not wants_usage:
+                # Spend needs the upstream's count; the client still gets no usage chunk.
+                opts = opts if isinstance(opts, dict) else {}
+                body = {**body, "stream_options": {**opts, "include_usage": True}}
         if not streaming:
             patience = _client_patience(headers)
             if patience is not None and now + patience < deadline:
@@ -248,6 +289,7 @@ class Keel:
             max_wait=queue.batch_max_wait if priority == "batch" else queue.interactive_max_wait,
             deadline=deadline,
             cost=RequestCost(body),
+            wants_usage=wants_usage,
         )
 
     def library_call(self, body: Mapping[str, Any], stream: bool, api_key: str | None) -> Call:
@@ -267,6 +309,9 @@ class Keel:
     def done(self, call: Call) -> None:
         """The request is over: free the client's concurrency, reconcile its tokens."""
         self.admission.done(call.ticket, call.usage)
+        meter = call.principal.meter
+        if meter is not None:
+            meter.charge(call)
 
     def plan(self, call: Call) -> Plan[Deployment]:
         """The attempt plan of one request."""

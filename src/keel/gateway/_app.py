@@ -14,6 +14,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from keel.auth import _http as auth_http
 from keel.config import GatewayConfig
 from keel.engine._driver import complete, stream
 from keel.engine._errors import KeelError
@@ -116,11 +117,12 @@ async def _speech(request: web.Request) -> web.StreamResponse:
 async def models(request: web.Request) -> web.Response:
     keel = request.app[KEEL_KEY]
     try:
-        keel.authenticate(request.headers)  # the model list is for clients, like the models
+        principal = keel.authenticate(request.headers)  # the same rules as chat completions
     except KeelError as exc:
         return error_response(exc)
     return web.json_response(
-        {"object": "list", "data": keel.models()}, dumps=lambda o: orjson.dumps(o).decode()
+        {"object": "list", "data": keel.models(principal)},
+        dumps=lambda o: orjson.dumps(o).decode(),
     )
 
 
@@ -199,6 +201,7 @@ _ROUTES: list[tuple[str, str, Handler]] = [
     ("/metrics", "GET", guarded(metrics)),
     ("/v1/ws", "GET", websocket),  # keel.gateway._ws (guards itself)
     ("/playground", "GET", guarded(playground)),
+    *auth_http.ROUTES,  # token sessions (keel.auth); the admin API: auth_http.add_routes
 ]
 _ALLOWED = {path: "GET, HEAD" if method == "GET" else method for path, method, _ in _ROUTES}
 
@@ -210,20 +213,28 @@ def create_app(config: GatewayConfig | Keel) -> web.Application:
     app = web.Application(client_max_size=keel.config.server.max_body_bytes)
     app[KEEL_KEY] = keel
     app[METRICS_KEY] = registry_for(keel)
+    if keel.keys is not None:
+        from keel.auth._metrics import KeyCollector
+
+        app[METRICS_KEY].register(KeyCollector(keel.keys))
     for path, method, handler in _ROUTES:
         if method == "GET":
             app.router.add_get(path, handler)  # and HEAD, for load balancers' health checks
         else:
             app.router.add_route(method, path, handler)
     install_streams(app, keel)  # GET/DELETE /v1/streams/{id} and the resume buffers
+    auth_http.add_routes(app)
     app.router.add_route("*", "/{tail:.*}", _unrouted)  # last: only what nothing else took
 
     async def lifecycle(app: web.Application) -> Any:
         await keel.start()
+        # After start: virtual keys (keel.auth) are loaded by then.
+        if getattr(keel.authenticator, "open", False):
+            log.warning(
+                "no client keys configured: any bearer token is accepted (local use only)"
+            )
         yield
         await keel.close()
 
     app.cleanup_ctx.append(lifecycle)
-    if keel.admission.authenticator.open:
-        log.warning("no client api_keys configured: any bearer token is accepted (local use only)")
     return app
