@@ -12,8 +12,8 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from keel._config_limits import JwtConfig
 from keel.auth._jwt import ACTIVATE, InvalidToken, TokenKeys, generate_key
+from keel.config._limits import JwtConfig
 
 CFG = JwtConfig(access_ttl=900, leeway=5, rotate_every=86400)
 T0 = 1_800_000_000.0

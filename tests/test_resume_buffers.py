@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from keel._config_streams import ResumeConfig
+from keel.config._streams import ResumeConfig
 from keel.engine._errors import KeelError
 from keel.engine._resume import Streams, parse_last_event_id
 

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from gw_fixtures import unique
-from keel._config_limits import SharedConfig
+from keel.config._limits import SharedConfig
 from keel.engine._shared import SharedDown, SharedState
 from keel.testing import spawn_sim
 from limits_helpers import (

@@ -22,7 +22,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from keel._config_limits import JwtConfig
+from keel.config._limits import JwtConfig
 
 ALGORITHMS = ["RS256"]  # the only one, ever: no negotiation with the token's header
 ACTIVATE = 2.0  # seconds a new signing key is published before it signs

@@ -14,8 +14,8 @@ from typing import Any
 
 import jwt
 
-from keel._config_limits import OidcConfig
 from keel.auth._jwt import InvalidToken, decode, unverified_header
+from keel.config._limits import OidcConfig
 
 log = logging.getLogger("keel.auth")
 

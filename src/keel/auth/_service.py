@@ -23,13 +23,13 @@ import jwt
 import orjson
 from pydantic import SecretStr
 
-from keel._config_limits import ClientConfig
 from keel._ratelimit import per_minute
 from keel.auth._jwt import InvalidToken, TokenKeys, generate_key
 from keel.auth._oidc import Oidc
 from keel.auth._store import KeyStore
 from keel.auth._terms import KEY_PREFIX, Rates, budget_message, cost, period_start
 from keel.config import GatewayConfig
+from keel.config._limits import ClientConfig
 from keel.engine._auth import Principal, StaticKeys, bearer
 from keel.engine._errors import KeelError
 

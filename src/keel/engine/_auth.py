@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from hmac import compare_digest
 from typing import TYPE_CHECKING, Protocol
 
-from keel._config_limits import ClientConfig
 from keel._ratelimit import Gcra
+from keel.config._limits import ClientConfig
 from keel.engine._errors import KeelError
 
 if TYPE_CHECKING:

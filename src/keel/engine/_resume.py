@@ -31,7 +31,7 @@ import secrets
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
-from keel._config_streams import ResumeConfig
+from keel.config._streams import ResumeConfig
 from keel.engine._errors import KeelError
 
 if TYPE_CHECKING:

@@ -46,7 +46,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from keel._config_limits import SharedConfig
+from keel.config._limits import SharedConfig
 
 log = logging.getLogger("keel.shared")
 

@@ -35,7 +35,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from keel._config_streams import ResumeConfig
+from keel.config._streams import ResumeConfig
 from keel.engine._errors import KeelError
 from keel.engine._resume import StreamBuffer, Streams, gone_error
 

@@ -33,7 +33,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
-from keel._config_node import NodeConfig
+from keel.config._node import NodeConfig
 
 log = logging.getLogger("keel.node")
 

@@ -14,7 +14,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from keel._config_node import NodeConfig
+    from keel.config._node import NodeConfig
 
 log = logging.getLogger("keel.node")
 _LOCAL = 100_000

@@ -29,7 +29,7 @@ from keel.node._turn import Session, Turn
 if TYPE_CHECKING:
     from aio_pika.abc import AbstractIncomingMessage
 
-    from keel._config_node import NodeConfig
+    from keel.config._node import NodeConfig
 
 log = logging.getLogger("keel.node")
 

@@ -30,7 +30,7 @@ from keel.node._bus import Bus, BusLost
 if TYPE_CHECKING:
     from aio_pika.abc import AbstractIncomingMessage
 
-    from keel._config_node import NodeConfig
+    from keel.config._node import NodeConfig
     from keel.engine._keel import Keel
     from keel.engine._speech import Speech
 

@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from keel._classify import Dialect
-from keel._config_limits import (
+from keel.config._limits import (
     AdaptiveConcurrency,
     AuthConfig,
     BalancerConfig,
@@ -26,9 +26,9 @@ from keel._config_limits import (
     QueueConfig,
     SharedConfig,
 )
-from keel._config_node import NodeConfig
-from keel._config_node import NodeTTS as NodeTTS  # the ``node:`` section, re-exported
-from keel._config_streams import ResumeConfig, WebSocketConfig
+from keel.config._node import NodeConfig
+from keel.config._node import NodeTTS as NodeTTS  # the ``node:`` section, re-exported
+from keel.config._streams import ResumeConfig, WebSocketConfig
 
 
 class ConfigError(ValueError):
@@ -204,14 +204,14 @@ class GatewayConfig(_Strict):
     database_url: str | None = None
     auth: AuthConfig = AuthConfig()
     models: dict[str, ModelGroup] = Field(min_length=1)
-    # limits, health, balancing, admission, shared state (keel/_config_limits.py)
+    # limits, health, balancing, admission, shared state (keel/config/_limits.py)
     clients: dict[str, ClientConfig] = {}  # principal name → key and limits
     breaker: BreakerConfig = BreakerConfig()
     balancer: BalancerConfig = BalancerConfig()
     adaptive_concurrency: AdaptiveConcurrency = AdaptiveConcurrency()
     queue: QueueConfig = QueueConfig()
     shared: SharedConfig = SharedConfig()
-    # the WebSocket door and resumable streams (keel/_config_streams.py)
+    # the WebSocket door and resumable streams (keel/config/_streams.py)
     websocket: WebSocketConfig = WebSocketConfig()
     resume: ResumeConfig = ResumeConfig()
     node: NodeConfig | None = None  # `keel node`: the RabbitMQ voice-bot worker
