@@ -18,7 +18,7 @@ import pytest
 from gw_fixtures import unique
 from keel.sim import answer_text
 from keel.testing import SimProcess, spawn_gateway, spawn_sim
-from test_shutdown import SLACK, config, exit_within
+from test_shutdown import SLACK, config, exit_within, wait_output
 from ws_helpers import Reader, create
 
 
@@ -42,8 +42,6 @@ async def test_sigterm_closes_idle_sockets_and_lets_running_requests_finish(sim,
             msg = await idle.receive(5)
             assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
             assert idle.close_code == 1001 and time.monotonic() - t < 1.0
-            # (aiohttp reads nothing more from a connection once the server drains: the socket
-            # only writes now, so no new request can arrive — nor a cancel.)
             out = await r.until_done("run")
             closing = await busy.receive(5)
             assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
@@ -84,3 +82,26 @@ async def test_what_the_drain_timeout_cuts_off_ends_well_formed(sim, tmp_path) -
     assert events[-1].endswith(b"data: [DONE]") and events[-1].startswith(f"id: {sid}:".encode())
     err = orjson.loads(events[-2].split(b"data: ", 1)[1])
     assert err["error"]["code"] == "server_shutting_down"
+
+
+async def test_a_cancel_sent_during_the_drain_still_stops_its_upstream(sim, tmp_path) -> None:
+    """A draining server still reads its WebSockets: the requests running on them can still be
+    cancelled (and resumed), only new connections are refused."""
+    prompt = unique("ws-drain-cancel")
+    with spawn_gateway(config(sim, 30.0), workdir=str(tmp_path)) as gw:
+        async with aiohttp.ClientSession() as s:
+            ws = await s.ws_connect(gw.url + "/v1/ws")
+            r = Reader(ws)
+            await r.send(create("long", f"{prompt} [[sim:len=400,delay=0.05]]"))
+            await r.until(lambda: "long" in r.by_id and len(r.by_id["long"].chunks) >= 2)
+            gw.proc.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(wait_output, gw, r"shutting down: 1 request in flight")
+            t = time.monotonic()
+            await r.send({"type": "cancel", "id": "long"})
+            out = await r.until_done("long", within=5.0)
+            assert out["long"].done == 1
+        took = exit_within(gw, 5.0 + SLACK)
+    entries = [e for e in sim.log() if prompt.rsplit("#", 1)[1] in e.prompt]
+    assert len(entries) == 1 and entries[0].client_disconnected
+    assert entries[0].t_close is not None and entries[0].t_close - t < 0.5
+    assert took < 5.0  # the cancelled request did not hold the drain for its 20 s

@@ -121,6 +121,14 @@ class KeelProtocol(RequestHandler):
         """A request is being handled on this connection (for the drain at shutdown)."""
         return self._request_in_progress
 
+    def drain(self) -> None:
+        """Shutdown begins: no new request on this connection (aiohttp's ``close()``, which
+        also stops reading). An upgraded connection — a WebSocket — keeps reading: its
+        requests in flight still need their ``cancel`` and ``resume`` messages, and its own
+        handler closes it (1001) when they are done."""
+        if not self._upgraded:
+            self.close()
+
     def cancel_handler(self) -> None:
         """Cancel the request being handled, as when its client goes away (drain timeout)."""
         task = self._task_handler

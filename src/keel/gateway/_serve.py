@@ -118,8 +118,13 @@ async def drain(runner: web.AppRunner, drain_timeout: float) -> None:
     for site in list(runner.sites):
         await site.stop()  # stop listening: new connections are refused by the kernel
     server = runner.server
-    if server is not None:
-        server.pre_shutdown()  # idle keep-alive connections close now, busy ones after
+    for conn in server.connections if server is not None else []:
+        # Idle keep-alive connections close now, busy ones after their request; WebSockets
+        # keep reading until their requests are done (KeelProtocol.drain).
+        if isinstance(conn, KeelProtocol):
+            conn.drain()
+        else:
+            conn.close()
     busy = sum(1 for c in _connections(runner) if c.busy)
     log.warning(
         "shutting down: %d request%s in flight, waiting up to %gs (server.drain_timeout); "
