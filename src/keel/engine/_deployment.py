@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from keel import __version__
+from keel._cadence import Cadence
 from keel._classify import Dialect, UpstreamError
 from keel._health import Breaker, PeakEwma
 from keel.config import DeploymentConfig, Timeouts
@@ -61,6 +62,7 @@ class Deployment:
     limiter: DeploymentLimiter = field(default=None, repr=False)  # type: ignore[assignment]
     breaker: Breaker = field(default_factory=Breaker)
     latency: PeakEwma = field(default_factory=PeakEwma)
+    cadence: Cadence = field(default_factory=Cadence)  # the usual gap between stream tokens
     outcomes: Counter[str] = field(default_factory=Counter)  # attempts by outcome (metrics)
 
     def __post_init__(self) -> None:

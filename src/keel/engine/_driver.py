@@ -236,8 +236,11 @@ async def _attempt(
     resp = await post(session, dep, payload, call.deadline, deadlines)
     asm = StreamAssembler(dialect=dep.dialect, require_done=True)
     take = t.take(asm, dep.name, mode)  # type: ignore[arg-type]
+    # A stall judged by the deployment's usual pace is only worth it where it can be repaired:
+    # the answer can be continued (this deployment at least can continue it).
+    adaptive = plan.spliceable and not t.tool_calls and dep.continuation != "none"
     reader = FrameReader(
-        resp, dep, asm, call.deadline, started + dep.timeouts.first_token, deadlines
+        resp, dep, asm, call.deadline, started + dep.timeouts.first_token, deadlines, adaptive
     )
     read = resp.content.readany
     clean = False
@@ -280,6 +283,7 @@ async def _attempt(
         if not outcome.complete:
             assert outcome.failure is not None
             raise AttemptFailed(outcome.failure)
+        reader.completed(dep)
         out = []
         if take.commit(out):  # a short answer may still be held
             await _commit(keel, call, plan, sink, dep, started)

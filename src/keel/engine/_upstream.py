@@ -144,7 +144,7 @@ class _Watchdog:
 
     __slots__ = (
         "_deadlines", "_due", "_handle", "_idle", "_loop", "_min_tokens", "_resp", "_total", "_window",
-        "_window_end", "_window_tokens", "expired", "progressed", "tokens",
+        "_window_end", "_window_tokens", "expired", "first_progress", "progressed", "tokens",
     )  # fmt: skip
 
     def __init__(
@@ -154,12 +154,15 @@ class _Watchdog:
         deadline: float,
         first: float,
         deadlines: Deadlines,
+        adaptive: bool = False,
     ) -> None:
         self._deadlines = deadlines
         self._loop = deadlines.loop
         self._resp = resp
         t = dep.timeouts
-        self._idle = t.idle
+        # A silence many times the deployment's usual gap is a stall (keel._cadence), when a
+        # stall can be repaired; else only the configured idle bound.
+        self._idle = dep.cadence.idle(t.idle) if adaptive else t.idle
         self._min_tokens = t.min_tokens
         self._window = t.min_tokens_window
         self._window_end = 0.0
@@ -167,13 +170,14 @@ class _Watchdog:
         self._total = min(deadline, self._loop.time() + t.total)
         self._due = min(first, self._total)
         self.progressed = 0.0  # loop time of the last content; 0 until the first token
+        self.first_progress = 0.0
         self.tokens = 0  # content chunks so far
         self.expired = ""
         self._handle: Entry = deadlines.call_at(self._due, self._fire)
 
     def first_token(self, now: float) -> None:
         """Switch from the first-token deadline to the idle/throughput checks."""
-        self.progressed = now
+        self.progressed = self.first_progress = now
         self._window_end = now + self._window
         self._window_tokens = self.tokens
         self._handle.cancel()
@@ -232,10 +236,11 @@ class FrameReader:
         deadline: float,
         first_token_deadline: float,
         deadlines: Deadlines,
+        adaptive: bool = False,
     ) -> None:
         self._decoder = SSEDecoder()
         self._asm = assembler
-        self._dog = _Watchdog(resp, dep, deadline, first_token_deadline, deadlines)
+        self._dog = _Watchdog(resp, dep, deadline, first_token_deadline, deadlines, adaptive)
         self._time = deadlines.loop.time
 
     def frames(self, data: bytes) -> list[Frame]:
@@ -277,6 +282,11 @@ class FrameReader:
             raise AttemptFailed(
                 transport_error(ErrorKind.CONNECTION, "upstream stream ended inside an event")
             )
+
+    def completed(self, dep: Deployment) -> None:
+        """The stream ended complete: its pace is the deployment's usual one."""
+        dog = self._dog
+        dep.cadence.observe(dog.first_progress, dog.progressed, dog.tokens)
 
     def close(self) -> None:
         self._dog.cancel()
