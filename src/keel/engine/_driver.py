@@ -67,13 +67,9 @@ async def complete(keel: Keel, call: Call) -> tuple[bytes, dict[str, str]]:
         d = plan.next(loop.time())
         if type(d) is Try:
             dep: Deployment = d.dep
-            permit = try_acquire(dep, call.cost, time.monotonic()) or await _queue(
-                keel, plan, d, call
-            )
+            permit = _admit(plan, dep, call) or await _queue(keel, plan, d, call)
             if permit is None:
                 continue
-            plan.started(dep)
-            dep.in_flight += 1
             resp = None
             try:
                 with deadlines.timeout(attempt_limit(dep, call.deadline, deadlines)):
@@ -174,14 +170,10 @@ async def stream(keel: Keel, call: Call, sink: Sink) -> None:
             d = plan.next(loop.time())
             if type(d) is Try:
                 dep: Deployment = d.dep
-                permit = try_acquire(dep, call.cost, time.monotonic()) or await _queue(
-                    keel, plan, d, call
-                )
+                permit = _admit(plan, dep, call) or await _queue(keel, plan, d, call)
                 if permit is None:
                     continue
-                plan.started(dep)
                 t.attempts = plan.count
-                dep.in_flight += 1
                 if d.hedge_after is not None:
                     if await _hedged(keel, call, plan, t, sink, dep, permit, d.hedge_after):
                         return
@@ -416,6 +408,14 @@ def _ended(
 # -- shared by both --------------------------------------------------------------------------------
 
 
+def _admit(plan: Plan[Deployment], dep: Deployment, call: Call) -> Permit | None:
+    """The attempt the plan proposes, let through at once when nothing limits it (the common
+    case: a plain call, no coroutine); None: ask ``_queue``. Either way a permit means the
+    attempt has started (``_started``)."""
+    permit = try_acquire(dep, call.cost, time.monotonic())
+    return None if permit is None else _started(plan, dep, permit)
+
+
 async def _queue(
     keel: Keel, plan: Plan[Deployment], d: Try[Deployment], call: Call
 ) -> Permit | None:
@@ -427,10 +427,19 @@ async def _queue(
     panic = not dep.breaker.would_admit(now) and keel.router.all_open(call.model, now)
     wait = plan.queue_bound(asyncio.get_running_loop().time())
     try:
-        return await acquire(dep, call.cost, call.priority, now + wait, panic)
+        permit = await acquire(dep, call.cost, call.priority, now + wait, panic)
     except Saturated as sat:
         plan.refused(dep, sat.reason, sat.retry_after, sat.soon)
         return None
+    return _started(plan, dep, permit)
+
+
+def _started(plan: Plan[Deployment], dep: Deployment, permit: Permit) -> Permit:
+    """An attempt starts: the plan counts it, the deployment has one more in flight (undone
+    by ``_settle``)."""
+    plan.started(dep)
+    dep.in_flight += 1
+    return permit
 
 
 def _settle(

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -25,10 +24,10 @@ from keel._classify import ErrorKind, transport_error
 from keel._plan import Finish, GiveUp, Plan, Try, Wait
 from keel.engine._auth import Principal
 from keel.engine._deployment import Deployment
-from keel.engine._driver import _gave_up, _queue, _settle
+from keel.engine._driver import _admit, _gave_up, _queue, _settle
 from keel.engine._errors import KeelError
 from keel.engine._keel import Call, Keel
-from keel.engine._limits import PRIORITIES, Permit, RequestCost, try_acquire
+from keel.engine._limits import PRIORITIES, Permit, RequestCost
 from keel.engine._upstream import (
     AttemptFailed,
     _client_timeout,
@@ -139,13 +138,9 @@ async def open_speech(keel: Keel, call: Call) -> Speech:
         d = plan.next(loop.time())
         if type(d) is Try:
             dep: Deployment = d.dep
-            permit = try_acquire(dep, call.cost, time.monotonic()) or await _queue(
-                keel, plan, d, call
-            )
+            permit = _admit(plan, dep, call) or await _queue(keel, plan, d, call)
             if permit is None:
                 continue
-            plan.started(dep)
-            dep.in_flight += 1
             resp: aiohttp.ClientResponse | None = None
             try:
                 with deadlines.timeout(attempt_limit(dep, call.deadline, deadlines)):
