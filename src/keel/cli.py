@@ -60,7 +60,7 @@ def serve(
     except ConfigError as exc:
         typer.echo(f"keel: {exc}", err=True)
         raise typer.Exit(2) from None
-    run(cfg, host, port)
+    run(cfg, host, port, config)
 
 
 def main() -> None:

@@ -314,7 +314,9 @@ async def _commit(
             if task is not me:
                 task.cancel()
     plan.commit(dep)
-    plan.first_token(asyncio.get_running_loop().time() - started)
+    first = asyncio.get_running_loop().time() - started
+    plan.first_token(first)
+    dep.first_tokens.add(first)  # the status page's percentiles
     await sink.commit(keel.attempt_headers(call, plan))
 
 

@@ -26,7 +26,7 @@ import orjson
 from keel._backoff import RetryBudget
 from keel._hedge import HedgePolicy
 from keel._plan import Plan, Policy
-from keel.config import GatewayConfig, load_config, parse_config
+from keel.config import GatewayConfig, ModelGroup, load_config, parse_config
 from keel.engine._admission import Admission, Ticket
 from keel.engine._auth import Authenticator, Principal
 from keel.engine._deadlines import Deadlines
@@ -92,29 +92,10 @@ class Keel:
             )
         # Hedging state per model group that hedges (first-token history, hedge budget).
         self.hedges = {
-            name: HedgePolicy(
-                after=g.hedge.after,
-                percentile=g.hedge.percentile,
-                min_after=g.hedge.min_after,
-                max_ratio=g.hedge.max_ratio,
-            )
-            for name, g in config.models.items()
-            if g.hedge.enabled
+            name: hedge_policy(g) for name, g in config.models.items() if g.hedge.enabled
         }
         r = config.retry
-        self.policies = {
-            name: Policy(
-                max_attempts=r.max_attempts,
-                max_retries_per_deployment=r.max_retries_per_deployment,
-                backoff_base=r.backoff_base,
-                backoff_cap=r.backoff_cap,
-                max_retry_wait=r.max_retry_wait,
-                quota_cooldown=r.quota_cooldown,
-                auth_cooldown=r.auth_cooldown,
-                on_content_filter=g.on_content_filter,
-            )
-            for name, g in config.models.items()
-        }
+        self.policies = policies(config)
         self.budget = RetryBudget(
             ratio=r.budget_ratio, floor_per_s=r.budget_floor_per_s, clock=time.monotonic
         )
@@ -124,6 +105,11 @@ class Keel:
         # random tag per process (containers often all run as pid 1), then a sequence number.
         self._id_prefix = f"keel-{os.getpid():x}-{random.getrandbits(32):08x}-"
         self._seq = 0
+        # The status page's history (keel.engine._snapshot); the file ``reload`` re-reads.
+        from keel.engine._snapshot import Monitor
+
+        self.monitor = Monitor(self)
+        self.config_path: Path | None = None
 
     @classmethod
     def from_config(cls, source: str | Path | Mapping[str, Any] | GatewayConfig) -> Keel:
@@ -132,7 +118,9 @@ class Keel:
             return cls(source)
         if isinstance(source, Mapping):
             return cls(parse_config(dict(source)))
-        return cls(load_config(source))
+        keel = cls(load_config(source))
+        keel.config_path = Path(source)
+        return keel
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -142,6 +130,7 @@ class Keel:
         # per request under load); the upstream adapter names keel as the User-Agent instead.
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
         self.deadlines = Deadlines(asyncio.get_running_loop())
+        self.monitor.start()
         if self.shared is not None:
             deps = list(self.router.deployments())
             await self.shared.start(
@@ -151,6 +140,7 @@ class Keel:
             await self.keys.start()
 
     async def close(self) -> None:
+        self.monitor.stop()
         if self.keys is not None:
             await self.keys.close()  # writes the spend not yet written
         if self.session is not None:
@@ -220,6 +210,28 @@ class Keel:
             for name in self.router.groups
             if allowed is None or name in allowed
         ]
+
+    # -- for operators (keel.engine._snapshot, keel.engine._reload) ------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every model group and deployment: state, load, latency, errors, recent failures
+        (what ``GET /admin/state`` and the status page show)."""
+        from keel.engine._snapshot import snapshot
+
+        return snapshot(self)
+
+    def readiness(self) -> dict[str, str]:
+        """Model group → why no deployment could take a request for it now (empty: ready)."""
+        from keel.engine._snapshot import readiness
+
+        return readiness(self)
+
+    def reload(self, config: GatewayConfig | None = None) -> dict[str, Any]:
+        """Apply a new config (default: re-read ``config_path``) without dropping requests in
+        flight; returns what changed (``keel.engine._reload``)."""
+        from keel.engine._reload import reload
+
+        return reload(self, config)
 
     # -- what every door does ---------------------------------------------------------------------
 
@@ -340,6 +352,31 @@ class Keel:
         if plan.last is not None:
             h["x-keel-deployment"] = plan.last.name
         return h
+
+
+def hedge_policy(group: ModelGroup) -> HedgePolicy:
+    h = group.hedge
+    return HedgePolicy(
+        after=h.after, percentile=h.percentile, min_after=h.min_after, max_ratio=h.max_ratio
+    )
+
+
+def policies(config: GatewayConfig) -> dict[str, Policy]:
+    """Each model group's retry policy."""
+    r = config.retry
+    return {
+        name: Policy(
+            max_attempts=r.max_attempts,
+            max_retries_per_deployment=r.max_retries_per_deployment,
+            backoff_base=r.backoff_base,
+            backoff_cap=r.backoff_cap,
+            max_retry_wait=r.max_retry_wait,
+            quota_cooldown=r.quota_cooldown,
+            auth_cooldown=r.auth_cooldown,
+            on_content_filter=g.on_content_filter,
+        )
+        for name, g in config.models.items()
+    }
 
 
 def _token_limit(body: Mapping[str, Any]) -> int | None:

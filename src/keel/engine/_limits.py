@@ -739,7 +739,9 @@ def _succeeded(dep: Deployment, permit: Permit, now: float) -> None:
     usage = permit.usage
     completion = _usage_int(usage, "completion_tokens")
     tokens = completion if completion else lim.calibration.typical_completion
-    dep.latency.observe((now - permit.started) / (tokens if tokens > 1.0 else 1.0), now)
+    took = now - permit.started
+    dep.latency.observe(took / (tokens if tokens > 1.0 else 1.0), now)
+    dep.took.add(took)  # the status page's percentiles
     if lim.aimd is not None:
         lim.aimd.on_success(permit.in_flight, permit.epoch, now)
     lim.on_success_sample(permit)

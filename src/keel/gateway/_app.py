@@ -19,6 +19,7 @@ from keel.config import GatewayConfig
 from keel.engine._driver import complete, stream
 from keel.engine._errors import KeelError
 from keel.engine._keel import Keel
+from keel.gateway import _admin
 from keel.gateway._http import SHUTDOWN_KEY, SHUTTING_DOWN
 from keel.gateway._metrics import metrics, registry_for
 from keel.gateway._sink import SSESink, error_response, sse_end
@@ -132,7 +133,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 _ENDPOINTS = (
     "POST /v1/chat/completions, POST /v1/audio/speech, GET /v1/models, GET /v1/ws, "
-    "GET|DELETE /v1/streams/{id}, GET /playground, GET /healthz, GET /metrics"
+    "GET|DELETE /v1/streams/{id}, GET /playground, GET /healthz, GET /readyz, GET /metrics, "
+    "GET /status, GET /admin/state, POST /admin/deployments/{name}/reset|drain|undrain, "
+    "POST /admin/reload"
 )
 
 
@@ -201,6 +204,7 @@ _ROUTES: list[tuple[str, str, Handler]] = [
     ("/metrics", "GET", guarded(metrics)),
     ("/v1/ws", "GET", websocket),  # keel.gateway._ws (guards itself)
     ("/playground", "GET", guarded(playground)),
+    *_admin.ROUTES,  # /status, /readyz, /admin/state and the admin actions
     *auth_http.ROUTES,  # token sessions (keel.auth); the admin API: auth_http.add_routes
 ]
 _ALLOWED = {path: "GET, HEAD" if method == "GET" else method for path, method, _ in _ROUTES}
