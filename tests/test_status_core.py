@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import calendar
 import math
+import time
 
 import pytest
 
+from keel._classify import ErrorKind, UpstreamError
+from keel._health import BreakerState
 from keel._status import (
     DeploymentFacts,
     History,
@@ -19,6 +22,10 @@ from keel._status import (
     group_blocker,
     state_of,
 )
+from keel.config import parse_config
+from keel.engine._deployment import Deployment
+from keel.engine._router import Router
+from keel.engine._snapshot import facts as facts_of
 
 
 @pytest.mark.parametrize(
@@ -47,10 +54,11 @@ def test_history_steps_are_differences_of_the_counters() -> None:
     h.sample(10.0, {"success": 4, "server": 1})  # nothing happened
     h.sample(15.0, {"success": 9, "server": 1, "quota": 2, "cancelled": 1})
     # keep=3: the first (empty) step is gone
-    assert h.series() == [(5.0, 5, 1), (10.0, 0, 0), (15.0, 8, 2)]
+    assert h.series(16.0) == [(5.0, 5, 1), (10.0, 0, 0), (15.0, 8, 2)]
     # the last 10 s: the 15 s step, plus what happened since (pending totals)
     pending = {"success": 10, "server": 3, "quota": 2, "cancelled": 1}
     assert h.recent(16.0, 10.0, pending) == {"success": 6, "quota": 2, "cancelled": 1, "server": 2}
+    assert h.series(16.0, pending)[-1] == (16.0, 3, 2)  # the step in progress
 
 
 @pytest.mark.parametrize(
@@ -173,3 +181,55 @@ DRAINED = Verdict(State.DRAINED, None, "drained by an operator")
 )
 def test_group_blocker(verdicts: list[tuple[str, Verdict]], expected: str) -> None:
     assert group_blocker(verdicts, NOW, WALL) == expected
+
+
+# -- operator actions on a deployment (keel.engine._deployment) ---------------------------------
+
+
+def _deployment() -> Deployment:
+    cfg = parse_config(
+        {"models": {"m": {"deployments": [{"base_url": "http://127.0.0.1:9/v1", "name": "d"}]}}}
+    )
+    (dep,) = Router(cfg).groups["m"]
+    return dep
+
+
+QUOTA_ERR = UpstreamError(ErrorKind.QUOTA, "quota spent", status=429, code="insufficient_quota")
+
+
+def test_drain_keeps_the_keys_own_bench_and_undrain_restores_it() -> None:
+    dep = _deployment()
+    now = time.monotonic()
+    assert dep.drain() and not dep.drain()  # the second changes nothing
+    assert dep.benched_until == math.inf and not dep.available(now)
+    assert state_of(facts_of(dep, now), now).state is State.DRAINED
+    # an attempt that was in flight fails with a key fault meanwhile: held, not lost
+    dep.record_failure(QUOTA_ERR, bench_for=600.0, now=now)
+    assert dep.benched_until == math.inf
+    assert dep.undrain() and not dep.undrain()
+    v = state_of(facts_of(dep, now), now)
+    assert (v.state, v.until, v.why) == (
+        State.BENCHED,
+        now + 600.0,
+        "key quota exhausted (insufficient_quota)",
+    )
+    assert dep.failures[-1][1:] == ("quota", 429, "quota spent")
+
+
+def test_reset_forgets_bench_cooldown_pause_and_breaker_but_not_a_drain() -> None:
+    dep = _deployment()
+    now = time.monotonic()
+    dep.record_failure(QUOTA_ERR, bench_for=600.0, now=now)
+    dep.cool_down(300.0, now)
+    dep.limiter.paused_until = now + 30.0
+    dep.breaker.open(now)
+    dep.latency.penalise(1.0, now)
+    assert state_of(facts_of(dep, now), now).state is State.BENCHED
+    dep.reset()
+    assert dep.available(now) and dep.limiter.has_capacity(now)
+    assert dep.breaker.state(now) is BreakerState.CLOSED and dep.breaker.would_admit(now)
+    assert dep.latency.failing == 0.0
+    assert state_of(facts_of(dep, now), now) == Verdict(State.HEALTHY)
+    dep.drain()
+    dep.reset()
+    assert dep.drained and state_of(facts_of(dep, now), now).state is State.DRAINED

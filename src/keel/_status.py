@@ -68,10 +68,16 @@ class History:
         while len(self._steps) > self.keep:
             self._steps.popleft()
 
-    def series(self) -> list[tuple[float, int, int]]:
-        """(end of the step, attempts, failed attempts) per step, oldest first."""
+    def series(
+        self, now: float, pending: Mapping[str, int] | None = None
+    ) -> list[tuple[float, int, int]]:
+        """(end of the step, attempts, failed attempts) per step, oldest first; with
+        ``pending`` (the cumulative totals now) the step in progress comes last."""
+        steps = list(self._steps)
+        if pending is not None:
+            steps.append((now, {k: n - self._last.get(k, 0) for k, n in pending.items()}))
         out = []
-        for t, delta in self._steps:
+        for t, delta in steps:
             failed = sum(n for k, n in delta.items() if k not in HEALTHY_OUTCOMES)
             out.append((t, sum(delta.values()), failed))
         return out

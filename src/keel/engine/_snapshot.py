@@ -95,6 +95,7 @@ def deployment_view(dep: Deployment, monitor: Monitor, now: float, wall: float) 
     cap = lim.cap()
     hist = monitor.history(dep)
     attempts, rates = error_rates(hist.recent(now, RATE_SPAN, dep.outcomes))
+    series = hist.series(now, dep.outcomes)
     held = dep._held_bench if dep.drained and dep._held_bench[0] > now else None
     return {
         "name": dep.name,
@@ -125,10 +126,10 @@ def deployment_view(dep: Deployment, monitor: Monitor, now: float, wall: float) 
             {"at": _wall_iso(t), "kind": kind, "status": status, "message": msg}
             for t, kind, status, msg in reversed(dep.failures)
         ],
-        "history": {
+        "history": {  # per step, oldest first; the last is the step in progress
             "step": hist.step,
-            "attempts": [n for _, n, _ in hist.series()],
-            "failed": [f for _, _, f in hist.series()],
+            "attempts": [n for _, n, _ in series],
+            "failed": [f for _, _, f in series],
         },
     }
 
