@@ -32,6 +32,7 @@ import yaml
 from gw_fixtures import UPSTREAM_KEY_A, UPSTREAM_KEY_B, unique
 from keel.sim import answer_text
 from keel.testing import GatewayProcess, SimProcess, spawn_gateway, spawn_listening
+from limits_helpers import RedisServer, needs_redis
 
 ADMIN = "adm-0123456789abcdef"
 AUTH = {"authorization": f"Bearer {ADMIN}"}
@@ -472,3 +473,62 @@ async def test_the_built_in_config_prints_a_status_link_with_a_key_of_its_own() 
             status, _ = await get(s, gw.url + "/admin/state", headers=AUTH)
             assert status == 401
         assert gw.output_tail().count(key) == 1  # printed once, logged nowhere
+
+
+# -- with Redis: a reset is not undone by the health this replica published ----------------------
+
+
+@needs_redis
+async def test_a_reset_holds_when_the_bench_was_shared_through_redis(
+    sims: tuple[SimProcess, SimProcess], tmp_path: Path
+) -> None:
+    redis = RedisServer()
+    redis.start()
+    try:
+        cfg = {
+            "redis_url": redis.url,
+            "server": {"admin_key": ADMIN, "api_keys": ["sk-client"]},
+            "models": {
+                "one": {"deployments": [{"base_url": sims[0].base_url, "name": "shared-a"}]}
+            },
+        }
+        key = b"keel:health:shared-a"
+        with spawn_gateway(cfg, workdir=str(tmp_path)) as gw:
+            async with aiohttp.ClientSession() as s:
+                prompt = unique("shared-bench")
+                status, _ = await post(
+                    s, gw.url + "/v1/chat/completions", body("one", f"{prompt} [[sim:quota]]")
+                )
+                assert status == 502
+                await until(lambda: redis.command("HGET", key, "bench") is not None)
+                status, done = await post(
+                    s, gw.url + "/admin/deployments/shared-a/reset", headers=AUTH
+                )
+                assert status == 200 and done["deployment"]["state"] == "healthy"
+                await until(lambda: redis.command("EXISTS", key) == 0)
+                # two syncs (heartbeats) after the deletion: the bench was not applied again
+                for _ in range(2):
+                    sec, usec = redis.command("TIME")
+                    t = int(sec) * 1000 + int(usec) / 1000
+
+                    def synced(t: float = t) -> bool:
+                        (_, score), *_ = redis.command(
+                            "ZRANGE", b"keel:replicas", 0, -1, "WITHSCORES"
+                        )
+                        return float(score) > t
+
+                    await until(synced)
+                assert await get(s, gw.url + "/readyz") == (200, {"status": "ready"})
+                status, ok = await post(s, gw.url + "/v1/chat/completions", body("one", prompt))
+                assert status == 200 and ok["choices"][0]["message"]["content"] == answer_text(
+                    prompt
+                )
+    finally:
+        redis.kill()
+
+
+async def until(cond: Any, within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not await asyncio.to_thread(cond):
+        assert time.monotonic() < deadline, "condition not met"
+        await asyncio.sleep(0.02)

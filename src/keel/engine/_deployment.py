@@ -171,3 +171,5 @@ class Deployment:
         if lim is not None:
             lim.paused_until = 0.0
             lim.rate_run = 0
+            if lim.shared is not None:  # what this replica published must not bench it again
+                lim.shared.forget(lim.health_key)
