@@ -30,6 +30,7 @@ import pytest
 import yaml
 
 from gw_fixtures import UPSTREAM_KEY_A, UPSTREAM_KEY_B, unique
+from keel.engine._reload import NoConfigFile
 from keel.sim import answer_text
 from keel.testing import GatewayProcess, SimProcess, spawn_gateway, spawn_listening
 from limits_helpers import RedisServer, needs_redis
@@ -532,3 +533,34 @@ async def until(cond: Any, within: float = 5.0) -> None:
     while not await asyncio.to_thread(cond):
         assert time.monotonic() < deadline, "condition not met"
         await asyncio.sleep(0.02)
+
+
+# -- the library: the same snapshot, readiness and reload in-process ----------------------------
+
+
+async def test_the_library_reads_and_reloads_its_engine(sim: Any) -> None:
+    from keel import Keel
+    from keel.config import parse_config
+
+    def config(*names: str) -> dict[str, Any]:
+        deps = [{"base_url": sim.base_url, "api_key": "sk-x", "name": n} for n in names]
+        return {"breaker": {"enabled": False}, "models": {"m": {"deployments": deps}}}
+
+    async with Keel.from_config(config("lib-a")) as gw:
+        prompt = unique("library")
+        answer = await gw.chat(body("m", prompt))
+        assert answer["choices"][0]["message"]["content"] == answer_text(prompt)
+        (d,) = gw.snapshot()["groups"][0]["deployments"]
+        assert (d["name"], d["state"], d["attempts_last_minute"]) == ("lib-a", "healthy", 1)
+        assert gw.readiness() == {}
+        gw.router.groups["m"][0].drain()
+        assert gw.readiness() == {"m": "every deployment is drained: lib-a: drained by an operator"}
+        kept = gw.router.groups["m"][0]
+        result = gw.reload(parse_config(config("lib-a", "lib-b")))
+        assert (result["added"], result["kept"]) == (["lib-b"], ["lib-a"])
+        assert gw.router.groups["m"][0] is kept and kept.drained  # carried over as it was
+        assert gw.readiness() == {}  # lib-b can serve
+        answer = await gw.chat(body("m", prompt))
+        assert answer["choices"][0]["message"]["content"] == answer_text(prompt)
+        with pytest.raises(NoConfigFile):
+            gw.reload()  # not started from a file

@@ -35,6 +35,7 @@ from keel.engine._errors import KeelError
 from keel.engine._limits import PRIORITIES, RequestCost, apply_remote_health, holds_back
 from keel.engine._router import Router
 from keel.engine._shared import SharedState
+from keel.engine._snapshot import Monitor
 from keel.engine._validate import check_chat_request, parse_chat_request
 
 if TYPE_CHECKING:
@@ -106,8 +107,6 @@ class Keel:
         self._id_prefix = f"keel-{os.getpid():x}-{random.getrandbits(32):08x}-"
         self._seq = 0
         # The status page's history (keel.engine._snapshot); the file ``reload`` re-reads.
-        from keel.engine._snapshot import Monitor
-
         self.monitor = Monitor(self)
         self.config_path: Path | None = None
 
