@@ -56,6 +56,7 @@ def admin_config(a: str, b: str) -> dict[str, Any]:
                 ]
             },
             "lone": {"deployments": [dep(a, "lone-a", UPSTREAM_KEY_A)]},
+            "narrow": {"deployments": [dep(a, "narrow-a", UPSTREAM_KEY_A, max_concurrency=1)]},
         },
     }
 
@@ -136,7 +137,7 @@ async def test_admin_errors_are_openai_shaped(gw: GatewayProcess) -> None:
         status, err = await post(s, u + "/admin/deployments/nope/drain", headers=AUTH)
         assert (status, err["error"]["code"]) == (404, "deployment_not_found")
         assert err["error"]["message"] == (
-            "No deployment is named 'nope'; this gateway has: duo-a, duo-b, lone-a."
+            "No deployment is named 'nope'; this gateway has: duo-a, duo-b, lone-a, narrow-a."
         )
         status, err = await post(s, u + "/admin/deployments/duo-a/explode", headers=AUTH)
         assert (status, err["error"]["code"]) == (404, "unknown_url")
@@ -273,6 +274,67 @@ async def test_drain_lets_the_stream_in_flight_finish_and_sends_nothing_new(
         assert await get(s, u + "/readyz") == (200, {"status": "ready"})
 
 
+async def test_a_stream_that_breaks_on_a_drained_deployment_is_not_continued_there(
+    gw: GatewayProcess, sims: tuple[SimProcess, SimProcess]
+) -> None:
+    """Drained mid-stream, the stream then breaks: a continuation would be a new attempt, so
+    there is none — the client gets the answer's start and a well-formed error, and the
+    simulator saw exactly one attempt. (Undrained, the same break is continued there.)"""
+    u = gw.url
+    async with aiohttp.ClientSession() as s:
+        for drain in (True, False):
+            prompt = unique(f"drain-break-{drain}")
+            asked = f"{prompt} [[sim:trunc=20*1,len=60,delay=0.03]]"
+            async with s.post(
+                u + "/v1/chat/completions", json=body("lone", asked, stream=True), headers=CLIENT
+            ) as resp:
+                assert resp.status == 200
+                if drain:
+                    status, _ = await post(s, u + "/admin/deployments/lone-a/drain", headers=AUTH)
+                    assert status == 200
+                raw = await resp.read()
+            attempts = [e for e in sims[0].log() if prompt in e.prompt]
+            if drain:
+                assert (
+                    len(attempts) == 1 and b'"error"' in raw and raw.endswith(b"data: [DONE]\n\n")
+                )
+                assert b"lone-a" in raw  # the error names the attempt that broke
+                await post(s, u + "/admin/deployments/lone-a/undrain", headers=AUTH)
+            else:
+                assert len(attempts) == 2 and b'"error"' not in raw  # continued on lone-a
+
+
+async def test_a_request_waiting_for_room_on_a_drained_deployment_does_not_go_there(
+    gw: GatewayProcess, sims: tuple[SimProcess, SimProcess]
+) -> None:
+    u = gw.url
+    prompt, queued = unique("narrow-stream"), unique("narrow-queued")
+    asked = f"{prompt} [[sim:len=40,delay=0.03]]"
+    async with aiohttp.ClientSession() as s:
+        async with s.post(
+            u + "/v1/chat/completions", json=body("narrow", asked, stream=True), headers=CLIENT
+        ) as resp:
+            waiting = asyncio.create_task(
+                post(s, u + "/v1/chat/completions", body("narrow", queued))
+            )
+            deadline = time.monotonic() + 5
+            while (
+                deployment((await get(s, u + "/admin/state", headers=AUTH))[1], "narrow-a")[
+                    "queued"
+                ]
+                != 1
+            ):
+                assert time.monotonic() < deadline and not waiting.done()
+                await asyncio.sleep(0.02)
+            await post(s, u + "/admin/deployments/narrow-a/drain", headers=AUTH)
+            text, finish = await stream_text(resp)
+        assert (text, finish) == (answer_text(asked, 40), "stop")
+        status, err = await waiting
+        assert status == 503 and "narrow-a: drained by an operator" in err["error"]["message"]
+        assert not [e for e in sims[0].log() if queued in e.prompt]
+        await post(s, u + "/admin/deployments/narrow-a/undrain", headers=AUTH)
+
+
 async def test_state_reports_load_latency_errors_and_history(gw: GatewayProcess) -> None:
     async with aiohttp.ClientSession() as s:
         prompt = unique("state")
@@ -288,7 +350,7 @@ async def test_state_reports_load_latency_errors_and_history(gw: GatewayProcess)
         assert status == 200  # retried
         status, state = await get(s, gw.url + "/admin/state", headers=AUTH)
     assert status == 200 and state["object"] == "keel.state" and state["ready"]
-    assert [g["name"] for g in state["groups"]] == ["duo", "lone"]
+    assert [g["name"] for g in state["groups"]] == ["duo", "lone", "narrow"]
     d = deployment(state, "lone-a")
     assert d["state"] == "healthy" and d["in_flight"] == 0 and d["queued"] == 0
     assert d["limit"] is None  # no max_concurrency, nothing learned

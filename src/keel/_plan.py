@@ -324,6 +324,12 @@ class Plan(Generic[D]):
             self._hints.append(err.retry_after)
         return penalty
 
+    def withdraw(self, dep: D) -> None:
+        """``dep`` left rotation while this request ran (an operator drained it): no more
+        attempts there — no retry round, no last look, no continuation."""
+        self._again = [d for d in self._again if d is not dep]
+        self._later = [d for d in self._later if d is not dep]
+
     def commit(self, dep: D) -> None:
         """The attempt on ``dep`` has shown the client the start of the answer (a hedge's
         winner may not be the latest attempt started)."""

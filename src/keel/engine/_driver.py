@@ -464,6 +464,8 @@ def _settle(
     elif error is not None:
         permit.error = error
         penalty = plan.failed(dep, error, hedge=hedge)
+        if dep.drained:  # (failures only: a drained deployment takes no retry, no continuation)
+            plan.withdraw(dep)
         dep.record_failure(error, bench_for=penalty.bench_for if penalty else None)
         if penalty is not None and penalty.cool_down:
             dep.cool_down(penalty.cool_down)  # too long to wait: the others take over

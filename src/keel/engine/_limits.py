@@ -664,6 +664,9 @@ async def acquire(
         raise Saturated(f"{dep.name}: paused by the upstream", dep.limiter.paused_until - now)
     while True:
         permit = await dep.limiter.acquire(req, priority, wait_until)
+        if dep.drained:  # while it waited for room: nothing new goes there now
+            dep.limiter.release_slot(permit)
+            raise Saturated(f"{dep.name}: drained by an operator")
         now = time.monotonic()
         how = dep.breaker.admit(now)
         held = dep.breaker.held_for(now) if how is Admit.REFUSED else None
