@@ -54,7 +54,9 @@ def _config(sim: SimProcess, **telemetry: Any) -> dict[str, Any]:
 
 @pytest.fixture
 def traced(
-    sims: tuple[SimProcess, SimProcess], receiver: Receiver, tmp_path_factory: pytest.TempPathFactory
+    sims: tuple[SimProcess, SimProcess],
+    receiver: Receiver,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[GatewayProcess]:
     env = {
         "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
@@ -155,7 +157,9 @@ async def test_one_trace_with_a_retry_and_a_continuation(traced, sims, receiver)
 
     await receiver.wait(has_metrics)
     points = receiver.metric_points()
-    durations = {a.get("error.type"): p.count for a, p in points["gen_ai.client.operation.duration"]}
+    durations = {
+        a.get("error.type"): p.count for a, p in points["gen_ai.client.operation.duration"]
+    }
     assert durations == {"server": 1, "connection": 1, None: 1}
     for a, _ in points["gen_ai.client.operation.duration"]:
         assert a["gen_ai.operation.name"] == "chat" and a["gen_ai.provider.name"] == "openai"
@@ -168,7 +172,9 @@ async def test_one_trace_with_a_retry_and_a_continuation(traced, sims, receiver)
 
 async def test_non_stream_answer_and_a_refused_request(traced, receiver) -> None:
     prompt = unique()
-    status, _ = await _post(traced, {"model": "chat", "messages": [{"role": "user", "content": prompt}]})
+    status, _ = await _post(
+        traced, {"model": "chat", "messages": [{"role": "user", "content": prompt}]}
+    )
     assert status == 200
     status, _ = await _post(traced, {"model": "chat", "messages": "not a list"})
     assert status == 400
@@ -182,9 +188,10 @@ async def test_non_stream_answer_and_a_refused_request(traced, receiver) -> None
     )
     ok, bad = (attributes(s) for s in requests)
     assert ok["gen_ai.response.finish_reasons"] == ["stop"]
-    assert ok["gen_ai.usage.output_tokens"] == len(answer_text(prompt).split()) or ok[
-        "gen_ai.usage.output_tokens"
-    ] > 0
+    assert (
+        ok["gen_ai.usage.output_tokens"] == len(answer_text(prompt).split())
+        or ok["gen_ai.usage.output_tokens"] > 0
+    )
     assert ok["keel.stream"] is False and ok["keel.attempts"] == 1
     assert bad["http.response.status_code"] == 400 and bad["keel.attempts"] == 0
     assert bad["error.type"] and requests[1].status.code == 2
@@ -254,6 +261,11 @@ def test_off_imports_no_tracing() -> None:
 def test_a_bad_endpoint_is_refused_at_load(value: str) -> None:
     from keel.config import ConfigError, parse_config
 
-    cfg = {"telemetry": {"endpoint": value}, "models": {"m": {"deployments": [{"base_url": "http://x"}]}}}
-    with pytest.raises(ConfigError, match=r"telemetry.endpoint: telemetry.endpoint must be an http"):
+    cfg = {
+        "telemetry": {"endpoint": value},
+        "models": {"m": {"deployments": [{"base_url": "http://x"}]}},
+    }
+    with pytest.raises(
+        ConfigError, match=r"telemetry.endpoint: telemetry.endpoint must be an http"
+    ):
         parse_config(cfg)

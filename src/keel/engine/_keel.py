@@ -178,7 +178,7 @@ class Keel:
 
     async def close(self) -> None:
         for obs in self.observers:
-            obs.close()
+            await asyncio.to_thread(obs.close)  # an export may block: not on the loop
         self.observers.clear()
         if self.keys is not None:
             await self.keys.close()  # writes the spend not yet written
