@@ -104,8 +104,8 @@ class Receiver:
                         out.setdefault(m.name, []).extend((attributes(p), p) for p in points)
         return out
 
-    async def wait(self, until: Callable[[Receiver], bool], timeout: float = 10.0) -> None:
-        async with asyncio.timeout(timeout):
+    async def wait(self, until: Callable[[Receiver], bool], within: float = 10.0) -> None:
+        async with asyncio.timeout(within):
             while not until(self):
                 self._arrived.clear()
                 await self._arrived.wait()
