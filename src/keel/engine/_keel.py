@@ -174,11 +174,12 @@ class Keel:
         if wanted(self.config.telemetry):
             from keel.telemetry._otel import Telemetry
 
-            self.observers.append(Telemetry(self.config.telemetry))
+            assert self.session is not None
+            self.observers.append(Telemetry(self.config.telemetry, self.session))
 
     async def close(self) -> None:
         for obs in self.observers:
-            await asyncio.to_thread(obs.close)  # an export may block: not on the loop
+            await obs.close()  # what telemetry still holds goes out (before the session closes)
         self.observers.clear()
         if self.keys is not None:
             await self.keys.close()  # writes the spend not yet written

@@ -32,7 +32,7 @@ class Observer(Protocol):
     def finished(self, record: Record) -> None:
         """The request is over: ``record`` is complete (called once, from ``Keel.done``)."""
 
-    def close(self) -> None:
+    async def close(self) -> None:
         """The engine stops: flush what is buffered."""
 
 

@@ -28,7 +28,6 @@ def wanted(cfg: TelemetryConfig) -> bool:
 def missing() -> str | None:
     """Why telemetry cannot start here (the packages are not installed), or None."""
     try:
-        import opentelemetry.exporter.otlp.proto.http.trace_exporter
         import opentelemetry.sdk.trace  # noqa: F401
     except ImportError as exc:
         return (

@@ -93,7 +93,7 @@ class AccessLog:
         )
         access_log.info(text, extra=fields)
 
-    def close(self) -> None:
+    async def close(self) -> None:
         pass
 
 

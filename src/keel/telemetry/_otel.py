@@ -1,45 +1,50 @@
 """OpenTelemetry for keel: a span per request, a child span per upstream attempt, and the GenAI
-client metrics, exported over OTLP/HTTP.
+client metrics, exported over OTLP/HTTP (protobuf).
 
-Spans are built when the request is over, from its ``Record`` (``keel.engine._observe``)
-with the record's own timestamps: nothing runs on the request's path but the record's plain
-bookkeeping, and a request that is not sampled costs one sampler call. Names and attributes
-follow the OpenTelemetry GenAI semantic conventions: the request span is keel's answer to its
-client (``SERVER``, ``chat {model group}``), each attempt is keel calling a provider
-(``CLIENT``, ``chat {upstream model}``), and the metrics are per attempt, what a GenAI client
-measures (``gen_ai.client.operation.duration``, ``gen_ai.client.token.usage``,
+Spans are built when the request is over, from its ``Record`` (``keel.engine._observe``), with
+the record's own timestamps, and encoded at once to OTLP protobuf (``keel._otlp``): nothing runs
+on the request's path but the record's bookkeeping, an unsampled request costs a sampler call,
+and a sampled one a join of mostly cached byte strings. Batches go out from a task on the
+engine's loop, over the engine's connection pool. Names and attributes follow the
+OpenTelemetry GenAI semantic conventions: the request span is keel's answer to its client
+(``SERVER``, ``chat {model group}``), each attempt is keel calling a provider (``CLIENT``,
+``chat {upstream model}``), and the metrics are per attempt, what a GenAI client measures
+(``gen_ai.client.operation.duration``, ``gen_ai.client.token.usage``,
 ``gen_ai.client.operation.time_to_first_chunk``).
 
-The SDK's environment variables apply as everywhere: ``OTEL_SERVICE_NAME``,
-``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_TRACES_SAMPLER``/``_ARG``, ``OTEL_BSP_*`` (batch delay
-and size), ``OTEL_EXPORTER_OTLP_*`` (endpoint, headers, timeout, compression),
-``OTEL_METRIC_EXPORT_INTERVAL``, ``OTEL_PROPAGATORS`` (W3C ``traceparent`` by default).
-The tracer and meter providers are keel's own: an application that embeds keel keeps its
-global ones.
+The standard variables apply, read by the SDK where it has them: ``OTEL_SERVICE_NAME`` and
+``OTEL_RESOURCE_ATTRIBUTES`` (the SDK's resource), ``OTEL_TRACES_SAMPLER``/``_ARG`` (the SDK's
+samplers), ``OTEL_BSP_SCHEDULE_DELAY``, ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE``,
+``OTEL_BSP_MAX_QUEUE_SIZE``, ``OTEL_EXPORTER_OTLP_[TRACES_|METRICS_]ENDPOINT``, ``…_HEADERS``,
+``…_TIMEOUT``, ``…_COMPRESSION`` (gzip), ``OTEL_METRIC_EXPORT_INTERVAL``,
+``OTEL_TRACES_EXPORTER``/``OTEL_METRICS_EXPORTER=none``. W3C ``traceparent`` is continued.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import gzip
+import logging
 import os
+import random
+import time
 from typing import Any
 from urllib.parse import urlsplit
 
-from opentelemetry import propagate
-from opentelemetry.context import Context
-from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-from opentelemetry.metrics import Histogram
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+import aiohttp
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
+from opentelemetry.sdk.trace import sampling
+from opentelemetry.util.re import parse_env_headers
 
 from keel import __version__
+from keel import _otlp as otlp
 from keel._classify import Dialect
 from keel.config._observe import TelemetryConfig
-from keel.engine._observe import Attempt, Record
+from keel.engine._deployment import Deployment
+from keel.engine._observe import FIRST, Attempt, Record
+
+log = logging.getLogger("keel.telemetry")
 
 # gen_ai.provider.name: the conventions' well-known values where there is one.
 PROVIDER = {
@@ -52,229 +57,405 @@ PROVIDER = {
     Dialect.VLLM: "vllm",
 }
 # Bucket boundaries the GenAI conventions advise.
-_DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
-                     40.96, 81.92)  # fmt: skip
-_TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304,
-                  16777216, 67108864)  # fmt: skip
-_TTFC_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
-                 5.0, 7.5, 10.0)  # fmt: skip
+DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
+                    40.96, 81.92)  # fmt: skip
+TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304,
+                 16777216, 67108864)  # fmt: skip
+TTFC_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                5.0, 7.5, 10.0)  # fmt: skip
+_METRICS = (
+    ("duration", "gen_ai.client.operation.duration", "s", "GenAI operation duration."),
+    ("tokens", "gen_ai.client.token.usage", "{token}", "Number of input and output tokens used."),
+    ("first_chunk", "gen_ai.client.operation.time_to_first_chunk", "s",
+     "Time to receive the first chunk of a streamed response."),
+)  # fmt: skip
+_OP = otlp.attr("gen_ai.operation.name", "chat")
 
 
-def _signal_endpoint(cfg: TelemetryConfig, signal: str) -> str | None:
-    """The exporter's endpoint: the environment's when set (the exporter reads it), else the
-    config's base URL with the signal's path."""
-    if os.environ.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT") or os.environ.get(
-        "OTEL_EXPORTER_OTLP_ENDPOINT"
-    ):
-        return None
-    if cfg.endpoint:
-        return cfg.endpoint.rstrip("/") + f"/v1/{signal}"
-    return None
+def _env(name: str, default: str = "") -> str:
+    return os.environ.get(name, default).strip()
 
 
-def _metrics_reachable(cfg: TelemetryConfig) -> bool:
-    """Metrics go where the traces go only when a collector is named for them: a
-    traces-only endpoint must not send metrics to the default localhost:4318."""
-    return bool(
-        cfg.endpoint
-        or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-        or os.environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
-    )
+def _env_number(name: str, default: float) -> float:
+    try:
+        return float(_env(name)) if _env(name) else default
+    except ValueError:
+        log.warning("%s=%r is not a number: using %g", name, _env(name), default)
+        return default
 
 
-def _resource(cfg: TelemetryConfig) -> Resource:
+def _endpoint(cfg: TelemetryConfig, signal: str) -> str | None:
+    """The signal's URL: ``…_{SIGNAL}_ENDPOINT`` as it is, else the base URL (environment,
+    then config) with ``/v1/{signal}``; None: nowhere to send it."""
+    own = _env(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT")
+    if own:
+        return own
+    base = _env("OTEL_EXPORTER_OTLP_ENDPOINT") or cfg.endpoint
+    if base:
+        return base.rstrip("/") + f"/v1/{signal}"
+    if signal == "traces":  # enabled without an endpoint: the OTLP/HTTP default
+        return "http://localhost:4318/v1/traces"
+    return None  # a traces-only endpoint must not send metrics to a default
+
+
+def _setting(signal: str, name: str) -> str:
+    return _env(f"OTEL_EXPORTER_OTLP_{signal.upper()}_{name}") or _env(f"OTEL_EXPORTER_OTLP_{name}")
+
+
+def _resource(cfg: TelemetryConfig) -> bytes:
     attrs: dict[str, Any] = {"service.version": __version__}
-    named = os.environ.get("OTEL_SERVICE_NAME") or "service.name=" in os.environ.get(
-        "OTEL_RESOURCE_ATTRIBUTES", ""
-    )
+    named = _env("OTEL_SERVICE_NAME") or "service.name=" in _env("OTEL_RESOURCE_ATTRIBUTES")
     if not named:
         attrs[SERVICE_NAME] = cfg.service_name
-    return Resource.create(attrs)
+    res = Resource.create(attrs)  # OTEL_RESOURCE_ATTRIBUTES, OTEL_SERVICE_NAME, detectors
+    return otlp.resource(
+        {k: v for k, v in res.attributes.items() if isinstance(v, str | bool | int | float)}
+    )
+
+
+def _static_decision(sampler: sampling.Sampler) -> bool | None:
+    """True/False when the sampler decides a trace without a parent the same way every time
+    (always_on, parentbased_always_on, their _off twins): no call per request then."""
+    root = getattr(sampler, "_root", sampler)  # ParentBased keeps its root sampler there
+    decision = (
+        getattr(root, "_decision", None) if isinstance(root, sampling.StaticSampler) else None
+    )
+    if decision is None:
+        return None
+    return bool(decision.is_sampled())
+
+
+class _Exporter:
+    """One signal's OTLP/HTTP endpoint: its URL, headers, compression and timeout."""
+
+    def __init__(self, signal: str, url: str) -> None:
+        self.signal, self.url = signal, url
+        self.headers = {
+            "content-type": "application/x-protobuf",
+            "user-agent": f"keel/{__version__}",
+        }
+        self.headers.update(parse_env_headers(_setting(signal, "HEADERS"), liberal=True))
+        self.gzip = _setting(signal, "COMPRESSION").lower() == "gzip"
+        if self.gzip:
+            self.headers["content-encoding"] = "gzip"
+        self.timeout = aiohttp.ClientTimeout(
+            total=_env_number(
+                f"OTEL_EXPORTER_OTLP_{signal.upper()}_TIMEOUT",
+                _env_number("OTEL_EXPORTER_OTLP_TIMEOUT", 10.0),
+            )
+        )
+        self.failing = False
+
+    async def send(self, session: aiohttp.ClientSession, body: bytes) -> bool:
+        data = gzip.compress(body) if self.gzip else body
+        try:
+            async with session.post(
+                self.url, data=data, headers=self.headers, timeout=self.timeout
+            ) as r:
+                await r.read()
+                ok = r.status < 300
+                why = f"HTTP {r.status}"
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            ok, why = False, f"{type(exc).__name__}: {exc}"
+        if not ok and not self.failing:  # once per outage, not once per batch
+            host = urlsplit(self.url)
+            log.warning(
+                "telemetry: cannot export %s to %s://%s: %s",
+                self.signal,
+                host.scheme,
+                host.netloc,
+                why,
+            )
+        elif ok and self.failing:
+            log.warning("telemetry: %s export works again", self.signal)
+        self.failing = not ok
+        return ok
 
 
 class Telemetry:
-    """The OpenTelemetry observer of one engine."""
+    """The OpenTelemetry observer of one engine (its session and loop)."""
 
-    def __init__(self, cfg: TelemetryConfig) -> None:
-        resource = _resource(cfg)
-        self.tracer_provider: TracerProvider | None = None
-        self.meter_provider: MeterProvider | None = None
-        if os.environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() != "none":
-            self.tracer_provider = TracerProvider(resource=resource)  # sampler: OTEL_TRACES_*
-            exporter = OTLPSpanExporter(endpoint=_signal_endpoint(cfg, "traces"))
-            self.tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
-        self.tracer = (
-            self.tracer_provider.get_tracer("keel", __version__)
-            if self.tracer_provider is not None
-            else None
-        )
-        self.duration: Histogram | None = None
-        metrics_on = os.environ.get("OTEL_METRICS_EXPORTER", "otlp").strip().lower() != "none"
-        if cfg.metrics and metrics_on and _metrics_reachable(cfg):
-            interval = None
-            if not os.environ.get("OTEL_METRIC_EXPORT_INTERVAL"):
-                interval = cfg.metrics_interval * 1000
-            reader = PeriodicExportingMetricReader(
-                OTLPMetricExporter(endpoint=_signal_endpoint(cfg, "metrics")),
-                export_interval_millis=interval,
-            )
-            self.meter_provider = MeterProvider(resource=resource, metric_readers=[reader])
-            meter = self.meter_provider.get_meter("keel", __version__)
-            self.duration = meter.create_histogram(
-                "gen_ai.client.operation.duration",
-                unit="s",
-                description="GenAI operation duration.",
-                explicit_bucket_boundaries_advisory=_DURATION_BUCKETS,
-            )
-            self.tokens = meter.create_histogram(
-                "gen_ai.client.token.usage",
-                unit="{token}",
-                description="Number of input and output tokens used.",
-                explicit_bucket_boundaries_advisory=_TOKEN_BUCKETS,
-            )
-            self.first_chunk = meter.create_histogram(
-                "gen_ai.client.operation.time_to_first_chunk",
-                unit="s",
-                description="Time to receive the first chunk of a streamed response.",
-                explicit_bucket_boundaries_advisory=_TTFC_BUCKETS,
-            )
-        self._servers: dict[str, tuple[str, int]] = {}
+    def __init__(self, cfg: TelemetryConfig, session: aiohttp.ClientSession) -> None:
+        self.session = session
+        self.resource = _resource(cfg)
+        self.scope = otlp.scope("keel", __version__)
+        traces_on = _env("OTEL_TRACES_EXPORTER", "otlp").lower() != "none"
+        url = _endpoint(cfg, "traces") if traces_on else None
+        self.traces = _Exporter("traces", url) if url else None
+        metrics_on = cfg.metrics and _env("OTEL_METRICS_EXPORTER", "otlp").lower() != "none"
+        url = _endpoint(cfg, "metrics") if metrics_on else None
+        self.metrics = _Exporter("metrics", url) if url else None
+        self.sampler = sampling._get_from_env_or_default()  # OTEL_TRACES_SAMPLER and _ARG
+        self.root_decision = _static_decision(self.sampler)
+        self.delay = _env_number("OTEL_BSP_SCHEDULE_DELAY", 5000) / 1000
+        self.batch = int(_env_number("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512))
+        self.queue_max = int(_env_number("OTEL_BSP_MAX_QUEUE_SIZE", 2048))
+        interval = _env_number("OTEL_METRIC_EXPORT_INTERVAL", cfg.metrics_interval * 1000)
+        self.metrics_interval = interval / 1000
+        self.spans: list[bytes] = []
+        self.dropped = 0
+        self.started_ns = time.time_ns()
+        self.points: dict[str, dict[tuple[str, str | None], otlp.HistogramPoint]] = {
+            key: {} for key, *_ in _METRICS
+        }
+        self._deps: dict[str, tuple[bytes, bytes, bytes]] = {}  # name → head, attrs, metric attrs
+        self._groups: dict[str, tuple[bytes, bytes]] = {}  # model group → head, attrs
+        self._full = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._run())
 
     # -- the observer -------------------------------------------------------------------------
 
     def finished(self, record: Record) -> None:
-        if self.tracer is not None:
+        if self.traces is not None:
             self._trace(record)
-        if self.duration is not None:
+        if self.metrics is not None:
             for a in record.attempts:
-                self._measure(a)
+                if a.end_ns:
+                    self._measure(a)
 
-    def close(self) -> None:
-        if self.tracer_provider is not None:
-            self.tracer_provider.shutdown()  # exports what the batch still holds
-        if self.meter_provider is not None:
-            self.meter_provider.shutdown()
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5.0):  # what is still buffered goes out
+                await self._flush_spans()
+                await self._flush_metrics()
+
+    # -- export -------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        next_metrics = time.monotonic() + self.metrics_interval
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.delay):
+                    await self._full.wait()  # a full batch goes at once
+            self._full.clear()
+            try:
+                await self._flush_spans()
+                if self.metrics is not None and time.monotonic() >= next_metrics:
+                    next_metrics = time.monotonic() + self.metrics_interval
+                    await self._flush_metrics()
+            except Exception:  # never let the exporter die: log it, go on
+                log.exception("telemetry: export failed")
+
+    async def _flush_spans(self) -> None:
+        while self.spans and self.traces is not None:
+            batch, self.spans = self.spans[: self.batch], self.spans[self.batch :]
+            body = otlp.traces_request(self.resource, self.scope, batch)
+            await self.traces.send(self.session, body)
+        if self.dropped:
+            log.warning("telemetry: %d spans dropped (OTEL_BSP_MAX_QUEUE_SIZE)", self.dropped)
+            self.dropped = 0
+
+    async def _flush_metrics(self) -> None:
+        if self.metrics is None or not any(self.points.values()):
+            return
+        now = time.time_ns()
+        metrics = [
+            otlp.histogram_metric(
+                name,
+                unit,
+                desc,
+                [p.encode(self.started_ns, now) for p in self.points[key].values()],
+            )
+            for key, name, unit, desc in _METRICS
+            if self.points[key]
+        ]
+        await self.metrics.send(
+            self.session, otlp.metrics_request(self.resource, self.scope, metrics)
+        )
+
+    def _queue(self, span: bytes) -> None:
+        if len(self.spans) >= self.queue_max:
+            self.dropped += 1
+            return
+        self.spans.append(span)
+        if len(self.spans) >= self.batch:
+            self._full.set()
 
     # -- spans --------------------------------------------------------------------------------
 
+    def _sampled(self, rec: Record, trace_id: bytes, parent: otlp.Parent | None) -> bool:
+        if parent is None and self.root_decision is not None:
+            return self.root_decision
+        from opentelemetry import trace as api
+
+        ctx = None
+        if parent is not None:
+            flags = api.TraceFlags(api.TraceFlags.SAMPLED if parent.sampled else 0)
+            remote = api.SpanContext(
+                int.from_bytes(parent.trace_id), int.from_bytes(parent.span_id), True, flags
+            )
+            ctx = api.set_span_in_context(api.NonRecordingSpan(remote))
+        result = self.sampler.should_sample(ctx, int.from_bytes(trace_id), f"chat {rec.model}")
+        return bool(result.decision.is_sampled())  # type: ignore[no-untyped-call]
+
     def _trace(self, rec: Record) -> None:
-        tracer = self.tracer
-        assert tracer is not None
-        parent: Context | None = None
-        if rec.traceparent is not None:
-            carrier = {"traceparent": rec.traceparent}
-            if rec.tracestate is not None:
-                carrier["tracestate"] = rec.tracestate
-            parent = propagate.extract(carrier)
-        attrs: dict[str, Any] = {
-            "gen_ai.operation.name": "chat",
-            "keel.request_id": rec.rid,
-            "keel.attempts": len(rec.attempts),
-            "http.response.status_code": rec.status,
-        }
+        parent = otlp.parse_traceparent(rec.traceparent) if rec.traceparent else None
+        trace_id = parent.trace_id if parent is not None else random.randbytes(16)
+        if not self._sampled(rec, trace_id, parent):
+            return
+        span_id = random.randbytes(8)
+        group = self._groups.get(rec.model)
+        if group is None:
+            group = self._groups[rec.model] = self._group(rec.model)
+        head, attrs = group
+        parts = [
+            attrs,
+            otlp.attr_once("keel.request_id", rec.rid),
+            otlp.attr("keel.attempts", len(rec.attempts)),
+            otlp.attr("http.response.status_code", rec.status),
+        ]
         if rec.model:
-            attrs["gen_ai.request.model"] = rec.model
-            attrs["keel.stream"] = rec.stream
+            parts.append(otlp.attr("keel.stream", rec.stream))
         if rec.principal:
-            attrs["keel.principal"] = rec.principal
-        if rec.attempts:
-            attrs["keel.deployments"] = [a.deployment.name for a in rec.attempts]
-            answered = next((a for a in reversed(rec.attempts) if a.ok), rec.attempts[-1])
-            attrs["gen_ai.provider.name"] = PROVIDER.get(answered.deployment.dialect, "openai")
+            parts.append(otlp.attr("keel.principal", rec.principal))
+        attempts = rec.attempts
+        events = []
+        if rec.first_token_ns:
+            events.append(otlp.event(rec.first_token_ns, "gen_ai.first_token"))
+        if attempts:
+            parts.append(otlp.attr("keel.deployments", [a.deployment.name for a in attempts]))
+            answered = next((a for a in reversed(attempts) if a.ok), attempts[-1])
+            provider = PROVIDER.get(answered.deployment.dialect, "openai")
+            parts.append(otlp.attr("gen_ai.provider.name", provider))
+            for a in attempts:
+                if a.kind != FIRST:
+                    events.append(
+                        otlp.event(
+                            a.start_ns,
+                            f"keel.{a.kind}",
+                            (
+                                otlp.attr("keel.deployment", a.deployment.name, 3),
+                                otlp.attr("keel.attempt", a.n, 3),
+                            ),
+                        )
+                    )
         if rec.response_model:
-            attrs["gen_ai.response.model"] = rec.response_model
+            parts.append(otlp.attr("gen_ai.response.model", rec.response_model))
         if rec.finish_reasons:
-            attrs["gen_ai.response.finish_reasons"] = rec.finish_reasons
+            parts.append(otlp.attr("gen_ai.response.finish_reasons", rec.finish_reasons))
         if rec.input_tokens is not None:
-            attrs["gen_ai.usage.input_tokens"] = rec.input_tokens
+            parts.append(otlp.attr_once("gen_ai.usage.input_tokens", rec.input_tokens))
         if rec.output_tokens is not None:
-            attrs["gen_ai.usage.output_tokens"] = rec.output_tokens
+            parts.append(otlp.attr_once("gen_ai.usage.output_tokens", rec.output_tokens))
         error_type = rec.error_type
         if error_type is not None:
-            attrs["error.type"] = error_type
-        name = f"chat {rec.model}" if rec.model else "chat"
-        span = tracer.start_span(name, parent, SpanKind.SERVER, attrs, start_time=rec.start_ns)
-        if rec.error is not None:
-            span.set_status(Status(StatusCode.ERROR, rec.error.message))
-        if rec.first_token_ns:
-            span.add_event("gen_ai.first_token", timestamp=rec.first_token_ns)
-        if span.is_recording():
-            ctx = set_span_in_context(span)
-            for a in rec.attempts:
-                if a.kind != "first":
-                    event: dict[str, Any] = {
-                        "keel.deployment": a.deployment.name,
-                        "keel.attempt": a.n,
-                    }
-                    span.add_event(f"keel.{a.kind}", event, timestamp=a.start_ns)
-                self._attempt_span(a, ctx, rec)
-        span.end(end_time=rec.end_ns)
-
-    def _attempt_span(self, a: Attempt, ctx: Context, rec: Record) -> None:
-        tracer = self.tracer
-        assert tracer is not None
-        dep = a.deployment
-        attrs = self._attempt_attributes(a)
-        attrs["keel.attempt"] = a.n
-        attrs["keel.attempt.kind"] = a.kind
-        attrs["keel.attempt.outcome"] = a.outcome
-        attrs["keel.deployment"] = dep.name
-        if a.continuation is not None:
-            attrs["keel.continuation.mode"] = a.continuation
-        usage = a.usage
-        if usage is not None:
-            p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
-            if type(p) is int:
-                attrs["gen_ai.usage.input_tokens"] = p
-            if type(c) is int:
-                attrs["gen_ai.usage.output_tokens"] = c
-        err = a.error
-        if err is not None and err.status:
-            attrs["http.response.status_code"] = err.status
-        span = tracer.start_span(
-            f"chat {dep.model}", ctx, SpanKind.CLIENT, attrs, start_time=a.start_ns
+            parts.append(otlp.attr("error.type", error_type))
+        error = rec.error.message if rec.error is not None else None
+        trace_state = rec.tracestate if parent is not None else None
+        self._queue(
+            otlp.span(
+                trace_id,
+                span_id,
+                parent.span_id if parent is not None else None,
+                head,
+                rec.start_ns,
+                rec.end_ns,
+                parts,
+                events,
+                error,
+                trace_state,
+            )
         )
-        if err is not None:
-            span.set_status(Status(StatusCode.ERROR, err.message))
-        if a.first_token_ns:
-            span.add_event("gen_ai.first_token", timestamp=a.first_token_ns)
-        span.end(end_time=a.end_ns or rec.end_ns)
+        for a in attempts:
+            self._queue(self._attempt_span(a, trace_id, span_id, rec.end_ns, trace_state))
 
-    def _attempt_attributes(self, a: Attempt) -> dict[str, Any]:
-        """The attributes an attempt's span and metrics share."""
-        dep = a.deployment
-        server = self._servers.get(dep.name)
-        if server is None:
+    def _group(self, model: str) -> tuple[bytes, bytes]:
+        head = otlp.span_head(f"chat {model}" if model else "chat", otlp.SERVER)
+        attrs = _OP + (otlp.attr("gen_ai.request.model", model) if model else b"")
+        return head, attrs
+
+    def _dep(self, dep: Deployment) -> tuple[bytes, bytes, bytes]:
+        """A deployment's span name and kind, its attributes, and those its metrics carry."""
+        got = self._deps.get(dep.name)
+        if got is None:
             parts = urlsplit(dep.cfg.base_url)
             port = parts.port or (443 if parts.scheme == "https" else 80)
-            server = self._servers[dep.name] = (parts.hostname or "", port)
-        attrs: dict[str, Any] = {
-            "gen_ai.operation.name": "chat",
-            "gen_ai.provider.name": PROVIDER.get(dep.dialect, "openai"),
-            "gen_ai.request.model": dep.model,
-            "server.address": server[0],
-            "server.port": server[1],
-        }
+            metric = (
+                _OP
+                + otlp.attr("gen_ai.provider.name", PROVIDER.get(dep.dialect, "openai"))
+                + otlp.attr("gen_ai.request.model", dep.model)
+                + otlp.attr("server.address", parts.hostname or "")
+                + otlp.attr("server.port", port)
+            )
+            head = otlp.span_head(f"chat {dep.model}", otlp.CLIENT)
+            got = self._deps[dep.name] = (
+                head,
+                metric + otlp.attr("keel.deployment", dep.name),
+                metric,
+            )
+        return got
+
+    def _attempt_span(
+        self, a: Attempt, trace_id: bytes, parent: bytes, end_ns: int, trace_state: str | None
+    ) -> bytes:
+        dep = a.deployment
+        head, attrs, _ = self._dep(dep)
+        parts = [
+            attrs,
+            otlp.attr("keel.attempt", a.n),
+            otlp.attr("keel.attempt.kind", a.kind),
+            otlp.attr("keel.attempt.outcome", a.outcome),
+        ]
         if a.ok:
-            attrs["gen_ai.response.model"] = dep.model
-        if a.error is not None:
-            attrs["error.type"] = a.error.kind.value
-        return attrs
-
-    # -- metrics -------------------------------------------------------------------------------
-
-    def _measure(self, a: Attempt) -> None:
-        if not a.end_ns:
-            return
-        attrs = self._attempt_attributes(a)
-        assert self.duration is not None
-        self.duration.record((a.end_ns - a.start_ns) / 1e9, attrs)
-        if a.first_token_ns:
-            self.first_chunk.record((a.first_token_ns - a.start_ns) / 1e9, attrs)
+            parts.append(otlp.attr("gen_ai.response.model", dep.model))
+        if a.continuation is not None:
+            parts.append(otlp.attr("keel.continuation.mode", a.continuation))
         usage = a.usage
         if usage is not None:
             p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
             if type(p) is int:
-                self.tokens.record(p, {**attrs, "gen_ai.token.type": "input"})
+                parts.append(otlp.attr_once("gen_ai.usage.input_tokens", p))
             if type(c) is int:
-                self.tokens.record(c, {**attrs, "gen_ai.token.type": "output"})
+                parts.append(otlp.attr_once("gen_ai.usage.output_tokens", c))
+        err = a.error
+        if err is not None:
+            parts.append(otlp.attr("error.type", err.kind.value))
+            if err.status:
+                parts.append(otlp.attr("http.response.status_code", err.status))
+        events = [otlp.event(a.first_token_ns, "gen_ai.first_token")] if a.first_token_ns else []
+        return otlp.span(
+            trace_id,
+            random.randbytes(8),
+            parent,
+            head,
+            a.start_ns,
+            a.end_ns or end_ns,
+            parts,
+            events,
+            err.message if err is not None else None,
+            trace_state,
+        )
+
+    # -- metrics ------------------------------------------------------------------------------
+
+    def _point(
+        self, metric: str, a: Attempt, label: str | None, bounds: tuple[float, ...]
+    ) -> otlp.HistogramPoint:
+        key = (a.deployment.name, label)
+        points = self.points[metric]
+        p = points.get(key)
+        if p is None:
+            attrs = self._dep(a.deployment)[2]
+            if metric == "tokens":
+                attrs += otlp.attr("gen_ai.token.type", label or "")
+            elif label is not None:
+                attrs += otlp.attr("error.type", label)
+            p = points[key] = otlp.histogram_point(attrs, bounds)
+        return p
+
+    def _measure(self, a: Attempt) -> None:
+        err = a.error.kind.value if a.error is not None else None
+        self._point("duration", a, err, DURATION_BUCKETS).record((a.end_ns - a.start_ns) / 1e9)
+        if a.first_token_ns:
+            ttfc = (a.first_token_ns - a.start_ns) / 1e9
+            self._point("first_chunk", a, err, TTFC_BUCKETS).record(ttfc)
+        usage = a.usage
+        if usage is not None:
+            p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            if type(p) is int:
+                self._point("tokens", a, "input", TOKEN_BUCKETS).record(p)
+            if type(c) is int:
+                self._point("tokens", a, "output", TOKEN_BUCKETS).record(c)
