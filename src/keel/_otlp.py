@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import struct
+from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -110,8 +111,11 @@ def attr_once(key: str, v: str | int, field: int = 9) -> bytes:
     head = _KEYS.get(key)
     if head is None:
         head = _KEYS[key] = ld(1, key.encode())
-    value = ld(1, v.encode()) if isinstance(v, str) else b"\x18" + varint(v)  # int_value = 3
-    return ld(field, head + ld(2, value))
+    if isinstance(v, str):
+        value = ld(1, v.encode())
+    else:  # int_value = 3 (field 3, varint), most often one or two bytes
+        value = b"\x18" + (_SMALL[v] if 0 <= v < 0x80 else varint(v))
+    return ld(field, head + _LEN_KEYS[2] + _SMALL[len(value)] + value)
 
 
 def resource(attributes: dict[str, Value]) -> bytes:
@@ -144,12 +148,13 @@ def span(
 ) -> bytes:
     """A ``Span`` message. ``head``: its name and kind fields (``span_head``), constant per
     kind of span."""
-    parts = [ld(1, trace_id), ld(2, span_id)]
+    # ids have fixed sizes: their keys and lengths are constants
+    parts = [b"\x0a\x10", trace_id, b"\x12\x08", span_id]
     if trace_state:
         parts.append(ld(3, trace_state.encode()))
     if parent_id is not None:
-        parts.append(ld(4, parent_id))
-    parts += (head, fixed64(7, start_ns), fixed64(8, end_ns))
+        parts += (b"\x22\x08", parent_id)
+    parts += (head, b"\x39", _fixed64(start_ns), b"\x41", _fixed64(end_ns))  # fields 7, 8
     parts.extend(attrs)
     parts.extend(events)
     if error is not None:
@@ -190,11 +195,7 @@ class HistogramPoint:
     high: float = float("-inf")
 
     def record(self, x: float) -> None:
-        bounds, i = self.bounds, 0
-        n = len(bounds)
-        while i < n and x > bounds[i]:  # a bucket holds (bounds[i-1], bounds[i]]
-            i += 1
-        self.counts[i] += 1
+        self.counts[bisect_left(self.bounds, x)] += 1  # a bucket holds (bounds[i-1], bounds[i]]
         self.count += 1
         self.total += x
         if x < self.low:

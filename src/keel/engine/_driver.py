@@ -80,7 +80,9 @@ async def complete(keel: Keel, call: Call) -> tuple[bytes, dict[str, str]]:
                         rejected, resp = resp, None  # refused() closes it
                         raise await refused(dep, rejected)
                     raw = await resp.read()
-                call.usage = _checked(raw)
+                answer = _checked(raw)
+                usage = answer.get("usage")
+                call.usage = usage if type(usage) is dict else None
             except AttemptFailed as failed:
                 _settle(call, plan, dep, permit, failed.error)
                 continue
@@ -98,7 +100,7 @@ async def complete(keel: Keel, call: Call) -> tuple[bytes, dict[str, str]]:
                     resp.release()
             _settle(call, plan, dep, permit, ok=True, usage=call.usage)
             if call.record is not None:
-                call.record.answered(raw)
+                call.record.answered(answer)
             return raw, keel.attempt_headers(call, plan)
         if type(d) is Wait:
             await asyncio.sleep(d.until - loop.time())
@@ -111,8 +113,8 @@ async def complete(keel: Keel, call: Call) -> tuple[bytes, dict[str, str]]:
             raise _gave_up(keel, call, plan, d.reason)
 
 
-def _checked(raw: bytes) -> Mapping[str, Any] | None:
-    """A complete chat completion's usage; AttemptFailed for anything else. Like a stream
+def _checked(raw: bytes) -> dict[str, Any]:
+    """A complete chat completion, parsed; AttemptFailed for anything else. Like a stream
     without its terminal chunk, an answer without a finish_reason is not known to be
     complete: never pass it off as success."""
     try:
@@ -130,8 +132,7 @@ def _checked(raw: bytes) -> Mapping[str, Any] | None:
                 ErrorKind.PROTOCOL, "upstream returned a chat completion without a finish_reason"
             )
         )
-    usage = obj.get("usage")
-    return usage if type(usage) is dict else None
+    return obj
 
 
 def _finished(choice: object) -> bool:

@@ -33,6 +33,7 @@ from keel.engine._deadlines import Deadlines
 from keel.engine._deployment import Deployment
 from keel.engine._errors import KeelError
 from keel.engine._limits import PRIORITIES, RequestCost, apply_remote_health, holds_back
+from keel.engine._observe import new_record, refused_record
 from keel.engine._router import Router
 from keel.engine._shared import SharedState
 from keel.engine._validate import check_chat_request, parse_chat_request
@@ -322,8 +323,6 @@ class Keel:
             wants_usage=wants_usage,
         )
         if self.observers:
-            from keel.engine._observe import new_record
-
             call.record = new_record(call, headers, self.log_bodies)
         return call
 
@@ -357,8 +356,6 @@ class Keel:
         """A request refused before it became a ``Call`` (its key, its body, its client's
         limits): observers still see it."""
         if self.observers:
-            from keel.engine._observe import refused_record
-
             record = refused_record(rid, err, headers)
             for obs in self.observers:
                 obs.finished(record)

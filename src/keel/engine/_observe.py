@@ -15,8 +15,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-import orjson
-
 if TYPE_CHECKING:
     from keel._classify import UpstreamError
     from keel.engine._deployment import Deployment
@@ -126,13 +124,8 @@ class Record:
                 a.first_token_ns = now
                 return
 
-    def answered(self, raw: bytes) -> None:
-        """A non-stream answer: its model and finish reasons (parsed again only here, when
-        someone watches)."""
-        try:
-            obj = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            return
+    def answered(self, obj: Mapping[str, Any]) -> None:
+        """A non-stream answer (the driver's parse of it): its model and finish reasons."""
         model = obj.get("model")
         self.response_model = model if isinstance(model, str) else None
         self.finish_reasons = [
@@ -201,8 +194,8 @@ def new_record(call: Call, headers: Mapping[str, str], keep_body: bool) -> Recor
         principal=call.principal.name,
         stream=call.stream,
         start_ns=time.time_ns(),
-        traceparent=headers.get("traceparent"),
-        tracestate=headers.get("tracestate"),
+        traceparent=(tp := headers.get("traceparent")),
+        tracestate=headers.get("tracestate") if tp is not None else None,
         body=call.body if keep_body else None,
     )
 

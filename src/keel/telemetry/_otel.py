@@ -70,6 +70,7 @@ _METRICS = (
      "Time to receive the first chunk of a streamed response."),
 )  # fmt: skip
 _OP = otlp.attr("gen_ai.operation.name", "chat")
+_SHAPES_MAX = 4096  # distinct attribute sets cached (beyond: encoded each time)
 
 
 def _env(name: str, default: str = "") -> str:
@@ -195,11 +196,13 @@ class Telemetry:
         self.spans: list[bytes] = []
         self.dropped = 0
         self.started_ns = time.time_ns()
-        self.points: dict[str, dict[tuple[str, str | None], otlp.HistogramPoint]] = {
+        self.points: dict[str, dict[tuple[str, str], otlp.HistogramPoint]] = {
             key: {} for key, *_ in _METRICS
         }
         self._deps: dict[str, tuple[bytes, bytes, bytes]] = {}  # name → head, attrs, metric attrs
         self._groups: dict[str, tuple[bytes, bytes]] = {}  # model group → head, attrs
+        self._shapes: dict[tuple[Any, ...], bytes] = {}  # a span's repeating attributes
+        self._series: dict[tuple[str, str | None], tuple[otlp.HistogramPoint, ...]] = {}
         self._full = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -249,19 +252,16 @@ class Telemetry:
             self.dropped = 0
 
     async def _flush_metrics(self) -> None:
-        if self.metrics is None or not any(self.points.values()):
+        if self.metrics is None:
             return
         now = time.time_ns()
-        metrics = [
-            otlp.histogram_metric(
-                name,
-                unit,
-                desc,
-                [p.encode(self.started_ns, now) for p in self.points[key].values()],
-            )
-            for key, name, unit, desc in _METRICS
-            if self.points[key]
-        ]
+        metrics = []
+        for key, name, unit, desc in _METRICS:
+            points = [p.encode(self.started_ns, now) for p in self.points[key].values() if p.count]
+            if points:
+                metrics.append(otlp.histogram_metric(name, unit, desc, points))
+        if not metrics:
+            return
         await self.metrics.send(
             self.session, otlp.metrics_request(self.resource, self.scope, metrics)
         )
@@ -293,33 +293,37 @@ class Telemetry:
 
     def _trace(self, rec: Record) -> None:
         parent = otlp.parse_traceparent(rec.traceparent) if rec.traceparent else None
-        trace_id = parent.trace_id if parent is not None else random.randbytes(16)
+        attempts = rec.attempts
+        ids = random.randbytes(16 + 8 * (1 + len(attempts)))  # trace, request span, attempts
+        trace_id = parent.trace_id if parent is not None else ids[:16]
         if not self._sampled(rec, trace_id, parent):
             return
-        span_id = random.randbytes(8)
+        span_id = ids[16:24]
         group = self._groups.get(rec.model)
         if group is None:
             group = self._groups[rec.model] = self._group(rec.model)
-        head, attrs = group
-        parts = [
-            attrs,
-            otlp.attr_once("keel.request_id", rec.rid),
-            otlp.attr("keel.attempts", len(rec.attempts)),
-            otlp.attr("http.response.status_code", rec.status),
-        ]
-        if rec.model:
-            parts.append(otlp.attr("keel.stream", rec.stream))
-        if rec.principal:
-            parts.append(otlp.attr("keel.principal", rec.principal))
-        attempts = rec.attempts
+        head = group[0]
+        # What most requests of a group share is encoded once (``_request_attrs``): a span
+        # is then its ids, times, request id and token counts around one cached string.
+        error_type = rec.error_type
+        shape = (
+            rec.model, rec.principal, rec.stream, rec.status, error_type, rec.response_model,
+            tuple(rec.finish_reasons), tuple(a.deployment for a in attempts),
+        )  # fmt: skip
+        attrs = self._shapes.get(shape)
+        if attrs is None:
+            attrs = self._request_attrs(rec, group[1], error_type)
+            if len(self._shapes) < _SHAPES_MAX:
+                self._shapes[shape] = attrs
+        parts = [attrs, otlp.attr_once("keel.request_id", rec.rid)]
+        if rec.input_tokens is not None:
+            parts.append(otlp.attr_once("gen_ai.usage.input_tokens", rec.input_tokens))
+        if rec.output_tokens is not None:
+            parts.append(otlp.attr_once("gen_ai.usage.output_tokens", rec.output_tokens))
         events = []
         if rec.first_token_ns:
             events.append(otlp.event(rec.first_token_ns, "gen_ai.first_token"))
-        if attempts:
-            parts.append(otlp.attr("keel.deployments", [a.deployment.name for a in attempts]))
-            answered = next((a for a in reversed(attempts) if a.ok), attempts[-1])
-            provider = PROVIDER.get(answered.deployment.dialect, "openai")
-            parts.append(otlp.attr("gen_ai.provider.name", provider))
+        if len(attempts) > 1:
             for a in attempts:
                 if a.kind != FIRST:
                     events.append(
@@ -332,17 +336,6 @@ class Telemetry:
                             ),
                         )
                     )
-        if rec.response_model:
-            parts.append(otlp.attr("gen_ai.response.model", rec.response_model))
-        if rec.finish_reasons:
-            parts.append(otlp.attr("gen_ai.response.finish_reasons", rec.finish_reasons))
-        if rec.input_tokens is not None:
-            parts.append(otlp.attr_once("gen_ai.usage.input_tokens", rec.input_tokens))
-        if rec.output_tokens is not None:
-            parts.append(otlp.attr_once("gen_ai.usage.output_tokens", rec.output_tokens))
-        error_type = rec.error_type
-        if error_type is not None:
-            parts.append(otlp.attr("error.type", error_type))
         error = rec.error.message if rec.error is not None else None
         trace_state = rec.tracestate if parent is not None else None
         self._queue(
@@ -359,8 +352,33 @@ class Telemetry:
                 trace_state,
             )
         )
-        for a in attempts:
-            self._queue(self._attempt_span(a, trace_id, span_id, rec.end_ns, trace_state))
+        for i, a in enumerate(attempts):
+            own = ids[24 + 8 * i : 32 + 8 * i]
+            self._queue(self._attempt_span(a, trace_id, own, span_id, rec.end_ns, trace_state))
+
+    def _request_attrs(self, rec: Record, group: bytes, error_type: str | None) -> bytes:
+        parts = [
+            group,
+            otlp.attr("keel.attempts", len(rec.attempts)),
+            otlp.attr("http.response.status_code", rec.status),
+        ]
+        if rec.model:
+            parts.append(otlp.attr("keel.stream", rec.stream))
+        if rec.principal:
+            parts.append(otlp.attr("keel.principal", rec.principal))
+        attempts = rec.attempts
+        if attempts:
+            parts.append(otlp.attr("keel.deployments", [a.deployment.name for a in attempts]))
+            answered = next((a for a in reversed(attempts) if a.ok), attempts[-1])
+            provider = PROVIDER.get(answered.deployment.dialect, "openai")
+            parts.append(otlp.attr("gen_ai.provider.name", provider))
+        if rec.response_model:
+            parts.append(otlp.attr("gen_ai.response.model", rec.response_model))
+        if rec.finish_reasons:
+            parts.append(otlp.attr("gen_ai.response.finish_reasons", rec.finish_reasons))
+        if error_type is not None:
+            parts.append(otlp.attr("error.type", error_type))
+        return b"".join(parts)
 
     def _group(self, model: str) -> tuple[bytes, bytes]:
         head = otlp.span_head(f"chat {model}" if model else "chat", otlp.SERVER)
@@ -389,20 +407,26 @@ class Telemetry:
         return got
 
     def _attempt_span(
-        self, a: Attempt, trace_id: bytes, parent: bytes, end_ns: int, trace_state: str | None
+        self,
+        a: Attempt,
+        trace_id: bytes,
+        span_id: bytes,
+        parent: bytes,
+        end_ns: int,
+        trace_state: str | None,
     ) -> bytes:
         dep = a.deployment
-        head, attrs, _ = self._dep(dep)
-        parts = [
-            attrs,
-            otlp.attr("keel.attempt", a.n),
-            otlp.attr("keel.attempt.kind", a.kind),
-            otlp.attr("keel.attempt.outcome", a.outcome),
-        ]
-        if a.ok:
-            parts.append(otlp.attr("gen_ai.response.model", dep.model))
-        if a.continuation is not None:
-            parts.append(otlp.attr("keel.continuation.mode", a.continuation))
+        err = a.error
+        shape = (
+            dep, a.n, a.kind, a.ok, a.continuation,
+            err.kind if err is not None else None, err.status if err is not None else 0,
+        )  # fmt: skip
+        attrs = self._shapes.get(shape)
+        if attrs is None:
+            attrs = self._attempt_attrs(a)
+            if len(self._shapes) < _SHAPES_MAX:
+                self._shapes[shape] = attrs
+        parts = [attrs]
         usage = a.usage
         if usage is not None:
             p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
@@ -410,17 +434,12 @@ class Telemetry:
                 parts.append(otlp.attr_once("gen_ai.usage.input_tokens", p))
             if type(c) is int:
                 parts.append(otlp.attr_once("gen_ai.usage.output_tokens", c))
-        err = a.error
-        if err is not None:
-            parts.append(otlp.attr("error.type", err.kind.value))
-            if err.status:
-                parts.append(otlp.attr("http.response.status_code", err.status))
-        events = [otlp.event(a.first_token_ns, "gen_ai.first_token")] if a.first_token_ns else []
+        events = [otlp.event(a.first_token_ns, "gen_ai.first_token")] if a.first_token_ns else ()
         return otlp.span(
             trace_id,
-            random.randbytes(8),
+            span_id,
             parent,
-            head,
+            self._dep(dep)[0],
             a.start_ns,
             a.end_ns or end_ns,
             parts,
@@ -429,33 +448,62 @@ class Telemetry:
             trace_state,
         )
 
+    def _attempt_attrs(self, a: Attempt) -> bytes:
+        dep = a.deployment
+        parts = [
+            self._dep(dep)[1],
+            otlp.attr("keel.attempt", a.n),
+            otlp.attr("keel.attempt.kind", a.kind),
+            otlp.attr("keel.attempt.outcome", a.outcome),
+        ]
+        if a.ok:
+            parts.append(otlp.attr("gen_ai.response.model", dep.model))
+        if a.continuation is not None:
+            parts.append(otlp.attr("keel.continuation.mode", a.continuation))
+        err = a.error
+        if err is not None:
+            parts.append(otlp.attr("error.type", err.kind.value))
+            if err.status:
+                parts.append(otlp.attr("http.response.status_code", err.status))
+        return b"".join(parts)
+
     # -- metrics ------------------------------------------------------------------------------
 
-    def _point(
-        self, metric: str, a: Attempt, label: str | None, bounds: tuple[float, ...]
-    ) -> otlp.HistogramPoint:
-        key = (a.deployment.name, label)
-        points = self.points[metric]
-        p = points.get(key)
-        if p is None:
+    def _points(self, a: Attempt, err: str | None) -> tuple[otlp.HistogramPoint, ...]:
+        """The series one attempt adds to: duration, time to first chunk, input and output
+        tokens (one lookup per attempt)."""
+        key = (a.deployment.name, err)
+        got = self._series.get(key)
+        if got is None:
             attrs = self._dep(a.deployment)[2]
-            if metric == "tokens":
-                attrs += otlp.attr("gen_ai.token.type", label or "")
-            elif label is not None:
-                attrs += otlp.attr("error.type", label)
-            p = points[key] = otlp.histogram_point(attrs, bounds)
-        return p
+            if err is not None:
+                attrs += otlp.attr("error.type", err)
+            series = {
+                "duration": otlp.histogram_point(attrs, DURATION_BUCKETS),
+                "first_chunk": otlp.histogram_point(attrs, TTFC_BUCKETS),
+                "input": otlp.histogram_point(
+                    attrs + otlp.attr("gen_ai.token.type", "input"), TOKEN_BUCKETS
+                ),
+                "output": otlp.histogram_point(
+                    attrs + otlp.attr("gen_ai.token.type", "output"), TOKEN_BUCKETS
+                ),
+            }
+            for name, point in series.items():
+                metric = "tokens" if name in ("input", "output") else name
+                self.points[metric][(a.deployment.name, f"{err}/{name}")] = point
+            got = self._series[key] = tuple(series.values())
+        return got
 
     def _measure(self, a: Attempt) -> None:
         err = a.error.kind.value if a.error is not None else None
-        self._point("duration", a, err, DURATION_BUCKETS).record((a.end_ns - a.start_ns) / 1e9)
+        duration, first_chunk, input_tokens, output_tokens = self._points(a, err)
+        duration.record((a.end_ns - a.start_ns) / 1e9)
         if a.first_token_ns:
-            ttfc = (a.first_token_ns - a.start_ns) / 1e9
-            self._point("first_chunk", a, err, TTFC_BUCKETS).record(ttfc)
+            first_chunk.record((a.first_token_ns - a.start_ns) / 1e9)
         usage = a.usage
         if usage is not None:
             p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
             if type(p) is int:
-                self._point("tokens", a, "input", TOKEN_BUCKETS).record(p)
+                input_tokens.record(p)
             if type(c) is int:
-                self._point("tokens", a, "output", TOKEN_BUCKETS).record(c)
+                output_tokens.record(c)
