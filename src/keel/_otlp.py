@@ -146,8 +146,8 @@ def span(
     error: str | None = None,
     trace_state: str | None = None,
 ) -> bytes:
-    """A ``Span`` message. ``head``: its name and kind fields (``span_head``), constant per
-    kind of span."""
+    """A ``Span`` message, as a field of ``ScopeSpans`` (what ``traces_request`` joins).
+    ``head``: its name and kind fields (``span_head``), constant per kind of span."""
     # ids have fixed sizes: their keys and lengths are constants
     parts = [b"\x0a\x10", trace_id, b"\x12\x08", span_id]
     if trace_state:
@@ -159,6 +159,8 @@ def span(
     parts.extend(events)
     if error is not None:
         parts.append(ld(15, ld(2, error.encode()) + uint(3, STATUS_ERROR)))
+    n = sum(map(len, parts))
+    parts[0] = b"\x12" + (_SMALL[n] if n < 0x80 else varint(n)) + b"\x0a\x10"  # field 2
     return b"".join(parts)
 
 
@@ -172,8 +174,9 @@ def event(time_ns: int, name: str, attrs: Iterable[bytes] = ()) -> bytes:
 
 
 def traces_request(resource_msg: bytes, scope_msg: bytes, spans: Iterable[bytes]) -> bytes:
-    """An ``ExportTraceServiceRequest`` of one resource and one scope."""
-    scope_spans = ld(1, scope_msg) + b"".join(ld(2, s) for s in spans)
+    """An ``ExportTraceServiceRequest`` of one resource and one scope (``spans`` from
+    ``span``)."""
+    scope_spans = ld(1, scope_msg) + b"".join(spans)
     return ld(1, ld(1, resource_msg) + ld(2, scope_spans))
 
 

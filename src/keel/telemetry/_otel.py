@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import gzip
 import logging
+import operator
 import os
 import random
 import time
@@ -70,6 +71,7 @@ _METRICS = (
      "Time to receive the first chunk of a streamed response."),
 )  # fmt: skip
 _OP = otlp.attr("gen_ai.operation.name", "chat")
+_DEPLOYMENT = operator.attrgetter("deployment")
 _SHAPES_MAX = 4096  # distinct attribute sets cached (beyond: encoded each time)
 
 
@@ -296,7 +298,10 @@ class Telemetry:
         attempts = rec.attempts
         ids = random.randbytes(16 + 8 * (1 + len(attempts)))  # trace, request span, attempts
         trace_id = parent.trace_id if parent is not None else ids[:16]
-        if not self._sampled(rec, trace_id, parent):
+        if parent is None and self.root_decision is not None:
+            if not self.root_decision:
+                return
+        elif not self._sampled(rec, trace_id, parent):
             return
         span_id = ids[16:24]
         group = self._groups.get(rec.model)
@@ -308,7 +313,7 @@ class Telemetry:
         error_type = rec.error_type
         shape = (
             rec.model, rec.principal, rec.stream, rec.status, error_type, rec.response_model,
-            tuple(rec.finish_reasons), tuple(a.deployment for a in attempts),
+            tuple(rec.finish_reasons), tuple(map(_DEPLOYMENT, attempts)),
         )  # fmt: skip
         attrs = self._shapes.get(shape)
         if attrs is None:
