@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+import orjson
+
 if TYPE_CHECKING:
     from keel._classify import UpstreamError
     from keel.engine._deployment import Deployment
@@ -22,6 +24,12 @@ if TYPE_CHECKING:
     from keel.engine._keel import Call
     from keel.engine._limits import Permit
 
+# gen_ai.operation.name of keel's operations (``keel.engine._operation``), by endpoint.
+GENAI_OPERATION = {
+    "chat.completions": "chat",
+    "completions": "text_completion",
+    "embeddings": "embeddings",
+}
 # Attempt kinds, as spans and logs name them.
 FIRST, RETRY, FAILOVER, CONTINUATION, HEDGE = "first", "retry", "failover", "continuation", "hedge"
 
@@ -68,6 +76,7 @@ class Record:
     principal: str
     stream: bool
     start_ns: int
+    operation: str = "chat"  # gen_ai.operation.name
     traceparent: str | None = None
     tracestate: str | None = None
     body: Mapping[str, Any] | None = None  # kept only when bodies are logged
@@ -124,8 +133,15 @@ class Record:
                 a.first_token_ns = now
                 return
 
-    def answered(self, obj: Mapping[str, Any]) -> None:
-        """A non-stream answer (the driver's parse of it): its model and finish reasons."""
+    def answered(self, raw: bytes) -> None:
+        """A non-stream answer: its model and finish reasons (parsed again, only here: the
+        operation's check of it keeps nothing)."""
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(obj, dict):
+            return
         model = obj.get("model")
         self.response_model = model if isinstance(model, str) else None
         self.finish_reasons = [
@@ -194,6 +210,7 @@ def new_record(call: Call, headers: Mapping[str, str], keep_body: bool) -> Recor
         principal=call.principal.name,
         stream=call.stream,
         start_ns=time.time_ns(),
+        operation=GENAI_OPERATION.get(call.op.name, call.op.name),
         traceparent=(tp := headers.get("traceparent")),
         tracestate=headers.get("tracestate") if tp is not None else None,
         body=call.body if keep_body else None,

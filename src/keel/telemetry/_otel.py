@@ -70,7 +70,6 @@ _METRICS = (
     ("first_chunk", "gen_ai.client.operation.time_to_first_chunk", "s",
      "Time to receive the first chunk of a streamed response."),
 )  # fmt: skip
-_OP = otlp.attr("gen_ai.operation.name", "chat")
 _DEPLOYMENT = operator.attrgetter("deployment")
 _SHAPES_MAX = 4096  # distinct attribute sets cached (beyond: encoded each time)
 
@@ -201,10 +200,12 @@ class Telemetry:
         self.points: dict[str, dict[tuple[str, str], otlp.HistogramPoint]] = {
             key: {} for key, *_ in _METRICS
         }
-        self._deps: dict[str, tuple[bytes, bytes, bytes]] = {}  # name → head, attrs, metric attrs
-        self._groups: dict[str, tuple[bytes, bytes]] = {}  # model group → head, attrs
+        self._deps: dict[
+            tuple[str, str], tuple[bytes, bytes, bytes]
+        ] = {}  # name → head, attrs, metric attrs
+        self._groups: dict[tuple[str, str], tuple[bytes, bytes]] = {}  # head, attrs
         self._shapes: dict[tuple[Any, ...], bytes] = {}  # a span's repeating attributes
-        self._series: dict[tuple[str, str | None], tuple[otlp.HistogramPoint, ...]] = {}
+        self._series: dict[tuple[str, str, str | None], tuple[otlp.HistogramPoint, ...]] = {}
         self._full = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -216,7 +217,7 @@ class Telemetry:
         if self.metrics is not None:
             for a in record.attempts:
                 if a.end_ns:
-                    self._measure(a)
+                    self._measure(a, record.operation)
 
     async def close(self) -> None:
         self._task.cancel()
@@ -304,9 +305,10 @@ class Telemetry:
         elif not self._sampled(rec, trace_id, parent):
             return
         span_id = ids[16:24]
-        group = self._groups.get(rec.model)
+        op = rec.operation
+        group = self._groups.get((op, rec.model))
         if group is None:
-            group = self._groups[rec.model] = self._group(rec.model)
+            group = self._groups[op, rec.model] = self._group(op, rec.model)
         head = group[0]
         # What most requests of a group share is encoded once (``_request_attrs``): a span
         # is then its ids, times, request id and token counts around one cached string.
@@ -359,7 +361,7 @@ class Telemetry:
         )
         for i, a in enumerate(attempts):
             own = ids[24 + 8 * i : 32 + 8 * i]
-            self._queue(self._attempt_span(a, trace_id, own, span_id, rec.end_ns, trace_state))
+            self._queue(self._attempt_span(a, op, trace_id, own, span_id, rec.end_ns, trace_state))
 
     def _request_attrs(self, rec: Record, group: bytes, error_type: str | None) -> bytes:
         parts = [
@@ -385,26 +387,28 @@ class Telemetry:
             parts.append(otlp.attr("error.type", error_type))
         return b"".join(parts)
 
-    def _group(self, model: str) -> tuple[bytes, bytes]:
-        head = otlp.span_head(f"chat {model}" if model else "chat", otlp.SERVER)
-        attrs = _OP + (otlp.attr("gen_ai.request.model", model) if model else b"")
+    def _group(self, op: str, model: str) -> tuple[bytes, bytes]:
+        head = otlp.span_head(f"{op} {model}" if model else op, otlp.SERVER)
+        attrs = otlp.attr("gen_ai.operation.name", op)
+        if model:
+            attrs += otlp.attr("gen_ai.request.model", model)
         return head, attrs
 
-    def _dep(self, dep: Deployment) -> tuple[bytes, bytes, bytes]:
+    def _dep(self, dep: Deployment, op: str) -> tuple[bytes, bytes, bytes]:
         """A deployment's span name and kind, its attributes, and those its metrics carry."""
-        got = self._deps.get(dep.name)
+        got = self._deps.get((dep.name, op))
         if got is None:
             parts = urlsplit(dep.cfg.base_url)
             port = parts.port or (443 if parts.scheme == "https" else 80)
             metric = (
-                _OP
+                otlp.attr("gen_ai.operation.name", op)
                 + otlp.attr("gen_ai.provider.name", PROVIDER.get(dep.dialect, "openai"))
                 + otlp.attr("gen_ai.request.model", dep.model)
                 + otlp.attr("server.address", parts.hostname or "")
                 + otlp.attr("server.port", port)
             )
-            head = otlp.span_head(f"chat {dep.model}", otlp.CLIENT)
-            got = self._deps[dep.name] = (
+            head = otlp.span_head(f"{op} {dep.model}", otlp.CLIENT)
+            got = self._deps[dep.name, op] = (
                 head,
                 metric + otlp.attr("keel.deployment", dep.name),
                 metric,
@@ -414,6 +418,7 @@ class Telemetry:
     def _attempt_span(
         self,
         a: Attempt,
+        op: str,
         trace_id: bytes,
         span_id: bytes,
         parent: bytes,
@@ -423,12 +428,12 @@ class Telemetry:
         dep = a.deployment
         err = a.error
         shape = (
-            dep, a.n, a.kind, a.ok, a.continuation,
+            dep, op, a.n, a.kind, a.ok, a.continuation,
             err.kind if err is not None else None, err.status if err is not None else 0,
         )  # fmt: skip
         attrs = self._shapes.get(shape)
         if attrs is None:
-            attrs = self._attempt_attrs(a)
+            attrs = self._attempt_attrs(a, op)
             if len(self._shapes) < _SHAPES_MAX:
                 self._shapes[shape] = attrs
         parts = [attrs]
@@ -444,7 +449,7 @@ class Telemetry:
             trace_id,
             span_id,
             parent,
-            self._dep(dep)[0],
+            self._dep(dep, op)[0],
             a.start_ns,
             a.end_ns or end_ns,
             parts,
@@ -453,10 +458,10 @@ class Telemetry:
             trace_state,
         )
 
-    def _attempt_attrs(self, a: Attempt) -> bytes:
+    def _attempt_attrs(self, a: Attempt, op: str) -> bytes:
         dep = a.deployment
         parts = [
-            self._dep(dep)[1],
+            self._dep(dep, op)[1],
             otlp.attr("keel.attempt", a.n),
             otlp.attr("keel.attempt.kind", a.kind),
             otlp.attr("keel.attempt.outcome", a.outcome),
@@ -474,13 +479,13 @@ class Telemetry:
 
     # -- metrics ------------------------------------------------------------------------------
 
-    def _points(self, a: Attempt, err: str | None) -> tuple[otlp.HistogramPoint, ...]:
+    def _points(self, a: Attempt, op: str, err: str | None) -> tuple[otlp.HistogramPoint, ...]:
         """The series one attempt adds to: duration, time to first chunk, input and output
         tokens (one lookup per attempt)."""
-        key = (a.deployment.name, err)
+        key = (a.deployment.name, op, err)
         got = self._series.get(key)
         if got is None:
-            attrs = self._dep(a.deployment)[2]
+            attrs = self._dep(a.deployment, op)[2]
             if err is not None:
                 attrs += otlp.attr("error.type", err)
             series = {
@@ -495,13 +500,13 @@ class Telemetry:
             }
             for name, point in series.items():
                 metric = "tokens" if name in ("input", "output") else name
-                self.points[metric][(a.deployment.name, f"{err}/{name}")] = point
+                self.points[metric][(a.deployment.name, f"{op}/{err}/{name}")] = point
             got = self._series[key] = tuple(series.values())
         return got
 
-    def _measure(self, a: Attempt) -> None:
+    def _measure(self, a: Attempt, op: str) -> None:
         err = a.error.kind.value if a.error is not None else None
-        duration, first_chunk, input_tokens, output_tokens = self._points(a, err)
+        duration, first_chunk, input_tokens, output_tokens = self._points(a, op, err)
         duration.record((a.end_ns - a.start_ns) / 1e9)
         if a.first_token_ns:
             first_chunk.record((a.first_token_ns - a.start_ns) / 1e9)
