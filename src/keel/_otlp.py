@@ -118,6 +118,22 @@ def attr_once(key: str, v: str | int, field: int = 9) -> bytes:
     return ld(field, head + _LEN_KEYS[2] + _SMALL[len(value)] + value)
 
 
+_INPUT = ld(1, b"gen_ai.usage.input_tokens") + b"\x12"  # ... then AnyValue's length
+_OUTPUT = ld(1, b"gen_ai.usage.output_tokens") + b"\x12"
+
+
+def _int_kv(head: bytes, n: int) -> bytes:
+    value = b"\x18" + (_SMALL[n] if 0 <= n < 0x80 else varint(n))  # AnyValue.int_value
+    kv = head + _SMALL[len(value)] + value
+    return _LEN_KEYS[9] + _SMALL[len(kv)] + kv  # a span's attribute (field 9)
+
+
+def usage_attrs(input_tokens: int | None, output_tokens: int | None) -> bytes:
+    """``gen_ai.usage.input_tokens`` and ``output_tokens`` as span attributes (None: absent)."""
+    out = b"" if input_tokens is None else _int_kv(_INPUT, input_tokens)
+    return out if output_tokens is None else out + _int_kv(_OUTPUT, output_tokens)
+
+
 def resource(attributes: dict[str, Value]) -> bytes:
     """A ``Resource`` message."""
     return b"".join(ld(1, key_value(k, v)) for k, v in attributes.items())

@@ -269,12 +269,15 @@ class Telemetry:
             self.session, otlp.metrics_request(self.resource, self.scope, metrics)
         )
 
-    def _queue(self, span: bytes) -> None:
-        if len(self.spans) >= self.queue_max:
-            self.dropped += 1
+    def _queue(self, spans: list[bytes]) -> None:
+        """One request's spans, for the next batch (dropped, and counted, when the queue is
+        full: the collector is down or slower than keel)."""
+        queued = self.spans
+        if len(queued) >= self.queue_max:
+            self.dropped += len(spans)
             return
-        self.spans.append(span)
-        if len(self.spans) >= self.batch:
+        queued += spans
+        if len(queued) >= self.batch:
             self._full.set()
 
     # -- spans --------------------------------------------------------------------------------
@@ -323,10 +326,8 @@ class Telemetry:
             if len(self._shapes) < _SHAPES_MAX:
                 self._shapes[shape] = attrs
         parts = [attrs, otlp.attr_once("keel.request_id", rec.rid)]
-        if rec.input_tokens is not None:
-            parts.append(otlp.attr_once("gen_ai.usage.input_tokens", rec.input_tokens))
         if rec.output_tokens is not None:
-            parts.append(otlp.attr_once("gen_ai.usage.output_tokens", rec.output_tokens))
+            parts.append(otlp.usage_attrs(rec.input_tokens, rec.output_tokens))
         events = []
         if rec.first_token_ns:
             events.append(otlp.event(rec.first_token_ns, "gen_ai.first_token"))
@@ -345,7 +346,7 @@ class Telemetry:
                     )
         error = rec.error.message if rec.error is not None else None
         trace_state = rec.tracestate if parent is not None else None
-        self._queue(
+        spans = [
             otlp.span(
                 trace_id,
                 span_id,
@@ -358,10 +359,11 @@ class Telemetry:
                 error,
                 trace_state,
             )
-        )
+        ]
         for i, a in enumerate(attempts):
             own = ids[24 + 8 * i : 32 + 8 * i]
-            self._queue(self._attempt_span(a, op, trace_id, own, span_id, rec.end_ns, trace_state))
+            spans.append(self._attempt_span(a, op, trace_id, own, span_id, rec.end_ns, trace_state))
+        self._queue(spans)
 
     def _request_attrs(self, rec: Record, group: bytes, error_type: str | None) -> bytes:
         parts = [
@@ -440,10 +442,9 @@ class Telemetry:
         usage = a.usage
         if usage is not None:
             p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
-            if type(p) is int:
-                parts.append(otlp.attr_once("gen_ai.usage.input_tokens", p))
-            if type(c) is int:
-                parts.append(otlp.attr_once("gen_ai.usage.output_tokens", c))
+            parts.append(
+                otlp.usage_attrs(p if type(p) is int else None, c if type(c) is int else None)
+            )
         events = [otlp.event(a.first_token_ns, "gen_ai.first_token")] if a.first_token_ns else ()
         return otlp.span(
             trace_id,
