@@ -10,12 +10,11 @@ hooks are one ``is not None`` test each: nothing is imported, allocated or timed
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
-
-import orjson
 
 if TYPE_CHECKING:
     from keel._classify import UpstreamError
@@ -24,6 +23,8 @@ if TYPE_CHECKING:
     from keel.engine._keel import Call
     from keel.engine._limits import Permit
 
+_MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]*)"')
+_FINISH = re.compile(rb'"finish_reason"\s*:\s*"([^"\\]*)"')
 # gen_ai.operation.name of keel's operations (``keel.engine._operation``), by endpoint.
 GENAI_OPERATION = {
     "chat.completions": "chat",
@@ -134,20 +135,13 @@ class Record:
                 return
 
     def answered(self, raw: bytes) -> None:
-        """A non-stream answer: its model and finish reasons (parsed again, only here: the
-        operation's check of it keeps nothing)."""
-        try:
-            obj = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            return
-        if not isinstance(obj, dict):
-            return
-        model = obj.get("model")
-        self.response_model = model if isinstance(model, str) else None
-        self.finish_reasons = [
-            c["finish_reason"] for c in obj.get("choices") or () if isinstance(c, dict)
-            and isinstance(c.get("finish_reason"), str)
-        ]  # fmt: skip
+        """A non-stream answer: its model and finish reasons, found in its bytes (the
+        operation validated them and keeps nothing; a second parse would cost more than
+        everything else recorded about the request). Strings inside the answer cannot hold
+        an unescaped quote, so these patterns see only the answer's own keys."""
+        m = _MODEL.search(raw)
+        self.response_model = m.group(1).decode() if m is not None else None
+        self.finish_reasons = [r.decode() for r in _FINISH.findall(raw)]
 
     def finished_with(self, reason: str) -> None:
         """keel ended the answer itself (``content_filter``, ``length``)."""
