@@ -114,6 +114,12 @@ async def _speech(request: web.Request) -> web.StreamResponse:
     return await audio_speech(request)
 
 
+async def _responses(request: web.Request) -> web.StreamResponse:
+    from keel.gateway._responses import responses  # (it imports this module)
+
+    return await responses(request)
+
+
 async def models(request: web.Request) -> web.Response:
     keel = request.app[KEEL_KEY]
     try:
@@ -131,7 +137,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 _ENDPOINTS = (
-    "POST /v1/chat/completions, POST /v1/audio/speech, GET /v1/models, GET /v1/ws, "
+    "POST /v1/chat/completions, POST /v1/responses, POST /v1/audio/speech, GET /v1/models, GET /v1/ws, "
     "GET|DELETE /v1/streams/{id}, GET /playground, GET /healthz, GET /metrics"
 )
 
@@ -196,6 +202,8 @@ _ROUTES: list[tuple[str, str, Handler]] = [
     ("/v1/chat/completions", "POST", chat_completions),  # guarded inline: the hot path
     ("/chat/completions", "POST", chat_completions),
     ("/v1/audio/speech", "POST", _speech),  # keel.gateway._speech
+    ("/v1/responses", "POST", _responses),  # keel.gateway._responses (guards itself)
+    ("/responses", "POST", _responses),
     ("/v1/models", "GET", guarded(models)),
     ("/healthz", "GET", guarded(healthz)),
     ("/metrics", "GET", guarded(metrics)),
