@@ -279,7 +279,7 @@ def usage_of(chat_usage: Mapping[str, Any] | None) -> dict[str, Any] | None:
     reasoning = (chat_usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0
     return {
         "input_tokens": i,
-        "input_tokens_details": {"cached_tokens": int(cached)},
+        "input_tokens_details": {"cached_tokens": int(cached), "cache_write_tokens": 0},
         "output_tokens": o,
         "output_tokens_details": {"reasoning_tokens": int(reasoning)},
         "total_tokens": i + o,
