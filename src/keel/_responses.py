@@ -372,8 +372,8 @@ class ResponseEvents:
     in order. After ``finish`` or ``failed`` it returns nothing more — one terminal event."""
 
     __slots__ = (
-        "_calls", "_finish", "_items", "_msg", "_open", "_seq", "_text", "_usage", "ended",
-        "response", "rid",
+        "_calls", "_finish", "_items", "_msg", "_open", "_own_usage", "_repaired", "_seq",
+        "_text", "_usage", "ended", "response", "rid",
     )  # fmt: skip
 
     def __init__(self, request: Mapping[str, Any], rid: str, created_at: int) -> None:
@@ -386,8 +386,15 @@ class ResponseEvents:
         self._calls: dict[int, _Call] = {}  # open function calls by the chat tool-call index
         self._open: list[int] = []  # output indexes still open, in order
         self._finish: str | None = None
-        self._usage: dict[str, Any] | None = None
+        self._usage: dict[str, Any] | None = None  # the stream's usage chunk
+        self._own_usage: dict[str, Any] | None = None  # usage on the terminal chunk itself
+        self._repaired = False  # the terminal chunk says the answer was continued
         self.ended = False
+
+    def adopt(self, response_id: str) -> None:
+        """Answer under the upstream's response id (a native deployment's stream): the id a
+        later ``previous_response_id`` names."""
+        self.response["id"] = response_id
 
     @property
     def text(self) -> str:
@@ -412,9 +419,14 @@ class ResponseEvents:
             return []
         out: list[dict[str, Any]] = []
         usage = chunk.get("usage")
-        if isinstance(usage, dict):
-            self._usage = usage
         choices = chunk.get("choices")
+        if isinstance(usage, dict):
+            if choices:
+                self._own_usage = usage  # a native stream's terminal chunk: its own count
+            else:
+                self._usage = usage
+        if "keel" in chunk:
+            self._repaired = True
         if not choices:
             return out
         choice = choices[0]
@@ -576,7 +588,8 @@ class ResponseEvents:
         out: list[dict[str, Any]] = []
         self._close_all(out, "completed")
         response = self._snapshot()
-        response["usage"] = usage_of(self._usage)
+        own = self._own_usage if not self._repaired else None
+        response["usage"] = usage_of(own or self._usage)
         kind = _end_status(response, self._finish)
         self.response = response
         out.append(self._event(kind, response=response))
@@ -626,3 +639,31 @@ def sse_events(payloads: list[bytes]) -> bytes:
     """Event payloads as Server-Sent Events the way OpenAI sends them: ``event: <type>`` and
     ``data: <json>``, and no ``[DONE]`` (the terminal event is the end)."""
     return b"".join([b"event: %s\ndata: %s\n\n" % (event_type(p), p) for p in payloads])
+
+
+# -- native deployments ------------------------------------------------------------------------
+
+
+def native_continuation(
+    request: Mapping[str, Any], sent: str, mode: str, dialect: str, tokens_sent: int
+) -> dict[str, Any] | None:
+    """The Responses request that asks a native deployment to continue ``sent``: the
+    request's input with the answer so far appended as an assistant message (and, for
+    ``instruct``, the words that ask to go on), like ``keel._splice.continuation_body`` does
+    for chat. None when the answer already used up ``max_output_tokens``."""
+    from keel._splice import continuation_body
+
+    shim: dict[str, Any] = {"messages": []}
+    limit = request.get("max_output_tokens")
+    if type(limit) is int:
+        shim["max_tokens"] = limit
+    cont = continuation_body(shim, sent, mode, dialect, tokens_sent)  # type: ignore[arg-type]
+    if cont is None:
+        return None
+    items = request.get("input")
+    before = [{"role": "user", "content": items}] if isinstance(items, str) else list(items or [])
+    added = [{"role": m["role"], "content": m["content"]} for m in cont["messages"]]
+    out = {**request, "input": before + added}
+    if "max_tokens" in cont:
+        out["max_output_tokens"] = cont["max_tokens"]
+    return out

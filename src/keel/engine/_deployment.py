@@ -46,6 +46,8 @@ class Deployment:
     timeouts: Timeouts
     name: str = ""
     url: str = ""
+    responses_url: str = ""
+    native: bool = False  # api: responses
     endpoint: str = ""  # scheme://host:port of base_url, safe to log
     model: str = ""
     auth_header: str = ""
@@ -68,6 +70,8 @@ class Deployment:
     def __post_init__(self) -> None:
         self.name = self.cfg.name or f"{self.group}/{self.index}"
         self.url = self.cfg.base_url.rstrip("/") + "/chat/completions"
+        self.native = self.cfg.api == "responses"  # it serves POST /responses itself
+        self.responses_url = self.cfg.base_url.rstrip("/") + "/responses"
         # For logs: scheme, host and port only — a base URL may carry credentials
         # (user:pass@host, ?api-key=…) that must never reach a log line.
         parts = urlsplit(self.cfg.base_url)

@@ -33,6 +33,7 @@ from keel.engine._deployment import Deployment
 from keel.engine._errors import KeelError, final_error, unavailable_error
 from keel.engine._keel import Call, Keel
 from keel.engine._limits import Permit, Saturated, acquire, release, try_acquire
+from keel.engine._responses import checked_response, native_attempt, native_body
 from keel.engine._sinks import ClientGone, Sink
 from keel.engine._upstream import (
     AttemptFailed,
@@ -73,7 +74,10 @@ async def complete(keel: Keel, call: Call) -> tuple[bytes, dict[str, str]]:
             resp = None
             try:
                 with deadlines.timeout(attempt_limit(dep, call.deadline, deadlines)):
-                    resp = await send(session, dep, keel.upstream_body(call.body, dep))
+                    if call.responses is not None and dep.native:  # keel.engine._responses
+                        resp = await send(session, dep, native_body(call, dep), dep.responses_url)
+                    else:
+                        resp = await send(session, dep, keel.upstream_body(call.body, dep))
                     if not accepted(dep, resp):
                         rejected, resp = resp, None  # refused() closes it
                         raise await refused(dep, rejected)
@@ -114,6 +118,8 @@ def _checked(raw: bytes) -> Mapping[str, Any] | None:
     except orjson.JSONDecodeError:
         obj = None
     if not isinstance(obj, dict) or not isinstance(obj.get("choices"), list):
+        if isinstance(obj, dict) and obj.get("object") == "response":  # a native Response
+            return checked_response(obj)
         raise AttemptFailed(
             transport_error(ErrorKind.PROTOCOL, "upstream returned a malformed chat completion")
         )
@@ -214,7 +220,10 @@ async def _attempt(
 ) -> Mapping[str, Any]:
     """One streamed attempt, from the request to the last frame. Returns its usage."""
     mode = dep.continuation if continuing else None
-    if mode is not None:
+    url = None
+    if call.responses is not None and dep.native:  # a Responses stream, natively
+        payload, url, asm = native_attempt(call, t, dep, mode)
+    elif mode is not None:
         cont = continuation_body(call.body, t.text, mode, dep.dialect, t.tokens)  # type: ignore[arg-type]
         assert cont is not None  # past the token limit the plan ends with "length" instead
         if t.wants_usage:
@@ -225,8 +234,9 @@ async def _attempt(
     session, deadlines = keel.session, keel.deadlines
     assert session is not None and deadlines is not None
     started = deadlines.loop.time()
-    resp = await post(session, dep, payload, call.deadline, deadlines)
-    asm = StreamAssembler(dialect=dep.dialect, require_done=True)
+    resp = await post(session, dep, payload, call.deadline, deadlines, url)
+    if url is None:
+        asm = StreamAssembler(dialect=dep.dialect, require_done=True)
     take = t.take(asm, dep.name, mode)  # type: ignore[arg-type]
     # A stall judged by the deployment's usual pace is only worth it where it can be repaired:
     # the answer can be continued (this deployment at least can continue it).

@@ -68,6 +68,9 @@ class Call:
     racers: dict[asyncio.Task[Any], Any] | None = None  # a hedge's attempts, while it races
     wants_usage: bool = False  # the client asked for a stream's usage chunk
     transcript: Transcript | None = None  # a stream's, for its spend (``Meter.charge``)
+    # A Responses request (keel.engine._responses): what deployments with ``api: responses``
+    # are sent as it is; ``body`` is its chat translation, for the others.
+    responses: dict[str, Any] | None = None
 
 
 class Keel:

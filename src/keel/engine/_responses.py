@@ -16,13 +16,25 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from keel._responses import ResponseEvents, Unsupported, chat_request, response_from_chat
+from keel._assembly import StreamAssembler
+from keel._classify import ErrorKind, classify_stream_error, transport_error
+from keel._responses import (
+    ResponseEvents,
+    Unsupported,
+    chat_request,
+    native_continuation,
+    response_from_chat,
+)
+from keel._responses_wire import ResponsesAssembler, chat_usage
 from keel.engine._errors import KeelError
 from keel.engine._sinks import Sink
+from keel.engine._upstream import AttemptFailed
 from keel.engine._validate import bad
 
 if TYPE_CHECKING:
+    from keel._transcript import Transcript
     from keel.engine._auth import Principal
+    from keel.engine._deployment import Deployment
     from keel.engine._keel import Call, Keel
 
 
@@ -55,39 +67,119 @@ def responses_call(
     try:
         body = chat_request(request, stream=bool(stream))
     except Unsupported as exc:
-        raise KeelError(400, str(exc), param=exc.param, code="unsupported_parameter") from None
-    return keel.call(body, principal, headers, rid)
+        if not _all_native(keel, request.get("model")):
+            raise KeelError(400, str(exc), param=exc.param, code="unsupported_parameter") from None
+        # Only deployments that speak Responses serve this model: what chat cannot express
+        # (stored state, built-in tools) goes to them as it is. The chat body is a stand-in,
+        # for the limits' token estimate.
+        body = _stand_in(request, bool(stream))
+    call = keel.call(body, principal, headers, rid)
+    call.responses = dict(request)
+    return call
+
+
+def _all_native(keel: Keel, model: object) -> bool:
+    """Every deployment a request for ``model`` may reach (fallbacks too) has api: responses."""
+    router = keel.router
+    if not isinstance(model, str) or model not in router:
+        return False
+    return all(d.native for g in router.plan(model) for d in router.groups[g])
+
+
+def _stand_in(request: Mapping[str, Any], stream: bool) -> dict[str, Any]:
+    text = orjson.dumps(request.get("input")).decode()
+    body: dict[str, Any] = {
+        "model": request.get("model"),
+        "messages": [{"role": "user", "content": text}],
+    }
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def native_body(call: Call, dep: Deployment) -> bytes:
+    """The request a native deployment gets: the client's own, with the deployment's model."""
+    assert call.responses is not None
+    return orjson.dumps({**call.responses, "model": dep.model, "stream": call.stream})
+
+
+def native_attempt(
+    call: Call, t: Transcript, dep: Deployment, mode: str | None
+) -> tuple[bytes, str, StreamAssembler]:
+    """A streamed attempt on a native deployment: its payload (continuing the answer so far
+    when ``mode``), the URL, and the assembler that validates the event stream."""
+    request = call.responses
+    assert request is not None
+    if mode is not None:
+        request = native_continuation(request, t.text, mode, dep.dialect, t.tokens)
+        assert request is not None  # past the token limit the plan ends with "length" instead
+    payload = orjson.dumps({**request, "model": dep.model, "stream": True})
+    return payload, dep.responses_url, ResponsesAssembler(dialect=dep.dialect)
+
+
+def checked_response(obj: dict[str, Any]) -> dict[str, Any] | None:
+    """A native deployment's non-stream Response: its usage in chat terms, or AttemptFailed
+    for one that failed (retried and failed over like any upstream error)."""
+    status = obj.get("status")
+    if status == "failed":
+        error = obj.get("error")
+        error = error if isinstance(error, dict) else {}
+        shaped = {"error": {"message": str(error.get("message") or "the response failed"),
+                            "code": error.get("code"), "type": error.get("type")}}  # fmt: skip
+        raise AttemptFailed(classify_stream_error("openai", shaped))
+    if status not in ("completed", "incomplete", "in_progress", "queued"):
+        raise AttemptFailed(
+            transport_error(
+                ErrorKind.PROTOCOL, f"upstream returned a Response with status {status!r}"
+            )
+        )
+    return chat_usage(obj.get("usage"))
 
 
 def response_of(raw: bytes, request: Mapping[str, Any], rid: str) -> dict[str, Any]:
     """A non-stream chat answer (the engine's, checked complete) as a Response object."""
-    completion = orjson.loads(raw)
-    return response_from_chat(completion, request, rid, int(time.time()))
+    answer: dict[str, Any] = orjson.loads(raw)
+    if answer.get("object") == "response":
+        return answer  # a native deployment's own (its id is what previous_response_id takes)
+    return response_from_chat(answer, request, rid, int(time.time()))
 
 
 class ResponsesSink:
     """A sink of chat chunks that writes Responses event payloads to ``inner``."""
 
-    __slots__ = ("_head", "committed", "events", "inner")
+    __slots__ = ("committed", "events", "inner", "started")
 
     def __init__(self, inner: Sink, request: Mapping[str, Any], rid: str) -> None:
         self.inner = inner
         self.events = ResponseEvents(request, rid, int(time.time()))
         self.committed = False
-        self._head: list[bytes] = []  # response.created/in_progress, sent with the first chunk
+        self.started = False  # response.created is out
 
     async def commit(self, headers: Mapping[str, str]) -> None:
         await self.inner.commit(headers)
         self.committed = True
-        self._head = [orjson.dumps(e) for e in self.events.start()]
 
     def _translate(self, chunks: list[bytes]) -> list[bytes]:
-        out, self._head = self._head, []
-        chunk = self.events.chunk
+        out: list[bytes] = []
+        events = self.events
         for c in chunks:
-            for event in chunk(orjson.loads(c)):
+            obj = orjson.loads(c)
+            if not self.started:
+                self.started = True
+                rid = obj.get("id")
+                if isinstance(rid, str) and rid.startswith("resp_"):
+                    events.adopt(rid)  # a native deployment's stream: its response id
+                out.extend(orjson.dumps(e) for e in events.start())
+            for event in events.chunk(obj):
                 out.append(orjson.dumps(event))
         return out
+
+    def _opening(self) -> list[bytes]:
+        if self.started:
+            return []
+        self.started = True
+        return [orjson.dumps(e) for e in self.events.start()]
 
     async def send(self, chunks: list[bytes]) -> None:
         out = self._translate(chunks)
@@ -96,6 +188,7 @@ class ResponsesSink:
 
     async def end(self, chunks: list[bytes]) -> None:
         out = self._translate(chunks)
+        out[:0] = self._opening()
         out.extend(orjson.dumps(e) for e in self.events.finish())
         await self.inner.end(out)
 
@@ -103,6 +196,6 @@ class ResponsesSink:
         if not self.committed:
             await self.inner.fail(error)  # nothing was sent: an ordinary error response
             return
-        out, self._head = self._head, []
+        out = self._opening()
         out.extend(orjson.dumps(e) for e in self.events.failed(error.body))
         await self.inner.end(out)

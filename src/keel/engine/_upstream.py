@@ -46,13 +46,14 @@ def _client_timeout(connect: float) -> aiohttp.ClientTimeout:
 
 
 def send(
-    session: aiohttp.ClientSession, dep: Deployment, body: bytes
+    session: aiohttp.ClientSession, dep: Deployment, body: bytes, url: str | None = None
 ) -> Awaitable[aiohttp.ClientResponse]:
     """The upstream POST, for the caller to await (a plain function: no coroutine frame of its
     own for every wake-up of the request to pass through). No timer of its own: the caller's
-    one deadline bounds it; aiohttp's times only the connect."""
+    one deadline bounds it; aiohttp's times only the connect. ``url``: another endpoint of the
+    deployment than chat completions."""
     return session.post(
-        dep.url,
+        url or dep.url,
         data=body,
         headers=dep.request_headers,
         timeout=_client_timeout(dep.timeouts.connect),
@@ -95,10 +96,10 @@ def transport_failure(exc: BaseException, phase: str) -> AttemptFailed:
 
 
 async def _send(
-    session: aiohttp.ClientSession, dep: Deployment, body: bytes
+    session: aiohttp.ClientSession, dep: Deployment, body: bytes, url: str | None
 ) -> aiohttp.ClientResponse:
     """Send the request; return the response once its 2xx headers are in."""
-    resp = await send(session, dep, body)
+    resp = await send(session, dep, body, url)
     if not accepted(dep, resp):
         raise await refused(dep, resp)
     return resp
@@ -115,11 +116,12 @@ async def post(
     body: bytes,
     deadline: float,
     deadlines: Deadlines,
+    url: str | None = None,
 ) -> aiohttp.ClientResponse:
     """Send the request and wait for a 2xx response's headers (first-token timeout bounds it)."""
     try:
         with deadlines.timeout(attempt_limit(dep, deadline, deadlines)):
-            return await _send(session, dep, body)
+            return await _send(session, dep, body, url)
     except AttemptFailed:
         raise
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
