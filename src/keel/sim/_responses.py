@@ -14,7 +14,9 @@ executes the plan.
   ``trunc=N`` a cut between events, ``trunc_mid=N`` a cut inside the N-th delta event,
   ``stall=N``/``stall_ka=N`` silence, ``no_done`` no terminal event, ``inspect_mid=N`` a
   ``response.failed`` event;
-* ``response_json`` is the non-stream Response object.
+* ``response_json`` is the non-stream Response object;
+* ``Stored`` holds the ids of the responses it stored: a ``previous_response_id`` it does not
+  hold is OpenAI's 400 ``previous_response_not_found`` (``not_found``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,39 @@ from keel.sim._faults import TERMINAL
 from keel.sim._stream import Abort, Op, Sleep, Stall, Write, cut_point
 
 _KEEPALIVE = b": keep-alive\n\n"
+
+
+class Stored:
+    """The ids of the responses this simulator stored (``store`` not false), the most recent
+    ``limit``: what a ``previous_response_id`` may name."""
+
+    __slots__ = ("_ids", "limit")
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self._ids: dict[str, None] = {}
+        self.limit = limit
+
+    def add(self, response_id: str) -> None:
+        self._ids[response_id] = None
+        if len(self._ids) > self.limit:
+            del self._ids[next(iter(self._ids))]
+
+    def __contains__(self, response_id: object) -> bool:
+        return response_id in self._ids
+
+
+def not_found(previous: object) -> bytes:
+    """OpenAI's 400 for a ``previous_response_id`` it does not hold."""
+    return orjson.dumps(
+        {
+            "error": {
+                "message": f"Previous response with id '{previous}' not found.",
+                "type": "invalid_request_error",
+                "param": "previous_response_id",
+                "code": "previous_response_not_found",
+            }
+        }
+    )
 
 
 def chat_view(body: Mapping[str, Any]) -> dict[str, Any] | str:

@@ -45,7 +45,14 @@ from keel.sim._faults import (
     parse_rates,
 )
 from keel.sim._log import LogEntry, RequestLog
-from keel.sim._responses import ResponseSpec, chat_view, response_json, responses_plan
+from keel.sim._responses import (
+    ResponseSpec,
+    Stored,
+    chat_view,
+    not_found,
+    response_json,
+    responses_plan,
+)
 from keel.sim._stream import (
     KEEPALIVE_INTERVAL,
     Abort,
@@ -106,6 +113,7 @@ class Simulator:
         self.base_url = ""
         self._log = RequestLog()
         self._counter = AttemptCounter()
+        self._stored = Stored()  # /v1/responses: the ids a previous_response_id may name
         self._rid = os.urandom(4).hex()
         self._runner: web.AppRunner | None = None
         self._stopping = asyncio.Event()
@@ -395,6 +403,12 @@ class Simulator:
             return self._error(entry, bad_request(str(e)))
         prompt = strip_directives(turn.user)
         entry.prompt = prompt[:80]
+        if native is not None:  # what it stores, and what a previous_response_id names
+            previous = native.get("previous_response_id")
+            if previous is not None and previous not in self._stored:
+                return self._error(entry, ErrorReply(400, not_found(previous)))
+            if native.get("store") is not False:
+                self._stored.add(f"resp_{rid[4:]}")
         answer = compose(body, turn, d, prompt, self.length)
         entry.tool_call = answer.call is not None
         entry.continuation, entry.continuation_kind = bool(answer.continuation), answer.continuation
