@@ -10,19 +10,15 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import httpx
 import openai
 import pytest
 from openai import AsyncOpenAI
-from openai.types.responses import ResponseStreamEvent
-from pydantic import TypeAdapter
 
 from gw_fixtures import gateway_config, unique
 from keel import Keel, KeelError
-from keel.sim import LogEntry, answer_text, tool_call_for
+from keel.sim import answer_text, tool_call_for
 from keel.testing import GatewayProcess, SimProcess
-
-EVENT = TypeAdapter(ResponseStreamEvent)
+from responses_helpers import EVENT, attempts, check_grammar, sdk_client, streamed_text
 
 
 @pytest.fixture
@@ -37,42 +33,13 @@ async def client(
     request: pytest.FixtureRequest, gateway: GatewayProcess, library: Keel
 ) -> AsyncIterator[AsyncOpenAI]:
     """The same SDK client through the gateway process, or in-process through the engine."""
-    if request.param == "serve":
-        c = AsyncOpenAI(base_url=gateway.base_url, api_key="sk-c", max_retries=0, timeout=20)
-    else:
-        http = httpx.AsyncClient(transport=library.transport())
-        c = AsyncOpenAI(base_url="http://keel/v1", api_key="sk-c", max_retries=0, http_client=http)
-    async with c:
+    async with sdk_client(request.param, gateway.base_url, library) as c:
         yield c
-
-
-def attempts(sims: tuple[SimProcess, SimProcess], prompt: str) -> list[LogEntry]:
-    """Every upstream request for a ``unique()`` prompt, on either simulator, in order."""
-    tag = prompt.rsplit("#", 1)[1].split()[0]
-    return sorted((e for s in sims for e in s.log() if tag in e.prompt), key=lambda e: e.t_open)
 
 
 async def events_of(client: AsyncOpenAI, model: str, prompt: str, **kw: Any) -> list[Any]:
     stream = await client.responses.create(model=model, input=prompt, stream=True, **kw)
     return [e async for e in stream]
-
-
-def check_grammar(events: list[Any]) -> None:
-    """What every stream keel sends obeys: the SDK's types parse each event strictly, the
-    sequence numbers count from 0, one terminal event, last."""
-    for e in events:
-        EVENT.validate_python(e.to_dict(warnings=False))
-    assert [e.sequence_number for e in events] == list(range(len(events)))
-    assert events[0].type == "response.created" and events[1].type == "response.in_progress"
-    terminal = [e.type for e in events if e.type in TERMINAL]
-    assert len(terminal) == 1 and events[-1].type == terminal[0]
-
-
-TERMINAL = ("response.completed", "response.incomplete", "response.failed")
-
-
-def streamed_text(events: list[Any]) -> str:
-    return "".join(e.delta for e in events if e.type == "response.output_text.delta")
 
 
 # -- non-stream -----------------------------------------------------------------------------------

@@ -9,20 +9,15 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
-import httpx
 import openai
 import pytest
 from openai import AsyncOpenAI
-from openai.types.responses import ResponseStreamEvent
-from pydantic import TypeAdapter
 
 from gw_fixtures import UPSTREAM_KEY_A, UPSTREAM_KEY_B, unique
 from keel import Keel
-from keel.sim import LogEntry, answer_text, tool_call_for
+from keel.sim import answer_text, tool_call_for
 from keel.testing import GatewayProcess, SimProcess, spawn_gateway
-
-EVENT = TypeAdapter(ResponseStreamEvent)
-TERMINAL = ("response.completed", "response.incomplete", "response.failed")
+from responses_helpers import EVENT, attempts, check_grammar, sdk_client, streamed_text
 
 
 def native_config(a: str, b: str) -> dict[str, Any]:
@@ -72,27 +67,9 @@ async def library(sims: tuple[SimProcess, SimProcess]) -> AsyncIterator[Keel]:
 async def client(
     request: pytest.FixtureRequest, native_gateway: GatewayProcess, library: Keel
 ) -> AsyncIterator[AsyncOpenAI]:
-    if request.param == "serve":
-        c = AsyncOpenAI(base_url=native_gateway.base_url, api_key="sk-c", max_retries=0, timeout=20)
-    else:
-        http = httpx.AsyncClient(transport=library.transport())
-        c = AsyncOpenAI(base_url="http://keel/v1", api_key="sk-c", max_retries=0, http_client=http)
-    async with c:
+    """The same SDK client through the gateway process, or in-process through the engine."""
+    async with sdk_client(request.param, native_gateway.base_url, library) as c:
         yield c
-
-
-def attempts(sims: tuple[SimProcess, SimProcess], prompt: str) -> list[LogEntry]:
-    tag = prompt.rsplit("#", 1)[1].split()[0]
-    return sorted((e for s in sims for e in s.log() if tag in e.prompt), key=lambda e: e.t_open)
-
-
-def check_grammar(events: list[Any]) -> None:
-    for e in events:
-        EVENT.validate_python(e.to_dict(warnings=False))
-    assert [e.sequence_number for e in events] == list(range(len(events)))
-    assert events[0].type == "response.created"
-    terminal = [e.type for e in events if e.type in TERMINAL]
-    assert len(terminal) == 1 and events[-1].type == terminal[0]
 
 
 async def stream(client: AsyncOpenAI, model: str, text: str, **kw: Any) -> tuple[list[Any], Any]:
@@ -100,10 +77,6 @@ async def stream(client: AsyncOpenAI, model: str, text: str, **kw: Any) -> tuple
         events = [e async for e in s]
         final = await s.get_final_response()
     return events, final
-
-
-def streamed_text(events: list[Any]) -> str:
-    return "".join(e.delta for e in events if e.type == "response.output_text.delta")
 
 
 # -- the simulator's own endpoint ---------------------------------------------------------------
@@ -167,6 +140,10 @@ async def test_a_fault_before_any_output_is_an_invisible_retry(
     assert [e.status for e in tried] == statuses
     assert not any(e.continuation for e in tried)  # started over: nothing had been shown
     assert final.id == f"resp_{tried[-1].request_id[4:]}"
+    # one attempt's stream: the upstream's own usage (one output token per delta)
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    assert final.usage is not None and final.usage.output_tokens == len(deltas)
+    assert final.usage.input_tokens > 0
 
 
 @pytest.mark.parametrize(

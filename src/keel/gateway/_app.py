@@ -37,6 +37,18 @@ def too_large(limit: int) -> KeelError:
     return KeelError(413, f"The request body is larger than {limit} bytes.", code="too_large")
 
 
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The request body, or the 413 for one larger than ``limit`` (chat completions has this
+    inline: one coroutine frame fewer on the hot path)."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise too_large(limit)
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise too_large(limit) from None
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """POST /v1/chat/completions: who is asking and for what (a 4xx at once when that is
     wrong), the client's limits, then the engine."""

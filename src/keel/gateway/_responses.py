@@ -16,8 +16,7 @@ from keel._responses import sse_events
 from keel.engine._driver import complete, stream
 from keel.engine._errors import KeelError
 from keel.engine._responses import ResponsesSink, parse_request, response_of, responses_call
-from keel.engine._sinks import ClientGone
-from keel.gateway._app import KEEL_KEY, _cut_off, _shutting_down, internal_error, too_large
+from keel.gateway._app import KEEL_KEY, _cut_off, _shutting_down, internal_error, read_body
 from keel.gateway._sink import SSESink, error_response
 
 
@@ -36,12 +35,7 @@ class ResponsesSSESink(SSESink):
         self.ended = True
         if chunks:
             await self._write(sse_events(chunks))
-        try:
-            await self.response.write_eof()
-        except ConnectionError:
-            if self._client_left():
-                raise ClientGone from None
-            raise
+        await self._eof()
 
 
 async def responses(request: web.Request) -> web.StreamResponse:
@@ -51,15 +45,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
         try:
             headers = request.headers
             principal = keel.authenticate(headers)
-            limit = keel.config.server.max_body_bytes
-            length = request.content_length
-            if length is not None and length > limit:
-                raise too_large(limit)
-            try:
-                raw = await request.read()
-            except web.HTTPRequestEntityTooLarge:
-                raise too_large(limit) from None
-            body = parse_request(raw)
+            body = parse_request(await read_body(request, keel.config.server.max_body_bytes))
             call = responses_call(keel, body, principal, headers, rid)
             await keel.admit(call)
         except KeelError as exc:

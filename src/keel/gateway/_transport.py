@@ -69,9 +69,9 @@ class _Door:
     async def handle(self, request: Any) -> Any:
         path, method = request.url.path, request.method
         if path in _CHAT and method == "POST":
-            return await self._chat(request)
+            return await self._serve(request)
         if path in _RESPONSES and method == "POST":
-            return await self._responses(request)
+            return await self._serve(request, responses=True)
         if path == "/v1/models" and method in ("GET", "HEAD"):
             body = orjson.dumps({"object": "list", "data": self._keel.models()})
             return self._lib.Response(200, headers=_JSON, content=body)
@@ -79,53 +79,38 @@ class _Door:
             return self._lib.Response(200, headers=_JSON, content=b'{"status":"ok"}')
         return self._error(unrouted(method, path))
 
-    async def _chat(self, request: Any) -> Any:
+    async def _serve(self, request: Any, responses: bool = False) -> Any:
+        """POST /v1/chat/completions; or /v1/responses (``responses``): a chat call whose
+        answer becomes a Response or its events (``keel.engine._responses``)."""
         keel = self._keel
         rid = keel.request_id()
+        body: dict[str, Any] = {}  # the Responses request
         try:
             principal = keel.authenticate(request.headers)
             raw = await request.aread()
             limit = keel.config.server.max_body_bytes
             if len(raw) > limit:
                 raise too_large(limit)
-            call = keel.call(raw, principal, request.headers, rid)
+            if responses:
+                body = parse_request(raw)
+                call = responses_call(keel, body, principal, request.headers, rid)
+            else:
+                call = keel.call(raw, principal, request.headers, rid)
             await keel.admit(call)
         except KeelError as exc:
             return self._error(exc, rid)
         if call.stream:
-            return await self._streamed(call)
-        try:
-            body, headers = await complete(keel, call)
-        except KeelError as exc:
-            return self._error(exc)
-        finally:
-            keel.done(call)
-        return self._lib.Response(200, headers={**_JSON, **headers}, content=body)
-
-    async def _responses(self, request: Any) -> Any:
-        """POST /v1/responses, translated to chat completions (``keel.engine._responses``)."""
-        keel = self._keel
-        rid = keel.request_id()
-        try:
-            principal = keel.authenticate(request.headers)
-            raw = await request.aread()
-            limit = keel.config.server.max_body_bytes
-            if len(raw) > limit:
-                raise too_large(limit)
-            body = parse_request(raw)
-            call = responses_call(keel, body, principal, request.headers, rid)
-            await keel.admit(call)
-        except KeelError as exc:
-            return self._error(exc, rid)
-        if call.stream:
+            if not responses:
+                return await self._streamed(call)
             return await self._streamed(call, lambda sink: ResponsesSink(sink, body, rid))
         try:
-            raw, headers = await complete(keel, call)
+            answer, headers = await complete(keel, call)
         except KeelError as exc:
             return self._error(exc)
         finally:
             keel.done(call)
-        answer = orjson.dumps(response_of(raw, body, rid))
+        if responses:
+            answer = orjson.dumps(response_of(answer, body, rid))
         return self._lib.Response(200, headers={**_JSON, **headers}, content=answer)
 
     async def _streamed(self, call: Call, wrap: Callable[[Sink], Sink] | None = None) -> Any:
