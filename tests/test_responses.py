@@ -206,20 +206,26 @@ async def test_library_responses(library: Keel, sims: tuple[SimProcess, SimProce
 
 
 @pytest.mark.parametrize(
-    ("extra", "param"),
+    ("extra", "param", "code"),
     [
-        ({"previous_response_id": "resp_123"}, "previous_response_id"),
-        ({"store": True}, "store"),
-        ({"tools": [{"type": "web_search"}]}, "tools"),
+        ({"previous_response_id": "resp_123"}, "previous_response_id", "unsupported_parameter"),
+        ({"store": True}, "store", "unsupported_parameter"),
+        ({"tools": [{"type": "web_search"}]}, "tools", "unsupported_value"),
+        ({"input": [{"type": "item_reference", "id": "x"}]}, "input", "unsupported_value"),
+        ({"input": []}, "input", None),
     ],
 )
-async def test_stateful_requests_get_a_clear_400(
-    client: AsyncOpenAI, sims: tuple[SimProcess, SimProcess], extra: dict[str, Any], param: str
+async def test_what_a_translated_deployment_cannot_do_is_a_clear_400(
+    client: AsyncOpenAI,
+    sims: tuple[SimProcess, SimProcess],
+    extra: dict[str, Any],
+    param: str,
+    code: str | None,
 ) -> None:
     prompt = unique("resp stateful")
     with pytest.raises(openai.BadRequestError) as info:
-        await client.responses.create(model="solo", input=prompt, **extra)
-    assert info.value.param == param and info.value.code == "unsupported_parameter"
+        await client.responses.create(model="solo", **{"input": prompt, **extra})
+    assert info.value.param == param and info.value.code == code
     assert attempts(sims, prompt) == []  # nothing went upstream
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
@@ -399,3 +401,35 @@ def test_a_chat_completion_as_a_response() -> None:
     r = Response.model_validate(response_from_chat(cut, {"model": "m"}, "r9", 1))
     assert r.status == "incomplete" and r.incomplete_details is not None
     assert r.incomplete_details.reason == "max_output_tokens"
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
+FIELDS = st.sampled_from(
+    [
+        "input",
+        "instructions",
+        "tools",
+        "tool_choice",
+        "text",
+        "max_output_tokens",
+        "reasoning",
+        "store",
+    ]
+)
+
+
+@given(st.dictionaries(FIELDS, JSON, max_size=5), st.booleans())
+def test_any_json_is_translated_or_refused_by_name(body: dict[str, Any], stream: bool) -> None:
+    """Bad input is an Unsupported naming the field (the door's 400), never another error."""
+    try:
+        out = chat_request({"model": "m", **body}, stream=stream)
+    except Unsupported as exc:
+        assert exc.param is not None and str(exc)
+    else:
+        assert out["model"] == "m" and out["messages"]

@@ -27,11 +27,15 @@ import orjson
 
 
 class Unsupported(ValueError):
-    """A Responses request keel cannot serve over chat completions: ``param`` names the field."""
+    """A Responses request keel cannot serve over chat completions: ``param`` names the field;
+    ``code`` says whether it is a feature chat lacks (``unsupported_parameter``,
+    ``unsupported_value``), a field unknown to keel (``unknown_parameter``), or plain bad
+    input (None)."""
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+        self.code = code
 
 
 # Request fields of the Responses API that have no chat-completions meaning and change nothing
@@ -56,6 +60,7 @@ def chat_request(body: Mapping[str, Any], *, stream: bool) -> dict[str, Any]:
                 "(api: responses); this model group translates to chat completions, "
                 "which keep no state.",
                 key,
+                "unsupported_parameter",
             )
     if body.get("store") is True:
         raise Unsupported(
@@ -63,6 +68,7 @@ def chat_request(body: Mapping[str, Any], *, stream: bool) -> dict[str, Any]:
             "(api: responses); keel keeps no responses for a translated one. "
             "Send 'store': false.",
             "store",
+            "unsupported_parameter",
         )
     model = body.get("model")
     if not isinstance(model, str) or not model:
@@ -102,7 +108,9 @@ def chat_request(body: Mapping[str, Any], *, stream: bool) -> dict[str, Any]:
         out["stream_options"] = {"include_usage": True}  # response.completed carries usage
     for key in body:
         if not (key in _IGNORED or key in out or key in _KNOWN):
-            raise Unsupported(f"Unknown or unsupported parameter '{key}'.", key)
+            raise Unsupported(
+                f"Unknown or unsupported parameter '{key}'.", key, "unknown_parameter"
+            )
     return out
 
 
@@ -160,6 +168,7 @@ def _messages(items: object) -> list[dict[str, Any]]:
                 "completions (message, function_call, function_call_output and reasoning "
                 "items are supported).",
                 "input",
+                "unsupported_value",
             )
     return out
 
@@ -187,6 +196,7 @@ def _content(content: object, i: int, role: str) -> str | list[dict[str, Any]]:
                 "translate to chat completions (input_text, output_text, input_image with "
                 "an image_url are supported).",
                 "input",
+                "unsupported_value",
             )
     if role != "user" and all(p["type"] == "text" for p in parts):
         return "".join(p["text"] for p in parts)  # system/assistant turns: plain text
@@ -204,6 +214,7 @@ def _tools(tools: object) -> list[dict[str, Any]]:
                 f"tools[{i}] is of type '{kind}'; over chat completions keel supports "
                 "function tools only.",
                 "tools",
+                "unsupported_value",
             )
         fn: dict[str, Any] = {"name": tool.get("name")}
         for key in ("description", "parameters", "strict"):
@@ -232,7 +243,9 @@ def _response_format(text: object) -> dict[str, Any] | None:
     if kind == "json_schema":
         schema = {k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}
         return {"type": "json_schema", "json_schema": schema}
-    raise Unsupported(f"text.format of type '{kind}' is not supported.", "text")
+    raise Unsupported(
+        f"text.format of type '{kind}' is not supported.", "text", "unsupported_value"
+    )
 
 
 # -- the Response object -----------------------------------------------------------------------

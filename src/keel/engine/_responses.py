@@ -68,7 +68,7 @@ def responses_call(
         body = chat_request(request, stream=bool(stream))
     except Unsupported as exc:
         if not _all_native(keel, request.get("model")):
-            raise KeelError(400, str(exc), param=exc.param, code="unsupported_parameter") from None
+            raise KeelError(400, str(exc), param=exc.param, code=exc.code) from None
         # Only deployments that speak Responses serve this model: what chat cannot express
         # (stored state, built-in tools) goes to them as it is. The chat body is a stand-in,
         # for the limits' token estimate.
