@@ -239,3 +239,44 @@ async def test_unknown_model_and_bad_json(client: AsyncOpenAI, gateway: GatewayP
     ):
         assert r.status == 400
         assert (await r.json())["error"]["code"] == "invalid_json"
+
+
+async def test_a_bug_after_the_commit_still_ends_in_response_failed(
+    sim: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unexpected error inside a committed Responses stream (here: the translator breaks
+    at the 4th chunk) ends it with response.failed, not a chat error frame or a cut."""
+    from keel._responses import ResponseEvents
+    from keel.config import parse_config
+    from keel.gateway import create_app, start_site
+
+    calls = 0
+    chunk = ResponseEvents.chunk
+
+    def breaking(self: ResponseEvents, c: Any) -> list[dict[str, Any]]:
+        nonlocal calls
+        calls += 1
+        if calls == 4:
+            raise RuntimeError("a bug")
+        return chunk(self, c)
+
+    monkeypatch.setattr(ResponseEvents, "chunk", breaking)
+    cfg = parse_config(
+        {"models": {"m": {"deployments": [{"base_url": sim.base_url, "api_key": "k"}]}}}
+    )
+    runner, port = await start_site(create_app(cfg), "127.0.0.1", 0)
+    try:
+        body = {"model": "m", "input": "hello [[sim:delay=0.01]]", "stream": True}
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(f"http://127.0.0.1:{port}/v1/responses", json=body) as r,
+        ):
+            assert r.status == 200
+            raw = await r.read()
+    finally:
+        await runner.cleanup()
+    frames = [f for f in raw.split(b"\n\n") if f]
+    last = EVENT.validate_json(frames[-1].split(b"\ndata: ", 1)[1])
+    assert last.type == "response.failed" and last.response.error is not None
+    assert "internal error" in last.response.error.message and b"[DONE]" not in raw
+    assert "a bug" in caplog.text  # logged for us, with its traceback

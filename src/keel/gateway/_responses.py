@@ -8,6 +8,7 @@ no ``[DONE]``: the terminal event ends it) through ``ResponsesSSESink``.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import orjson
 from aiohttp import web
@@ -18,6 +19,8 @@ from keel.engine._errors import KeelError
 from keel.engine._responses import ResponsesSink, parse_request, response_of, responses_call
 from keel.gateway._app import KEEL_KEY, _cut_off, _shutting_down, internal_error, read_body
 from keel.gateway._sink import SSESink, error_response
+
+log = logging.getLogger("keel.gateway")
 
 
 class ResponsesSSESink(SSESink):
@@ -60,6 +63,13 @@ async def responses(request: web.Request) -> web.StreamResponse:
                     if not _cut_off(request):
                         raise
                     await sink.fail(_shutting_down())
+                except Exception:
+                    if not outer.committed or outer.ended:
+                        raise  # internal_error answers: nothing of the stream was sent
+                    # A bug after the commit: the stream still ends the Responses way.
+                    log.exception("unexpected error in Responses stream %s", rid)
+                    msg = "keel hit an internal error; it has been logged."
+                    await sink.fail(KeelError(500, msg, type="server_error"))
                 assert outer.response is not None
                 return outer.response
             try:
