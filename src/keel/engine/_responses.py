@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from keel._assembly import StreamAssembler
-from keel._classify import ErrorKind, classify_stream_error, transport_error
+from keel._classify import Dialect, ErrorKind, classify_stream_error, transport_error
 from keel._responses import (
     ResponseEvents,
     Unsupported,
@@ -27,6 +27,7 @@ from keel._responses import (
 )
 from keel._responses_wire import ResponsesAssembler, chat_usage
 from keel.engine._errors import KeelError
+from keel.engine._operation import Operation, Usage
 from keel.engine._sinks import Sink
 from keel.engine._upstream import AttemptFailed
 from keel.engine._validate import bad
@@ -104,37 +105,55 @@ def native_body(call: Call, dep: Deployment) -> bytes:
     return orjson.dumps({**call.responses, "model": dep.model, "stream": call.stream})
 
 
-def native_attempt(
-    call: Call, t: Transcript, dep: Deployment, mode: str | None
-) -> tuple[bytes, str, StreamAssembler]:
-    """A streamed attempt on a native deployment: its payload (continuing the answer so far
-    when ``mode``), the URL, and the assembler that validates the event stream."""
+def native_payload(call: Call, t: Transcript, dep: Deployment, mode: str | None) -> bytes:
+    """A streamed attempt's request to a native deployment, continuing the answer so far
+    when ``mode``."""
     request = call.responses
     assert request is not None
     if mode is not None:
         request = native_continuation(request, t.text, mode, dep.dialect, t.tokens)
         assert request is not None  # past the token limit the plan ends with "length" instead
-    payload = orjson.dumps({**request, "model": dep.model, "stream": True})
-    return payload, dep.responses_url, ResponsesAssembler(dialect=dep.dialect)
+    return orjson.dumps({**request, "model": dep.model, "stream": True})
 
 
-def checked_response(obj: dict[str, Any]) -> dict[str, Any] | None:
-    """A native deployment's non-stream Response: its usage in chat terms, or AttemptFailed
-    for one that failed (retried and failed over like any upstream error)."""
-    status = obj.get("status")
-    if status == "failed":
-        error = obj.get("error")
-        error = error if isinstance(error, dict) else {}
-        shaped = {"error": {"message": str(error.get("message") or "the response failed"),
-                            "code": error.get("code"), "type": error.get("type")}}  # fmt: skip
-        raise AttemptFailed(classify_stream_error("openai", shaped))
-    if status not in ("completed", "incomplete", "in_progress", "queued"):
-        raise AttemptFailed(
-            transport_error(
-                ErrorKind.PROTOCOL, f"upstream returned a Response with status {status!r}"
+class NativeResponses(Operation):
+    """``POST /responses`` on a deployment with ``api: responses``: the wire of a Responses
+    call's attempts there (the call itself is a chat one, ``CHAT``, for every other
+    deployment). The driver takes it per attempt; the door never builds a call of it."""
+
+    __slots__ = ()
+
+    def answer(self, raw: bytes, body: Mapping[str, Any]) -> Usage:
+        """A non-stream Response: its usage in chat terms; AttemptFailed for one that failed
+        (retried and failed over like any upstream error) or is not a Response."""
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            obj = None
+        if not isinstance(obj, dict) or obj.get("object") != "response":
+            raise AttemptFailed(
+                transport_error(ErrorKind.PROTOCOL, "upstream returned a malformed Response")
             )
-        )
-    return chat_usage(obj.get("usage"))
+        status = obj.get("status")
+        if status == "failed":
+            error = obj.get("error")
+            error = error if isinstance(error, dict) else {}
+            shaped = {"error": {"message": str(error.get("message") or "the response failed"),
+                                "code": error.get("code"), "type": error.get("type")}}  # fmt: skip
+            raise AttemptFailed(classify_stream_error("openai", shaped))
+        if status not in ("completed", "incomplete", "in_progress", "queued"):
+            raise AttemptFailed(
+                transport_error(
+                    ErrorKind.PROTOCOL, f"upstream returned a Response with status {status!r}"
+                )
+            )
+        return chat_usage(obj.get("usage"))
+
+    def assembler(self, dialect: Dialect) -> StreamAssembler:
+        return ResponsesAssembler(dialect=dialect)
+
+
+RESPONSES = NativeResponses("responses", "/responses", streams=True, continues=True)
 
 
 def response_of(raw: bytes, request: Mapping[str, Any], rid: str) -> dict[str, Any]:

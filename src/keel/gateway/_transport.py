@@ -27,13 +27,15 @@ from keel._responses import sse_events
 from keel.engine._driver import complete, stream
 from keel.engine._errors import KeelError
 from keel.engine._keel import Call, Keel
+from keel.engine._operation import CHAT, Operation
 from keel.engine._responses import ResponsesSink, parse_request, response_of, responses_call
 from keel.engine._sinks import COMMITTED, END, QueueSink, Sink
 from keel.gateway._app import too_large, unrouted
 from keel.gateway._sink import sse, sse_end
 
-_CHAT = ("/v1/chat/completions", "/chat/completions")
-_RESPONSES = ("/v1/responses", "/responses")
+# The engine's endpoints by path (the gateway's routes).
+_OPERATIONS = {"/v1/chat/completions": CHAT, "/chat/completions": CHAT}
+_RESPONSES = ("/v1/responses", "/responses")  # keel.engine._responses: chat calls underneath
 _JSON = {"content-type": "application/json"}
 
 
@@ -68,10 +70,11 @@ class _Door:
 
     async def handle(self, request: Any) -> Any:
         path, method = request.url.path, request.method
-        if path in _CHAT and method == "POST":
-            return await self._serve(request)
+        op = _OPERATIONS.get(path)
+        if op is not None and method == "POST":
+            return await self._call(request, op)
         if path in _RESPONSES and method == "POST":
-            return await self._serve(request, responses=True)
+            return await self._call(request, CHAT, responses=True)
         if path == "/v1/models" and method in ("GET", "HEAD"):
             body = orjson.dumps({"object": "list", "data": self._keel.models()})
             return self._lib.Response(200, headers=_JSON, content=body)
@@ -79,9 +82,9 @@ class _Door:
             return self._lib.Response(200, headers=_JSON, content=b'{"status":"ok"}')
         return self._error(unrouted(method, path))
 
-    async def _serve(self, request: Any, responses: bool = False) -> Any:
-        """POST /v1/chat/completions; or /v1/responses (``responses``): a chat call whose
-        answer becomes a Response or its events (``keel.engine._responses``)."""
+    async def _call(self, request: Any, op: Operation, responses: bool = False) -> Any:
+        """A request to ``op``'s endpoint; or to /v1/responses (``responses``): a chat call
+        whose answer becomes a Response or its events (``keel.engine._responses``)."""
         keel = self._keel
         rid = keel.request_id()
         body: dict[str, Any] = {}  # the Responses request
@@ -95,7 +98,7 @@ class _Door:
                 body = parse_request(raw)
                 call = responses_call(keel, body, principal, request.headers, rid)
             else:
-                call = keel.call(raw, principal, request.headers, rid)
+                call = keel.call(raw, principal, request.headers, rid, op)
             await keel.admit(call)
         except KeelError as exc:
             return self._error(exc, rid)
