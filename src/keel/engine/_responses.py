@@ -2,6 +2,10 @@
 translates it), runs through chat's whole engine — retries, failover, mid-stream continuation —
 and its answer is turned back into a Response object or the Responses event stream.
 
+On a deployment with ``api: responses`` an attempt is ``RESPONSES`` instead (an
+``Operation``, chosen by the driver per attempt): the client's own request goes to
+``/responses``, and ``keel._responses_wire`` reads its event stream into the same frames.
+
 ``ResponsesSink`` wraps any sink of event payloads (the gateway's, the transport's, the
 library's queue): the driver writes chat chunks to it as it writes them to a chat client, and
 it writes Responses events on. A stream that cannot be completed after its commit ends in a
