@@ -129,6 +129,9 @@ async def test_a_mid_stream_fault_is_continued_exactly(
     tried = attempts(sims, prompt)
     assert len(tried) == (2 if model == "solo" else 3)
     assert all(e.continuation for e in tried[1:])
+    # the repair is on record, as on a chat stream's terminal chunk
+    repair = events[-1].response.to_dict(warnings=False)["keel"]
+    assert repair["attempts"] == len(tried) and len(repair["continued"]) == len(tried) - 1
 
 
 async def test_a_stream_that_cannot_be_completed_raises_the_sdk_error(

@@ -433,3 +433,19 @@ def test_any_json_is_translated_or_refused_by_name(body: dict[str, Any], stream:
         assert exc.param is not None and str(exc)
     else:
         assert out["model"] == "m" and out["messages"]
+
+
+def test_usage_and_the_repair_of_a_continued_stream() -> None:
+    """A single attempt's terminal chunk carries the upstream's usage (a native stream): it
+    wins; a continued one (its terminal chunk says so in "keel") takes the summed usage
+    chunk keel writes, and the Response says how it was repaired."""
+    own = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    single = run([chunk("a"), {**chunk(finish="stop"), "usage": own}, USAGE])
+    assert (
+        single[-1]["response"]["usage"]["input_tokens"] == 5
+        and "keel" not in single[-1]["response"]
+    )
+    how = {"attempts": 2, "continued": [{"at_char": 1, "deployment": "d", "mode": "prefill"}]}
+    continued = run([chunk("a"), {**chunk(finish="stop"), "usage": own, "keel": how}, USAGE])
+    assert continued[-1]["response"]["usage"]["input_tokens"] == 7
+    assert continued[-1]["response"]["keel"] == how

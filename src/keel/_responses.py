@@ -385,7 +385,7 @@ class ResponseEvents:
     in order. After ``finish`` or ``failed`` it returns nothing more — one terminal event."""
 
     __slots__ = (
-        "_calls", "_finish", "_items", "_msg", "_open", "_own_usage", "_repaired", "_seq",
+        "_calls", "_finish", "_items", "_msg", "_open", "_own_usage", "_repair", "_seq",
         "_text", "_usage", "ended", "response", "rid",
     )  # fmt: skip
 
@@ -401,7 +401,7 @@ class ResponseEvents:
         self._finish: str | None = None
         self._usage: dict[str, Any] | None = None  # the stream's usage chunk
         self._own_usage: dict[str, Any] | None = None  # usage on the terminal chunk itself
-        self._repaired = False  # the terminal chunk says the answer was continued
+        self._repair: Any = None  # the terminal chunk's "keel": how the answer was continued
         self.ended = False
 
     def adopt(self, response_id: str) -> None:
@@ -439,7 +439,7 @@ class ResponseEvents:
             else:
                 self._usage = usage
         if "keel" in chunk:
-            self._repaired = True
+            self._repair = chunk["keel"]
         if not choices:
             return out
         choice = choices[0]
@@ -601,8 +601,12 @@ class ResponseEvents:
         out: list[dict[str, Any]] = []
         self._close_all(out, "completed")
         response = self._snapshot()
-        own = self._own_usage if not self._repaired else None
+        own = self._own_usage if self._repair is None else None
         response["usage"] = usage_of(own or self._usage)
+        if self._repair is not None:
+            # As on a chat stream's terminal chunk (SDKs ignore unknown fields): a continued
+            # answer says so, and how — an instruct continuation is never passed off as exact.
+            response["keel"] = self._repair
         kind = _end_status(response, self._finish)
         self.response = response
         out.append(self._event(kind, response=response))
