@@ -449,3 +449,34 @@ def test_usage_and_the_repair_of_a_continued_stream() -> None:
     continued = run([chunk("a"), {**chunk(finish="stop"), "usage": own, "keel": how}, USAGE])
     assert continued[-1]["response"]["usage"]["input_tokens"] == 7
     assert continued[-1]["response"]["keel"] == how
+
+
+def test_streamed_reasoning_becomes_a_reasoning_item() -> None:
+    """DeepSeek/vLLM/Qwen's reasoning_content: a reasoning item before the message."""
+    out = run(
+        [
+            chunk(reasoning_content="Think"),
+            chunk(reasoning_content="ing."),
+            chunk("Answer"),
+            chunk(finish="stop"),
+        ]
+    )
+    assert types(out)[2:7] == [
+        "response.output_item.added",
+        "response.reasoning_text.delta",
+        "response.reasoning_text.delta",
+        "response.reasoning_text.done",
+        "response.output_item.done",
+    ]
+    final = Response.model_validate(out[-1]["response"])
+    assert [o.type for o in final.output] == ["reasoning", "message"]
+    rs = final.output[0]
+    assert rs.type == "reasoning" and rs.content is not None and rs.content[0].text == "Thinking."
+    assert final.output_text == "Answer"
+    done = {
+        "choices": [
+            {"message": {"content": "A", "reasoning_content": "R"}, "finish_reason": "stop"}
+        ]
+    }
+    r = Response.model_validate(response_from_chat(done, {"model": "m"}, "r1", 1))
+    assert [o.type for o in r.output] == ["reasoning", "message"] and r.output_text == "A"

@@ -323,6 +323,16 @@ def _message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
     }
 
 
+def _reasoning_item(item_id: str, text: str, status: str) -> dict[str, Any]:
+    return {
+        "id": item_id,
+        "type": "reasoning",
+        "status": status,
+        "summary": [],
+        "content": [{"type": "reasoning_text", "text": text}],
+    }
+
+
 def _call_item(
     item_id: str, call_id: str, name: str, arguments: str, status: str
 ) -> dict[str, Any]:
@@ -344,6 +354,9 @@ def response_from_chat(
     choice = (completion.get("choices") or [{}])[0]
     message = choice.get("message") or {}
     output: list[dict[str, Any]] = []
+    thought = message.get("reasoning_content") or message.get("reasoning")
+    if isinstance(thought, str) and thought:
+        output.append(_reasoning_item(f"rs_{rid}", thought, "completed"))
     text = message.get("content")
     if isinstance(text, str) and text:
         output.append(_message_item(f"msg_{rid}", text, "completed"))
@@ -385,8 +398,8 @@ class ResponseEvents:
     in order. After ``finish`` or ``failed`` it returns nothing more — one terminal event."""
 
     __slots__ = (
-        "_calls", "_finish", "_items", "_msg", "_open", "_own_usage", "_repair", "_seq",
-        "_text", "_usage", "ended", "response", "rid",
+        "_calls", "_finish", "_items", "_msg", "_open", "_own_usage", "_repair", "_rs",
+        "_rs_text", "_seq", "_text", "_usage", "ended", "response", "rid",
     )  # fmt: skip
 
     def __init__(self, request: Mapping[str, Any], rid: str, created_at: int) -> None:
@@ -395,6 +408,8 @@ class ResponseEvents:
         self._seq = 0
         self._items: list[dict[str, Any]] = []  # output items done so far
         self._msg: int | None = None  # output_index of the open message item
+        self._rs: int | None = None  # output_index of the open reasoning item
+        self._rs_text: list[str] = []
         self._text: list[str] = []
         self._calls: dict[int, _Call] = {}  # open function calls by the chat tool-call index
         self._open: list[int] = []  # output indexes still open, in order
@@ -444,6 +459,10 @@ class ResponseEvents:
             return out
         choice = choices[0]
         delta = choice.get("delta") or {}
+        # DeepSeek, vLLM, Qwen stream their reasoning beside the content
+        thought = delta.get("reasoning_content") or delta.get("reasoning")
+        if isinstance(thought, str) and thought:
+            self._reasoning_delta(thought, out)
         content = delta.get("content")
         if isinstance(content, str) and content:
             self._text_delta(content, out)
@@ -454,8 +473,49 @@ class ResponseEvents:
             self._finish = finish
         return out
 
+    def _reasoning_delta(self, thought: str, out: list[dict[str, Any]]) -> None:
+        if self._rs is None:
+            self._close_message(out)
+            self._close_calls(out)
+            index = self._rs = self._next_index()
+            self._open.append(index)
+            item = {"id": f"rs_{self.rid}", "type": "reasoning", "summary": [], "content": []}
+            out.append(self._event("response.output_item.added", output_index=index, item=item))
+        self._rs_text.append(thought)
+        out.append(
+            self._event(
+                "response.reasoning_text.delta",
+                item_id=f"rs_{self.rid}",
+                output_index=self._rs,
+                content_index=0,
+                delta=thought,
+            )
+        )
+
+    def _close_reasoning(self, out: list[dict[str, Any]], status: str = "completed") -> None:
+        index = self._rs
+        if index is None:
+            return
+        self._rs = None
+        self._open.remove(index)
+        text = "".join(self._rs_text)
+        item_id = f"rs_{self.rid}"
+        out.append(
+            self._event(
+                "response.reasoning_text.done",
+                item_id=item_id,
+                output_index=index,
+                content_index=0,
+                text=text,
+            )
+        )
+        item = _reasoning_item(item_id, text, status)
+        self._items.append(item)
+        out.append(self._event("response.output_item.done", output_index=index, item=item))
+
     def _text_delta(self, content: str, out: list[dict[str, Any]]) -> None:
         if self._msg is None:
+            self._close_reasoning(out)
             self._close_calls(out)
             index = self._msg = self._next_index()
             self._open.append(index)
@@ -500,6 +560,7 @@ class ResponseEvents:
         fn = call.get("function") or {}
         current = self._calls.get(key)
         if current is None:
+            self._close_reasoning(out)
             self._close_message(out)
             index = self._next_index()
             n = len(self._calls)
@@ -589,6 +650,7 @@ class ResponseEvents:
 
     def _close_all(self, out: list[dict[str, Any]], status: str) -> None:
         # Close in output order: whichever is open (only the last item can be).
+        self._close_reasoning(out, status)
         if self._msg is not None:
             self._close_message(out, status)
         self._close_calls(out, status)
