@@ -52,6 +52,8 @@ async def responses(request: web.Request) -> web.StreamResponse:
             call = responses_call(keel, body, principal, headers, rid)
             await keel.admit(call)
         except KeelError as exc:
+            if keel.observers:  # the access log and traces see refusals too
+                keel.refused(rid, exc, request.headers)
             return error_response(exc, rid)
         try:
             if call.stream:
