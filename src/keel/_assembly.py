@@ -71,6 +71,9 @@ class Frame:
     content: str = ""  # content delta of choice 0 in this chunk ("" when none)
     finish_reason: str | None = None  # terminal finish_reason of choice 0 in this chunk, if any
     error: UpstreamError | None = None  # for ERROR (and a PROTOCOL error for INVALID)
+    # The payload exactly as the upstream sent it, when it came undecoded (``feed_data``):
+    # what a relay forwards instead of re-encoding ``data``.
+    raw: bytes | None = None
 
 
 @dataclass(slots=True)
@@ -165,6 +168,23 @@ class StreamAssembler:
             obj = _loads(data)
         except _JSONDecodeError:
             return self._not_json(data)
+        return self._parsed(data, obj, None)
+
+    def feed_data(self, raw: bytes) -> Frame:
+        """``feed`` for a ``data:`` event of the default type whose payload came undecoded
+        (``SSEDecoder.data_payloads``): the same frame as ``feed(ServerSentEvent(raw.decode(
+        "utf-8", "replace")))``, and a JSON payload's frame keeps ``raw``."""
+        if not self.done:
+            try:
+                obj = _loads(raw)  # valid UTF-8 JSON, or it raises
+            except _JSONDecodeError:
+                pass  # [DONE], a keep-alive, invalid JSON or UTF-8: as ``feed`` says
+            else:
+                return self._parsed(raw.decode(), obj, raw)
+        return self.feed(ServerSentEvent(raw.decode("utf-8", "replace")))
+
+    def _parsed(self, data: str, obj: Any, raw: bytes | None) -> Frame:
+        """A ``data:`` event of the default type, parsed as JSON."""
         if type(obj) is not dict:
             return self._invalid(data, "not a JSON object")
         if obj.get("error") or obj.get("type") == "error":
@@ -194,12 +214,12 @@ class StreamAssembler:
                             else:
                                 piece = ""
                             self.chunks += 1
-                            return Frame(_CHUNK, data, obj, piece)
-            return self._chunk(data, obj, choices)
+                            return Frame(_CHUNK, data, obj, piece, None, None, raw)
+            return self._chunk(data, obj, choices, raw)
         if not obj:
             return Frame(_IGNORED, data)  # data: {}
         if choices is None and type(obj.get("usage")) is dict:
-            return self._chunk(data, obj, [])  # usage-only chunk without a choices key
+            return self._chunk(data, obj, [], raw)  # usage-only chunk without a choices key
         return self._invalid(data, "chunk without a choices list")
 
     def finish(self) -> StreamOutcome:
@@ -219,7 +239,9 @@ class StreamAssembler:
 
     # --- the hot path -----------------------------------------------------------------------
 
-    def _chunk(self, data: str, obj: dict[str, Any], choices: list[Any]) -> Frame:
+    def _chunk(
+        self, data: str, obj: dict[str, Any], choices: list[Any], raw: bytes | None = None
+    ) -> Frame:
         if self._meta_open:
             self._take_meta(obj, bool(choices))
         usage = obj.get("usage")
@@ -270,7 +292,7 @@ class StreamAssembler:
         except _InvalidChunk as exc:
             return self._invalid(data, str(exc))
         self.chunks += 1
-        return Frame(_CHUNK, data, obj, content, finish)
+        return Frame(_CHUNK, data, obj, content, finish, None, raw)
 
     def _take_role(self, delta: dict[str, Any]) -> None:
         role = delta.get("role")
