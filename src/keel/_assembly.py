@@ -66,7 +66,7 @@ _JSONDecodeError = orjson.JSONDecodeError
 @dataclass(slots=True)
 class Frame:
     kind: FrameKind
-    data: str = ""  # the raw ``data`` text of the event
+    _data: str | None = ""  # ``data``; None: not decoded from ``raw`` yet
     obj: dict[str, Any] | None = None  # the parsed chunk for CHUNK (and the payload for ERROR)
     content: str = ""  # content delta of choice 0 in this chunk ("" when none)
     finish_reason: str | None = None  # terminal finish_reason of choice 0 in this chunk, if any
@@ -74,6 +74,16 @@ class Frame:
     # The payload exactly as the upstream sent it, when it came undecoded (``feed_data``):
     # what a relay forwards instead of re-encoding ``data``.
     raw: bytes | None = None
+
+    @property
+    def data(self) -> str:
+        """The raw ``data`` text of the event. (A relayed chunk's is decoded only if asked:
+        the relay sends ``raw``.)"""
+        text = self._data
+        if text is None:
+            assert self.raw is not None
+            text = self._data = self.raw.decode()
+        return text
 
 
 @dataclass(slots=True)
@@ -180,41 +190,59 @@ class StreamAssembler:
             except _JSONDecodeError:
                 pass  # [DONE], a keep-alive, invalid JSON or UTF-8: as ``feed`` says
             else:
+                piece = self._canonical(obj)
+                if piece is not None:  # the data text is decoded only if someone asks
+                    return Frame(_CHUNK, None, obj, piece, None, None, raw)
                 return self._parsed(raw.decode(), obj, raw)
         return self.feed(ServerSentEvent(raw.decode("utf-8", "replace")))
 
+    def _canonical(self, obj: Any) -> str | None:
+        """Fast path, nearly every chunk of a stream after the first: one choice, index 0, a
+        delta with (at most) content, no finish_reason — taken in (as ``_chunk`` would) and
+        its content returned. None for anything else (usage, role, tool calls, a finish, odd
+        types, not a chunk at all), which ``_parsed`` judges; nothing is taken in then."""
+        if type(obj) is not dict or self._meta_open:
+            return None
+        choices = obj.get("choices")
+        if type(choices) is not list or len(choices) != 1 or "usage" in obj:
+            return None
+        choice = choices[0]
+        if type(choice) is not dict or choice.get("finish_reason"):
+            return None
+        delta = choice.get("delta")
+        index = choice.get("index", 0)
+        if (
+            type(delta) is not dict
+            or type(index) is not int
+            or index != 0
+            or "tool_calls" in delta
+            or (self.role is None and "role" in delta)
+            or obj.get("error")
+            or obj.get("type") == "error"
+        ):
+            return None
+        piece = delta.get("content")
+        if piece is None:
+            piece = ""
+        elif type(piece) is not str:
+            return None
+        elif piece:
+            self._parts.append(piece)
+        self._choices.add(0)
+        self.chunks += 1
+        return piece
+
     def _parsed(self, data: str, obj: Any, raw: bytes | None) -> Frame:
         """A ``data:`` event of the default type, parsed as JSON."""
+        piece = self._canonical(obj)
+        if piece is not None:
+            return Frame(_CHUNK, data, obj, piece, None, None, raw)
         if type(obj) is not dict:
             return self._invalid(data, "not a JSON object")
         if obj.get("error") or obj.get("type") == "error":
             return self._error(data, obj)
         choices = obj.get("choices")
         if type(choices) is list:
-            if len(choices) == 1 and not self._meta_open and "usage" not in obj:
-                # Fast path, nearly every chunk of a stream after the first: one choice, index
-                # 0, a delta with (at most) content, no finish_reason. Same result as _chunk;
-                # anything else (usage, role, tool calls, a finish, odd types) goes there.
-                choice = choices[0]
-                if type(choice) is dict and not choice.get("finish_reason"):
-                    delta = choice.get("delta")
-                    index = choice.get("index", 0)
-                    if (
-                        type(delta) is dict
-                        and type(index) is int
-                        and index == 0
-                        and "tool_calls" not in delta
-                        and (self.role is not None or "role" not in delta)
-                    ):
-                        piece = delta.get("content")
-                        if piece is None or type(piece) is str:
-                            self._choices.add(0)
-                            if piece:
-                                self._parts.append(piece)
-                            else:
-                                piece = ""
-                            self.chunks += 1
-                            return Frame(_CHUNK, data, obj, piece, None, None, raw)
             return self._chunk(data, obj, choices, raw)
         if not obj:
             return Frame(_IGNORED, data)  # data: {}
