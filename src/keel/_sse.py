@@ -101,6 +101,8 @@ class SSEDecoder:
             or _CR in data  # an int membership test is a plain memchr
         ):
             return None
+        if data.count(_LF) == 2:  # one event per read, like an LLM's tokens: no split
+            return [data[6:-2]] if data[:6] == b"data: " else None
         blocks = data.split(b"\n\n")
         blocks.pop()  # the b"" after the last event
         for i, block in enumerate(blocks):
