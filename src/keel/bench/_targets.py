@@ -82,12 +82,54 @@ def start_bare(upstream: str) -> Target:
 _KEEL_AUTH = {"authorization": f"Bearer {CLIENT_KEY}"}
 
 
-def start_keel(upstream: str, workdir: str) -> Target:
+AUTH_MODES = ("off", "static", "virtual", "jwt")
+
+
+def keel_name(auth: str) -> str:
+    """The target's name: ``keel`` with the config's static client key (the default), else
+    ``keel-<auth>``."""
+    return "keel" if auth == "static" else f"keel-{auth}"
+
+
+def start_keel(upstream: str, workdir: str, auth: str = "static") -> Target:
+    """keel on the realistic config; its client is, by ``auth``: the config's static key
+    (``static``), nobody (``off``: no client key, so no client limits either), a virtual key
+    with the same limits, a budget and a price (``virtual``: a SQLite key database), or that
+    key's access JWT (``jwt``)."""
     config, _ = keel_config(upstream)
+    headers: dict[str, str] = dict(_KEEL_AUTH)
+    if auth != "static":
+        client = config.pop("clients")["bench"]
+        headers = {}
+        if auth != "off":
+            import asyncio
+
+            from keel.bench._inproc import key_database
+
+            url, key = asyncio.run(key_database(client, workdir))
+            config["database_url"] = url
+            # The hot path alone: no background poll or spend write while measuring; access
+            # tokens that outlast the run.
+            config["auth"] = {"sync_interval": 3600, "spend_flush_interval": 3600,
+                              "jwt": {"access_ttl": 86400}}  # fmt: skip
+            config["models"][MODEL]["price"] = {"input": 0.15, "output": 0.6}
+            headers = {"authorization": f"Bearer {key}"}
     proc = spawn_gateway(config, "--log-level", "warning", workdir=workdir)
+    if auth == "jwt":
+        headers = {"authorization": f"Bearer {_access_token(proc.base_url, headers)}"}
     return Target(
-        "keel", proc.base_url, proc, model=MODEL, headers=_KEEL_AUTH, measure_pid=proc.pid
+        keel_name(auth), proc.base_url, proc, model=MODEL, headers=headers, measure_pid=proc.pid
     )
+
+
+def _access_token(base_url: str, headers: Mapping[str, str]) -> str:
+    """An access JWT for the virtual key (``POST /v1/auth/token``)."""
+    import json
+
+    req = urllib.request.Request(base_url + "/auth/token", data=b"", headers=dict(headers))
+    with urllib.request.urlopen(req, timeout=10) as r:
+        token: str = json.loads(r.read())["access_token"]
+    return token
 
 
 # -- peers (never in CI; only when installed) ------------------------------------------------
