@@ -193,7 +193,7 @@ class StreamAssembler:
                 piece = self._canonical(obj)
                 if piece is not None:  # the data text is decoded only if someone asks
                     return Frame(_CHUNK, None, obj, piece, None, None, raw)
-                return self._parsed(raw.decode(), obj, raw)
+                return self._judged(raw.decode(), obj, raw)
         return self.feed(ServerSentEvent(raw.decode("utf-8", "replace")))
 
     def _canonical(self, obj: Any) -> str | None:
@@ -237,6 +237,10 @@ class StreamAssembler:
         piece = self._canonical(obj)
         if piece is not None:
             return Frame(_CHUNK, data, obj, piece, None, None, raw)
+        return self._judged(data, obj, raw)
+
+    def _judged(self, data: str, obj: Any, raw: bytes | None) -> Frame:
+        """A parsed ``data:`` event that is not the canonical chunk (``_canonical``)."""
         if type(obj) is not dict:
             return self._invalid(data, "not a JSON object")
         if obj.get("error") or obj.get("type") == "error":
