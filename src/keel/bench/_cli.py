@@ -53,9 +53,9 @@ def _run_cells(
                 # --auth: what authenticating costs, against keel with auth off, same pairs
                 off = runs["keel-off"]
                 out[t.name][key]["paired_vs_auth_off"] = c.paired_ratios(runs[t.name], off)
-                out[t.name][key]["paired_minus_auth_off"] = c.paired_differences(
-                    runs[t.name], off
-                )
+                out[t.name][key]["paired_minus_auth_off"] = c.paired_differences(runs[t.name], off)
+            if t.name == "keel-otel" and "keel" in runs:  # telemetry on / off, back to back
+                out[t.name][key]["paired_vs_keel"] = c.paired_ratios(runs[t.name], runs["keel"])
     # Disconnects before streams: thousands of streams closing at once is the most
     # disruptive cell, and what a gateway does right after it is not what this cell asks.
     if "disconnect" in cells:
@@ -73,7 +73,7 @@ def _run_cells(
 
 def bench(
     quick: bool, out_dir: Path, peers: bool, repeats: int | None, cells: set[str],
-    only: set[str] | None, auth: tuple[str, ...] = ("static",),
+    only: set[str] | None, auth: tuple[str, ...] = ("static",), telemetry: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     from keel.bench import _cells as c
     from keel.bench import _report, _targets
@@ -95,6 +95,7 @@ def bench(
     results: dict[str, Any] = {}
     notes: list[str] = []
     sim = _targets.start_sim()
+    collector = None
     try:
         direct = _targets.Target("direct", sim.base_url, None, UPSTREAM_MODEL, measure_pid=sim.pid)
         starters: list[tuple[str, Callable[[], _targets.Target]]] = [
@@ -103,6 +104,12 @@ def bench(
         for mode in auth:  # one keel per client authentication mode (--auth)
             starters.append(
                 ("keel", lambda m=mode: _targets.start_keel(sim.base_url, workdir, m))  # type: ignore[misc]
+            )
+        if telemetry or (only is not None and "keel-otel" in only):
+            collector = _targets.start_collector()
+            url = collector.url
+            starters.append(
+                ("keel-otel", lambda: _targets.start_keel(sim.base_url, workdir, collector=url))
             )
         if peers:
             if _targets.litellm_command():
@@ -135,6 +142,8 @@ def bench(
                 target.stop()
     finally:
         sim.terminate()
+        if collector is not None:
+            collector.terminate()
         shutil.rmtree(workdir, ignore_errors=True)
     import keel.bench._config as cfg_mod
 
@@ -171,6 +180,8 @@ def bench(
         typer.echo(f"keel vs {peer}: {v}")
     for line in _report.auth_costs(results):
         typer.echo(line)
+    for line in _report.telemetry_lines(results):
+        typer.echo(line)
     _report.write_json(out_dir / "bench.json", report)
     (out_dir / "bench.md").write_text(_report.markdown_table(results) + "\n")
     note = _report.write_chart(out_dir / "bench.png", results)
@@ -204,7 +215,9 @@ def bench_command(
     ),
     only: Annotated[
         str,
-        typer.Option(help="Comma-separated targets to run (direct, bare, keel, litellm, portkey)."),
+        typer.Option(
+            help="Comma-separated targets to run (direct, bare, keel, keel-otel, litellm, portkey)."
+        ),
     ] = "",
     soak: Annotated[
         str,
@@ -224,6 +237,13 @@ def bench_command(
             "With off among them, the others are also paired against it."
         ),
     ] = "static",
+    telemetry: Annotated[
+        str,
+        typer.Option(
+            help="on: also run keel-otel (keel with OpenTelemetry on, every request sampled, "
+            "exporting to a local collector) and report its cost over keel, paired; off: not."
+        ),
+    ] = "off",
 ) -> None:
     """Measure keel against a bare proxy from the same stack: throughput, latency, CPU per
     request and per frame, memory per open stream, and disconnect → upstream close."""
@@ -250,4 +270,10 @@ def bench_command(
     if not modes or set(modes) - set(AUTH_MODES):
         typer.echo(f"keel bench: --auth takes a list of {', '.join(AUTH_MODES)}", err=True)
         raise typer.Exit(2)
-    bench(quick, out, peers, repeats or None, chosen, targets, modes)
+    if telemetry not in ("on", "off"):
+        typer.echo(f"keel bench: --telemetry must be on or off, not {telemetry!r}", err=True)
+        raise typer.Exit(2)
+    on = telemetry == "on"
+    if on and targets is not None:
+        targets |= {"keel", "keel-otel"}  # the pair the cost is measured on
+    bench(quick, out, peers, repeats or None, chosen, targets, modes, on)

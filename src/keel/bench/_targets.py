@@ -91,12 +91,19 @@ def keel_name(auth: str) -> str:
     return "keel" if auth == "static" else f"keel-{auth}"
 
 
-def start_keel(upstream: str, workdir: str, auth: str = "static") -> Target:
-    """keel on the realistic config; its client is, by ``auth``: the config's static key
+def start_keel(
+    upstream: str, workdir: str, auth: str = "static", collector: str | None = None
+) -> Target:
+    """keel with the benchmark's config. Its client is, by ``auth``: the config's static key
     (``static``), nobody (``off``: no client key, so no client limits either), a virtual key
     with the same limits, a budget and a price (``virtual``: a SQLite key database), or that
-    key's access JWT (``jwt``)."""
+    key's access JWT (``jwt``). ``collector``: as ``keel-otel``, with OpenTelemetry on, every
+    request sampled, exporting there (the SDK's default batching)."""
     config, _ = keel_config(upstream)
+    env = None
+    if collector is not None:
+        config["telemetry"] = {"enabled": True, "endpoint": collector}
+        env = {"OTEL_TRACES_SAMPLER": "always_on"}
     headers: dict[str, str] = dict(_KEEL_AUTH)
     if auth != "static":
         client = config.pop("clients")["bench"]
@@ -114,11 +121,16 @@ def start_keel(upstream: str, workdir: str, auth: str = "static") -> Target:
                               "jwt": {"access_ttl": 86400}}  # fmt: skip
             config["models"][MODEL]["price"] = {"input": 0.15, "output": 0.6}
             headers = {"authorization": f"Bearer {key}"}
-    proc = spawn_gateway(config, "--log-level", "warning", workdir=workdir)
+    proc = spawn_gateway(config, "--log-level", "warning", workdir=workdir, env=env)
     if auth == "jwt":
         headers = {"authorization": f"Bearer {_access_token(proc.base_url, headers)}"}
     return Target(
-        keel_name(auth), proc.base_url, proc, model=MODEL, headers=headers, measure_pid=proc.pid
+        "keel-otel" if collector is not None else keel_name(auth),
+        proc.base_url,
+        proc,
+        model=MODEL,
+        headers=headers,
+        measure_pid=proc.pid,
     )
 
 
@@ -130,6 +142,11 @@ def _access_token(base_url: str, headers: Mapping[str, str]) -> str:
     with urllib.request.urlopen(req, timeout=10) as r:
         token: str = json.loads(r.read())["access_token"]
     return token
+
+
+def start_collector() -> ListeningProcess:
+    """The OTLP/HTTP collector ``keel-otel`` exports to (``_collector``: decodes nothing)."""
+    return spawn_listening([sys.executable, "-m", "keel.bench._collector"])
 
 
 # -- peers (never in CI; only when installed) ------------------------------------------------
