@@ -14,6 +14,8 @@ from typing import Annotated, Any
 
 import typer
 
+# keel per --auth mode (keel.bench._targets.keel_name): the ones paired against keel-off
+_AUTH_TARGETS = ("keel", "keel-off", "keel-virtual", "keel-jwt")
 CELLS = ("throughput", "latency", "first_token", "frames", "equal_load", "streams", "disconnect")
 
 
@@ -49,7 +51,7 @@ def _run_cells(
             out.setdefault(t.name, {})[key] = c.median_of(runs[t.name])
             if t.name != "bare" and "bare" in runs:
                 out[t.name][key]["paired_vs_bare"] = c.paired_ratios(runs[t.name], runs["bare"])
-            if t.name.startswith("keel") and t.name != "keel-off" and "keel-off" in runs:
+            if t.name in _AUTH_TARGETS and t.name != "keel-off" and "keel-off" in runs:
                 # --auth: what authenticating costs, against keel with auth off, same pairs
                 off = runs["keel-off"]
                 out[t.name][key]["paired_vs_auth_off"] = c.paired_ratios(runs[t.name], off)
