@@ -278,6 +278,9 @@ async def _attempt(
     except (ClientGone, asyncio.CancelledError):
         take.failed()  # what it generated until the client left still counts (spend)
         raise
+    except ConnectionError:  # from a sink's write (the door tells whether its client left)
+        take.failed()
+        raise
     finally:
         reader.close()
         if clean:

@@ -250,10 +250,16 @@ class FrameReader:
         asm = self._asm
         dog = self._dog
         out: list[Frame] = []
-        for ev in self._decoder.feed(data):
-            if type(ev) is Comment:
+        # The common read, whole ``data:`` events, stays bytes: a chunk's payload is relayed
+        # as the upstream sent it (``Frame.raw``), never decoded and re-encoded.
+        events = self._decoder.data_payloads(data) or self._decoder.feed(data)
+        for ev in events:
+            if type(ev) is bytes:
+                frame = asm.feed_data(ev)
+            elif type(ev) is Comment:
                 continue  # keep-alives are not progress
-            frame = asm.feed(ev)  # type: ignore[arg-type]
+            else:
+                frame = asm.feed(ev)  # type: ignore[arg-type]
             # The role-only opening chunk is not a token; anything after it is.
             if frame.kind is _CHUNK and (frame.content or asm.chunks > 1):
                 dog.tokens += 1
