@@ -103,6 +103,34 @@ def test_random_refusals_almost_never_look_like_load() -> None:
     assert judged > 2500 and wrong / judged < 0.001
 
 
+def _bursts(p: float, rounds: int, clients: int, rng: random.Random, t: float = 0.0):
+    """A closed loop of ``clients`` that send together, ``p`` of them refused at random; the
+    samples in the order the attempts *end*: a refusal at once, a success 0.25 s later."""
+    for _ in range(rounds):
+        sent = [(t + f * 1e-4, f, rng.random() < p) for f in range(1, clients + 1)]
+        yield from (s for s in sent if s[2])
+        yield from (s for s in sent if not s[2])
+        t += 0.3
+
+
+def test_noise_that_starts_after_a_clean_stretch_is_not_a_rate_wall() -> None:
+    """10 % + 5 % random refusals starting after 500 clean answers, 32 clients sending
+    together: their refusals come back back-to-back, but in the order they were sent they are
+    no runs (judged from the first refusal on), so nothing is paced for them."""
+    rng = random.Random(5)
+    ev = LoadEvidence()
+    for t, f, r in _bursts(0.0, 16, 32, rng):
+        ev.record(t, f, r)
+    verdicts = []
+    for t, f, r in _bursts(0.15, 20, 32, rng, t=5.0):
+        ev.record(t, f, r)
+        if r:
+            verdicts.append(ev.judge(t + 0.25).cause)
+    assert len(verdicts) > 60
+    assert Cause.RATE not in verdicts and Cause.CONCURRENCY not in verdicts
+    assert verdicts[-1] is Cause.NOISE
+
+
 def test_evidence_is_forgotten_after_the_horizon() -> None:
     ev, t = _judge(_wall(8, 30, 3, random.Random(1)))
     assert ev.judge(t).cause is Cause.CONCURRENCY
