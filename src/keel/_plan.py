@@ -28,7 +28,10 @@ For streams it also decides what only the whole request can know: after the comm
 deployments that can *continue* the answer are candidates (never inside a tool call, never for
 ``n > 1``), a continuation that would exceed the client's token limit ends with ``length``,
 output moderation ends with ``content_filter`` or fails over (the group's
-``on_content_filter``), and a late first token is *hedged* on another deployment.
+``on_content_filter``), and a late first token is *hedged* on another deployment. A first
+token far later than the deployment's usual one ends the attempt (``keel._cadence.FirstToken``,
+carried out by the driver) once per request: after a timeout, attempts wait the configured
+``first_token`` (``Try.patient``).
 """
 
 from __future__ import annotations
@@ -83,12 +86,15 @@ class Try(Generic[D]):
 
     ``continuation``: the stream is committed; the attempt must continue the answer.
     ``hedge_after``: seconds after which, without a first token, ask ``hedge_target()``.
-    If the deployment's limiter cannot let the attempt through at once, ``queue_bound()``
-    says how long it may wait for it."""
+    ``patient``: wait the configured ``first_token``, not the deployment's learned bound
+    (``keel._cadence.FirstToken``): an attempt of this request was already cut for lateness
+    — it may just be a big one. If the deployment's limiter cannot let the attempt through
+    at once, ``queue_bound()`` says how long it may wait for it."""
 
     dep: D
     continuation: bool = False
     hedge_after: float | None = None
+    patient: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +168,7 @@ class Plan(Generic[D]):
     tried: list[Tried] = field(default_factory=list)
     saturated: tuple[str, float | None] | None = None  # the last refusal: reason, retry_after
     committed: bool = False  # the client has seen part of the answer
+    patient: bool = False  # an attempt timed out: the configured first_token from now on
     tokens: int = 0  # content chunks the client has seen
     # -- where the walk is
     _group: int = -1
@@ -204,8 +211,9 @@ class Plan(Generic[D]):
                 if self.count and not self._free_retry(dep) and not self.budget.try_withdraw():
                     return self._stop(GiveUp(self._budget_reason()))
                 if self.hedge is None:
-                    return Try(dep, self.committed)
-                return Try(dep, self.committed, None if self.committed else self.hedge.delay())
+                    return Try(dep, self.committed, None, self.patient)
+                hedge_after = None if self.committed else self.hedge.delay()
+                return Try(dep, self.committed, hedge_after, self.patient)
             # This round of this group is over: retry what may succeed, or move on.
             # (after the commit, only those that can still continue the answer)
             again = [d for d in self._again if self.eligible(d)]
@@ -299,6 +307,8 @@ class Plan(Generic[D]):
             # Another provider's moderation may let the answer through; this one will not.
             err = replace(err, failover=True, retryable=False)
         self.tried.append(Tried(dep.name, err))
+        if err.kind is ErrorKind.TIMEOUT:
+            self.patient = True  # cut for lateness once: a big request is not cut again
         penalty = self._penalty(err)
         if hedge:
             return penalty
@@ -368,7 +378,6 @@ class Plan(Generic[D]):
         self._next = 0
         self._again = []
         self._hints = []
-
 
     def _penalty(self, err: UpstreamError) -> Penalty | None:
         """A key-level failure (auth, billing) takes the deployment out for the operator's

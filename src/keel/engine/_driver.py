@@ -71,9 +71,14 @@ async def complete(keel: Keel, call: Call) -> tuple[bytes, dict[str, str]]:
             if permit is None:
                 continue
             resp = None
+            body = keel.upstream_body(call.body, dep)
+            # A whole answer far later than the deployment's usual one: try elsewhere.
+            ceiling = dep.timeouts.first_token
+            bound = ceiling if d.patient else dep.answer_time.bound(ceiling, len(body))
+            sent = loop.time()
             try:
-                with deadlines.timeout(attempt_limit(dep, call.deadline, deadlines)):
-                    resp = await send(session, dep, keel.upstream_body(call.body, dep))
+                with deadlines.timeout(attempt_limit(dep, call.deadline, deadlines, bound)):
+                    resp = await send(session, dep, body)
                     if not accepted(dep, resp):
                         rejected, resp = resp, None  # refused() closes it
                         raise await refused(dep, rejected)
@@ -86,6 +91,8 @@ async def complete(keel: Keel, call: Call) -> tuple[bytes, dict[str, str]]:
                 if resp is not None:
                     resp.close()
                 phase = "before the response" if resp is None else "while reading the response"
+                if bound < ceiling and isinstance(exc, TimeoutError):
+                    phase += _late(bound, dep.answer_time.mean)
                 _settle(plan, dep, permit, transport_failure(exc, phase).error)
                 continue
             except BaseException:
@@ -94,6 +101,7 @@ async def complete(keel: Keel, call: Call) -> tuple[bytes, dict[str, str]]:
             finally:
                 if resp is not None:
                     resp.release()
+            dep.answer_time.observe(loop.time() - sent)
             _settle(plan, dep, permit, ok=True, usage=call.usage)
             return raw, keel.attempt_headers(call, plan)
         if type(d) is Wait:
@@ -103,6 +111,10 @@ async def complete(keel: Keel, call: Call) -> tuple[bytes, dict[str, str]]:
         else:
             assert type(d) is GiveUp
             raise _gave_up(keel, call, plan, d.reason)
+
+
+def _late(bound: float, usual: float) -> str:
+    return f" (none within {bound:.1f}s; this deployment usually answers in {usual:.2f}s)"
 
 
 def _checked(raw: bytes) -> Mapping[str, Any] | None:
@@ -175,11 +187,15 @@ async def stream(keel: Keel, call: Call, sink: Sink) -> None:
                     continue
                 t.attempts = plan.count
                 if d.hedge_after is not None:
-                    if await _hedged(keel, call, plan, t, sink, dep, permit, d.hedge_after):
+                    if await _hedged(
+                        keel, call, plan, t, sink, dep, permit, d.hedge_after, d.patient
+                    ):
                         return
                     continue
                 try:
-                    usage = await _attempt(keel, call, plan, t, sink, dep, d.continuation)
+                    usage = await _attempt(
+                        keel, call, plan, t, sink, dep, d.continuation, d.patient
+                    )
                 except AttemptFailed as failed:
                     _settle(plan, dep, permit, failed.error)
                     continue
@@ -211,8 +227,10 @@ async def _attempt(
     sink: Sink,
     dep: Deployment,
     continuing: bool,
+    patient: bool,
 ) -> Mapping[str, Any]:
-    """One streamed attempt, from the request to the last frame. Returns its usage."""
+    """One streamed attempt, from the request to the last frame. Returns its usage.
+    ``patient``: wait the configured first_token, not the deployment's learned bound."""
     mode = dep.continuation if continuing else None
     if mode is not None:
         cont = continuation_body(call.body, t.text, mode, dep.dialect, t.tokens)  # type: ignore[arg-type]
@@ -225,15 +243,16 @@ async def _attempt(
     session, deadlines = keel.session, keel.deadlines
     assert session is not None and deadlines is not None
     started = deadlines.loop.time()
-    resp = await post(session, dep, payload, call.deadline, deadlines)
+    # A first token far later than the deployment's usual one: try elsewhere (keel._cadence).
+    ceiling = dep.timeouts.first_token
+    first = ceiling if patient else dep.first_token.bound(ceiling, len(payload))
+    resp = await post(session, dep, payload, call.deadline, deadlines, first)
     asm = StreamAssembler(dialect=dep.dialect, require_done=True)
     take = t.take(asm, dep.name, mode)  # type: ignore[arg-type]
     # A stall judged by the deployment's usual pace is only worth it where it can be repaired:
     # the answer can be continued (this deployment at least can continue it).
     adaptive = plan.spliceable and not t.tool_calls and dep.continuation != "none"
-    reader = FrameReader(
-        resp, dep, asm, call.deadline, started + dep.timeouts.first_token, deadlines, adaptive
-    )
+    reader = FrameReader(resp, dep, asm, call.deadline, started + first, deadlines, adaptive)
     read = resp.content.readany
     clean = False
     try:
@@ -275,7 +294,7 @@ async def _attempt(
         if not outcome.complete:
             assert outcome.failure is not None
             raise AttemptFailed(outcome.failure)
-        reader.completed(dep)
+        reader.completed(dep, started)
         out = []
         if take.commit(out):  # a short answer may still be held
             await _commit(keel, call, plan, sink, dep, started)
@@ -339,11 +358,12 @@ async def _hedged(
     dep: Deployment,
     permit: Permit,
     delay: float,
+    patient: bool,
 ) -> bool:
     """An attempt on ``dep`` that races a second deployment when its first token is late.
     The first to commit wins and cancels the other. Every attempt's outcome is settled here;
     True when one of them completed the stream."""
-    first = asyncio.create_task(_attempt(keel, call, plan, t, sink, dep, False))
+    first = asyncio.create_task(_attempt(keel, call, plan, t, sink, dep, False, patient))
     racers = call.racers = {first: (dep, permit)}
     try:
         done, _ = await asyncio.wait({first}, timeout=delay)
@@ -355,7 +375,9 @@ async def _hedged(
                 plan.hedged(alt)
                 t.attempts = plan.count
                 alt.in_flight += 1
-                second = asyncio.create_task(_attempt(keel, call, plan, t, sink, alt, False))
+                second = asyncio.create_task(
+                    _attempt(keel, call, plan, t, sink, alt, False, patient)
+                )
                 racers[second] = (alt, alt_permit)
         pending = set(racers)
         while pending:

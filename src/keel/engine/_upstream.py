@@ -104,9 +104,12 @@ async def _send(
     return resp
 
 
-def attempt_limit(dep: Deployment, deadline: float, deadlines: Deadlines) -> float:
-    t = dep.timeouts
-    return min(deadline, deadlines.loop.time() + min(t.first_token, t.total))
+def attempt_limit(
+    dep: Deployment, deadline: float, deadlines: Deadlines, first_token: float
+) -> float:
+    """When the attempt's wait for its first token (``first_token`` seconds: the configured
+    bound, or the deployment's learned one) ends, within the request's deadline."""
+    return min(deadline, deadlines.loop.time() + min(first_token, dep.timeouts.total))
 
 
 async def post(
@@ -115,10 +118,11 @@ async def post(
     body: bytes,
     deadline: float,
     deadlines: Deadlines,
+    first_token: float,
 ) -> aiohttp.ClientResponse:
     """Send the request and wait for a 2xx response's headers (first-token timeout bounds it)."""
     try:
-        with deadlines.timeout(attempt_limit(dep, deadline, deadlines)):
+        with deadlines.timeout(attempt_limit(dep, deadline, deadlines, first_token)):
             return await _send(session, dep, body)
     except AttemptFailed:
         raise
@@ -283,10 +287,13 @@ class FrameReader:
                 transport_error(ErrorKind.CONNECTION, "upstream stream ended inside an event")
             )
 
-    def completed(self, dep: Deployment) -> None:
-        """The stream ended complete: its pace is the deployment's usual one."""
+    def completed(self, dep: Deployment, started: float) -> None:
+        """The stream (sent at ``started``) ended complete: its pace and its first token are
+        the deployment's usual ones."""
         dog = self._dog
         dep.cadence.observe(dog.first_progress, dog.progressed, dog.tokens)
+        if dog.first_progress:
+            dep.first_token.observe(dog.first_progress - started)
 
     def close(self) -> None:
         self._dog.cancel()
