@@ -79,8 +79,17 @@ def usual(seconds: float, n: int = MIN_SAMPLES, jitter: float = 0.0) -> FirstTok
         (usual(0.05), 60.0, 40_000, FIRST_FLOOR + 40_000 / PREFILL_BYTES_PER_S),
         (usual(0.05), 60.0, 10_000_000, 60.0),
     ],
-    ids=["unknown", "too-few", "floor", "steady", "jittery", "ceiling", "low-ceiling",
-         "long-prompt", "huge-prompt"],  # fmt: skip
+    ids=[
+        "unknown",
+        "too-few",
+        "floor",
+        "steady",
+        "jittery",
+        "ceiling",
+        "low-ceiling",
+        "long-prompt",
+        "huge-prompt",
+    ],
 )
 def test_the_late_first_token_bound(
     first: FirstToken, ceiling: float, request_bytes: int, bound: float
@@ -159,8 +168,12 @@ async def test_a_first_token_far_later_than_usual_is_tried_again_long_before_fir
         "models": {
             "m": {
                 "deployments": [
-                    {"name": "paced", "base_url": paced.base_url, "api_key": UPSTREAM_KEY_B,
-                     "dialect": "dashscope"}  # fmt: skip
+                    {
+                        "name": "paced",
+                        "base_url": paced.base_url,
+                        "api_key": UPSTREAM_KEY_B,
+                        "dialect": "dashscope",
+                    }
                 ]
             }
         },
@@ -197,8 +210,12 @@ async def test_a_request_cut_for_lateness_once_waits_the_configured_bound_after(
         "models": {
             "m": {
                 "deployments": [
-                    {"name": "paced", "base_url": paced.base_url, "api_key": UPSTREAM_KEY_B,
-                     "dialect": "dashscope"}  # fmt: skip
+                    {
+                        "name": "paced",
+                        "base_url": paced.base_url,
+                        "api_key": UPSTREAM_KEY_B,
+                        "dialect": "dashscope",
+                    }
                 ]
             }
         },
