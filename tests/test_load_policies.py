@@ -10,10 +10,12 @@ import random
 
 import pytest
 
-from keel._backoff import MAX_RATIO, RetryBudget, settle_retry
+from keel._backoff import MAX_RATIO, RetryBudget
 from keel._concurrency import Aimd, RateAimd
 from keel._evidence import Cause, LoadEvidence, binomial_tail
 from keel._health import Admit, Breaker, BreakerGroup, BreakerState
+from keel._plan import Policy
+from test_plan import E500, OK, A, B, drive, make_plan
 
 # --- load evidence -------------------------------------------------------------------------------
 
@@ -245,15 +247,24 @@ def test_retry_budget_shrinks_to_its_floor_in_an_outage_and_recovers() -> None:
     assert b.share == pytest.approx(0.2) and not b.exhausted_by_failures
 
 
-def test_settle_retry_books_the_outcome_of_this_tasks_withdrawal() -> None:
+@pytest.mark.parametrize(
+    ("script", "booked"),
+    [
+        ([OK], (0, 0)),  # no retry: nothing booked
+        ([E500, OK], (1, 1)),  # a retry that worked
+        ([E500, E500, OK], (1, 2)),  # two retries: one failed, the last one worked
+        ([E500, E500, E500, E500], (0, 3)),  # every retry failed
+    ],
+    ids=["no-retry", "retry-ok", "one-failed", "all-failed"],
+)
+def test_the_plan_books_each_retry_outcome_to_the_budget(script, booked) -> None:
+    """The plan, which withdrew the retry, reports how it ended (ok, done) — no bridge
+    through the limiter: the budget grows with retries that work."""
     clock = Clock()
     b = RetryBudget(ratio=0.2, floor_per_s=1.0, window=10, clock=clock)
-    settle_retry(True)  # nothing withdrawn: nothing booked
-    assert b._live(b._done) == 0
-    assert b.try_withdraw()
-    settle_retry(True)
-    settle_retry(False)  # already settled
-    assert (b._live(b._ok), b._live(b._done)) == (1, 1)
+    plan = make_plan({"g": [A, B]}, budget=b, policy=Policy(max_attempts=4))
+    drive(plan, script)
+    assert (b._live(b._ok), b._live(b._done)) == booked
 
 
 # --- breaker relative to siblings ------------------------------------------------------------------

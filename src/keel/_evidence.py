@@ -91,6 +91,7 @@ class LoadEvidence:
     min_refusals: int = 3
     rate_span: float = 10.0  # seconds over which the accepted rate is measured
     lead: float = 0.5  # seconds of samples sent before the first refusal that still count
+    noise_min: int = 40  # samples (while refusing) before "no pattern" means noise
     _t: deque[float] = field(default_factory=deque)
     _f: deque[int] = field(default_factory=deque)
     _r: deque[bool] = field(default_factory=deque)
@@ -149,8 +150,10 @@ class LoadEvidence:
         if limit is not None:
             return Verdict(Cause.CONCURRENCY, limit=limit)
         if self._runs(samples):
-            return Verdict(Cause.RATE, rate=self._accepted_rate(now))
-        return NOISE
+            return Verdict(Cause.RATE, rate=self.accepted_rate(now))
+        # No pattern — but a handful of samples could not have shown one: that is not yet
+        # evidence that the refusals are random.
+        return NOISE if len(samples) >= self.noise_min else UNKNOWN
 
     def _while_refusing(self) -> list[tuple[float, int, bool]]:
         """The samples in the order they were *sent*, from ``lead`` seconds before the first
@@ -210,7 +213,7 @@ class LoadEvidence:
         p = (refused + 1) / (len(samples) + 2)
         return binomial_tail(both, after_refusal, p) < self.alpha
 
-    def _accepted_rate(self, now: float) -> float:
+    def accepted_rate(self, now: float) -> float:
         """Accepted starts per second over the last ``rate_span`` seconds (or since the
         first sample, if that is sooner)."""
         since = now - self.rate_span

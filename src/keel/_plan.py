@@ -181,6 +181,7 @@ class Plan(Generic[D]):
     _swept: bool = False
     _load_refused: set[int] = field(default_factory=set)  # id() of deps that refused for load
     _refusals: dict[int, str] = field(default_factory=dict)  # id(dep) → why it turned us away
+    _charged: set[int] = field(default_factory=set)  # id() of deps running a budgeted retry
     _end: GiveUp | Finish | None = None
 
     def __post_init__(self) -> None:
@@ -208,8 +209,10 @@ class Plan(Generic[D]):
                     return self._stop(GiveUp(f"gave up after {self.count} attempts"))
                 if now >= self.deadline:
                     return self._stop(GiveUp("request deadline exceeded"))
-                if self.count and not self._free_retry(dep) and not self.budget.try_withdraw():
-                    return self._stop(GiveUp(self._budget_reason()))
+                if self.count and not self._free_retry(dep):
+                    if not self.budget.try_withdraw():
+                        return self._stop(GiveUp(self._budget_reason()))
+                    self._charged.add(id(dep))  # its outcome goes back to the budget
                 if self.hedge is None:
                     return Try(dep, self.committed, None, self.patient)
                 hedge_after = None if self.committed else self.hedge.delay()
@@ -303,6 +306,7 @@ class Plan(Generic[D]):
     def failed(self, dep: D, err: UpstreamError, hedge: bool = False) -> Penalty | None:
         """An attempt on ``dep`` failed with ``err``; a hedge's failure only counts (the
         attempt it raced decides what happens next)."""
+        self._retried(dep, err.output_filter)  # a moderated answer is still an answer
         if err.output_filter and self.policy.on_content_filter == "failover":
             # Another provider's moderation may let the answer through; this one will not.
             err = replace(err, failover=True, retryable=False)
@@ -334,6 +338,11 @@ class Plan(Generic[D]):
             self._hints.append(err.retry_after)
         return penalty
 
+    def succeeded(self, dep: D) -> None:
+        """An attempt on ``dep`` completed the answer."""
+        if self._charged:
+            self._retried(dep, True)
+
     def commit(self, dep: D) -> None:
         """The attempt on ``dep`` has shown the client the start of the answer (a hedge's
         winner may not be the latest attempt started)."""
@@ -354,6 +363,14 @@ class Plan(Generic[D]):
 
     # -- pieces -----------------------------------------------------------------------------------
 
+    def _retried(self, dep: D, ok: bool) -> None:
+        """The retry budget learns how its retries end: it grows with their success (a noisy
+        fleet, where retries work) and shrinks to its floor when they fail (an outage)."""
+        key = id(dep)
+        if key in self._charged:
+            self._charged.discard(key)
+            self.budget.record_retry(ok)
+
     def _free_retry(self, dep: D) -> bool:
         """A retry on ``dep`` after its load refusal, where it will wait for room."""
         key = id(dep)
@@ -363,11 +380,11 @@ class Plan(Generic[D]):
         return self.queued(dep)
 
     def _budget_reason(self) -> str:
+        # keel's own budget stopped the request: say so, and what it saw (the attempts' errors
+        # follow in the message and name the upstream's part).
         if self.budget.exhausted_by_failures:
-            return (
-                "retry budget exhausted: recent retries keep failing (an upstream outage is likely)"
-            )
-        return "retry budget exhausted: too many retries at once"
+            return "keel's retry budget is spent: most recent retries failed"
+        return "keel's retry budget is spent: too many retries at once"
 
     def _stop(self, end: GiveUp | Finish) -> GiveUp | Finish:
         self._end = end

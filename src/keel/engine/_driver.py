@@ -481,6 +481,7 @@ def _settle(
         return
     if ok:
         permit.ok = True
+        plan.succeeded(dep)
     elif error is not None:
         permit.error = error
         penalty = plan.failed(dep, error, hedge=hedge)

@@ -13,7 +13,7 @@ Three gates, in order, each cheap when the deployment has nothing to enforce:
    cannot book the next minute away from interactive requests.
 
 ``release`` reports the attempt's outcome to the breaker, the load evidence, the AIMD
-controllers, the retry budget, the peak-EWMA latency and the token reconciliation, and frees
+controllers, the peak-EWMA latency and the token reconciliation, and frees
 the slot for the next waiter.
 
 **Load or noise.** A refusal (429 of any wording, 503 overloaded, 529) is evidence, not a
@@ -40,7 +40,6 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from keel._backoff import settle_retry
 from keel._classify import ErrorKind, UpstreamError
 from keel._concurrency import Aimd, RateAimd
 from keel._evidence import Cause, LoadEvidence, Verdict
@@ -62,6 +61,7 @@ HORIZON = 0.25  # seconds: how far ahead a rate slot may be booked
 LEASE_POLL = 0.005  # seconds between retries when the shared concurrency is full
 PAUSE_MIN = 0.25  # a 429 hint shorter than this is the request's own retry, not a pause
 RATE_PAUSE_MAX = 1.0  # seconds: the longest pause for hint-less rate refusals in a row
+HOLD_PAUSE = 0.25  # seconds: the first pause of a hold (doubling while its probes are refused)
 # Seconds past its booked slot a request may still go. Later than that our event loop was
 # stalled and the request would bunch up with the next slots in the upstream's window: it books
 # again, once (a second stall sends it anyway: progress over precision).
@@ -177,7 +177,13 @@ class DeploymentLimiter:
     # evidence says the refusals are about the rate (learn_headers → _failed).
     _window_pause: float = 0.0
     down_reason: str = ""  # the last failure that never reached the upstream (for errors)
-    rate_run: int = 0  # rate-shaped refusals since the last success
+    # A hold (``hold``): refused for load without a word on when to come back.
+    holding: bool = False
+    held_since: float = -math.inf  # monotonic: attempts sent before it are no news
+    _hold_cap: float = 1.0  # in flight allowed while holding: 1, +1 per success
+    _hold_exit: float = 2.0  # the hold ends when this many may be in flight again
+    _hold_pause: float = HOLD_PAUSE
+    _unheld_cap: float = math.inf  # _configured_cap outside the hold
     learned_rpm: int | None = None
     learned_tpm: int | None = None
     calibration: Calibration = field(default_factory=Calibration)
@@ -226,7 +232,7 @@ class DeploymentLimiter:
             c = float(max(1, self.max_concurrency // self._share()))
         if self.aimd is not None and (s := self.aimd.slots) is not None:
             c = min(c, float(s))
-        return c
+        return min(c, self._hold_cap) if self.holding else c
 
     def rate_limited(self, now: float) -> bool:
         return bool(
@@ -344,6 +350,11 @@ class DeploymentLimiter:
                 f"{self.key}: upstream refused at its concurrency limit of ~{v.limit}; "
                 f"{self.in_flight} in flight (keel's learned limit {cap:g}), "
                 f"{self.waiting} waiting"
+            )
+        if self.holding:
+            return (
+                f"{self.key}: upstream refused for load without saying until when; probing it "
+                f"one request at a time ({self.waiting} waiting)"
             )
         return f"{self.key}: {self.in_flight} requests in flight (limit {cap:g})"
 
@@ -591,9 +602,59 @@ class DeploymentLimiter:
         else:
             self.paced.interval = 1.0 / rate
 
+    # -- the hold: TCP's slow start after a loss ------------------------------------------------
+
+    def hold(self, permit: Permit, now: float) -> None:
+        """A refusal for load with no hint and no verdict that explains it (DashScope's "Too
+        many requests in route", a bare proxy's 429, a 503 overloaded): sending the queue
+        after it would only collect more. Pause, then let one probe through; a refused probe
+        doubles the pause (up to ``RATE_PAUSE_MAX``), a success lets one more in flight —
+        TCP's slow start after a loss — until as many may be in flight as when the refusals
+        began. Refusals of attempts sent before the hold are no news."""
+        if self.holding and permit.started < self.held_since:
+            return
+        if permit.in_flight == 1:
+            # Refused with nothing else in flight: not a concurrency limit — the request
+            # rate. Pace below what the window let through (one cut per RateAimd.hold).
+            if self.aimd is not None and self.aimd.active:
+                self.aimd.forget()
+            if self.learn_pace(self.evidence.accepted_rate(now), now):
+                log.info(
+                    "deployment %s: refused with nothing else in flight (the request rate): "
+                    "pacing at %.3g/s",
+                    self.key,
+                    self.rate_aimd.rate,
+                )
+        if self.holding:
+            self._hold_pause = min(RATE_PAUSE_MAX, self._hold_pause * 2.0)
+        else:
+            self.holding = True
+            self._unheld_cap = self._configured_cap
+            self._hold_exit = float(max(2, permit.in_flight))
+            step = 1.0 / self.rate_aimd.rate if self.rate_aimd.active else 0.0
+            self._hold_pause = max(HOLD_PAUSE, step)
+        self.held_since = now
+        self._set_hold_cap(1.0)
+        self.pause(self._hold_pause)
+
+    def end_hold(self) -> None:
+        if self.holding:
+            self.holding = False
+            self._configured_cap = self._unheld_cap
+            self._pump()
+
+    def _set_hold_cap(self, cap: float) -> None:
+        self._hold_cap = cap
+        # the fast path (try_take) reads the configured cap: it holds too
+        self._configured_cap = min(self._unheld_cap, cap)
+
     def on_success_sample(self, permit: Permit) -> None:
         self.evidence.record(permit.started, permit.in_flight, False)
-        self.rate_run = 0
+        if self.holding and permit.started >= self.held_since:
+            if self._hold_cap + 1.0 >= self._hold_exit:
+                self.end_hold()
+            else:
+                self._set_hold_cap(self._hold_cap + 1.0)
         if self.paced is not None:
             self.rate_aimd.on_success()
             self.paced.interval = 1.0 / self.rate_aimd.rate
@@ -698,6 +759,8 @@ def holds_back(dep: Deployment) -> bool:
     says its refusals track load? Then a retry there waits for room and adds no load (the
     plan does not charge it to the retry budget)."""
     lim = dep.limiter
+    if lim.holding:
+        return True
     cause = lim.verdict.cause
     if cause is Cause.CONCURRENCY:
         return lim.aimd is not None and lim.aimd.active
@@ -743,7 +806,6 @@ def _succeeded(dep: Deployment, permit: Permit, now: float) -> None:
     if lim.aimd is not None:
         lim.aimd.on_success(permit.in_flight, permit.epoch, now)
     lim.on_success_sample(permit)
-    settle_retry(True)
     if usage is not None:
         prompt = _usage_int(usage, "prompt_tokens")
         if permit.cost and prompt is not None and completion is not None:
@@ -760,7 +822,6 @@ def _failed(dep: Deployment, permit: Permit, now: float) -> None:
     verdict: Verdict | None = None
     if err is not None:
         health = False if err.kind in BREAKER_FAILURES else None if err.kind in _NEUTRAL else True
-        settle_retry(False)
         if err.kind in _REFUSALS:
             verdict = lim.judge_refusal(permit, now)
             if verdict.cause in (Cause.CONCURRENCY, Cause.RATE):
@@ -810,10 +871,15 @@ def _refused(
     """A load-shaped refusal: act on what the evidence says it is (module docstring)."""
     lim = dep.limiter
     aimd = lim.aimd
-    if v.cause is Cause.CONCURRENCY:
+    if v.cause is Cause.NOISE:
+        lim.end_hold()  # random refusals: holding back would not spare any
+        return  # nothing shrinks, the request's own retry waits its hint
+    if v.cause is Cause.CONCURRENCY and permit.in_flight > 1:
         # Only a refusal above the step the evidence found is about it (one below it is
         # something else, and the evidence will say so); the step is a steadier estimate of
-        # the wall than this refusal's own in-flight count.
+        # the wall than this refusal's own in-flight count. A hold that began before the
+        # evidence was in ends by its own slow start (the learned limit caps it). A request
+        # refused alone is never about concurrency: the hold below.
         if (
             aimd is not None
             and v.limit is not None
@@ -827,8 +893,6 @@ def _refused(
                 aimd.slots or 0,
             )
         return  # waiting does not lift a concurrency wall; finishing requests does
-    if v.cause is Cause.NOISE:
-        return  # random refusals: nothing shrinks, the request's own retry waits its hint
     if v.cause is Cause.RATE and v.rate is not None and lim.learn_pace(v.rate, now):
         log.info(
             "deployment %s: refusals track the request rate (%s): pacing at %.3g/s",
@@ -847,13 +911,11 @@ def _refused(
         lim.pause(retry_after)
     elif window_pause:
         lim.pause(window_pause)
-    elif v.cause is Cause.RATE and retry_after is None:
-        # A spent window and no word on when it reopens (DashScope, a bare proxy): back off
-        # exponentially from one paced interval while the refusals continue, so a closed
-        # window costs a handful of attempts, not one per paced slot; a success resets it.
-        lim.rate_run += 1
-        step = 1.0 / lim.rate_aimd.rate if lim.rate_aimd.active else 0.05
-        lim.pause(min(RATE_PAUSE_MAX, step * 2.0 ** (lim.rate_run - 1)))
+    elif retry_after is None:
+        # A spent window or a full upstream and no word on when it has room again (DashScope,
+        # a bare proxy): hold the queue and probe, so a closed window costs a handful of
+        # attempts, not one per request waiting.
+        lim.hold(permit, now)
 
 
 def wire(dep: Deployment, config: GatewayConfig, shared: SharedState | None) -> None:
