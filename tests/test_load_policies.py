@@ -11,7 +11,7 @@ import random
 import pytest
 
 from keel._backoff import MAX_RATIO, RetryBudget
-from keel._concurrency import Aimd, RateAimd
+from keel._concurrency import HOLD_PAUSE, Aimd, Hold, RateAimd
 from keel._evidence import Cause, LoadEvidence, binomial_tail
 from keel._health import Admit, Breaker, BreakerGroup, BreakerState
 from keel._plan import Policy
@@ -419,3 +419,72 @@ def test_forget_makes_aimd_unlimited_again() -> None:
     assert a.on_overload(9, a.epoch, 0.0) and a.slots == 7
     a.forget()
     assert a.slots is None and not a.active
+
+
+# --- the hold: slow start after a hint-less refusal --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("events", "pauses", "caps", "active"),
+    [
+        # the first refusal: pause a second, then one probe
+        ([("refused", 0.0, 20, 1.0)], [1.0], [1.0], True),
+        # refusals of attempts sent before the pause ended are no news (a paced slot)
+        ([("refused", 0.0, 20, 1.0), ("refused", 1.5, 1, 1.5)], [1.0, 0.0], [1.0, 1.0], True),
+        # refused probes double the pause, up to 4 s
+        (
+            [("refused", 0.0, 20, 1.0), ("refused", 2.0, 1, 2.0), ("refused", 4.0, 1, 4.0),
+             ("refused", 8.0, 1, 8.0), ("refused", 12.0, 1, 12.0)],
+            [1.0, 2.0, 4.0, 4.0, 4.0], [1.0] * 5, True,
+        ),
+        # each success of an attempt sent after the pause lets one more in flight...
+        ([("refused", 0.0, 4, 1.0), ("ok", 2.0), ("ok", 2.1)], [1.0], [1.0, 2.0, 3.0], True),
+        # ...and a success of one sent before it says nothing
+        ([("refused", 0.0, 4, 1.0), ("ok", 1.9)], [1.0], [1.0, 1.0], True),
+        # until as many may be in flight as when the refusals began
+        (
+            [("refused", 0.0, 4, 1.0), ("ok", 2.0), ("ok", 2.1), ("ok", 2.2)],
+            [1.0], [1.0, 2.0, 3.0, math.inf], False,
+        ),
+        # a refusal during the slow start halves what may be in flight, without a pause
+        (
+            [("refused", 0.0, 9, 1.0), ("ok", 2.0), ("ok", 2.1), ("ok", 2.2),
+             ("refused", 2.3, 4, 2.4)],
+            [1.0, 0.0], [1.0, 2.0, 3.0, 4.0, 2.0], True,
+        ),
+        # ...and one while a single probe is out doubles the pause
+        (
+            [("refused", 0.0, 9, 1.0), ("ok", 2.0), ("refused", 2.1, 2, 2.2),
+             ("refused", 2.3, 1, 2.3)],
+            [1.0, 0.0, 2.0], [1.0, 2.0, 1.0, 1.0], True,
+        ),
+        # a refusal with others in flight while the cap is one is not the probe's
+        ([("refused", 0.0, 9, 1.0), ("refused", 2.0, 2, 2.05)], [1.0, 0.0], [1.0, 1.0], True),
+    ],
+    ids=["first", "old-news", "doubling", "slow-start", "old-success", "ends", "halved",
+         "probe-refused", "not-the-probe"],
+)  # fmt: skip
+def test_the_hold_probes_then_ramps_up(events, pauses, caps, active) -> None:
+    h = Hold()
+    got_pauses: list[float] = []
+    got_caps: list[float] = []
+    for kind, sent, *rest in events:
+        if kind == "refused":
+            in_flight, now = rest
+            got_pauses.append(h.on_refusal(sent, in_flight, now))
+        else:
+            h.on_success(sent)
+        got_caps.append(h.cap)
+    assert got_pauses == pauses and got_caps == caps and h.active is active
+
+
+def test_a_paced_deployment_pauses_a_paced_interval_at_least() -> None:
+    assert Hold().on_refusal(0.0, 3, 0.0, step=1.5) == 1.5
+    assert Hold().on_refusal(0.0, 3, 0.0, step=0.01) == HOLD_PAUSE
+
+
+def test_a_window_that_reopened_paces_at_what_it_let_through_over_the_cycle() -> None:
+    r = RateAimd()
+    assert r.on_refusal(16.7, 1.0) and r.rate == pytest.approx(15.03)  # the burst's view
+    assert r.on_reopened(6.5, 3.2) and r.rate == 6.5  # the whole cycle's
+    assert not r.on_reopened(8.0, 9.0) and r.rate == 6.5  # never raised by it

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from keel._classify import ErrorKind, UpstreamError
-from keel._concurrency import Aimd, RateAimd
+from keel._concurrency import Aimd, Hold, RateAimd
 from keel._evidence import Cause, LoadEvidence, Verdict
 from keel._health import Admit, Breaker, BreakerGroup, PeakEwma, unreachable
 from keel._ratelimit import Gcra, parse_ratelimit_headers, per_minute, window_pacing
@@ -60,8 +60,6 @@ PRIORITIES = {"interactive": 0, "batch": 1}
 HORIZON = 0.25  # seconds: how far ahead a rate slot may be booked
 LEASE_POLL = 0.005  # seconds between retries when the shared concurrency is full
 PAUSE_MIN = 0.25  # a 429 hint shorter than this is the request's own retry, not a pause
-RATE_PAUSE_MAX = 1.0  # seconds: the longest pause for hint-less rate refusals in a row
-HOLD_PAUSE = 0.25  # seconds: the first pause of a hold (doubling while its probes are refused)
 # Seconds past its booked slot a request may still go. Later than that our event loop was
 # stalled and the request would bunch up with the next slots in the upstream's window: it books
 # again, once (a second stall sends it anyway: progress over precision).
@@ -177,18 +175,16 @@ class DeploymentLimiter:
     # evidence says the refusals are about the rate (learn_headers → _failed).
     _window_pause: float = 0.0
     down_reason: str = ""  # the last failure that never reached the upstream (for errors)
-    # A hold (``hold``): refused for load without a word on when to come back.
-    holding: bool = False
-    held_since: float = -math.inf  # monotonic: attempts sent before it are no news
-    _hold_cap: float = 1.0  # in flight allowed while holding: 1, +1 per success
-    _hold_exit: float = 2.0  # the hold ends when this many may be in flight again
-    _hold_pause: float = HOLD_PAUSE
+    # Refused for load without a word on when to come back: pause, probe, slow start.
+    hold: Hold = field(default_factory=Hold)
     _unheld_cap: float = math.inf  # _configured_cap outside the hold
+    _probe_refused: bool = False  # a lone probe of the hold was refused: a closed window
     learned_rpm: int | None = None
     learned_tpm: int | None = None
     calibration: Calibration = field(default_factory=Calibration)
     in_flight: int = 0
     waiting: int = 0
+    pacing: int = 0  # of in_flight, still waiting for their rate slot (not sent yet)
     _waiters: list[tuple[int, int, asyncio.Future[None]]] = field(default_factory=list)
     _rate_head: object | None = None
     _rate_waiters: list[tuple[int, int, asyncio.Future[None]]] = field(default_factory=list)
@@ -232,7 +228,7 @@ class DeploymentLimiter:
             c = float(max(1, self.max_concurrency // self._share()))
         if self.aimd is not None and (s := self.aimd.slots) is not None:
             c = min(c, float(s))
-        return min(c, self._hold_cap) if self.holding else c
+        return min(c, self.hold.cap)
 
     def rate_limited(self, now: float) -> bool:
         return bool(
@@ -309,13 +305,21 @@ class DeploymentLimiter:
                 cost = self.calibration.cost(prompt, req.max_completion)
             lease = None
             if self.rate_limited(time.monotonic()) or (self.max_concurrency and self._shared_up()):
-                lease = await self._rate(cost, priority, wait_until)
+                self.pacing += 1
+                try:
+                    lease = await self._rate(cost, priority, wait_until)
+                finally:
+                    self.pacing -= 1
         except BaseException:
             self.in_flight -= 1
             self._pump()
             raise
         epoch = self.aimd.epoch if self.aimd is not None else 0
-        return Permit(time.monotonic(), self.in_flight, epoch, cost, prompt, lease)
+        # What the upstream sees in flight: not the requests still waiting for their paced
+        # slot here (they hold a slot of ours, not of the upstream's) — the load evidence
+        # would read a rate wall's queue as a concurrency step.
+        sent = self.in_flight - self.pacing
+        return Permit(time.monotonic(), sent, epoch, cost, prompt, lease)
 
     async def _queue_for_slot(self, priority: int, wait_until: float) -> None:
         cfg = self.config.queue
@@ -351,7 +355,7 @@ class DeploymentLimiter:
                 f"{self.in_flight} in flight (keel's learned limit {cap:g}), "
                 f"{self.waiting} waiting"
             )
-        if self.holding:
+        if self.hold.active:
             return (
                 f"{self.key}: upstream refused for load without saying until when; probing it "
                 f"one request at a time ({self.waiting} waiting)"
@@ -602,59 +606,63 @@ class DeploymentLimiter:
         else:
             self.paced.interval = 1.0 / rate
 
-    # -- the hold: TCP's slow start after a loss ------------------------------------------------
+    # -- the hold: TCP's slow start after a loss (keel._concurrency.Hold) ----------------------
 
-    def hold(self, permit: Permit, now: float) -> None:
-        """A refusal for load with no hint and no verdict that explains it (DashScope's "Too
-        many requests in route", a bare proxy's 429, a 503 overloaded): sending the queue
-        after it would only collect more. Pause, then let one probe through; a refused probe
-        doubles the pause (up to ``RATE_PAUSE_MAX``), a success lets one more in flight —
-        TCP's slow start after a loss — until as many may be in flight as when the refusals
-        began. Refusals of attempts sent before the hold are no news."""
-        if self.holding and permit.started < self.held_since:
-            return
-        if permit.in_flight == 1:
-            # Refused with nothing else in flight: not a concurrency limit — the request
-            # rate. Pace below what the window let through (one cut per RateAimd.hold).
-            if self.aimd is not None and self.aimd.active:
+    def held(self, permit: Permit, now: float) -> None:
+        """A hint-less refusal for load that no verdict explains: hold the queue."""
+        news = not (self.hold.active and permit.started < self.hold.since)
+        if news and (permit.in_flight == 1 or self.rate_aimd.active):
+            # Refused with nothing else in flight — not a concurrency limit: the request
+            # rate — or refused at the pace keel keeps: pace below what the window let
+            # through (one cut per RateAimd.hold).
+            if permit.in_flight == 1 and self.aimd is not None and self.aimd.active:
                 self.aimd.forget()
             if self.learn_pace(self.evidence.accepted_rate(now), now):
                 log.info(
-                    "deployment %s: refused with nothing else in flight (the request rate): "
-                    "pacing at %.3g/s",
+                    "deployment %s: refused at %d in flight (the request rate): pacing at %.3g/s",
                     self.key,
+                    permit.in_flight,
                     self.rate_aimd.rate,
                 )
-        if self.holding:
-            self._hold_pause = min(RATE_PAUSE_MAX, self._hold_pause * 2.0)
-        else:
-            self.holding = True
+        if not self.hold.active:
             self._unheld_cap = self._configured_cap
-            self._hold_exit = float(max(2, permit.in_flight))
-            step = 1.0 / self.rate_aimd.rate if self.rate_aimd.active else 0.0
-            self._hold_pause = max(HOLD_PAUSE, step)
-        self.held_since = now
-        self._set_hold_cap(1.0)
-        self.pause(self._hold_pause)
+        step = 1.0 / self.rate_aimd.rate if self.rate_aimd.active else 0.0
+        pause = self.hold.on_refusal(permit.started, permit.in_flight, now, step)
+        if pause and permit.in_flight == 1:
+            self._probe_refused = True
+        # the fast path (try_take) reads the configured cap: it holds too
+        self._configured_cap = min(self._unheld_cap, self.hold.cap)
+        if pause:
+            self.pause(pause)
 
     def end_hold(self) -> None:
-        if self.holding:
-            self.holding = False
-            self._configured_cap = self._unheld_cap
+        if self.hold.active:
+            self.hold.end()
+            self._unhold()
             self._pump()
 
-    def _set_hold_cap(self, cap: float) -> None:
-        self._hold_cap = cap
-        # the fast path (try_take) reads the configured cap: it holds too
-        self._configured_cap = min(self._unheld_cap, cap)
+    def _unhold(self) -> None:
+        """The hold's cap moved (a success, the end): so does the fast path's; the released
+        slots go to the waiters in ``release_slot``."""
+        cap = self.hold.cap
+        self._configured_cap = min(self._unheld_cap, cap) if self.hold.active else self._unheld_cap
 
     def on_success_sample(self, permit: Permit) -> None:
         self.evidence.record(permit.started, permit.in_flight, False)
-        if self.holding and permit.started >= self.held_since:
-            if self._hold_cap + 1.0 >= self._hold_exit:
-                self.end_hold()
-            else:
-                self._set_hold_cap(self._hold_cap + 1.0)
+        if self.hold.active and permit.started >= self.hold.since:
+            if self._probe_refused:
+                # The window reopened: pace at what it let through over the whole cycle.
+                self._probe_refused = False
+                now = time.monotonic()
+                if self.rate_aimd.on_reopened(self.evidence.accepted_rate(now), now):
+                    self._set_pace(now)
+                    log.info(
+                        "deployment %s: a closed window reopened: pacing at %.3g/s",
+                        self.key,
+                        self.rate_aimd.rate,
+                    )
+            self.hold.on_success(permit.started)
+            self._unhold()
         if self.paced is not None:
             self.rate_aimd.on_success()
             self.paced.interval = 1.0 / self.rate_aimd.rate
@@ -759,7 +767,7 @@ def holds_back(dep: Deployment) -> bool:
     says its refusals track load? Then a retry there waits for room and adds no load (the
     plan does not charge it to the retry budget)."""
     lim = dep.limiter
-    if lim.holding:
+    if lim.hold.active:
         return True
     cause = lim.verdict.cause
     if cause is Cause.CONCURRENCY:
@@ -874,15 +882,19 @@ def _refused(
     if v.cause is Cause.NOISE:
         lim.end_hold()  # random refusals: holding back would not spare any
         return  # nothing shrinks, the request's own retry waits its hint
-    if v.cause is Cause.CONCURRENCY and permit.in_flight > 1:
-        # Only a refusal above the step the evidence found is about it (one below it is
-        # something else, and the evidence will say so); the step is a steadier estimate of
-        # the wall than this refusal's own in-flight count. A hold that began before the
-        # evidence was in ends by its own slow start (the learned limit caps it). A request
-        # refused alone is never about concurrency: the hold below.
+    if (
+        v.cause is Cause.CONCURRENCY
+        and v.limit is not None
+        and permit.in_flight > max(1, v.limit // 2)
+    ):
+        # Only a refusal above the step the evidence found is about it (one near it is the
+        # upstream counting a request keel has just seen end); the step is a steadier
+        # estimate of the wall than this refusal's own in-flight count. A hold that began
+        # before the evidence was in ends by its own slow start (the learned limit caps it).
+        # A request refused alone, or with far fewer in flight than the step, is not about
+        # concurrency: the hold below.
         if (
             aimd is not None
-            and v.limit is not None
             and permit.in_flight > v.limit
             and aimd.on_overload(v.limit + 1, permit.epoch, now)
         ):
@@ -911,11 +923,12 @@ def _refused(
         lim.pause(retry_after)
     elif window_pause:
         lim.pause(window_pause)
-    elif retry_after is None:
-        # A spent window or a full upstream and no word on when it has room again (DashScope,
-        # a bare proxy): hold the queue and probe, so a closed window costs a handful of
-        # attempts, not one per request waiting.
-        lim.hold(permit, now)
+    elif retry_after is None and err.kind is ErrorKind.RATE_LIMIT:
+        # "Too many requests" and no word on when there is room again (DashScope, a bare
+        # proxy): hold the queue and probe, so a closed window costs a handful of attempts,
+        # not one per request waiting. (A 503 says the provider is busy, not that keel sends
+        # too much: the breaker and the evidence judge those.)
+        lim.held(permit, now)
 
 
 def wire(dep: Deployment, config: GatewayConfig, shared: SharedState | None) -> None:
