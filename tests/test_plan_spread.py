@@ -58,10 +58,26 @@ CASES = [
         {},
     ),
     (
-        "unreachable everywhere: each once, then once more at the end, then give up",
+        "unreachable everywhere: each once, then once more at the end, then give up saying so",
         {"g": [A, B]},
         [REFUSED] * 8,
-        ["try a", "try b", "wait", "try a", "try b", "give up"],
+        ["try a", "try b", "wait", "try a", "try b", "give up: every deployment of g is down"],
+        {},
+    ),
+    (
+        "a group and its fallback all unreachable: the error says so",
+        {"chat": [A], "second": [B]},
+        [REFUSED] * 4,
+        ["try a", "try b", "wait", "try a", "try b",
+         "give up: every deployment of chat and its fallbacks is down"],
+        {},
+    ),
+    (
+        "one of them answered with an error: not all down, the errors tell",
+        {"chat": [A], "second": [B]},
+        [REFUSED, E500, E500, E500, E500, REFUSED],
+        ["try a", "try b", "wait", "try b", "wait", "try b", "wait", "try b", "wait", "try a",
+         "give up"],
         {},
     ),
     (

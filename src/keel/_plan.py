@@ -182,6 +182,7 @@ class Plan(Generic[D]):
     _load_refused: set[int] = field(default_factory=set)  # id() of deps that refused for load
     _refusals: dict[int, str] = field(default_factory=dict)  # id(dep) → why it turned us away
     _charged: set[int] = field(default_factory=set)  # id() of deps running a budgeted retry
+    _down: set[int] = field(default_factory=set)  # id() of deps found down (for the error)
     _end: GiveUp | Finish | None = None
 
     def __post_init__(self) -> None:
@@ -237,7 +238,7 @@ class Plan(Generic[D]):
             if self._group >= len(self.groups):
                 later = [d for d in self._later if self.eligible(d)]
                 if not later or self._swept:
-                    return self._stop(GiveUp())
+                    return self._stop(GiveUp(self._all_down()))
                 # Every group tried: the unreachable ones get their one more look, last.
                 self._swept = True
                 self._round = self.policy.max_retries_per_deployment  # and no rounds after
@@ -279,11 +280,16 @@ class Plan(Generic[D]):
 
     # -- facts ------------------------------------------------------------------------------------
 
-    def refused(self, dep: D, reason: str, retry_after: float | None, soon: bool) -> None:
+    def refused(
+        self, dep: D, reason: str, retry_after: float | None, soon: bool, down: bool = False
+    ) -> None:
         """The deployment's limiter or breaker turned the attempt away (nothing was sent).
-        ``soon``: only for the moment — worth another look next round. ``saturated`` names
-        every deployment that turned it away (each with its own reason, which names the
-        cause), with the soonest retry-after."""
+        ``soon``: only for the moment — worth another look next round; ``down``: its breaker
+        is open because it could not be reached. ``saturated`` names every deployment that
+        turned it away (each with its own reason, which names the cause), with the soonest
+        retry-after."""
+        if down:
+            self._down.add(id(dep))
         refusals = self._refusals
         refusals[id(dep)] = reason
         back = retry_after
@@ -327,6 +333,7 @@ class Plan(Generic[D]):
         if err.retry_after is not None and err.retry_after > self.policy.max_retry_wait:
             return Penalty(penalty.bench_for if penalty else None, err.retry_after)
         if unreachable(err):
+            self._down.add(id(dep))
             # Not again in this group's rounds: the fallbacks first, this one at the end.
             if not self._swept and dep not in self._later:
                 self._later.append(dep)
@@ -378,6 +385,17 @@ class Plan(Generic[D]):
             return False
         self._load_refused.discard(key)
         return self.queued(dep)
+
+    def _all_down(self) -> str:
+        """The error's cause when every deployment of the request's groups was found down
+        (unreachable, or behind a breaker opened for that); else empty."""
+        if not self._down:
+            return ""
+        for group in self.groups:
+            if any(id(d) not in self._down for d in self.order(group)):
+                return ""
+        fallbacks = " and its fallbacks" if len(self.groups) > 1 else ""
+        return f"every deployment of {self.groups[0]}{fallbacks} is down"
 
     def _budget_reason(self) -> str:
         # keel's own budget stopped the request: say so, and what it saw (the attempts' errors

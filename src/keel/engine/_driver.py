@@ -451,7 +451,7 @@ async def _queue(
     try:
         permit = await acquire(dep, call.cost, call.priority, now + wait, panic)
     except Saturated as sat:
-        plan.refused(dep, sat.reason, sat.retry_after, sat.soon)
+        plan.refused(dep, sat.reason, sat.retry_after, sat.soon, dep.breaker.down)
         return None
     return _started(plan, dep, permit)
 
@@ -500,7 +500,7 @@ def _gave_up(keel: Keel, call: Call, plan: Plan[Deployment], reason: str) -> Kee
         err = final_error(plan.tried, reason)
     elif plan.saturated is not None:
         why, back = plan.saturated
-        err = unavailable_error(reason or why, back)
+        err = unavailable_error(f"{reason}: {why}" if reason else why, back)
     else:
         why, back = keel.router.unavailable(call.model)  # all out: say why, and until when
         err = unavailable_error(reason or why, back)
