@@ -488,3 +488,31 @@ def test_a_window_that_reopened_paces_at_what_it_let_through_over_the_cycle() ->
     assert r.on_refusal(16.7, 1.0) and r.rate == pytest.approx(15.03)  # the burst's view
     assert r.on_reopened(6.5, 3.2) and r.rate == 6.5  # the whole cycle's
     assert not r.on_reopened(8.0, 9.0) and r.rate == 6.5  # never raised by it
+
+
+@pytest.mark.parametrize(
+    ("outcomes", "burst"),
+    [
+        ([False] * 20 + [True] * 3, False),  # a few refusals: not yet
+        ([False] * 20 + [True] * 8, True),  # a window spent: everything refused
+        ([False] * 4 + [True] * 4, True),  # half of the last 8
+        ([True] * 5, False),  # too few outcomes to say
+        ([False, True] * 10, True),  # every other one: half
+        ([False] * 19 + [True], False),  # a stray refusal
+    ],
+)
+def test_a_burst_of_refusals(outcomes: list[bool], burst: bool) -> None:
+    ev = LoadEvidence()
+    for i, r in enumerate(outcomes):
+        ev.record(i * 0.01, 5, r)
+    assert ev.burst() is burst
+
+
+def test_random_refusals_rarely_look_like_a_burst() -> None:
+    rng = random.Random(4)
+    ev = LoadEvidence()
+    bursts = 0
+    for i in range(20_000):
+        ev.record(i * 0.001, 5, rng.random() < 0.05)
+        bursts += ev.burst()
+    assert bursts < 20  # under 1 in 1,000 outcomes

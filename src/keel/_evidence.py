@@ -213,10 +213,22 @@ class LoadEvidence:
         p = (refused + 1) / (len(samples) + 2)
         return binomial_tail(both, after_refusal, p) < self.alpha
 
-    def accepted_rate(self, now: float) -> float:
+    def burst(self, last: int = 8) -> bool:
+        """Are refusals at least half of the ``last`` outcomes recorded? A closed window or a
+        full upstream refuses everything sent at it; random refusals (5 % of attempts) make
+        such a run about once in 2,500 outcomes."""
+        if len(self._r) < last:
+            return False
+        refused = 0
+        for i in range(1, last + 1):
+            refused += self._r[-i]
+        return 2 * refused >= last
+
+    def accepted_rate(self, now: float, over_until: float | None = None) -> float:
         """Accepted starts per second over the last ``rate_span`` seconds (or since the
-        first sample, if that is sooner)."""
+        first sample, if that is sooner), the span ending at ``over_until`` (default: now)."""
         since = now - self.rate_span
         first = next((t for t in self._t if t >= since), now)
         ok = sum(1 for t, r in zip(self._t, self._r, strict=True) if t >= since and not r)
-        return ok / max(now - first, 1.0)
+        end = now if over_until is None else over_until
+        return ok / max(end - first, 1.0)

@@ -178,7 +178,7 @@ class DeploymentLimiter:
     # Refused for load without a word on when to come back: pause, probe, slow start.
     hold: Hold = field(default_factory=Hold)
     _unheld_cap: float = math.inf  # _configured_cap outside the hold
-    _probe_refused: bool = False  # a lone probe of the hold was refused: a closed window
+    _probe_refused: float = 0.0  # when a lone probe of the hold was last refused
     learned_rpm: int | None = None
     learned_tpm: int | None = None
     calibration: Calibration = field(default_factory=Calibration)
@@ -609,7 +609,10 @@ class DeploymentLimiter:
     # -- the hold: TCP's slow start after a loss (keel._concurrency.Hold) ----------------------
 
     def held(self, permit: Permit, now: float) -> None:
-        """A hint-less refusal for load that no verdict explains: hold the queue."""
+        """A hint-less refusal for load that no verdict explains: hold the queue — when it
+        is one of a burst (a stray 429 in a noisy fleet is not a closed window)."""
+        if not self.hold.active and not self.evidence.burst():
+            return
         news = not (self.hold.active and permit.started < self.hold.since)
         if news and (permit.in_flight == 1 or self.rate_aimd.active):
             # Refused with nothing else in flight — not a concurrency limit: the request
@@ -629,7 +632,7 @@ class DeploymentLimiter:
         step = 1.0 / self.rate_aimd.rate if self.rate_aimd.active else 0.0
         pause = self.hold.on_refusal(permit.started, permit.in_flight, now, step)
         if pause and permit.in_flight == 1:
-            self._probe_refused = True
+            self._probe_refused = now
         # the fast path (try_take) reads the configured cap: it holds too
         self._configured_cap = min(self._unheld_cap, self.hold.cap)
         if pause:
@@ -651,10 +654,12 @@ class DeploymentLimiter:
         self.evidence.record(permit.started, permit.in_flight, False)
         if self.hold.active and permit.started >= self.hold.since:
             if self._probe_refused:
-                # The window reopened: pace at what it let through over the whole cycle.
-                self._probe_refused = False
+                # The window reopened, between the last refused probe and now: pace at what
+                # it let through over the cycle (to the middle of that span).
                 now = time.monotonic()
-                if self.rate_aimd.on_reopened(self.evidence.accepted_rate(now), now):
+                mid = (self._probe_refused + now) / 2.0
+                self._probe_refused = 0.0
+                if self.rate_aimd.on_reopened(self.evidence.accepted_rate(now, mid), now):
                     self._set_pace(now)
                     log.info(
                         "deployment %s: a closed window reopened: pacing at %.3g/s",
@@ -882,17 +887,10 @@ def _refused(
     if v.cause is Cause.NOISE:
         lim.end_hold()  # random refusals: holding back would not spare any
         return  # nothing shrinks, the request's own retry waits its hint
-    if (
-        v.cause is Cause.CONCURRENCY
-        and v.limit is not None
-        and permit.in_flight > max(1, v.limit // 2)
-    ):
-        # Only a refusal above the step the evidence found is about it (one near it is the
-        # upstream counting a request keel has just seen end); the step is a steadier
-        # estimate of the wall than this refusal's own in-flight count. A hold that began
-        # before the evidence was in ends by its own slow start (the learned limit caps it).
-        # A request refused alone, or with far fewer in flight than the step, is not about
-        # concurrency: the hold below.
+    if v.cause is Cause.CONCURRENCY and v.limit is not None:
+        # Only a refusal above the step the evidence found is about it (one below it is
+        # something else, and the evidence will say so); the step is a steadier estimate of
+        # the wall than this refusal's own in-flight count.
         if (
             aimd is not None
             and permit.in_flight > v.limit
@@ -904,7 +902,11 @@ def _refused(
                 v,
                 aimd.slots or 0,
             )
-        return  # waiting does not lift a concurrency wall; finishing requests does
+        if permit.in_flight > v.limit and not lim.hold.active and not lim.evidence.burst():
+            return  # waiting does not lift a concurrency wall; finishing requests does
+        # Below the step, in a burst of refusals, or a hold is on: the hold judges them (a
+        # burst starts one) — else a rate window misjudged as a concurrency step (its first
+        # burst looks like one) would take one instant refusal after another.
     if v.cause is Cause.RATE and v.rate is not None and lim.learn_pace(v.rate, now):
         log.info(
             "deployment %s: refusals track the request rate (%s): pacing at %.3g/s",
