@@ -44,9 +44,9 @@ class Transcript:
     buffer (0/0: commit at the first content token)."""
 
     __slots__ = (
-        "attempts", "clock", "commit_ms", "commit_tokens", "committed", "completion_tokens",
-        "continued", "current", "meta", "owner", "prompt_tokens", "sent", "tokens", "tool_calls",
-        "usage_payload", "wants_usage",
+        "attempts", "chunk_object", "clock", "commit_ms", "commit_tokens", "committed",
+        "completion_tokens", "continued", "current", "finish_choice", "meta", "owner",
+        "prompt_tokens", "sent", "tokens", "tool_calls", "usage_payload", "wants_usage",
     )  # fmt: skip
 
     def __init__(
@@ -55,8 +55,14 @@ class Transcript:
         commit_tokens: int = 0,
         commit_ms: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
+        chunk_object: str = "chat.completion.chunk",
+        finish_choice: Callable[[str], dict[str, Any] | None] | None = None,
     ) -> None:
         self.wants_usage = wants_usage
+        # The chunks keel writes itself, shaped like the endpoint's own (a legacy completion's
+        # choices carry "text", a chat completion's a "delta").
+        self.chunk_object = chunk_object
+        self.finish_choice = finish_choice
         self.commit_tokens = commit_tokens
         self.commit_ms = commit_ms
         self.clock = clock
@@ -103,7 +109,11 @@ class Transcript:
 
     def finish_chunk(self, reason: str) -> bytes:
         """A terminal chunk keel writes itself (``content_filter``, ``length``)."""
-        return self._chunk([{"index": 0, "delta": {}, "finish_reason": reason}], repaired=True)
+        shape = self.finish_choice
+        choice = None if shape is None else shape(reason)
+        if choice is None:
+            choice = {"index": 0, "delta": {}, "finish_reason": reason}
+        return self._chunk([choice], repaired=True)
 
     def ending(self, terminal: bytes | None) -> list[bytes]:
         """The payloads that end the stream: the terminal chunk (when there is one), then the
@@ -130,7 +140,7 @@ class Transcript:
         chunk_id, created, model = self.meta
         chunk: dict[str, Any] = {
             "id": chunk_id or "chatcmpl-keel",
-            "object": "chat.completion.chunk",
+            "object": self.chunk_object,
             "created": created or int(time.time()),
             "model": model or "",
             "choices": choices,

@@ -21,6 +21,7 @@ from keel.config import DeploymentConfig, Timeouts
 
 if TYPE_CHECKING:
     from keel.engine._limits import DeploymentLimiter
+    from keel.engine._operation import Operation
 
 log = logging.getLogger("keel.deployment")
 USER_AGENT = f"keel/{__version__}"
@@ -38,6 +39,22 @@ _DEFAULT_CONTINUATION = {
 }
 
 
+class Urls(dict["Operation", str]):
+    """A deployment's upstream URL per operation (``keel.engine._operation``), made the first
+    time one is asked for: ``dep.urls[op]``."""
+
+    __slots__ = ("base", "dialect")
+
+    def __init__(self, base: str, dialect: Dialect) -> None:
+        super().__init__()
+        self.base = base
+        self.dialect = dialect
+
+    def __missing__(self, op: Operation) -> str:
+        url = self[op] = self.base + op.path_for(self.dialect)
+        return url
+
+
 @dataclass(eq=False, slots=True)
 class Deployment:
     group: str
@@ -45,7 +62,7 @@ class Deployment:
     cfg: DeploymentConfig
     timeouts: Timeouts
     name: str = ""
-    url: str = ""
+    urls: Urls = field(default=None, repr=False)  # type: ignore[assignment]  # per operation
     endpoint: str = ""  # scheme://host:port of base_url, safe to log
     model: str = ""
     auth_header: str = ""
@@ -69,7 +86,7 @@ class Deployment:
 
     def __post_init__(self) -> None:
         self.name = self.cfg.name or f"{self.group}/{self.index}"
-        self.url = self.cfg.base_url.rstrip("/") + "/chat/completions"
+        self.urls = Urls(self.cfg.base_url.rstrip("/"), self.cfg.dialect)
         # For logs: scheme, host and port only — a base URL may carry credentials
         # (user:pass@host, ?api-key=…) that must never reach a log line.
         parts = urlsplit(self.cfg.base_url)

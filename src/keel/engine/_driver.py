@@ -1,7 +1,9 @@
 """The driver: the one async loop of a request. It asks the plan (``keel._plan``) what to do,
 does it — a limiter permit, an upstream attempt, a backoff — and reports what happened back to
 the plan; for streams it feeds every frame to the transcript (``keel._transcript``) and writes
-what comes out to the sink.
+what comes out to the sink. It drives every endpoint the same way: what differs between them —
+the upstream path, the body's checks, the token estimate, the answer's validation, the stream's
+assembler — is the call's operation (``call.op``, ``keel.engine._operation``).
 
 Why the code is shaped as it is: in CPython every wake-up of a waiting request (the response
 headers, each network read of a stream) resumes each coroutine frame of the chain it waits
@@ -22,10 +24,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
-import orjson
 
-from keel._assembly import FrameKind, StreamAssembler
-from keel._classify import ErrorKind, UpstreamError, transport_error
+from keel._assembly import FrameKind
+from keel._classify import ErrorKind, UpstreamError
 from keel._plan import Finish, GiveUp, Plan, Try, Wait
 from keel._splice import continuation_body
 from keel._transcript import Lost, Transcript
@@ -56,10 +57,12 @@ _INVALID = FrameKind.INVALID
 
 
 async def complete(keel: Keel, call: Call) -> tuple[bytes, dict[str, str]]:
-    """A non-stream request: the upstream's answer, relayed unchanged, and the response
-    headers; or ``KeelError``. One deadline bounds each attempt: for a non-stream request
+    """A non-stream request of any operation (``call.op``): the upstream's answer, relayed
+    unchanged once the operation has validated it, and the response headers; or
+    ``KeelError``. One deadline bounds each attempt: for a non-stream request
     ``first_token`` runs to the complete response (``config.Timeouts``)."""
     plan = keel.plan(call)
+    op = call.op
     session, deadlines = keel.session, keel.deadlines
     assert session is not None and deadlines is not None
     loop = deadlines.loop
@@ -78,12 +81,12 @@ async def complete(keel: Keel, call: Call) -> tuple[bytes, dict[str, str]]:
             sent = loop.time()
             try:
                 with deadlines.timeout(attempt_limit(dep, call.deadline, deadlines, bound)):
-                    resp = await send(session, dep, body)
+                    resp = await send(session, dep.urls[op], dep, body)
                     if not accepted(dep, resp):
                         rejected, resp = resp, None  # refused() closes it
                         raise await refused(dep, rejected)
                     raw = await resp.read()
-                call.usage = _checked(raw)
+                call.usage = op.answer(raw, call.body)
             except AttemptFailed as failed:
                 _settle(plan, dep, permit, failed.error)
                 continue
@@ -106,10 +109,10 @@ async def complete(keel: Keel, call: Call) -> tuple[bytes, dict[str, str]]:
             return raw, keel.attempt_headers(call, plan)
         if type(d) is Wait:
             await asyncio.sleep(d.until - loop.time())
-        elif type(d) is Finish:  # output moderation passed on, the way OpenAI reports it
-            return _filtered_answer(call), keel.attempt_headers(call, plan)
+        elif type(d) is Finish and (answer := op.filtered(call.rid, call.model)) is not None:
+            return answer, keel.attempt_headers(call, plan)  # output moderation passed on
         else:
-            assert type(d) is GiveUp
+            assert type(d) is GiveUp or type(d) is Finish
             raise _gave_up(keel, call, plan, d.reason)
 
 
@@ -117,64 +120,22 @@ def _late(bound: float, usual: float) -> str:
     return f" (none within {bound:.1f}s; this deployment usually answers in {usual:.2f}s)"
 
 
-def _checked(raw: bytes) -> Mapping[str, Any] | None:
-    """A complete chat completion's usage; AttemptFailed for anything else. Like a stream
-    without its terminal chunk, an answer without a finish_reason is not known to be
-    complete: never pass it off as success."""
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        obj = None
-    if not isinstance(obj, dict) or not isinstance(obj.get("choices"), list):
-        raise AttemptFailed(
-            transport_error(ErrorKind.PROTOCOL, "upstream returned a malformed chat completion")
-        )
-    choices = obj["choices"]
-    if not choices or not all(_finished(c) for c in choices):
-        raise AttemptFailed(
-            transport_error(
-                ErrorKind.PROTOCOL, "upstream returned a chat completion without a finish_reason"
-            )
-        )
-    usage = obj.get("usage")
-    return usage if type(usage) is dict else None
-
-
-def _finished(choice: object) -> bool:
-    return type(choice) is dict and type(r := choice.get("finish_reason")) is str and r != ""
-
-
-def _filtered_answer(call: Call) -> bytes:
-    return orjson.dumps(
-        {
-            "id": f"chatcmpl-{call.rid}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": call.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": ""},
-                    "logprobs": None,
-                    "finish_reason": "content_filter",
-                }
-            ],
-        }
-    )
-
-
 # -- stream --------------------------------------------------------------------------------------
 
 
 async def stream(keel: Keel, call: Call, sink: Sink) -> None:
-    """A streamed request, written to ``sink``. Failures end up in ``sink.fail``; a consumer
-    that leaves (``ClientGone``) ends it quietly."""
+    """A streamed request of any operation that streams (``call.op``), written to ``sink``.
+    Failures end up in ``sink.fail``; a consumer that leaves (``ClientGone``) ends it
+    quietly."""
     plan = keel.plan(call)
     group = keel.config.models[call.model]
+    op = call.op
     t = call.transcript = Transcript(
         wants_usage=call.wants_usage,
         commit_tokens=group.commit_buffer.tokens,
         commit_ms=group.commit_buffer.ms,
+        chunk_object=op.chunk_object,
+        finish_choice=op.finish_choice,
     )
     loop = asyncio.get_running_loop()
     try:
@@ -246,8 +207,9 @@ async def _attempt(
     # A first token far later than the deployment's usual one: try elsewhere (keel._cadence).
     ceiling = dep.timeouts.first_token
     first = ceiling if patient else dep.first_token.bound(ceiling, len(payload))
-    resp = await post(session, dep, payload, call.deadline, deadlines, first)
-    asm = StreamAssembler(dialect=dep.dialect, require_done=True)
+    op = call.op
+    resp = await post(session, dep.urls[op], dep, payload, call.deadline, deadlines, first)
+    asm = op.assembler(dep.dialect)
     take = t.take(asm, dep.name, mode)  # type: ignore[arg-type]
     # A stall judged by the deployment's usual pace is only worth it where it can be repaired:
     # the answer can be continued (this deployment at least can continue it).

@@ -33,9 +33,9 @@ from keel.engine._deadlines import Deadlines
 from keel.engine._deployment import Deployment
 from keel.engine._errors import KeelError
 from keel.engine._limits import PRIORITIES, RequestCost, apply_remote_health, holds_back
+from keel.engine._operation import CHAT, Operation
 from keel.engine._router import Router
 from keel.engine._shared import SharedState
-from keel.engine._validate import check_chat_request, parse_chat_request
 
 if TYPE_CHECKING:
     import httpx
@@ -68,6 +68,7 @@ class Call:
     racers: dict[asyncio.Task[Any], Any] | None = None  # a hedge's attempts, while it races
     wants_usage: bool = False  # the client asked for a stream's usage chunk
     transcript: Transcript | None = None  # a stream's, for its spend (``Meter.charge``)
+    op: Operation = CHAT  # the endpoint (``keel.engine._operation``)
 
 
 class Keel:
@@ -236,10 +237,11 @@ class Keel:
         principal: Principal,
         headers: Mapping[str, str],
         rid: str,
+        op: Operation = CHAT,
     ) -> Call:
-        """The request, checked (a 4xx ``KeelError`` naming the problem otherwise), with its
-        deadline, priority and cost."""
-        body = parse_chat_request(raw) if isinstance(raw, bytes) else check_chat_request(dict(raw))
+        """The request to ``op``'s endpoint, checked (a 4xx ``KeelError`` naming the problem
+        otherwise), with its deadline, priority and cost."""
+        body = op.parse(raw) if isinstance(raw, bytes) else op.check(dict(raw))
         model = body["model"]
         if model not in self.router:
             raise KeelError(
@@ -265,7 +267,7 @@ class Keel:
         config = self.config
         now = asyncio.get_running_loop().time()
         deadline = now + config.retry.deadline
-        streaming = bool(body.get("stream"))
+        streaming = op.streams and bool(body.get("stream"))
         wants_usage = False
         if streaming:
             opts = body.get("stream_options")
@@ -288,14 +290,19 @@ class Keel:
             priority=PRIORITIES[priority],
             max_wait=queue.batch_max_wait if priority == "batch" else queue.interactive_max_wait,
             deadline=deadline,
-            cost=RequestCost(body),
+            cost=op.cost(body),
             wants_usage=wants_usage,
+            op=op,
         )
 
-    def library_call(self, body: Mapping[str, Any], stream: bool, api_key: str | None) -> Call:
+    def library_call(
+        self, body: Mapping[str, Any], stream: bool, api_key: str | None, op: Operation = CHAT
+    ) -> Call:
         headers = {} if api_key is None else {"authorization": f"Bearer {api_key}"}
         principal = self.admission.anonymous if api_key is None else self.authenticate(headers)
-        return self.call({**body, "stream": stream}, principal, headers, self.request_id())
+        # An endpoint that never streams gets no "stream" key (OpenAI's would refuse it).
+        body = {**body, "stream": stream} if op.streams else dict(body)
+        return self.call(body, principal, headers, self.request_id(), op)
 
     async def admit(self, call: Call) -> None:
         """Book the client's limits (a 429 ``KeelError`` when over them)."""
@@ -327,7 +334,7 @@ class Keel:
             deadline=call.deadline,
             max_wait=call.max_wait,
             hedge=self.hedges.get(call.model) if call.stream else None,
-            spliceable=body.get("n") in (None, 1),
+            spliceable=call.op.continues and body.get("n") in (None, 1),
             token_limit=_token_limit(body) if call.stream else None,
         )
 

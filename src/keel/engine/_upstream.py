@@ -46,13 +46,14 @@ def _client_timeout(connect: float) -> aiohttp.ClientTimeout:
 
 
 def send(
-    session: aiohttp.ClientSession, dep: Deployment, body: bytes
+    session: aiohttp.ClientSession, url: str, dep: Deployment, body: bytes
 ) -> Awaitable[aiohttp.ClientResponse]:
-    """The upstream POST, for the caller to await (a plain function: no coroutine frame of its
-    own for every wake-up of the request to pass through). No timer of its own: the caller's
-    one deadline bounds it; aiohttp's times only the connect."""
+    """The upstream POST to ``url`` (the deployment's for the operation, ``dep.urls[op]``),
+    for the caller to await (a plain function: no coroutine frame of its own for every
+    wake-up of the request to pass through). No timer of its own: the caller's one deadline
+    bounds it; aiohttp's times only the connect."""
     return session.post(
-        dep.url,
+        url,
         data=body,
         headers=dep.request_headers,
         timeout=_client_timeout(dep.timeouts.connect),
@@ -95,10 +96,10 @@ def transport_failure(exc: BaseException, phase: str) -> AttemptFailed:
 
 
 async def _send(
-    session: aiohttp.ClientSession, dep: Deployment, body: bytes
+    session: aiohttp.ClientSession, url: str, dep: Deployment, body: bytes
 ) -> aiohttp.ClientResponse:
     """Send the request; return the response once its 2xx headers are in."""
-    resp = await send(session, dep, body)
+    resp = await send(session, url, dep, body)
     if not accepted(dep, resp):
         raise await refused(dep, resp)
     return resp
@@ -114,6 +115,7 @@ def attempt_limit(
 
 async def post(
     session: aiohttp.ClientSession,
+    url: str,
     dep: Deployment,
     body: bytes,
     deadline: float,
@@ -123,7 +125,7 @@ async def post(
     """Send the request and wait for a 2xx response's headers (first-token timeout bounds it)."""
     try:
         with deadlines.timeout(attempt_limit(dep, deadline, deadlines, first_token)):
-            return await _send(session, dep, body)
+            return await _send(session, url, dep, body)
     except AttemptFailed:
         raise
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:

@@ -19,6 +19,7 @@ from keel.config import GatewayConfig
 from keel.engine._driver import complete, stream
 from keel.engine._errors import KeelError
 from keel.engine._keel import Keel
+from keel.engine._operation import CHAT, Operation
 from keel.gateway._http import SHUTDOWN_KEY, SHUTTING_DOWN
 from keel.gateway._metrics import metrics, registry_for
 from keel.gateway._sink import SSESink, error_response, sse_end
@@ -37,58 +38,67 @@ def too_large(limit: int) -> KeelError:
     return KeelError(413, f"The request body is larger than {limit} bytes.", code="too_large")
 
 
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    """POST /v1/chat/completions: who is asking and for what (a 4xx at once when that is
-    wrong), the client's limits, then the engine."""
-    try:
-        keel = request.app[KEEL_KEY]
-        rid = keel.request_id()
+def endpoint(op: Operation) -> Handler:
+    """The handler of ``op``'s endpoint (POST /v1/chat/completions, /v1/embeddings, ...): who
+    is asking and for what (a 4xx at once when that is wrong), the client's limits, then the
+    engine — one handler body for every operation, made per operation so that the engine is
+    called from the handler itself (no coroutine frame more on every wake-up of a request)."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
         try:
-            headers = request.headers
-            principal = keel.authenticate(headers)
-            limit = keel.config.server.max_body_bytes
-            length = request.content_length
-            if length is not None and length > limit:
-                raise too_large(limit)
+            keel = request.app[KEEL_KEY]
+            rid = keel.request_id()
             try:
-                raw = await request.read()
-            except web.HTTPRequestEntityTooLarge:
-                raise too_large(limit) from None
-            call = keel.call(raw, principal, headers, rid)
-            if keel.shared is None:
-                keel.admit_local(call)  # client limits without Redis: nothing to await
-            else:
-                await keel.admit(call)
-        except KeelError as exc:
-            return error_response(exc, rid)
-        if call.stream and wants_resume(headers):  # keel.gateway._streams; it ends the call
-            return await resumable_chat(request, keel, call)
-        try:
-            if call.stream:
-                sink = SSESink(request, rid)
+                headers = request.headers
+                principal = keel.authenticate(headers)
+                limit = keel.config.server.max_body_bytes
+                length = request.content_length
+                if length is not None and length > limit:
+                    raise too_large(limit)
                 try:
-                    await stream(keel, call, sink)
+                    raw = await request.read()
+                except web.HTTPRequestEntityTooLarge:
+                    raise too_large(limit) from None
+                call = keel.call(raw, principal, headers, rid, op)
+                if keel.shared is None:
+                    keel.admit_local(call)  # client limits without Redis: nothing to await
+                else:
+                    await keel.admit(call)
+            except KeelError as exc:
+                return error_response(exc, rid)
+            if call.stream and wants_resume(headers):  # keel.gateway._streams; it ends the call
+                return await resumable_chat(request, keel, call)
+            try:
+                if call.stream:
+                    sink = SSESink(request, rid)
+                    try:
+                        await stream(keel, call, sink)
+                    except asyncio.CancelledError:
+                        if not _cut_off(request):
+                            raise  # the client went away: nobody to answer
+                        await sink.fail(_shutting_down())
+                    assert sink.response is not None
+                    return sink.response
+                try:
+                    body, out = await complete(keel, call)
+                except KeelError as exc:
+                    return error_response(exc)
                 except asyncio.CancelledError:
                     if not _cut_off(request):
-                        raise  # the client went away: nobody to answer
-                    await sink.fail(_shutting_down())
-                assert sink.response is not None
-                return sink.response
-            try:
-                body, out = await complete(keel, call)
-            except KeelError as exc:
-                return error_response(exc)
-            except asyncio.CancelledError:
-                if not _cut_off(request):
-                    raise
-                return error_response(_shutting_down(), rid)
-            return web.Response(body=body, content_type="application/json", headers=out)
-        finally:
-            keel.done(call)
-    except (asyncio.CancelledError, ConnectionResetError):
-        raise
-    except Exception as exc:
-        return await internal_error(request, exc)
+                        raise
+                    return error_response(_shutting_down(), rid)
+                return web.Response(body=body, content_type="application/json", headers=out)
+            finally:
+                keel.done(call)
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception as exc:
+            return await internal_error(request, exc)
+
+    return handler
+
+
+chat_completions = endpoint(CHAT)
 
 
 def _cut_off(request: web.Request) -> bool:

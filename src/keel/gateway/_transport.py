@@ -26,11 +26,13 @@ import orjson
 from keel.engine._driver import complete, stream
 from keel.engine._errors import KeelError
 from keel.engine._keel import Call, Keel
+from keel.engine._operation import CHAT, Operation
 from keel.engine._sinks import COMMITTED, END, QueueSink
 from keel.gateway._app import too_large, unrouted
 from keel.gateway._sink import sse, sse_end
 
-_CHAT = ("/v1/chat/completions", "/chat/completions")
+# The engine's endpoints by path (the gateway's routes).
+_OPERATIONS = {"/v1/chat/completions": CHAT, "/chat/completions": CHAT}
 _JSON = {"content-type": "application/json"}
 
 
@@ -65,8 +67,9 @@ class _Door:
 
     async def handle(self, request: Any) -> Any:
         path, method = request.url.path, request.method
-        if path in _CHAT and method == "POST":
-            return await self._chat(request)
+        op = _OPERATIONS.get(path)
+        if op is not None and method == "POST":
+            return await self._call(request, op)
         if path == "/v1/models" and method in ("GET", "HEAD"):
             body = orjson.dumps({"object": "list", "data": self._keel.models()})
             return self._lib.Response(200, headers=_JSON, content=body)
@@ -74,7 +77,7 @@ class _Door:
             return self._lib.Response(200, headers=_JSON, content=b'{"status":"ok"}')
         return self._error(unrouted(method, path))
 
-    async def _chat(self, request: Any) -> Any:
+    async def _call(self, request: Any, op: Operation) -> Any:
         keel = self._keel
         rid = keel.request_id()
         try:
@@ -83,7 +86,7 @@ class _Door:
             limit = keel.config.server.max_body_bytes
             if len(raw) > limit:
                 raise too_large(limit)
-            call = keel.call(raw, principal, request.headers, rid)
+            call = keel.call(raw, principal, request.headers, rid, op)
             await keel.admit(call)
         except KeelError as exc:
             return self._error(exc, rid)
