@@ -116,21 +116,7 @@ def paced() -> Iterator[SimProcess]:
 async def test_a_silent_stream_is_continued_after_a_few_of_its_usual_gaps(
     paced: SimProcess,
 ) -> None:
-    cfg = {
-        "timeouts": {"idle": 30.0},
-        "models": {
-            "m": {
-                "deployments": [
-                    {
-                        "name": "paced",
-                        "base_url": paced.base_url,
-                        "api_key": UPSTREAM_KEY_B,
-                        "dialect": "dashscope",
-                    }
-                ]
-            }
-        },
-    }
+    cfg = {"timeouts": {"idle": 30.0}, **_one(paced)}
     async with Keel.from_config(cfg) as gw:
         for _ in range(MIN_SAMPLES):  # the deployment shows its pace
             done = [c async for c in gw.stream(_body(unique("pace")))]
@@ -146,6 +132,13 @@ async def test_a_silent_stream_is_continued_after_a_few_of_its_usual_gaps(
     tag = prompt.rsplit("#", 1)[1].split()[0]
     attempts = [e for e in paced.log() if tag in e.prompt]
     assert len(attempts) == 2  # the stalled one, then its continuation
+
+
+def _one(paced: SimProcess) -> dict[str, object]:
+    """A config whose model ``m`` is the paced simulator alone."""
+    dep = {"name": "paced", "base_url": paced.base_url, "api_key": UPSTREAM_KEY_B,
+           "dialect": "dashscope"}  # fmt: skip
+    return {"models": {"m": {"deployments": [dep]}}}
 
 
 def _body(prompt: str) -> dict[str, object]:
@@ -164,20 +157,7 @@ async def test_a_first_token_far_later_than_usual_is_tried_again_long_before_fir
     non-stream request, a 30 s slow first token for the stream) is cut at the learned bound
     (the 5 s floor here, the deployment answers in ~0.1 s) and tried again — not left to
     ``timeouts.first_token`` (60 s)."""
-    cfg = {
-        "models": {
-            "m": {
-                "deployments": [
-                    {
-                        "name": "paced",
-                        "base_url": paced.base_url,
-                        "api_key": UPSTREAM_KEY_B,
-                        "dialect": "dashscope",
-                    }
-                ]
-            }
-        },
-    }
+    cfg = _one(paced)
     fault = "slow_first=30*1" if streaming else "stall*1"
     async with Keel.from_config(cfg) as gw:
         for _ in range(MIN_SAMPLES):  # the deployment shows how soon it answers
@@ -206,20 +186,7 @@ async def test_a_request_cut_for_lateness_once_waits_the_configured_bound_after(
 ) -> None:
     """A big request is not cut twice: every attempt answers 6 s late (over the learned 5 s
     floor), the first attempt is cut, the retry waits (``Try.patient``) and answers."""
-    cfg = {
-        "models": {
-            "m": {
-                "deployments": [
-                    {
-                        "name": "paced",
-                        "base_url": paced.base_url,
-                        "api_key": UPSTREAM_KEY_B,
-                        "dialect": "dashscope",
-                    }
-                ]
-            }
-        },
-    }
+    cfg = _one(paced)
     async with Keel.from_config(cfg) as gw:
         for _ in range(MIN_SAMPLES):
             assert await gw.chat(_body(unique("soon")))
@@ -228,3 +195,36 @@ async def test_a_request_cut_for_lateness_once_waits_the_configured_bound_after(
     assert answer["choices"][0]["message"]["content"] == answer_text(prompt)
     tag = prompt.rsplit("#", 1)[1].split()[0]
     assert len(_timed_out(tag, paced)) == 2
+
+
+async def test_a_silent_stream_on_a_fresh_deployment_is_judged_by_its_own_pace(
+    paced: SimProcess,
+) -> None:
+    """Before the deployment has shown its pace (a gateway just started), a stream that has
+    streamed 12 tokens at 20 ms and goes silent is judged by its own pace: continued after
+    ~2-4 s (re-judged every FLOOR seconds), not after the 30 s idle bound."""
+    async with Keel.from_config({"timeouts": {"idle": 30.0}, **_one(paced)}) as gw:
+        prompt = unique("fresh") + " [[sim:len=40,stall=12*1]]"
+        t = time.monotonic()
+        chunks = [c async for c in gw.stream(_body(prompt))]
+        took = time.monotonic() - t
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == answer_text(prompt, 40)
+    assert chunks[-1]["keel"]["continued"][0]["mode"] == "prefill"
+    assert took < 2 * FLOOR + 2.0, f"{took:.1f} s: waited for the 30 s idle bound"
+    tag = prompt.rsplit("#", 1)[1].split()[0]
+    assert len([e for e in paced.log() if tag in e.prompt]) == 2
+
+
+@pytest.mark.parametrize(
+    ("first", "last", "tokens", "idle"),
+    [
+        (0.0, 0.18, 10, FLOOR),  # 20 ms a token: the floor
+        (0.0, 4.5, 10, 10.0),  # 0.5 s a token: 20 of them
+        (0.0, 0.18, 9, 30.0),  # too few tokens to say
+        (1.0, 1.0, 12, 30.0),  # no time between them
+        (0.0, 90.0, 10, 30.0),  # never over the ceiling
+    ],
+)
+def test_a_streams_own_pace(first: float, last: float, tokens: int, idle: float) -> None:
+    assert Cadence.own(30.0, first, last, tokens) == pytest.approx(idle)

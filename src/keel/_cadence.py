@@ -17,6 +17,7 @@ from dataclasses import dataclass
 FACTOR = 20.0  # a stall: this many usual gaps without a token
 FLOOR = 2.0  # seconds: never judged stalled sooner
 MIN_SAMPLES = 5  # complete streams before the learned pace is trusted
+OWN_TOKENS = 10  # until then, a stream's own pace counts after this many tokens
 ALPHA = 0.2  # EWMA weight of the newest stream
 
 
@@ -38,6 +39,19 @@ class Cadence:
         if self.samples < MIN_SAMPLES:
             return ceiling
         return min(ceiling, max(FLOOR, FACTOR * self.gap))
+
+    @property
+    def known(self) -> bool:
+        return self.samples >= MIN_SAMPLES
+
+    @staticmethod
+    def own(ceiling: float, first_progress: float, last_progress: float, tokens: int) -> float:
+        """Before the deployment's pace is known (its first streams after a start): the
+        stall bound from this stream's own pace so far, once it has shown ``OWN_TOKENS``."""
+        if tokens < OWN_TOKENS or last_progress <= first_progress:
+            return ceiling
+        gap = (last_progress - first_progress) / (tokens - 1)
+        return min(ceiling, max(FLOOR, FACTOR * gap))
 
 
 # -- the first token ---------------------------------------------------------------------------
