@@ -86,7 +86,7 @@ async def _site(app: web.Application) -> tuple[web.AppRunner, int]:
 
 
 async def _gateway(
-    which: str, upstream: str, auth: str = "static"
+    which: str, upstream: str, auth: str = "static", telemetry: str | None = None
 ) -> tuple[web.AppRunner | None, str, str]:
     """(runner, chat URL, model) for keel, the bare proxy, or the upstream itself."""
     if which == "direct":
@@ -105,6 +105,8 @@ async def _gateway(
                 # (under valgrind they would run ~50x as often per request as for real).
                 cfg["auth"] = {"sync_interval": 3600, "spend_flush_interval": 3600}
                 cfg["models"][MODEL]["price"] = {"input": 0.15, "output": 0.6}
+        if telemetry is not None:  # every request sampled, exported to ``telemetry``
+            cfg["telemetry"] = {"enabled": True, "endpoint": telemetry}
         app = create_app(parse_config(cfg))
         model = MODEL
     else:
@@ -158,14 +160,26 @@ async def _key_database(client: dict[str, Any]) -> str:
     return url
 
 
+async def _collector(request: web.Request) -> web.Response:
+    """An OTLP/HTTP endpoint that takes everything and decodes nothing (empty = success)."""
+    await request.read()
+    return web.Response(body=b"", content_type="application/x-protobuf")
+
+
 async def run(
-    which: str, requests: int, concurrency: int, tokens: int, auth: str = "static"
-) -> None:
+    which: str, requests: int, concurrency: int, tokens: int, auth: str = "static",
+    telemetry: bool = False,
+) -> None:  # fmt: skip
     up = web.Application()
     up[_TOKENS] = tokens
     up.router.add_post("/v1/chat/completions", _upstream)
+    up.router.add_post("/v1/traces", _collector)
+    up.router.add_post("/v1/metrics", _collector)
     up_runner, up_port = await _site(up)
-    runner, url, model = await _gateway(which, f"http://127.0.0.1:{up_port}/v1", auth)
+    upstream = f"http://127.0.0.1:{up_port}"
+    runner, url, model = await _gateway(
+        which, upstream + "/v1", auth, upstream if telemetry else None
+    )
     body = orjson.dumps(
         {
             "model": model,
@@ -217,10 +231,18 @@ def main() -> None:
         default="static",
         help="keel's client: the config's key (default), none, a virtual key, its access JWT",
     )
+    parser.add_argument(
+        "--telemetry",
+        choices=["off", "on"],
+        default="off",
+        help="keel: OpenTelemetry off, or on (every request sampled, exported over OTLP/HTTP "
+        "to a collector on the upstream's server that decodes nothing)",
+    )
     args = parser.parse_args()
     import uvloop
 
-    uvloop.run(run(args.which, args.requests, args.concurrency, args.tokens, args.auth))
+    on = args.telemetry == "on"
+    uvloop.run(run(args.which, args.requests, args.concurrency, args.tokens, args.auth, on))
 
 
 if __name__ == "__main__":

@@ -73,6 +73,8 @@ async def complete(keel: Keel, call: Call) -> tuple[bytes, dict[str, str]]:
             permit = _admit(plan, dep, call) or await _queue(keel, plan, d, call)
             if permit is None:
                 continue
+            if call.record is not None:  # observers watch (keel.engine._observe)
+                call.record.attempt(dep, permit, plan.count)
             resp = None
             body = keel.upstream_body(call.body, dep)
             # A whole answer far later than the deployment's usual one: try elsewhere.
@@ -88,7 +90,7 @@ async def complete(keel: Keel, call: Call) -> tuple[bytes, dict[str, str]]:
                     raw = await resp.read()
                 call.usage = op.answer(raw, call.body)
             except AttemptFailed as failed:
-                _settle(plan, dep, permit, failed.error)
+                _settle(call, plan, dep, permit, failed.error)
                 continue
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 if resp is not None:
@@ -96,20 +98,24 @@ async def complete(keel: Keel, call: Call) -> tuple[bytes, dict[str, str]]:
                 phase = "before the response" if resp is None else "while reading the response"
                 if bound < ceiling and isinstance(exc, TimeoutError):
                     phase += _late(bound, dep.answer_time.mean)
-                _settle(plan, dep, permit, transport_failure(exc, phase).error)
+                _settle(call, plan, dep, permit, transport_failure(exc, phase).error)
                 continue
             except BaseException:
-                _settle(plan, dep, permit)  # cancelled: the client left
+                _settle(call, plan, dep, permit)  # cancelled: the client left
                 raise
             finally:
                 if resp is not None:
                     resp.release()
             dep.answer_time.observe(loop.time() - sent)
-            _settle(plan, dep, permit, ok=True, usage=call.usage)
+            _settle(call, plan, dep, permit, ok=True, usage=call.usage)
+            if call.record is not None:
+                call.record.answered(raw)
             return raw, keel.attempt_headers(call, plan)
         if type(d) is Wait:
             await asyncio.sleep(d.until - loop.time())
         elif type(d) is Finish and (answer := op.filtered(call.rid, call.model)) is not None:
+            if call.record is not None:
+                call.record.finished_with("content_filter")
             return answer, keel.attempt_headers(call, plan)  # output moderation passed on
         else:
             assert type(d) is GiveUp or type(d) is Finish
@@ -146,6 +152,8 @@ async def stream(keel: Keel, call: Call, sink: Sink) -> None:
                 permit = _admit(plan, dep, call) or await _queue(keel, plan, d, call)
                 if permit is None:
                     continue
+                if call.record is not None:  # observers watch (keel.engine._observe)
+                    call.record.attempt(dep, permit, plan.count, d.continuation)
                 t.attempts = plan.count
                 if d.hedge_after is not None:
                     if await _hedged(
@@ -158,13 +166,13 @@ async def stream(keel: Keel, call: Call, sink: Sink) -> None:
                         keel, call, plan, t, sink, dep, d.continuation, d.patient
                     )
                 except AttemptFailed as failed:
-                    _settle(plan, dep, permit, failed.error)
+                    _settle(call, plan, dep, permit, failed.error)
                     continue
                 except BaseException:
-                    _settle(plan, dep, permit)
+                    _settle(call, plan, dep, permit)
                     raise
                 call.usage = usage
-                _settle(plan, dep, permit, ok=True, usage=usage)
+                _settle(call, plan, dep, permit, ok=True, usage=usage)
                 return
             if type(d) is Wait:
                 await asyncio.sleep(d.until - loop.time())
@@ -178,6 +186,8 @@ async def stream(keel: Keel, call: Call, sink: Sink) -> None:
     except ClientGone:
         # Normal, not an error: nobody is left to answer. The upstream is closed already.
         log.debug("request %s: the client went away mid-stream", call.rid)
+        if call.record is not None:
+            call.record.gone = True
 
 
 async def _attempt(
@@ -194,6 +204,12 @@ async def _attempt(
     ``patient``: wait the configured first_token, not the deployment's learned bound."""
     mode = dep.continuation if continuing else None
     if mode is not None:
+        log.info(
+            "request %s: continuing the answer on %s (%s) after %d tokens",
+            call.rid, dep.name, mode, t.tokens,
+            extra={"event": "continuation", "request_id": call.rid, "deployment": dep.name,
+                   "mode": mode, "after_tokens": t.tokens},
+        )  # fmt: skip
         cont = continuation_body(call.body, t.text, mode, dep.dialect, t.tokens)  # type: ignore[arg-type]
         assert cont is not None  # past the token limit the plan ends with "length" instead
         if t.wants_usage:
@@ -296,6 +312,8 @@ async def _commit(
                 task.cancel()
     plan.commit(dep)
     plan.first_token(asyncio.get_running_loop().time() - started)
+    if call.record is not None:
+        call.record.first_token(dep)
     await sink.commit(keel.attempt_headers(call, plan))
 
 
@@ -304,6 +322,8 @@ async def _finish(
 ) -> None:
     """End the answer well-formed with ``reason``: what the last attempt holds is shown
     first (output moderation may stop an answer that has not committed yet)."""
+    if call.record is not None:
+        call.record.finished_with(reason)
     out: list[bytes] = []
     if t.flush(out):
         await sink.commit(keel.attempt_headers(call, plan))
@@ -335,6 +355,8 @@ async def _hedged(
             alt_permit = try_acquire(alt, call.cost, time.monotonic())
             if alt_permit is not None:
                 plan.hedged(alt)
+                if call.record is not None:
+                    call.record.attempt(alt, alt_permit, plan.count, hedge=True)
                 t.attempts = plan.count
                 alt.in_flight += 1
                 second = asyncio.create_task(
@@ -346,7 +368,7 @@ async def _hedged(
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 d, p = racers.pop(task)
-                if _ended(plan, call, task, d, p, hedge=task is not first):
+                if _ended(call, plan, task, d, p, hedge=task is not first):
                     return True
         return False
     finally:
@@ -359,13 +381,13 @@ async def _hedged(
             with contextlib.suppress(BaseException):
                 await task
             with contextlib.suppress(Exception):
-                _ended(plan, call, task, d, p, hedge=task is not first)
+                _ended(call, plan, task, d, p, hedge=task is not first)
         call.racers = None
 
 
 def _ended(
-    plan: Plan[Deployment],
     call: Call,
+    plan: Plan[Deployment],
     task: asyncio.Task[Mapping[str, Any]],
     dep: Deployment,
     permit: Permit,
@@ -373,17 +395,17 @@ def _ended(
 ) -> bool:
     """Settle a raced attempt by its own outcome; True when it completed the stream."""
     if task.cancelled():
-        _settle(plan, dep, permit)
+        _settle(call, plan, dep, permit)
         return False
     exc = task.exception()
     if exc is None:
         call.usage = task.result()
-        _settle(plan, dep, permit, ok=True, usage=call.usage)
+        _settle(call, plan, dep, permit, ok=True, usage=call.usage)
         return True
     if isinstance(exc, AttemptFailed):
-        _settle(plan, dep, permit, exc.error, hedge=hedge)
+        _settle(call, plan, dep, permit, exc.error, hedge=hedge)
         return False
-    _settle(plan, dep, permit)  # lost the race (or the client left)
+    _settle(call, plan, dep, permit)  # lost the race (or the client left)
     if not isinstance(exc, Lost):
         raise exc
     return False
@@ -427,6 +449,7 @@ def _started(plan: Plan[Deployment], dep: Deployment, permit: Permit) -> Permit:
 
 
 def _settle(
+    call: Call,
     plan: Plan[Deployment],
     dep: Deployment,
     permit: Permit,
@@ -441,6 +464,8 @@ def _settle(
     (breaker, adaptive concurrency, latency, tokens); its slot is freed. Once per permit."""
     if permit.released:
         return
+    if call.record is not None:
+        call.record.settled(permit, error, ok, usage)
     if ok:
         permit.ok = True
         plan.succeeded(dep)
@@ -467,4 +492,6 @@ def _gave_up(keel: Keel, call: Call, plan: Plan[Deployment], reason: str) -> Kee
         why, back = keel.router.unavailable(call.model)  # all out: say why, and until when
         err = unavailable_error(reason or why, back)
     err.headers.update(keel.attempt_headers(call, plan))
+    if call.record is not None:
+        call.record.failed(err)
     return err
