@@ -63,6 +63,7 @@ class Deployment:
     timeouts: Timeouts
     name: str = ""
     urls: Urls = field(default=None, repr=False)  # type: ignore[assignment]  # per operation
+    native: bool = False  # api: responses — it serves POST /responses itself
     endpoint: str = ""  # scheme://host:port of base_url, safe to log
     model: str = ""
     auth_header: str = ""
@@ -87,6 +88,7 @@ class Deployment:
     def __post_init__(self) -> None:
         self.name = self.cfg.name or f"{self.group}/{self.index}"
         self.urls = Urls(self.cfg.base_url.rstrip("/"), self.cfg.dialect)
+        self.native = self.cfg.api == "responses"
         # For logs: scheme, host and port only — a base URL may carry credentials
         # (user:pass@host, ?api-key=…) that must never reach a log line.
         parts = urlsplit(self.cfg.base_url)

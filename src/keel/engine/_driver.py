@@ -34,6 +34,7 @@ from keel.engine._deployment import Deployment
 from keel.engine._errors import KeelError, final_error, unavailable_error
 from keel.engine._keel import Call, Keel
 from keel.engine._limits import Permit, Saturated, acquire, release, try_acquire
+from keel.engine._responses import RESPONSES, native_body, native_payload
 from keel.engine._sinks import ClientGone, Sink
 from keel.engine._upstream import (
     AttemptFailed,
@@ -76,19 +77,23 @@ async def complete(keel: Keel, call: Call) -> tuple[bytes, dict[str, str]]:
             if call.record is not None:  # observers watch (keel.engine._observe)
                 call.record.attempt(dep, permit, plan.count)
             resp = None
-            body = keel.upstream_body(call.body, dep)
+            wire = RESPONSES if call.responses is not None and dep.native else op
+            if wire is RESPONSES:  # a Responses call, natively (keel.engine._responses)
+                payload = native_body(call, dep)
+            else:
+                payload = keel.upstream_body(call.body, dep)
             # A whole answer far later than the deployment's usual one: try elsewhere.
             ceiling = dep.timeouts.first_token
-            bound = ceiling if d.patient else dep.answer_time.bound(ceiling, len(body))
+            bound = ceiling if d.patient else dep.answer_time.bound(ceiling, len(payload))
             sent = loop.time()
             try:
                 with deadlines.timeout(attempt_limit(dep, call.deadline, deadlines, bound)):
-                    resp = await send(session, dep.urls[op], dep, body)
+                    resp = await send(session, dep.urls[wire], dep, payload)
                     if not accepted(dep, resp):
                         rejected, resp = resp, None  # refused() closes it
                         raise await refused(dep, rejected)
                     raw = await resp.read()
-                call.usage = op.answer(raw, call.body)
+                call.usage = wire.answer(raw, call.body)
             except AttemptFailed as failed:
                 _settle(call, plan, dep, permit, failed.error)
                 continue
@@ -203,6 +208,7 @@ async def _attempt(
     """One streamed attempt, from the request to the last frame. Returns its usage.
     ``patient``: wait the configured first_token, not the deployment's learned bound."""
     mode = dep.continuation if continuing else None
+    op = call.op
     if mode is not None:
         log.info(
             "request %s: continuing the answer on %s (%s) after %d tokens",
@@ -210,6 +216,10 @@ async def _attempt(
             extra={"event": "continuation", "request_id": call.rid, "deployment": dep.name,
                    "mode": mode, "after_tokens": t.tokens},
         )  # fmt: skip
+    if call.responses is not None and dep.native:  # a Responses stream, natively
+        op = RESPONSES
+        payload = native_payload(call, t, dep, mode)
+    elif mode is not None:
         cont = continuation_body(call.body, t.text, mode, dep.dialect, t.tokens)  # type: ignore[arg-type]
         assert cont is not None  # past the token limit the plan ends with "length" instead
         if t.wants_usage:
@@ -223,7 +233,6 @@ async def _attempt(
     # A first token far later than the deployment's usual one: try elsewhere (keel._cadence).
     ceiling = dep.timeouts.first_token
     first = ceiling if patient else dep.first_token.bound(ceiling, len(payload))
-    op = call.op
     resp = await post(session, dep.urls[op], dep, payload, call.deadline, deadlines, first)
     asm = op.assembler(dep.dialect)
     take = t.take(asm, dep.name, mode)  # type: ignore[arg-type]

@@ -86,9 +86,15 @@ class ChunkStream:
     ``__anext__``; ``aclose()`` (also when the iterator is dropped after a ``break``, or the
     reading task is cancelled) stops it and closes the upstream attempt."""
 
-    def __init__(self, keel: Keel, make_call: Callable[[], Call]) -> None:
+    def __init__(
+        self,
+        keel: Keel,
+        make_call: Callable[[], Call],
+        wrap: Callable[[Sink], Sink] | None = None,
+    ) -> None:
         self._keel = keel
         self._make_call = make_call
+        self._wrap = wrap  # the sink the driver writes to, around the queue (Responses)
         self._sink = QueueSink()
         self._task: asyncio.Task[None] | None = None
         self._batch: list[bytes] = []
@@ -126,11 +132,12 @@ class ChunkStream:
 
         keel, sink = self._keel, self._sink
         call = self._make_call()  # KeelError for a bad body or an unknown model
+        target = sink if self._wrap is None else self._wrap(sink)
         await keel.admit(call)
 
         async def run() -> None:  # (no reference to self: dropping the iterator must free it)
             try:
-                await stream(keel, call, sink)
+                await stream(keel, call, target)
             finally:
                 keel.done(call)
 

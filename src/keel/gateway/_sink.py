@@ -122,6 +122,10 @@ class SSESink:
             return
         self.ended = True
         await self._write(sse_end(chunks))
+        await self._eof()
+
+    async def _eof(self) -> None:
+        assert self.response is not None
         try:
             await self.response.write_eof()
         except ConnectionError:
