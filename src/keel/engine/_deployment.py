@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from keel import __version__
-from keel._cadence import Cadence
+from keel._cadence import Cadence, FirstToken
 from keel._classify import Dialect, UpstreamError
 from keel._health import Breaker, PeakEwma
 from keel.config import DeploymentConfig, Timeouts
@@ -81,6 +81,8 @@ class Deployment:
     breaker: Breaker = field(default_factory=Breaker)
     latency: PeakEwma = field(default_factory=PeakEwma)
     cadence: Cadence = field(default_factory=Cadence)  # the usual gap between stream tokens
+    first_token: FirstToken = field(default_factory=FirstToken)  # a stream's, usually
+    answer_time: FirstToken = field(default_factory=FirstToken)  # a non-stream answer's
     outcomes: Counter[str] = field(default_factory=Counter)  # attempts by outcome (metrics)
 
     def __post_init__(self) -> None:
