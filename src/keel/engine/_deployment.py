@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from keel import __version__
-from keel._cadence import Cadence
+from keel._cadence import Cadence, FirstToken
 from keel._classify import Dialect, UpstreamError
 from keel._health import Breaker, PeakEwma
 from keel._status import Ring
@@ -88,6 +88,8 @@ class Deployment:
     breaker: Breaker = field(default_factory=Breaker)
     latency: PeakEwma = field(default_factory=PeakEwma)
     cadence: Cadence = field(default_factory=Cadence)  # the usual gap between stream tokens
+    first_token: FirstToken = field(default_factory=FirstToken)  # a stream's, usually
+    answer_time: FirstToken = field(default_factory=FirstToken)  # a non-stream answer's
     outcomes: Counter[str] = field(default_factory=Counter)  # attempts by outcome (metrics)
     # For the status page (keel.engine._snapshot): written once per attempt, read on demand.
     took: Ring = field(default_factory=Ring, repr=False)  # seconds per successful attempt
@@ -179,8 +181,9 @@ class Deployment:
         return True
 
     def reset(self) -> None:
-        """Put it back: its key bench, cool-down, pause and breaker (an ejection included)
-        are forgotten, as is its failure score. A drain stays (``undrain`` ends that)."""
+        """Put it back: its key bench, cool-down, pause or hold and breaker (an ejection
+        included) are forgotten, as is its failure score. A drain stays (``undrain`` ends
+        that)."""
         if self.drained:
             self._held_bench = (0.0, "", "")
         else:
@@ -191,6 +194,6 @@ class Deployment:
         lim = self.limiter
         if lim is not None:
             lim.paused_until = 0.0
-            lim.rate_run = 0
+            lim.end_hold()  # a hold after hint-less refusals (pause, probe, slow start)
             if lim.shared is not None:  # what this replica published must not bench it again
                 lim.shared.forget(lim.health_key)

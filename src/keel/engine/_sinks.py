@@ -7,14 +7,16 @@ Chunks are the JSON payloads of ``chat.completion.chunk`` objects, as bytes: an 
 them (``data: …``), a WebSocket sink would wrap them, the library's iterator parses them.
 
 A sink raises ``ClientGone`` when its consumer went away; the driver then ends quietly (the
-upstream connection closes in its ``finally``).
+upstream connection closes in its ``finally``). ``send`` runs once per network read, so it may
+hand back the consumer's own write instead of being a coroutine; what that write raises
+(``SSESink``: aiohttp's ConnectionError) comes out of the driver for the door to judge.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
@@ -35,7 +37,7 @@ class Sink(Protocol):
 
     async def commit(self, headers: Mapping[str, str]) -> None: ...
 
-    async def send(self, chunks: list[bytes]) -> None: ...
+    def send(self, chunks: list[bytes]) -> Awaitable[None]: ...
 
     async def end(self, chunks: list[bytes]) -> None: ...
 

@@ -92,6 +92,10 @@ def endpoint(op: Operation) -> Handler:
                         if not _cut_off(request):
                             raise  # the client went away: nobody to answer
                         await sink.fail(_shutting_down())
+                    except ConnectionError:  # a write of SSESink.send
+                        if not sink.left:
+                            raise  # the client is still there: a real error
+                        log.debug("request %s: the client went away mid-stream", rid)
                     assert sink.response is not None
                     return sink.response
                 try:
