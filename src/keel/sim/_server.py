@@ -232,6 +232,12 @@ class Simulator:
         r.add_post("/v1/chat/completions", self._chat)
         r.add_post("/chat/completions", self._chat)
         r.add_post("/openai/deployments/{deployment}/chat/completions", self._chat)  # Azure
+        r.add_post("/v1/embeddings", self._embeddings)
+        r.add_post("/embeddings", self._embeddings)
+        r.add_post("/openai/deployments/{deployment}/embeddings", self._embeddings)  # Azure
+        r.add_post("/v1/completions", self._completions)
+        r.add_post("/completions", self._completions)
+        r.add_post("/openai/deployments/{deployment}/completions", self._completions)
         r.add_post("/v1/audio/speech", self._speech)
         r.add_post("/audio/speech", self._speech)
         r.add_get("/v1/models", self._models)
@@ -339,6 +345,16 @@ class Simulator:
 
         return await speech(self, request)
 
+    async def _embeddings(self, request: web.Request) -> web.StreamResponse:
+        from keel.sim._embeddings import embeddings
+
+        return await embeddings(self, request)
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        from keel.sim._completions import completions
+
+        return await completions(self, request)
+
     # -- chat completions ---------------------------------------------------------------------
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
@@ -386,16 +402,9 @@ class Simulator:
         faults = self._choose_faults(api_key, prompt, d, len(answer.pieces), entry.t_open)
         if faults:
             entry.fault = ",".join(f.name for f in faults)
-        for f in faults:
-            if f.name in _WALLS and self.wall_wording != "default":
-                return self._error(entry, self._wall(f, model, rid, entry.t_open))
-            if f.spec.phase == "error":
-                reply = error_reply(
-                    f.name, f.value, self.dialect, api_key=api_key, model=model, request_id=rid
-                )
-                return self._error(entry, reply)
-            if f.spec.phase == "reset":
-                return _reset(request)
+        refusal = self._refusal(request, entry, faults, api_key, model)
+        if refusal is not None:
+            return refusal
         active = {f.name: f.param() for f in faults if f.spec.phase == "stream"}
         if "slow_first" in active:  # before the response headers
             await asyncio.sleep(active["slow_first"])
@@ -453,6 +462,28 @@ class Simulator:
         if await self._run(request, resp, plan, entry, count_tokens=entry.stream):
             entry.finished = complete
         return resp
+
+    def _refusal(
+        self,
+        request: web.Request,
+        entry: LogEntry,
+        faults: list[Fault],
+        api_key: str | None,
+        model: str,
+    ) -> web.Response | None:
+        """The reply of an error or a reset among ``faults``; None: the answer goes ahead."""
+        rid = entry.request_id
+        for f in faults:
+            if f.name in _WALLS and self.wall_wording != "default":
+                return self._error(entry, self._wall(f, model, rid, entry.t_open))
+            if f.spec.phase == "error":
+                reply = error_reply(
+                    f.name, f.value, self.dialect, api_key=api_key, model=model, request_id=rid
+                )
+                return self._error(entry, reply)
+            if f.spec.phase == "reset":
+                return _reset(request)
+        return None
 
     def _limit_headers(self) -> bool:
         """Do answers carry x-ratelimit-* headers? OpenAI sends them; DashScope and a bare
