@@ -17,9 +17,9 @@ import openai
 import pytest
 
 from auth_helpers import ADMIN, http, write_config
-from gw_fixtures import unique
+from gw_fixtures import log_of, unique
 from keel import Keel, KeelError
-from keel.sim import LogEntry, answer_text
+from keel.sim import answer_text
 from keel.testing import GatewayProcess, SimProcess, spawn_gateway
 
 CLIENT = "sk-cmpl-client-0123456789abcdef"
@@ -73,11 +73,6 @@ async def gw(sims: tuple[SimProcess, SimProcess]) -> AsyncIterator[Keel]:
     a, b = sims
     async with Keel.from_config(config(a.base_url, b.base_url)) as k:
         yield k
-
-
-def log_of(sims: tuple[SimProcess, SimProcess], text: str) -> list[LogEntry]:
-    entries = (e for s in sims for e in s.log() if e.prompt.startswith(text))
-    return sorted(entries, key=lambda e: e.t_open)
 
 
 def sse_events(gateway: GatewayProcess, body: dict[str, Any]) -> list[str]:

@@ -13,9 +13,9 @@ import httpx
 import openai
 import pytest
 
-from gw_fixtures import unique
+from gw_fixtures import log_of, unique
 from keel import Keel, KeelError
-from keel.sim import DIMENSIONS, LogEntry, embedding_base64, embedding_for
+from keel.sim import DIMENSIONS, embedding_base64, embedding_for
 from keel.testing import GatewayProcess, SimProcess, spawn_gateway
 
 CLIENT = "sk-embed-client-0123456789abcdef"
@@ -77,11 +77,6 @@ async def gw(sims: tuple[SimProcess, SimProcess]) -> AsyncIterator[Keel]:
     a, b = sims
     async with Keel.from_config(config(a.base_url, b.base_url)) as k:
         yield k
-
-
-def log_of(sims: tuple[SimProcess, SimProcess], text: str) -> list[LogEntry]:
-    entries = (e for s in sims for e in s.log() if e.prompt.startswith(text))
-    return sorted(entries, key=lambda e: e.t_open)
 
 
 @pytest.mark.parametrize("fault", FAULTS)

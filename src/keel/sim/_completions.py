@@ -15,7 +15,6 @@ request as on a non-stream chat request.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from typing import TYPE_CHECKING, Any
@@ -24,8 +23,8 @@ import orjson
 from aiohttp import web
 
 from keel.sim._answer import strip_directives, tokens_for
-from keel.sim._errors import bad_request, key_fingerprint, non_stream_mid_error
-from keel.sim._faults import TERMINAL, DirectiveError, Directives, parse_directives, parse_header
+from keel.sim._errors import bad_request, non_stream_mid_error
+from keel.sim._faults import TERMINAL, DirectiveError
 from keel.sim._stream import StreamSpec, body_plan, stream_plan
 
 if TYPE_CHECKING:
@@ -46,30 +45,12 @@ def _prompt(value: Any) -> str | None:
     return None
 
 
-async def completions(sim: Simulator, request: web.Request) -> web.StreamResponse:
-    entry = sim._log.open(sim.name)
-    entry.kind = "completions"
-    entry.request_id = f"req_{sim._rid}{entry.seq}"
-    try:
-        return await _handle(sim, request, entry)
-    except asyncio.CancelledError:  # handler cancellation: the client went away
-        entry.client_disconnected = True
-        raise
-    finally:
-        sim._log.close(entry)
+async def completions(sim: Simulator, request: web.Request, entry: LogEntry) -> web.StreamResponse:
+    from keel.sim._server import _SSE_HEADERS, _reset
 
-
-async def _handle(sim: Simulator, request: web.Request, entry: LogEntry) -> web.StreamResponse:
-    from keel.sim._server import _SSE_HEADERS, _api_key, _reset
-
-    api_key = _api_key(request)
-    entry.key = key_fingerprint(api_key)
-    try:
-        body = orjson.loads(await request.read())
-    except orjson.JSONDecodeError:
-        return sim._error(entry, bad_request("request body is not valid JSON"))
+    body = await sim._body(request, entry)
     if not isinstance(body, dict):
-        return sim._error(entry, bad_request("request body must be a JSON object"))
+        return body
     text = _prompt(body.get("prompt"))
     if text is None:
         return sim._error(
@@ -78,10 +59,7 @@ async def _handle(sim: Simulator, request: web.Request, entry: LogEntry) -> web.
     model = str(body.get("model") or request.match_info.get("deployment") or sim.models[0])
     entry.model, entry.stream = model, bool(body.get("stream"))
     try:
-        d = parse_directives(text, sim.name) or Directives()
-        header = request.headers.get("x-sim-fault")
-        if header and (more := parse_header(header, sim.name)):
-            d.update(more)
+        d = sim._directives(request, text)
     except DirectiveError as e:
         return sim._error(entry, bad_request(str(e)))
     prompt = strip_directives(text)
@@ -92,17 +70,9 @@ async def _handle(sim: Simulator, request: web.Request, entry: LogEntry) -> web.
     if type(limit) is int and 0 <= limit < len(pieces):
         pieces, finish_reason = pieces[:limit], "length"
 
-    faults = sim._choose_faults(api_key, prompt, d, len(pieces), entry.t_open)
-    if faults:
-        entry.fault = ",".join(f.name for f in faults)
-    refusal = sim._refusal(request, entry, faults, api_key, model)
-    if refusal is not None:
-        return refusal
-    active = {f.name: f.param() for f in faults if f.spec.phase == "stream"}
-    if "slow_first" in active:  # before the response headers
-        await asyncio.sleep(active["slow_first"])
-    if sim.latency:
-        await asyncio.sleep(sim.latency)
+    active = await sim._faults(request, entry, prompt, d, len(pieces), model)
+    if not isinstance(active, dict):
+        return active
 
     rid = entry.request_id
     n = len(pieces)

@@ -17,7 +17,6 @@ error response a non-stream request gets.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import math
@@ -30,8 +29,8 @@ import orjson
 from aiohttp import web
 
 from keel.sim._answer import strip_directives
-from keel.sim._errors import bad_request, key_fingerprint, non_stream_mid_error
-from keel.sim._faults import DirectiveError, Directives, parse_directives, parse_header
+from keel.sim._errors import bad_request, non_stream_mid_error
+from keel.sim._faults import DirectiveError
 from keel.sim._stream import body_plan
 
 if TYPE_CHECKING:
@@ -89,30 +88,12 @@ def _tokens(item: str | list[int]) -> int:
     return math.ceil(len(input_text(item)) / 4) if isinstance(item, str) else len(item)
 
 
-async def embeddings(sim: Simulator, request: web.Request) -> web.StreamResponse:
-    entry = sim._log.open(sim.name)
-    entry.kind = "embeddings"
-    entry.request_id = f"req_{sim._rid}{entry.seq}"
-    try:
-        return await _handle(sim, request, entry)
-    except asyncio.CancelledError:  # handler cancellation: the client went away
-        entry.client_disconnected = True
-        raise
-    finally:
-        sim._log.close(entry)
+async def embeddings(sim: Simulator, request: web.Request, entry: LogEntry) -> web.StreamResponse:
+    from keel.sim._server import _reset
 
-
-async def _handle(sim: Simulator, request: web.Request, entry: LogEntry) -> web.StreamResponse:
-    from keel.sim._server import _api_key, _reset
-
-    api_key = _api_key(request)
-    entry.key = key_fingerprint(api_key)
-    try:
-        body = orjson.loads(await request.read())
-    except orjson.JSONDecodeError:
-        return sim._error(entry, bad_request("request body is not valid JSON"))
+    body = await sim._body(request, entry)
     if not isinstance(body, dict):
-        return sim._error(entry, bad_request("request body must be a JSON object"))
+        return body
     items = _items(body.get("input"))
     if items is None:
         return sim._error(
@@ -129,32 +110,21 @@ async def _handle(sim: Simulator, request: web.Request, entry: LogEntry) -> web.
     entry.model = model
     texts = "\n".join(i for i in items if isinstance(i, str))
     try:
-        d = parse_directives(texts, sim.name) or Directives()
-        header = request.headers.get("x-sim-fault")
-        if header and (more := parse_header(header, sim.name)):
-            d.update(more)
+        d = sim._directives(request, texts)
     except DirectiveError as e:
         return sim._error(entry, bad_request(str(e)))
     prompt = strip_directives(texts) if texts else input_text(items[0])
     entry.prompt = prompt[:80]
     rid = entry.request_id
-    faults = sim._choose_faults(api_key, prompt, d, 1, entry.t_open)
-    if faults:
-        entry.fault = ",".join(f.name for f in faults)
-    refusal = sim._refusal(request, entry, faults, api_key, model)
-    if refusal is not None:
-        return refusal
-    active = {f.name: f.param() for f in faults if f.spec.phase == "stream"}
+    active = await sim._faults(request, entry, prompt, d, 1, model)
+    if not isinstance(active, dict):
+        return active
     for name in _MID_ERRORS:
         if name in active:
             return sim._error(entry, non_stream_mid_error(name, f"emb-{rid[4:]}", rid))
-    if "slow_first" in active:
-        await asyncio.sleep(active["slow_first"])
     if "stall" in active or "stall_ka" in active:
         await sim._stopping.wait()  # silent before the headers, until the client leaves
         return _reset(request)
-    if sim.latency:
-        await asyncio.sleep(sim.latency)
     encode = embedding_base64 if fmt == "base64" else embedding_for
     n = sum(_tokens(i) for i in items)
     data = orjson.dumps(
