@@ -6,6 +6,7 @@ upstream; the client's TPM counting the input's tokens; OpenAI-shaped 400s for b
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -15,6 +16,8 @@ import pytest
 
 from gw_fixtures import log_of, unique
 from keel import Keel, KeelError
+from keel.engine._embeddings import EMBEDDINGS
+from keel.engine._upstream import AttemptFailed
 from keel.sim import DIMENSIONS, embedding_base64, embedding_for
 from keel.testing import GatewayProcess, SimProcess, spawn_gateway
 
@@ -96,6 +99,23 @@ def test_failures_before_the_answer_are_invisible(
     assert len(log) == 3 and {log[0].sim, log[1].sim} == {"a", "b"}
     assert [e.fault for e in log] == [fault, fault, None] and log[2].finished
     assert all(e.kind == "embeddings" for e in log)
+
+
+@pytest.mark.parametrize("fault", ["garbage_fatal", "trunc_mid", "e503"])
+def test_float_answers_are_checked_too(
+    client: openai.OpenAI, sims: tuple[SimProcess, SimProcess], fault: str
+) -> None:
+    """A float answer is checked by its frame, not parsed: a body cut short is still a
+    failed attempt, never relayed."""
+    text = unique("float frame")
+    got = client.embeddings.create(
+        model="emb", input=[f"{text} [[sim:{fault}*1]]", "b", "c"], dimensions=48,
+        encoding_format="float",
+    )  # fmt: skip
+    want = [embedding_for(text, 48), embedding_for("b", 48), embedding_for("c", 48)]
+    assert [d.embedding for d in got.data] == want
+    assert got.usage.prompt_tokens == -(-len(text) // 4) + 2
+    assert [e.fault for e in log_of(sims, text)] == [fault, fault, None]
 
 
 def test_each_deployment_gets_its_own_model_name(
@@ -228,3 +248,51 @@ async def test_the_sdk_through_the_transport(gw: Keel, sims: tuple[SimProcess, S
     with pytest.raises(openai.BadRequestError) as err:
         await sdk.embeddings.create(model="emb", input="x", dimensions=-3)
     assert err.value.body["param"] == "dimensions"
+
+
+# -- the answer check, table by table (no network) ------------------------------------------
+
+
+def _answer(n: int, sep: str = "", usage: str = '{"prompt_tokens": 5, "total_tokens": 5}') -> bytes:
+    items = ", ".join(
+        f'{{"object":{sep}"embedding", "index":{sep}{i}, "embedding":{sep}[0.5, -1e-3, 2]}}'
+        for i in range(n)
+    )
+    return f'{{"object": "list", "data": [{items}], "model": "m", "usage":{sep}{usage}}}\n'.encode()
+
+
+NESTED = '{"prompt_tokens": 5, "total_tokens": 5, "prompt_tokens_details": {"cached_tokens": 0}}'
+
+
+@pytest.mark.parametrize("encoding", ["float", "base64"])
+@pytest.mark.parametrize(
+    ("raw", "inputs", "usage"),
+    [
+        (_answer(1), "x", {"prompt_tokens": 5, "total_tokens": 5, "completion_tokens": 0}),
+        (
+            _answer(2, " "),
+            ["x", "y"],
+            {"prompt_tokens": 5, "total_tokens": 5, "completion_tokens": 0},
+        ),
+        (_answer(1, usage=NESTED), [1, 2], {**json.loads(NESTED), "completion_tokens": 0}),
+        (_answer(1, usage="null"), "x", None),
+    ],
+)
+def test_whole_answers_pass(raw: bytes, inputs: Any, usage: Any, encoding: str) -> None:
+    assert EMBEDDINGS.answer(raw, {"input": inputs, "encoding_format": encoding}) == usage
+
+
+@pytest.mark.parametrize("encoding", ["float", "base64"])
+@pytest.mark.parametrize(
+    ("raw", "inputs", "why"),
+    [
+        (_answer(2)[:-30], ["x", "y"], "not"),
+        (_answer(1), ["x", "y"], "1 embeddings for 2 inputs"),
+        (b"<html>502</html>", "x", "not"),
+        (b"", "x", "not"),
+    ],
+)
+def test_broken_answers_fail_the_attempt(raw: bytes, inputs: Any, why: str, encoding: str) -> None:
+    with pytest.raises(AttemptFailed) as err:
+        EMBEDDINGS.answer(raw, {"input": inputs, "encoding_format": encoding})
+    assert why in err.value.error.message

@@ -14,7 +14,10 @@ from typing import Annotated, Any
 
 import typer
 
-CELLS = ("throughput", "latency", "first_token", "frames", "equal_load", "streams", "disconnect")
+CELLS = (
+    "throughput", "embeddings", "latency", "first_token", "frames", "equal_load", "streams",
+    "disconnect",
+)  # fmt: skip
 
 
 def _run_cells(
@@ -28,6 +31,7 @@ def _run_cells(
     out: dict[str, dict[str, Any]] = {t.name: {} for t in targets}
     repeated: list[tuple[str, str, Callable[[Any], dict[str, Any]]]] = [
         ("throughput", "throughput", lambda t: c.throughput(t, plan)),
+        ("embeddings", "embeddings", lambda t: c.embeddings(t, plan)),
         ("latency", "latency_c1", lambda t: c.latency_c1(t, direct, plan)),
         ("first_token", "first_token", lambda t: c.first_token(t, direct, plan)),
         ("frames", "per_frame", lambda t: c.per_frame(t, plan)),
