@@ -286,7 +286,8 @@ def test_whole_answers_pass(raw: bytes, inputs: Any, usage: Any, encoding: str) 
 @pytest.mark.parametrize(
     ("raw", "inputs", "why"),
     [
-        (_answer(2)[:-30], ["x", "y"], "not"),
+        (_answer(2)[:-30], ["x", "y"], "not JSON"),
+        (b'{"object": "list", "data": [{"embedding": [0.5, -1', "x", "cut short"),
         (_answer(1), ["x", "y"], "1 embeddings for 2 inputs"),
         (b"<html>502</html>", "x", "not"),
         (b"", "x", "not"),

@@ -122,39 +122,57 @@ class Embeddings(Operation):
         return InputCost(body)
 
     def answer(self, raw: bytes, body: Mapping[str, Any]) -> Usage:
-        """One embedding per input, checked by the answer's frame rather than parsed whole:
-        parsing every number of a float answer would cost several times what relaying it
-        does (~450 instructions a number, 1536 numbers an input), and even a base64 answer's
-        parse cost 26k instructions a request, 4 % of the bare proxy's whole cost. The usage
-        comes with its (absent) completion tokens as 0, so that token accounting reconciles."""
-        return _framed(raw, input_count(body.get("input")))
-
-
-def _framed(raw: bytes, expected: int) -> Usage:
-    """An embeddings answer checked without parsing its vectors: a JSON object whose brackets
-    balance (a body cut short — that still matched its length — does not), holding one
-    ``"embedding":`` key per input (a value "embedding" has no colon after it; base64 and
-    numbers hold no quotes); its usage parsed from the ``"usage"`` object alone."""
-    head = raw[:1] if raw[:1] == b"{" else raw.lstrip()[:1]  # (no copy in the common case)
-    if head != b"{" or raw[-16:].rstrip()[-1:] != b"}":
-        raise _malformed("a body that is not a JSON object (truncated?)")
-    if raw.count(b"{") != raw.count(b"}") or raw.count(b"[") != raw.count(b"]"):
-        raise _malformed("a JSON body whose brackets do not balance (truncated?)")
-    found = raw.count(b'"embedding":')
-    if found != expected:
-        raise _malformed(f"{found} embeddings for {expected} inputs")
-    at = raw.rfind(b'"usage"')
-    start = raw.find(b"{", at) if at >= 0 else -1
-    end = start
-    for _ in range(4):  # the first "}" closes it unless it nests (…_details objects)
-        end = raw.find(b"}", end + 1) if start >= 0 else -1
-        if end < 0:
-            break
+        """One embedding per input; the usage with its (absent) completion tokens as 0, so
+        that token accounting reconciles. Everything but the vectors is parsed and checked
+        (``_skeleton``): parsing every number of a float answer would cost several times
+        what relaying it does (~450 instructions a number, 1536 numbers an input), and even
+        a base64 answer's full parse cost 26k instructions a request."""
         try:
-            return _usage(orjson.loads(raw[start : end + 1]))
+            obj = orjson.loads(_skeleton(raw))
         except orjson.JSONDecodeError:
-            continue
-    return None
+            raise _malformed("a body that is not JSON (truncated?)") from None
+        data = obj.get("data") if type(obj) is dict else None
+        if type(data) is not list:
+            raise _malformed("an embeddings answer without a 'data' list")
+        expected = input_count(body.get("input"))
+        if len(data) != expected:
+            raise _malformed(f"{len(data)} embeddings for {expected} inputs")
+        for item in data:
+            if type(item) is not dict or "embedding" not in item:
+                raise _malformed("an embeddings answer with an item that is no embedding")
+        return _usage(obj.get("usage"))
+
+
+_KEY = b'"embedding":'
+_BLANK = frozenset(b" \t\r\n")
+
+
+def _skeleton(raw: bytes) -> bytes:
+    """The answer with each vector emptied (``[]`` or ``""``): what is left is small enough to
+    parse whole. A vector is found by its key and skipped to its closing bracket or quote
+    (C-speed searches); its numbers are not looked at, a vector cut short is (its closing
+    bracket or the rest of the answer is missing)."""
+    parts: list[bytes] = []
+    pos = 0
+    while (k := raw.find(_KEY, pos)) >= 0:
+        v = k + len(_KEY)
+        while v < len(raw) and raw[v] in _BLANK:
+            v += 1
+        opener = raw[v : v + 1]
+        if opener == b"[":
+            close = raw.find(b"]", v)
+        elif opener == b'"':
+            close = raw.find(b'"', v + 1)
+        else:
+            break  # not a vector: orjson judges the rest as it is
+        if close < 0:
+            raise _malformed("an embedding cut short (truncated?)")
+        parts += (raw[pos:v], b"[]" if opener == b"[" else b'""')
+        pos = close + 1
+    if not parts:
+        return raw
+    parts.append(raw[pos:])
+    return b"".join(parts)
 
 
 def _usage(usage: Any) -> Usage:
