@@ -55,3 +55,35 @@ def test_inproc_harness_runs_every_gateway_both_ways() -> None:
                 timeout=60,
             )
             assert proc.returncode == 0, (which, tokens, proc.stderr[-2000:])
+
+
+def test_bench_measures_telemetry_on_against_off(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    args = ["--quick", "--cells", "throughput", "--only", "bare", "--telemetry", "on"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "keel", "bench", *args, "--repeats", "2", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "bench.json").read_text())
+    assert set(report["results"]) == {"bare", "keel", "keel-otel"}
+    otel = report["results"]["keel-otel"]["throughput"]
+    assert otel["requests"] > 0 and otel["errors"] == 0
+    assert set(otel["paired_vs_keel"]) >= {"cpu_us_per_req", "rps_per_core"}
+    assert "telemetry_cpu_per_request_vs_off" in report["targets"]
+    assert "telemetry on / off: throughput cpu_us_per_req x" in proc.stdout
+
+
+def test_inproc_harness_with_telemetry_on() -> None:
+    for tokens in ("0", "3"):
+        args = ["keel", "--requests", "4", "--tokens", tokens, "--telemetry", "on"]
+        proc = subprocess.run(
+            [sys.executable, "-m", "keel.bench._inproc", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, (tokens, proc.stderr[-2000:])
+        assert "Failed to export" not in proc.stderr

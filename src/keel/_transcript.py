@@ -284,6 +284,11 @@ class Take:
             # Unreported, but generated (and shown, but for a held terminal chunk).
             self._t.completion_tokens += self.relayed - (1 if self.finish and self.finish[1] else 0)
 
+    @property
+    def finish_reasons(self) -> dict[int, str]:
+        """The terminal finish_reason of each choice this attempt saw (observers read it)."""
+        return self._asm.finish_reasons
+
     def usage(self) -> dict[str, Any]:
         """The attempt's usage, for the limiter (token reconciliation, latency per token)."""
         return self._asm.usage or {"completion_tokens": self.relayed}

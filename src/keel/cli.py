@@ -37,6 +37,29 @@ def _register() -> None:
     app.add_typer(keys_app, name="keys", help="Virtual keys: create, list, show, revoke, rotate.")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from keel import __version__
+
+        typer.echo(f"keel {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", is_eager=True, callback=_version, help="Print keel's version."
+    ),
+) -> None:
+    """A resilient, OpenAI-compatible LLM gateway and library."""
+
+
+def _fail(message: str) -> typer.Exit:
+    """A start-up mistake: one line on stderr, exit code 2, no traceback."""
+    typer.echo(f"keel: {message}", err=True)
+    return typer.Exit(2)
+
+
 @app.command()
 def serve(
     config: str = typer.Option(
@@ -45,22 +68,31 @@ def serve(
     host: str = typer.Option(None, help="Bind address (default from config: 127.0.0.1)"),
     port: int = typer.Option(None, help="Port (default from config: 4000; 0 = any free port)"),
     log_level: str = typer.Option("info", help="debug | info | warning | error"),
+    log_format: str = typer.Option(
+        None, help="text | json: one JSON object per line (default from config: text)"
+    ),
 ) -> None:
     """Run the gateway."""
-    import logging
-
     from keel.config import ConfigError, load_config
     from keel.gateway import run
+    from keel.gateway._serve import StartupError
+    from keel.telemetry import missing, wanted
+    from keel.telemetry._logs import setup
 
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     try:
         cfg = load_config(config) if config else None
     except ConfigError as exc:
-        typer.echo(f"keel: {exc}", err=True)
-        raise typer.Exit(2) from None
-    run(cfg, host, port)
+        raise _fail(str(exc)) from None
+    try:
+        setup(log_level, log_format or (cfg.logging.format if cfg is not None else "text"))
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    if cfg is not None and wanted(cfg.telemetry) and (why := missing()):
+        raise _fail(why)
+    try:
+        run(cfg, host, port)
+    except StartupError as exc:
+        raise _fail(str(exc)) from None
 
 
 def main() -> None:

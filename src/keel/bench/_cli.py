@@ -53,6 +53,8 @@ def _run_cells(
             out.setdefault(t.name, {})[key] = c.median_of(runs[t.name])
             if t.name != "bare" and "bare" in runs:
                 out[t.name][key]["paired_vs_bare"] = c.paired_ratios(runs[t.name], runs["bare"])
+            if t.name == "keel-otel" and "keel" in runs:  # telemetry on / off, back to back
+                out[t.name][key]["paired_vs_keel"] = c.paired_ratios(runs[t.name], runs["keel"])
     # Disconnects before streams: thousands of streams closing at once is the most
     # disruptive cell, and what a gateway does right after it is not what this cell asks.
     if "disconnect" in cells:
@@ -70,7 +72,7 @@ def _run_cells(
 
 def bench(
     quick: bool, out_dir: Path, peers: bool, repeats: int | None, cells: set[str],
-    only: set[str] | None,
+    only: set[str] | None, telemetry: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     from keel.bench import _cells as c
     from keel.bench import _report, _targets
@@ -92,12 +94,17 @@ def bench(
     results: dict[str, Any] = {}
     notes: list[str] = []
     sim = _targets.start_sim()
+    collector = None
     try:
         direct = _targets.Target("direct", sim.base_url, None, UPSTREAM_MODEL, measure_pid=sim.pid)
         starters: list[tuple[str, Callable[[], _targets.Target]]] = [
             ("bare", lambda: _targets.start_bare(sim.base_url)),
             ("keel", lambda: _targets.start_keel(sim.base_url, workdir)),
         ]
+        if telemetry or (only is not None and "keel-otel" in only):
+            collector = _targets.start_collector()
+            url = collector.url
+            starters.append(("keel-otel", lambda: _targets.start_keel(sim.base_url, workdir, url)))
         if peers:
             if _targets.litellm_command():
                 starters.append(("litellm", lambda: _targets.start_litellm(sim.base_url, workdir)))
@@ -129,6 +136,8 @@ def bench(
                 target.stop()
     finally:
         sim.terminate()
+        if collector is not None:
+            collector.terminate()
         shutil.rmtree(workdir, ignore_errors=True)
     import keel.bench._config as cfg_mod
 
@@ -162,6 +171,8 @@ def bench(
         )
     for peer, v in report["versus_peers"].items():
         typer.echo(f"keel vs {peer}: {v}")
+    for line in _report.telemetry_lines(results):
+        typer.echo(line)
     _report.write_json(out_dir / "bench.json", report)
     (out_dir / "bench.md").write_text(_report.markdown_table(results) + "\n")
     note = _report.write_chart(out_dir / "bench.png", results)
@@ -195,7 +206,9 @@ def bench_command(
     ),
     only: Annotated[
         str,
-        typer.Option(help="Comma-separated targets to run (direct, bare, keel, litellm, portkey)."),
+        typer.Option(
+            help="Comma-separated targets to run (direct, bare, keel, keel-otel, litellm, portkey)."
+        ),
     ] = "",
     soak: Annotated[
         str,
@@ -207,6 +220,13 @@ def bench_command(
     interval: Annotated[
         float, typer.Option(help="Seconds between two soak samples (0 = duration/30).", min=0)
     ] = 0.0,
+    telemetry: Annotated[
+        str,
+        typer.Option(
+            help="on: also run keel-otel (keel with OpenTelemetry on, every request sampled, "
+            "exporting to a local collector) and report its cost over keel, paired; off: not."
+        ),
+    ] = "off",
 ) -> None:
     """Measure keel against a bare proxy from the same stack: throughput, latency, CPU per
     request and per frame, memory per open stream, and disconnect → upstream close."""
@@ -227,4 +247,10 @@ def bench_command(
         typer.echo(f"keel bench: unknown cells {sorted(unknown)}; choose from {CELLS}", err=True)
         raise typer.Exit(2)
     targets = {x.strip() for x in only.split(",") if x.strip()} or None
-    bench(quick, out, peers, repeats or None, chosen, targets)
+    if telemetry not in ("on", "off"):
+        typer.echo(f"keel bench: --telemetry must be on or off, not {telemetry!r}", err=True)
+        raise typer.Exit(2)
+    on = telemetry == "on"
+    if on and targets is not None:
+        targets |= {"keel", "keel-otel"}  # the pair the cost is measured on
+    bench(quick, out, peers, repeats or None, chosen, targets, on)

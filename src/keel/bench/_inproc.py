@@ -113,7 +113,7 @@ async def _site(app: web.Application) -> tuple[web.AppRunner, int]:
 
 
 async def _gateway(
-    which: str, upstream: str, auth: str = "static"
+    which: str, upstream: str, auth: str = "static", telemetry: str | None = None
 ) -> tuple[web.AppRunner | None, str, str]:
     """(runner, chat URL, model) for keel, the bare proxy, or the upstream itself."""
     if which == "direct":
@@ -132,6 +132,8 @@ async def _gateway(
                 # (under valgrind they would run ~50x as often per request as for real).
                 cfg["auth"] = {"sync_interval": 3600, "spend_flush_interval": 3600}
                 cfg["models"][MODEL]["price"] = {"input": 0.15, "output": 0.6}
+        if telemetry is not None:  # every request sampled, exported to ``telemetry``
+            cfg["telemetry"] = {"enabled": True, "endpoint": telemetry}
         app = create_app(parse_config(cfg))
         model = MODEL
     else:
@@ -184,21 +186,28 @@ async def _key_database(client: dict[str, Any]) -> str:
     return url
 
 
+async def _collector(request: web.Request) -> web.Response:
+    """An OTLP/HTTP endpoint that takes everything and decodes nothing (empty = success)."""
+    await request.read()
+    return web.Response(body=b"", content_type="application/x-protobuf")
+
+
 async def run(
-    which: str,
-    requests: int,
-    concurrency: int,
-    tokens: int,
-    auth: str = "static",
-    embeddings: str = "",
-) -> None:
+    which: str, requests: int, concurrency: int, tokens: int, auth: str = "static",
+    telemetry: bool = False, embeddings: str = "",
+) -> None:  # fmt: skip
     up = web.Application()
     up[_TOKENS] = tokens
     up[_EMBEDDING] = _embedding_answer(embeddings or "base64")
     up.router.add_post("/v1/chat/completions", _upstream)
     up.router.add_post("/v1/embeddings", _embeddings)
+    up.router.add_post("/v1/traces", _collector)
+    up.router.add_post("/v1/metrics", _collector)
     up_runner, up_port = await _site(up)
-    runner, url, model = await _gateway(which, f"http://127.0.0.1:{up_port}/v1", auth)
+    upstream = f"http://127.0.0.1:{up_port}"
+    runner, url, model = await _gateway(
+        which, upstream + "/v1", auth, upstream if telemetry else None
+    )
     if embeddings:  # POST /v1/embeddings instead of chat completions
         url = url.replace("/chat/completions", "/embeddings")
         body = orjson.dumps(
@@ -257,6 +266,13 @@ def main() -> None:
         help="keel's client: the config's key (default), none, a virtual key, its access JWT",
     )
     parser.add_argument(
+        "--telemetry",
+        choices=["off", "on"],
+        default="off",
+        help="keel: OpenTelemetry off, or on (every request sampled, exported over OTLP/HTTP "
+        "to a collector on the upstream's server that decodes nothing)",
+    )
+    parser.add_argument(
         "--embeddings",
         choices=["base64", "float"],
         default="",
@@ -265,8 +281,9 @@ def main() -> None:
     args = parser.parse_args()
     import uvloop
 
+    on = args.telemetry == "on"
     uvloop.run(
-        run(args.which, args.requests, args.concurrency, args.tokens, args.auth, args.embeddings)
+        run(args.which, args.requests, args.concurrency, args.tokens, args.auth, on, args.embeddings)
     )
 
 

@@ -161,6 +161,26 @@ def versus_peers(results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
     return out
 
 
+def telemetry_lines(results: dict[str, Any]) -> list[str]:
+    """keel-otel / keel, paired back to back: what OpenTelemetry on costs (docs/performance.md
+    "Telemetry")."""
+    otel = results.get("keel-otel")
+    if not otel:
+        return []
+    out = []
+    for cell, field in (
+        ("throughput", "cpu_us_per_req"),
+        ("throughput", "rps_per_core"),
+        ("throughput", "p99_ms"),
+        ("per_frame", "cpu_us_per_frame"),
+        ("per_frame", "cpu_us_per_stream"),
+    ):
+        ratio = otel.get(cell, {}).get("paired_vs_keel", {}).get(field)
+        if ratio is not None:
+            out.append(f"telemetry on / off: {cell} {field} x{ratio:.3f}")
+    return out
+
+
 def check_targets(results: dict[str, Any], plan_levels: tuple[int, ...]) -> dict[str, Any]:
     """The issue's targets, each with its value, limit and verdict."""
     keel, bare = results.get("keel", {}), results.get("bare", {})
@@ -235,6 +255,12 @@ def check_targets(results: dict[str, Any], plan_levels: tuple[int, ...]) -> dict
             "value": p99, "limit": "<= 20", "met": ok,
             "samples": d.get("samples"), "not_closed": d.get("not_closed"),
             "never_contacted": d.get("missing_why", {}).get("upstream never contacted", 0),
+        }  # fmt: skip
+    otel = results.get("keel-otel", {}).get("throughput", {}).get("paired_vs_keel", {})
+    if "cpu_us_per_req" in otel:  # OpenTelemetry on (every request sampled) over off
+        cost = otel["cpu_us_per_req"]
+        checks["telemetry_cpu_per_request_vs_off"] = {
+            "value": cost, "limit": "<= 1.15", "met": cost <= 1.15,
         }  # fmt: skip
     return checks
 

@@ -82,12 +82,28 @@ def start_bare(upstream: str) -> Target:
 _KEEL_AUTH = {"authorization": f"Bearer {CLIENT_KEY}"}
 
 
-def start_keel(upstream: str, workdir: str) -> Target:
+def start_keel(upstream: str, workdir: str, collector: str | None = None) -> Target:
+    """keel with the benchmark's config; ``collector``: as ``keel-otel``, with OpenTelemetry
+    on, every request sampled, exporting there (the SDK's default batching)."""
     config, _ = keel_config(upstream)
-    proc = spawn_gateway(config, "--log-level", "warning", workdir=workdir)
+    env = None
+    if collector is not None:
+        config["telemetry"] = {"enabled": True, "endpoint": collector}
+        env = {"OTEL_TRACES_SAMPLER": "always_on"}
+    proc = spawn_gateway(config, "--log-level", "warning", workdir=workdir, env=env)
     return Target(
-        "keel", proc.base_url, proc, model=MODEL, headers=_KEEL_AUTH, measure_pid=proc.pid
+        "keel" if collector is None else "keel-otel",
+        proc.base_url,
+        proc,
+        model=MODEL,
+        headers=_KEEL_AUTH,
+        measure_pid=proc.pid,
     )
+
+
+def start_collector() -> ListeningProcess:
+    """The OTLP/HTTP collector ``keel-otel`` exports to (``_collector``: decodes nothing)."""
+    return spawn_listening([sys.executable, "-m", "keel.bench._collector"])
 
 
 # -- peers (never in CI; only when installed) ------------------------------------------------

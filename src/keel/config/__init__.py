@@ -28,6 +28,7 @@ from keel.config._limits import (
 )
 from keel.config._node import NodeConfig
 from keel.config._node import NodeTTS as NodeTTS  # the ``node:`` section, re-exported
+from keel.config._observe import LoggingConfig, TelemetryConfig
 from keel.config._streams import ResumeConfig, WebSocketConfig
 
 
@@ -215,6 +216,9 @@ class GatewayConfig(_Strict):
     websocket: WebSocketConfig = WebSocketConfig()
     resume: ResumeConfig = ResumeConfig()
     node: NodeConfig | None = None  # `keel node`: the RabbitMQ voice-bot worker
+    # OpenTelemetry export and log lines (keel/config/_observe.py)
+    telemetry: TelemetryConfig = TelemetryConfig()
+    logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")
     def _node_models_exist(self) -> GatewayConfig:

@@ -128,7 +128,9 @@ class Deployment:
                 bench_for,
                 err.kind.value,
                 err.message,
-            )
+                extra={"event": "benched", "deployment": self.name, "reason": err.kind.value,
+                       "seconds": bench_for},
+            )  # fmt: skip
 
     def cool_down(self, seconds: float, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now

@@ -73,6 +73,8 @@ async def complete(keel: Keel, call: Call) -> tuple[bytes, dict[str, str]]:
             permit = _admit(plan, dep, call) or await _queue(keel, plan, d, call)
             if permit is None:
                 continue
+            if call.record is not None:  # observers watch (keel.engine._observe)
+                call.record.attempt(dep, permit, plan.count)
             resp = None
             try:
                 with deadlines.timeout(attempt_limit(dep, call.deadline, deadlines)):
@@ -85,25 +87,29 @@ async def complete(keel: Keel, call: Call) -> tuple[bytes, dict[str, str]]:
                     raw = await resp.read()
                 call.usage = op.answer(raw, call.body)
             except AttemptFailed as failed:
-                _settle(plan, dep, permit, failed.error)
+                _settle(call, plan, dep, permit, failed.error)
                 continue
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 if resp is not None:
                     resp.close()
                 phase = "before the response" if resp is None else "while reading the response"
-                _settle(plan, dep, permit, transport_failure(exc, phase).error)
+                _settle(call, plan, dep, permit, transport_failure(exc, phase).error)
                 continue
             except BaseException:
-                _settle(plan, dep, permit)  # cancelled: the client left
+                _settle(call, plan, dep, permit)  # cancelled: the client left
                 raise
             finally:
                 if resp is not None:
                     resp.release()
-            _settle(plan, dep, permit, ok=True, usage=call.usage)
+            _settle(call, plan, dep, permit, ok=True, usage=call.usage)
+            if call.record is not None:
+                call.record.answered(raw)
             return raw, keel.attempt_headers(call, plan)
         if type(d) is Wait:
             await asyncio.sleep(d.until - loop.time())
         elif type(d) is Finish and (answer := op.filtered(call.rid, call.model)) is not None:
+            if call.record is not None:
+                call.record.finished_with("content_filter")
             return answer, keel.attempt_headers(call, plan)  # output moderation passed on
         else:
             assert type(d) is GiveUp or type(d) is Finish
@@ -136,6 +142,8 @@ async def stream(keel: Keel, call: Call, sink: Sink) -> None:
                 permit = _admit(plan, dep, call) or await _queue(keel, plan, d, call)
                 if permit is None:
                     continue
+                if call.record is not None:  # observers watch (keel.engine._observe)
+                    call.record.attempt(dep, permit, plan.count, d.continuation)
                 t.attempts = plan.count
                 if d.hedge_after is not None:
                     if await _hedged(keel, call, plan, t, sink, dep, permit, d.hedge_after):
@@ -144,13 +152,13 @@ async def stream(keel: Keel, call: Call, sink: Sink) -> None:
                 try:
                     usage = await _attempt(keel, call, plan, t, sink, dep, d.continuation)
                 except AttemptFailed as failed:
-                    _settle(plan, dep, permit, failed.error)
+                    _settle(call, plan, dep, permit, failed.error)
                     continue
                 except BaseException:
-                    _settle(plan, dep, permit)
+                    _settle(call, plan, dep, permit)
                     raise
                 call.usage = usage
-                _settle(plan, dep, permit, ok=True, usage=usage)
+                _settle(call, plan, dep, permit, ok=True, usage=usage)
                 return
             if type(d) is Wait:
                 await asyncio.sleep(d.until - loop.time())
@@ -164,6 +172,8 @@ async def stream(keel: Keel, call: Call, sink: Sink) -> None:
     except ClientGone:
         # Normal, not an error: nobody is left to answer. The upstream is closed already.
         log.debug("request %s: the client went away mid-stream", call.rid)
+        if call.record is not None:
+            call.record.gone = True
 
 
 async def _attempt(
@@ -178,6 +188,12 @@ async def _attempt(
     """One streamed attempt, from the request to the last frame. Returns its usage."""
     mode = dep.continuation if continuing else None
     if mode is not None:
+        log.info(
+            "request %s: continuing the answer on %s (%s) after %d tokens",
+            call.rid, dep.name, mode, t.tokens,
+            extra={"event": "continuation", "request_id": call.rid, "deployment": dep.name,
+                   "mode": mode, "after_tokens": t.tokens},
+        )  # fmt: skip
         cont = continuation_body(call.body, t.text, mode, dep.dialect, t.tokens)  # type: ignore[arg-type]
         assert cont is not None  # past the token limit the plan ends with "length" instead
         if t.wants_usage:
@@ -279,6 +295,8 @@ async def _commit(
                 task.cancel()
     plan.commit(dep)
     plan.first_token(asyncio.get_running_loop().time() - started)
+    if call.record is not None:
+        call.record.first_token(dep)
     await sink.commit(keel.attempt_headers(call, plan))
 
 
@@ -287,6 +305,8 @@ async def _finish(
 ) -> None:
     """End the answer well-formed with ``reason``: what the last attempt holds is shown
     first (output moderation may stop an answer that has not committed yet)."""
+    if call.record is not None:
+        call.record.finished_with(reason)
     out: list[bytes] = []
     if t.flush(out):
         await sink.commit(keel.attempt_headers(call, plan))
@@ -317,6 +337,8 @@ async def _hedged(
             alt_permit = try_acquire(alt, call.cost, time.monotonic())
             if alt_permit is not None:
                 plan.hedged(alt)
+                if call.record is not None:
+                    call.record.attempt(alt, alt_permit, plan.count, hedge=True)
                 t.attempts = plan.count
                 alt.in_flight += 1
                 second = asyncio.create_task(_attempt(keel, call, plan, t, sink, alt, False))
@@ -326,7 +348,7 @@ async def _hedged(
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 d, p = racers.pop(task)
-                if _ended(plan, call, task, d, p, hedge=task is not first):
+                if _ended(call, plan, task, d, p, hedge=task is not first):
                     return True
         return False
     finally:
@@ -339,13 +361,13 @@ async def _hedged(
             with contextlib.suppress(BaseException):
                 await task
             with contextlib.suppress(Exception):
-                _ended(plan, call, task, d, p, hedge=task is not first)
+                _ended(call, plan, task, d, p, hedge=task is not first)
         call.racers = None
 
 
 def _ended(
-    plan: Plan[Deployment],
     call: Call,
+    plan: Plan[Deployment],
     task: asyncio.Task[Mapping[str, Any]],
     dep: Deployment,
     permit: Permit,
@@ -353,17 +375,17 @@ def _ended(
 ) -> bool:
     """Settle a raced attempt by its own outcome; True when it completed the stream."""
     if task.cancelled():
-        _settle(plan, dep, permit)
+        _settle(call, plan, dep, permit)
         return False
     exc = task.exception()
     if exc is None:
         call.usage = task.result()
-        _settle(plan, dep, permit, ok=True, usage=call.usage)
+        _settle(call, plan, dep, permit, ok=True, usage=call.usage)
         return True
     if isinstance(exc, AttemptFailed):
-        _settle(plan, dep, permit, exc.error, hedge=hedge)
+        _settle(call, plan, dep, permit, exc.error, hedge=hedge)
         return False
-    _settle(plan, dep, permit)  # lost the race (or the client left)
+    _settle(call, plan, dep, permit)  # lost the race (or the client left)
     if not isinstance(exc, Lost):
         raise exc
     return False
@@ -407,6 +429,7 @@ def _started(plan: Plan[Deployment], dep: Deployment, permit: Permit) -> Permit:
 
 
 def _settle(
+    call: Call,
     plan: Plan[Deployment],
     dep: Deployment,
     permit: Permit,
@@ -421,6 +444,8 @@ def _settle(
     (breaker, adaptive concurrency, latency, tokens); its slot is freed. Once per permit."""
     if permit.released:
         return
+    if call.record is not None:
+        call.record.settled(permit, error, ok, usage)
     if ok:
         permit.ok = True
     elif error is not None:
@@ -446,4 +471,6 @@ def _gave_up(keel: Keel, call: Call, plan: Plan[Deployment], reason: str) -> Kee
         why, back = keel.router.unavailable(call.model)  # all out: say why, and until when
         err = unavailable_error(reason or why, back)
     err.headers.update(keel.attempt_headers(call, plan))
+    if call.record is not None:
+        call.record.failed(err)
     return err

@@ -33,6 +33,7 @@ from keel.engine._deadlines import Deadlines
 from keel.engine._deployment import Deployment
 from keel.engine._errors import KeelError
 from keel.engine._limits import PRIORITIES, RequestCost, apply_remote_health, holds_back
+from keel.engine._observe import new_record, refused_record
 from keel.engine._operation import CHAT, Operation
 from keel.engine._router import Router
 from keel.engine._shared import SharedState
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 
     from keel._transcript import Transcript
     from keel.auth._service import KeyService
+    from keel.engine._observe import Observer, Record
     from keel.engine._sinks import ChunkStream
     from keel.engine._speech import Speech
 
@@ -69,6 +71,7 @@ class Call:
     wants_usage: bool = False  # the client asked for a stream's usage chunk
     transcript: Transcript | None = None  # a stream's, for its spend (``Meter.charge``)
     op: Operation = CHAT  # the endpoint (``keel.engine._operation``)
+    record: Record | None = None  # what it did, when observers watch (``keel.engine._observe``)
 
 
 class Keel:
@@ -125,6 +128,10 @@ class Keel:
         # random tag per process (containers often all run as pid 1), then a sequence number.
         self._id_prefix = f"keel-{os.getpid():x}-{random.getrandbits(32):08x}-"
         self._seq = 0
+        # Who watches requests (the access log, OpenTelemetry): empty, the engine records
+        # nothing (``keel.engine._observe``). ``start`` adds OpenTelemetry when configured.
+        self.observers: list[Observer] = []
+        self.log_bodies = False  # observers may see request bodies (``logging.log_bodies``)
 
     @classmethod
     def from_config(cls, source: str | Path | Mapping[str, Any] | GatewayConfig) -> Keel:
@@ -150,8 +157,32 @@ class Keel:
             )
         if self.keys is not None:
             await self.keys.start()
+        self._watch()
+
+    def _watch(self) -> None:
+        """Install the observers the config and the environment ask for: the access log
+        when ``keel.access`` logs at info, OpenTelemetry when it is on."""
+        import logging
+
+        from keel.telemetry import wanted  # no OpenTelemetry import unless it is wanted
+
+        self.log_bodies = self.config.logging.log_bodies
+        if self.config.logging.access and logging.getLogger("keel.access").isEnabledFor(
+            logging.INFO
+        ):
+            from keel.telemetry._logs import AccessLog
+
+            self.observers.append(AccessLog(self.log_bodies))
+        if wanted(self.config.telemetry):
+            from keel.telemetry._otel import Telemetry
+
+            assert self.session is not None
+            self.observers.append(Telemetry(self.config.telemetry, self.session))
 
     async def close(self) -> None:
+        for obs in self.observers:
+            await obs.close()  # what telemetry still holds goes out (before the session closes)
+        self.observers.clear()
         if self.keys is not None:
             await self.keys.close()  # writes the spend not yet written
         if self.session is not None:
@@ -328,7 +359,7 @@ class Keel:
             if patience is not None and now + patience < deadline:
                 deadline = now + patience
         queue = config.queue
-        return Call(
+        call = Call(
             rid=rid,
             body=body,
             model=model,
@@ -341,6 +372,9 @@ class Keel:
             wants_usage=wants_usage,
             op=op,
         )
+        if self.observers:
+            call.record = new_record(call, headers, self.log_bodies)
+        return call
 
     def library_call(
         self, body: Mapping[str, Any], stream: bool, api_key: str | None, op: Operation = CHAT
@@ -366,6 +400,19 @@ class Keel:
         meter = call.principal.meter
         if meter is not None:
             meter.charge(call)
+        record = call.record
+        if record is not None:
+            record.close(call)
+            for obs in self.observers:
+                obs.finished(record)
+
+    def refused(self, rid: str, err: KeelError, headers: Mapping[str, str]) -> None:
+        """A request refused before it became a ``Call`` (its key, its body, its client's
+        limits): observers still see it."""
+        if self.observers:
+            record = refused_record(rid, err, headers)
+            for obs in self.observers:
+                obs.finished(record)
 
     def plan(self, call: Call) -> Plan[Deployment]:
         """The attempt plan of one request."""

@@ -549,12 +549,20 @@ class DeploymentLimiter:
         if r.limit and (self.rpm is None or r.limit < self.rpm) and r.limit != self.learned_rpm:
             self.learned_rpm = r.limit
             self.req = per_minute(r.limit, self.burst)
-            log.info("deployment %s: learned rpm %d from the upstream", self.key, r.limit)
+            log.info(
+                "deployment %s: learned rpm %d from the upstream", self.key, r.limit,
+                extra={"event": "limit_learned", "deployment": self.key, "unit": "rpm",
+                       "limit": r.limit},
+            )  # fmt: skip
         t = info.tokens
         if t.limit and (self.tpm is None or t.limit < self.tpm) and t.limit != self.learned_tpm:
             self.learned_tpm = t.limit
             self.tok = per_minute(t.limit, self.burst)
-            log.info("deployment %s: learned tpm %d from the upstream", self.key, t.limit)
+            log.info(
+                "deployment %s: learned tpm %d from the upstream", self.key, t.limit,
+                extra={"event": "limit_learned", "deployment": self.key, "unit": "tpm",
+                       "limit": t.limit},
+            )  # fmt: skip
         pacing = window_pacing(r, now)
         if pacing is None:
             return
@@ -780,7 +788,9 @@ def _failed(dep: Deployment, permit: Permit, now: float) -> None:
             period,
             dep.breaker.why,
             err.kind.value if err is not None else "failures",
-        )
+            extra={"event": "ejected", "deployment": dep.name, "seconds": round(period, 3),
+                   "why": dep.breaker.why},
+        )  # fmt: skip
         if lim.shared is not None:
             lim.shared.publish(lim.health_key, "breaker", period)
     if err is None:
@@ -825,7 +835,9 @@ def _refused(
                 dep.name,
                 v,
                 aimd.slots or 0,
-            )
+                extra={"event": "limit_learned", "deployment": dep.name, "unit": "concurrency",
+                       "limit": aimd.slots or 0},
+            )  # fmt: skip
         return  # waiting does not lift a concurrency wall; finishing requests does
     if v.cause is Cause.NOISE:
         return  # random refusals: nothing shrinks, the request's own retry waits its hint
@@ -835,7 +847,9 @@ def _refused(
             dep.name,
             v,
             lim.rate_aimd.rate,
-        )
+            extra={"event": "limit_learned", "deployment": dep.name, "unit": "rps",
+                   "limit": lim.rate_aimd.rate},
+        )  # fmt: skip
     # RATE or not yet known: a hint the loop will wait out anyway holds back this deployment's
     # other requests too; a longer one is the loop's cooldown (fail over, still last resort).
     retry_after = err.retry_after

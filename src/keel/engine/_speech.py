@@ -163,18 +163,18 @@ async def open_speech(keel: Keel, call: Call) -> Speech:
             except AttemptFailed as failed:
                 if resp is not None:
                     resp.close()
-                _settle(plan, dep, permit, failed.error)
+                _settle(call, plan, dep, permit, failed.error)
                 continue
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 phase = "before the response" if resp is None else "before the first audio byte"
                 if resp is not None:
                     resp.close()
-                _settle(plan, dep, permit, transport_failure(exc, phase).error)
+                _settle(call, plan, dep, permit, transport_failure(exc, phase).error)
                 continue
             except BaseException:
                 if resp is not None:
                     resp.close()  # cancelled: the caller left
-                _settle(plan, dep, permit)
+                _settle(call, plan, dep, permit)
                 raise
             plan.commit(dep)
             return Speech(call, plan, dep, permit, resp, first, keel.attempt_headers(call, plan))
@@ -200,7 +200,7 @@ class Speech:
         first: bytes,
         headers: dict[str, str],
     ) -> None:
-        self._plan, self._dep, self._permit, self._resp = plan, dep, permit, resp
+        self._call, self._plan, self._dep, self._permit, self._resp = call, plan, dep, permit, resp
         self._first: bytes | None = first
         self.bytes = 0
         self.content_type = resp.headers.get("content-type", "application/octet-stream")
@@ -247,7 +247,7 @@ class Speech:
             self._resp.release()
         else:
             self._resp.close()
-        _settle(self._plan, self._dep, self._permit, error, ok=ok)
+        _settle(self._call, self._plan, self._dep, self._permit, error, ok=ok)
         if self.on_end is not None:
             self.on_end()
 

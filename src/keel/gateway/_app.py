@@ -67,6 +67,8 @@ def endpoint(op: Operation) -> Handler:
                 else:
                     await keel.admit(call)
             except KeelError as exc:
+                if keel.observers:  # the access log and traces see refusals too
+                    keel.refused(rid, exc, request.headers)
                 return error_response(exc, rid)
             if call.stream and wants_resume(headers):  # keel.gateway._streams; it ends the call
                 return await resumable_chat(request, keel, call)

@@ -38,6 +38,8 @@ from aiohttp import web
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
+from keel.gateway._sink import own_request_id
+
 log = logging.getLogger("keel.http")
 
 # A refused connection's response is sent at once; its request (if one comes) is read and
@@ -93,6 +95,7 @@ def raw_response(status: int, body: bytes, headers: dict[str, str] | None = None
         "Content-Type: application/json",
         f"Content-Length: {len(body)}",
         "Connection: close",
+        f"x-request-id: {own_request_id()}",
         *(f"{k}: {v}" for k, v in (headers or {}).items()),
     ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
@@ -324,6 +327,7 @@ class KeelProtocol(RequestHandler):
                 f"Malformed HTTP request: {problem}", "invalid_request_error", "malformed_request"
             ),
             content_type="application/json",
+            headers={"x-request-id": own_request_id()},
         )
         resp.force_close()
         return resp

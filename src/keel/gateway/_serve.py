@@ -50,8 +50,40 @@ async def start_site(
         backlog=4096,
         reuse_address=True,
     )
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()  # the engine's session closes: nothing is left unclosed
+        raise StartupError(f"cannot listen on {_shown(host)}:{port}: {_why(exc)}") from None
+    except BaseException:
+        await runner.cleanup()
+        raise
     return runner, site.port
+
+
+class StartupError(RuntimeError):
+    """A mistake at start-up (a port in use, a host that does not resolve): ``keel serve``
+    prints it as one line and exits with code 2."""
+
+
+def _shown(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _why(exc: OSError) -> str:
+    """The reason of a bind failure in words (gaierror's strerror names the resolver's)."""
+    import errno
+    import socket
+
+    if isinstance(exc, socket.gaierror):
+        return f"the host does not resolve ({exc.strerror})"
+    if exc.errno == errno.EADDRINUSE:
+        return "the address is already in use (another process listens there)"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return "the address is not one of this machine's"
+    if exc.errno == errno.EACCES:
+        return "permission denied (ports below 1024 need privileges)"
+    return exc.strerror or str(exc)
 
 
 def raise_open_file_limit() -> tuple[int, int]:
@@ -215,9 +247,14 @@ async def serve(config: GatewayConfig | None, host: str | None, port: int | None
     port = config.server.port if port is None else port
     app = create_app(config)
     with Signals() as signals:
-        runner, bound = await start_site(app, host, port, config.server)
+        try:
+            runner, bound = await start_site(app, host, port, config.server)
+        except BaseException:
+            for s in sims:
+                await s.stop()
+            raise
         tune_gc()
-        shown = f"[{host}]" if ":" in host else host
+        shown = _shown(host)
         cap = config.server.max_connections or default_max_connections()
         log.info("open-file limit %d (hard %d); at most %d client connections", soft, hard, cap)
         if soft > 0 and cap > default_max_connections():

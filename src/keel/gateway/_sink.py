@@ -9,6 +9,9 @@ silent close.
 
 from __future__ import annotations
 
+import itertools
+import os
+import random
 from collections.abc import Mapping
 
 import orjson
@@ -50,10 +53,22 @@ def sse_end_ids(sid: bytes, seq: int, error: bytes | None) -> bytes:
     return (head + b"data: " + error + b"\n\n" if error else b"") + head + _DONE
 
 
+_OWN_PREFIX = f"keel-{os.getpid():x}-{random.getrandbits(32):08x}-e"
+_own_ids = itertools.count(1)
+
+
+def own_request_id() -> str:
+    """An id for an answer no engine request stands behind — an unknown path, a wrong method,
+    malformed HTTP, a refused connection — so that every response keel sends carries one."""
+    return f"{_OWN_PREFIX}{next(_own_ids):x}"
+
+
 def error_response(err: KeelError, request_id: str = "") -> web.Response:
     headers = dict(err.headers)
     if request_id:
         headers["x-request-id"] = request_id
+    elif "x-request-id" not in headers:
+        headers["x-request-id"] = own_request_id()
     return web.Response(
         status=err.status,
         body=orjson.dumps(err.body),

@@ -37,10 +37,14 @@ def sim_command(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port; 0 picks a free one.")] = 9101,
     name: Annotated[
-        str, typer.Option(help="Name for [[sim@NAME:...]] targeting and logs.")
+        # \[ : a literal bracket for rich, which would take [sim@NAME:...] for markup
+        str, typer.Option(help="Name for \\[\\[sim@NAME:...]] targeting and logs.")
     ] = "sim",
     dialect: Annotated[
-        str, typer.Option(help="Error dialect: openai, dashscope, anthropic, azure.")
+        str,
+        typer.Option(
+            help="Error dialect: openai, dashscope, anthropic, azure, deepseek, moonshot, vllm."
+        ),
     ] = "openai",
     faults: Annotated[
         str, typer.Option(help='Random faults with probabilities, e.g. "r429=0.1,trunc=0.05".')

@@ -1,0 +1,520 @@
+"""OpenTelemetry for keel: a span per request, a child span per upstream attempt, and the GenAI
+client metrics, exported over OTLP/HTTP (protobuf).
+
+Spans are built when the request is over, from its ``Record`` (``keel.engine._observe``), with
+the record's own timestamps, and encoded at once to OTLP protobuf (``keel._otlp``): nothing runs
+on the request's path but the record's bookkeeping, an unsampled request costs a sampler call,
+and a sampled one a join of mostly cached byte strings. Batches go out from a task on the
+engine's loop, over the engine's connection pool. Names and attributes follow the
+OpenTelemetry GenAI semantic conventions: the request span is keel's answer to its client
+(``SERVER``, ``chat {model group}``), each attempt is keel calling a provider (``CLIENT``,
+``chat {upstream model}``), and the metrics are per attempt, what a GenAI client measures
+(``gen_ai.client.operation.duration``, ``gen_ai.client.token.usage``,
+``gen_ai.client.operation.time_to_first_chunk``).
+
+The standard variables apply, read by the SDK where it has them: ``OTEL_SERVICE_NAME`` and
+``OTEL_RESOURCE_ATTRIBUTES`` (the SDK's resource), ``OTEL_TRACES_SAMPLER``/``_ARG`` (the SDK's
+samplers), ``OTEL_BSP_SCHEDULE_DELAY``, ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE``,
+``OTEL_BSP_MAX_QUEUE_SIZE``, ``OTEL_EXPORTER_OTLP_[TRACES_|METRICS_]ENDPOINT``, ``…_HEADERS``,
+``…_TIMEOUT``, ``…_COMPRESSION`` (gzip), ``OTEL_METRIC_EXPORT_INTERVAL``,
+``OTEL_TRACES_EXPORTER``/``OTEL_METRICS_EXPORTER=none``. W3C ``traceparent`` is continued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gzip
+import logging
+import operator
+import os
+import random
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import sampling
+from opentelemetry.util.re import parse_env_headers
+
+from keel import __version__
+from keel import _otlp as otlp
+from keel._classify import Dialect
+from keel.config._observe import TelemetryConfig
+from keel.engine._deployment import Deployment
+from keel.engine._observe import FIRST, Attempt, Record
+
+log = logging.getLogger("keel.telemetry")
+
+# gen_ai.provider.name: the conventions' well-known values where there is one.
+PROVIDER = {
+    Dialect.OPENAI: "openai",
+    Dialect.AZURE: "azure.ai.openai",
+    Dialect.ANTHROPIC: "anthropic",
+    Dialect.DEEPSEEK: "deepseek",
+    Dialect.DASHSCOPE: "alibaba.dashscope",
+    Dialect.MOONSHOT: "moonshot",
+    Dialect.VLLM: "vllm",
+}
+# Bucket boundaries the GenAI conventions advise.
+DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
+                    40.96, 81.92)  # fmt: skip
+TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304,
+                 16777216, 67108864)  # fmt: skip
+TTFC_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                5.0, 7.5, 10.0)  # fmt: skip
+_METRICS = (
+    ("duration", "gen_ai.client.operation.duration", "s", "GenAI operation duration."),
+    ("tokens", "gen_ai.client.token.usage", "{token}", "Number of input and output tokens used."),
+    ("first_chunk", "gen_ai.client.operation.time_to_first_chunk", "s",
+     "Time to receive the first chunk of a streamed response."),
+)  # fmt: skip
+_DEPLOYMENT = operator.attrgetter("deployment")
+_SHAPES_MAX = 4096  # distinct attribute sets cached (beyond: encoded each time)
+
+
+def _env(name: str, default: str = "") -> str:
+    return os.environ.get(name, default).strip()
+
+
+def _env_number(name: str, default: float) -> float:
+    try:
+        return float(_env(name)) if _env(name) else default
+    except ValueError:
+        log.warning("%s=%r is not a number: using %g", name, _env(name), default)
+        return default
+
+
+def _endpoint(cfg: TelemetryConfig, signal: str) -> str | None:
+    """The signal's URL: ``…_{SIGNAL}_ENDPOINT`` as it is, else the base URL (environment,
+    then config) with ``/v1/{signal}``; None: nowhere to send it."""
+    own = _env(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT")
+    if own:
+        return own
+    base = _env("OTEL_EXPORTER_OTLP_ENDPOINT") or cfg.endpoint
+    if base:
+        return base.rstrip("/") + f"/v1/{signal}"
+    if signal == "traces":  # enabled without an endpoint: the OTLP/HTTP default
+        return "http://localhost:4318/v1/traces"
+    return None  # a traces-only endpoint must not send metrics to a default
+
+
+def _setting(signal: str, name: str) -> str:
+    return _env(f"OTEL_EXPORTER_OTLP_{signal.upper()}_{name}") or _env(f"OTEL_EXPORTER_OTLP_{name}")
+
+
+def _resource(cfg: TelemetryConfig) -> bytes:
+    attrs: dict[str, Any] = {"service.version": __version__}
+    named = _env("OTEL_SERVICE_NAME") or "service.name=" in _env("OTEL_RESOURCE_ATTRIBUTES")
+    if not named:
+        attrs[SERVICE_NAME] = cfg.service_name
+    res = Resource.create(attrs)  # OTEL_RESOURCE_ATTRIBUTES, OTEL_SERVICE_NAME, detectors
+    return otlp.resource(
+        {k: v for k, v in res.attributes.items() if isinstance(v, str | bool | int | float)}
+    )
+
+
+def _static_decision(sampler: sampling.Sampler) -> bool | None:
+    """True/False when the sampler decides a trace without a parent the same way every time
+    (always_on, parentbased_always_on, their _off twins): no call per request then."""
+    root = getattr(sampler, "_root", sampler)  # ParentBased keeps its root sampler there
+    decision = (
+        getattr(root, "_decision", None) if isinstance(root, sampling.StaticSampler) else None
+    )
+    if decision is None:
+        return None
+    return bool(decision.is_sampled())
+
+
+class _Exporter:
+    """One signal's OTLP/HTTP endpoint: its URL, headers, compression and timeout."""
+
+    def __init__(self, signal: str, url: str) -> None:
+        self.signal, self.url = signal, url
+        self.headers = {
+            "content-type": "application/x-protobuf",
+            "user-agent": f"keel/{__version__}",
+        }
+        self.headers.update(parse_env_headers(_setting(signal, "HEADERS"), liberal=True))
+        self.gzip = _setting(signal, "COMPRESSION").lower() == "gzip"
+        if self.gzip:
+            self.headers["content-encoding"] = "gzip"
+        self.timeout = aiohttp.ClientTimeout(
+            total=_env_number(
+                f"OTEL_EXPORTER_OTLP_{signal.upper()}_TIMEOUT",
+                _env_number("OTEL_EXPORTER_OTLP_TIMEOUT", 10.0),
+            )
+        )
+        self.failing = False
+
+    async def send(self, session: aiohttp.ClientSession, body: bytes) -> bool:
+        data = gzip.compress(body) if self.gzip else body
+        try:
+            async with session.post(
+                self.url, data=data, headers=self.headers, timeout=self.timeout
+            ) as r:
+                await r.read()
+                ok = r.status < 300
+                why = f"HTTP {r.status}"
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            ok, why = False, f"{type(exc).__name__}: {exc}"
+        if not ok and not self.failing:  # once per outage, not once per batch
+            host = urlsplit(self.url)
+            log.warning(
+                "telemetry: cannot export %s to %s://%s: %s",
+                self.signal,
+                host.scheme,
+                host.netloc,
+                why,
+            )
+        elif ok and self.failing:
+            log.warning("telemetry: %s export works again", self.signal)
+        self.failing = not ok
+        return ok
+
+
+class Telemetry:
+    """The OpenTelemetry observer of one engine (its session and loop)."""
+
+    def __init__(self, cfg: TelemetryConfig, session: aiohttp.ClientSession) -> None:
+        self.session = session
+        self.resource = _resource(cfg)
+        self.scope = otlp.scope("keel", __version__)
+        traces_on = _env("OTEL_TRACES_EXPORTER", "otlp").lower() != "none"
+        url = _endpoint(cfg, "traces") if traces_on else None
+        self.traces = _Exporter("traces", url) if url else None
+        metrics_on = cfg.metrics and _env("OTEL_METRICS_EXPORTER", "otlp").lower() != "none"
+        url = _endpoint(cfg, "metrics") if metrics_on else None
+        self.metrics = _Exporter("metrics", url) if url else None
+        self.sampler = sampling._get_from_env_or_default()  # OTEL_TRACES_SAMPLER and _ARG
+        self.root_decision = _static_decision(self.sampler)
+        self.delay = _env_number("OTEL_BSP_SCHEDULE_DELAY", 5000) / 1000
+        self.batch = int(_env_number("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512))
+        self.queue_max = int(_env_number("OTEL_BSP_MAX_QUEUE_SIZE", 2048))
+        interval = _env_number("OTEL_METRIC_EXPORT_INTERVAL", cfg.metrics_interval * 1000)
+        self.metrics_interval = interval / 1000
+        self.spans: list[bytes] = []
+        self.dropped = 0
+        self.started_ns = time.time_ns()
+        self.points: dict[str, dict[tuple[str, str], otlp.HistogramPoint]] = {
+            key: {} for key, *_ in _METRICS
+        }
+        self._deps: dict[
+            tuple[str, str], tuple[bytes, bytes, bytes]
+        ] = {}  # name → head, attrs, metric attrs
+        self._groups: dict[tuple[str, str], tuple[bytes, bytes]] = {}  # head, attrs
+        self._shapes: dict[tuple[Any, ...], bytes] = {}  # a span's repeating attributes
+        self._series: dict[tuple[str, str, str | None], tuple[otlp.HistogramPoint, ...]] = {}
+        self._full = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    # -- the observer -------------------------------------------------------------------------
+
+    def finished(self, record: Record) -> None:
+        if self.traces is not None:
+            self._trace(record)
+        if self.metrics is not None:
+            for a in record.attempts:
+                if a.end_ns:
+                    self._measure(a, record.operation)
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5.0):  # what is still buffered goes out
+                await self._flush_spans()
+                await self._flush_metrics()
+
+    # -- export -------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        next_metrics = time.monotonic() + self.metrics_interval
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.delay):
+                    await self._full.wait()  # a full batch goes at once
+            self._full.clear()
+            try:
+                await self._flush_spans()
+                if self.metrics is not None and time.monotonic() >= next_metrics:
+                    next_metrics = time.monotonic() + self.metrics_interval
+                    await self._flush_metrics()
+            except Exception:  # never let the exporter die: log it, go on
+                log.exception("telemetry: export failed")
+
+    async def _flush_spans(self) -> None:
+        while self.spans and self.traces is not None:
+            batch, self.spans = self.spans[: self.batch], self.spans[self.batch :]
+            body = otlp.traces_request(self.resource, self.scope, batch)
+            await self.traces.send(self.session, body)
+        if self.dropped:
+            log.warning("telemetry: %d spans dropped (OTEL_BSP_MAX_QUEUE_SIZE)", self.dropped)
+            self.dropped = 0
+
+    async def _flush_metrics(self) -> None:
+        if self.metrics is None:
+            return
+        now = time.time_ns()
+        metrics = []
+        for key, name, unit, desc in _METRICS:
+            points = [p.encode(self.started_ns, now) for p in self.points[key].values() if p.count]
+            if points:
+                metrics.append(otlp.histogram_metric(name, unit, desc, points))
+        if not metrics:
+            return
+        await self.metrics.send(
+            self.session, otlp.metrics_request(self.resource, self.scope, metrics)
+        )
+
+    def _queue(self, spans: list[bytes]) -> None:
+        """One request's spans, for the next batch (dropped, and counted, when the queue is
+        full: the collector is down or slower than keel)."""
+        queued = self.spans
+        if len(queued) >= self.queue_max:
+            self.dropped += len(spans)
+            return
+        queued += spans
+        if len(queued) >= self.batch:
+            self._full.set()
+
+    # -- spans --------------------------------------------------------------------------------
+
+    def _sampled(self, rec: Record, trace_id: bytes, parent: otlp.Parent | None) -> bool:
+        if parent is None and self.root_decision is not None:
+            return self.root_decision
+        from opentelemetry import trace as api
+
+        ctx = None
+        if parent is not None:
+            flags = api.TraceFlags(api.TraceFlags.SAMPLED if parent.sampled else 0)
+            remote = api.SpanContext(
+                int.from_bytes(parent.trace_id), int.from_bytes(parent.span_id), True, flags
+            )
+            ctx = api.set_span_in_context(api.NonRecordingSpan(remote))
+        result = self.sampler.should_sample(ctx, int.from_bytes(trace_id), f"chat {rec.model}")
+        return bool(result.decision.is_sampled())  # type: ignore[no-untyped-call]
+
+    def _trace(self, rec: Record) -> None:
+        parent = otlp.parse_traceparent(rec.traceparent) if rec.traceparent else None
+        attempts = rec.attempts
+        ids = random.randbytes(16 + 8 * (1 + len(attempts)))  # trace, request span, attempts
+        trace_id = parent.trace_id if parent is not None else ids[:16]
+        if parent is None and self.root_decision is not None:
+            if not self.root_decision:
+                return
+        elif not self._sampled(rec, trace_id, parent):
+            return
+        span_id = ids[16:24]
+        op = rec.operation
+        group = self._groups.get((op, rec.model))
+        if group is None:
+            group = self._groups[op, rec.model] = self._group(op, rec.model)
+        head = group[0]
+        # What most requests of a group share is encoded once (``_request_attrs``): a span
+        # is then its ids, times, request id and token counts around one cached string.
+        error_type = rec.error_type
+        shape = (
+            rec.model, rec.principal, rec.stream, rec.status, error_type, rec.response_model,
+            tuple(rec.finish_reasons), tuple(map(_DEPLOYMENT, attempts)),
+        )  # fmt: skip
+        attrs = self._shapes.get(shape)
+        if attrs is None:
+            attrs = self._request_attrs(rec, group[1], error_type)
+            if len(self._shapes) < _SHAPES_MAX:
+                self._shapes[shape] = attrs
+        parts = [attrs, otlp.attr_once("keel.request_id", rec.rid)]
+        if rec.output_tokens is not None:
+            parts.append(otlp.usage_attrs(rec.input_tokens, rec.output_tokens))
+        events = []
+        if rec.first_token_ns:
+            events.append(otlp.event(rec.first_token_ns, "gen_ai.first_token"))
+        if len(attempts) > 1:
+            for a in attempts:
+                if a.kind != FIRST:
+                    events.append(
+                        otlp.event(
+                            a.start_ns,
+                            f"keel.{a.kind}",
+                            (
+                                otlp.attr("keel.deployment", a.deployment.name, 3),
+                                otlp.attr("keel.attempt", a.n, 3),
+                            ),
+                        )
+                    )
+        error = rec.error.message if rec.error is not None else None
+        trace_state = rec.tracestate if parent is not None else None
+        spans = [
+            otlp.span(
+                trace_id,
+                span_id,
+                parent.span_id if parent is not None else None,
+                head,
+                rec.start_ns,
+                rec.end_ns,
+                parts,
+                events,
+                error,
+                trace_state,
+            )
+        ]
+        for i, a in enumerate(attempts):
+            own = ids[24 + 8 * i : 32 + 8 * i]
+            spans.append(self._attempt_span(a, op, trace_id, own, span_id, rec.end_ns, trace_state))
+        self._queue(spans)
+
+    def _request_attrs(self, rec: Record, group: bytes, error_type: str | None) -> bytes:
+        parts = [
+            group,
+            otlp.attr("keel.attempts", len(rec.attempts)),
+            otlp.attr("http.response.status_code", rec.status),
+        ]
+        if rec.model:
+            parts.append(otlp.attr("keel.stream", rec.stream))
+        if rec.principal:
+            parts.append(otlp.attr("keel.principal", rec.principal))
+        attempts = rec.attempts
+        if attempts:
+            parts.append(otlp.attr("keel.deployments", [a.deployment.name for a in attempts]))
+            answered = next((a for a in reversed(attempts) if a.ok), attempts[-1])
+            provider = PROVIDER.get(answered.deployment.dialect, "openai")
+            parts.append(otlp.attr("gen_ai.provider.name", provider))
+        if rec.response_model:
+            parts.append(otlp.attr("gen_ai.response.model", rec.response_model))
+        if rec.finish_reasons:
+            parts.append(otlp.attr("gen_ai.response.finish_reasons", rec.finish_reasons))
+        if error_type is not None:
+            parts.append(otlp.attr("error.type", error_type))
+        return b"".join(parts)
+
+    def _group(self, op: str, model: str) -> tuple[bytes, bytes]:
+        head = otlp.span_head(f"{op} {model}" if model else op, otlp.SERVER)
+        attrs = otlp.attr("gen_ai.operation.name", op)
+        if model:
+            attrs += otlp.attr("gen_ai.request.model", model)
+        return head, attrs
+
+    def _dep(self, dep: Deployment, op: str) -> tuple[bytes, bytes, bytes]:
+        """A deployment's span name and kind, its attributes, and those its metrics carry."""
+        got = self._deps.get((dep.name, op))
+        if got is None:
+            parts = urlsplit(dep.cfg.base_url)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            metric = (
+                otlp.attr("gen_ai.operation.name", op)
+                + otlp.attr("gen_ai.provider.name", PROVIDER.get(dep.dialect, "openai"))
+                + otlp.attr("gen_ai.request.model", dep.model)
+                + otlp.attr("server.address", parts.hostname or "")
+                + otlp.attr("server.port", port)
+            )
+            head = otlp.span_head(f"{op} {dep.model}", otlp.CLIENT)
+            got = self._deps[dep.name, op] = (
+                head,
+                metric + otlp.attr("keel.deployment", dep.name),
+                metric,
+            )
+        return got
+
+    def _attempt_span(
+        self,
+        a: Attempt,
+        op: str,
+        trace_id: bytes,
+        span_id: bytes,
+        parent: bytes,
+        end_ns: int,
+        trace_state: str | None,
+    ) -> bytes:
+        dep = a.deployment
+        err = a.error
+        shape = (
+            dep, op, a.n, a.kind, a.ok, a.continuation,
+            err.kind if err is not None else None, err.status if err is not None else 0,
+        )  # fmt: skip
+        attrs = self._shapes.get(shape)
+        if attrs is None:
+            attrs = self._attempt_attrs(a, op)
+            if len(self._shapes) < _SHAPES_MAX:
+                self._shapes[shape] = attrs
+        parts = [attrs]
+        usage = a.usage
+        if usage is not None:
+            p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            parts.append(
+                otlp.usage_attrs(p if type(p) is int else None, c if type(c) is int else None)
+            )
+        events = [otlp.event(a.first_token_ns, "gen_ai.first_token")] if a.first_token_ns else ()
+        return otlp.span(
+            trace_id,
+            span_id,
+            parent,
+            self._dep(dep, op)[0],
+            a.start_ns,
+            a.end_ns or end_ns,
+            parts,
+            events,
+            err.message if err is not None else None,
+            trace_state,
+        )
+
+    def _attempt_attrs(self, a: Attempt, op: str) -> bytes:
+        dep = a.deployment
+        parts = [
+            self._dep(dep, op)[1],
+            otlp.attr("keel.attempt", a.n),
+            otlp.attr("keel.attempt.kind", a.kind),
+            otlp.attr("keel.attempt.outcome", a.outcome),
+        ]
+        if a.ok:
+            parts.append(otlp.attr("gen_ai.response.model", dep.model))
+        if a.continuation is not None:
+            parts.append(otlp.attr("keel.continuation.mode", a.continuation))
+        err = a.error
+        if err is not None:
+            parts.append(otlp.attr("error.type", err.kind.value))
+            if err.status:
+                parts.append(otlp.attr("http.response.status_code", err.status))
+        return b"".join(parts)
+
+    # -- metrics ------------------------------------------------------------------------------
+
+    def _points(self, a: Attempt, op: str, err: str | None) -> tuple[otlp.HistogramPoint, ...]:
+        """The series one attempt adds to: duration, time to first chunk, input and output
+        tokens (one lookup per attempt)."""
+        key = (a.deployment.name, op, err)
+        got = self._series.get(key)
+        if got is None:
+            attrs = self._dep(a.deployment, op)[2]
+            if err is not None:
+                attrs += otlp.attr("error.type", err)
+            series = {
+                "duration": otlp.histogram_point(attrs, DURATION_BUCKETS),
+                "first_chunk": otlp.histogram_point(attrs, TTFC_BUCKETS),
+                "input": otlp.histogram_point(
+                    attrs + otlp.attr("gen_ai.token.type", "input"), TOKEN_BUCKETS
+                ),
+                "output": otlp.histogram_point(
+                    attrs + otlp.attr("gen_ai.token.type", "output"), TOKEN_BUCKETS
+                ),
+            }
+            for name, point in series.items():
+                metric = "tokens" if name in ("input", "output") else name
+                self.points[metric][(a.deployment.name, f"{op}/{err}/{name}")] = point
+            got = self._series[key] = tuple(series.values())
+        return got
+
+    def _measure(self, a: Attempt, op: str) -> None:
+        err = a.error.kind.value if a.error is not None else None
+        duration, first_chunk, input_tokens, output_tokens = self._points(a, op, err)
+        duration.record((a.end_ns - a.start_ns) / 1e9)
+        if a.first_token_ns:
+            first_chunk.record((a.first_token_ns - a.start_ns) / 1e9)
+        usage = a.usage
+        if usage is not None:
+            p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            if type(p) is int:
+                input_tokens.record(p)
+            if type(c) is int:
+                output_tokens.record(c)

@@ -1,0 +1,271 @@
+"""OpenTelemetry: a real ``keel serve`` exports its traces and GenAI metrics over OTLP/HTTP to a
+receiver the test runs (decoded with ``opentelemetry-proto``); the simulator provokes the
+retries and continuations the spans must show."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gw_fixtures import UPSTREAM_KEY_A, entries_for, unique
+from keel.sim import answer_text
+from keel.testing import GatewayProcess, SimProcess, spawn_gateway
+from otlp_helpers import Receiver, attributes
+
+CLIENT_TRACE = "0af7651916cd43dd8448eb211c80319c"
+CLIENT_SPAN = "b7ad6b7169203331"
+SERVER, CLIENT = 2, 3  # Span.SpanKind values in OTLP
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    r = Receiver()
+    await r.start()
+    try:
+        yield r
+    finally:
+        await r.stop()
+
+
+def _config(sim: SimProcess, **telemetry: Any) -> dict[str, Any]:
+    dep = {
+        "base_url": sim.base_url,
+        "api_key": UPSTREAM_KEY_A,
+        "name": "dep-a",
+        "model": "gpt-4o-mini",
+        "continuation": "prefill",
+        "timeouts": {"first_token": 2, "idle": 0.5},
+    }
+    cfg: dict[str, Any] = {
+        "retry": {"backoff_base": 0.01, "backoff_cap": 0.05},
+        "breaker": {"enabled": False},  # faults on purpose
+        "models": {"chat": {"deployments": [dep]}},
+    }
+    if telemetry:
+        cfg["telemetry"] = telemetry
+    return cfg
+
+
+@pytest.fixture
+def traced(
+    sims: tuple[SimProcess, SimProcess],
+    receiver: Receiver,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[GatewayProcess]:
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
+        "OTEL_SERVICE_NAME": "keel-under-test",
+        "OTEL_BSP_SCHEDULE_DELAY": "20",  # the standard batch delay, honoured
+        "OTEL_METRIC_EXPORT_INTERVAL": "200",
+    }
+    workdir = str(tmp_path_factory.mktemp("otel"))
+    with spawn_gateway(_config(sims[0]), workdir=workdir, env=env) as gw:
+        yield gw
+
+
+async def _post(gw: GatewayProcess, body: dict[str, Any], **headers: str) -> tuple[int, bytes]:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(gw.base_url + "/chat/completions", json=body, headers=headers) as r,
+    ):
+        return r.status, await r.read()
+
+
+def _by_trace(receiver: Receiver, trace: str) -> list[Any]:
+    return [s for s, _ in receiver.spans() if s.trace_id.hex() == trace]
+
+
+async def test_one_trace_with_a_retry_and_a_continuation(traced, sims, receiver) -> None:
+    prompt = unique("trace me")
+    body = {
+        "model": "chat",
+        "stream": True,
+        # attempt 1: a 500 before any byte (retried); attempt 2: cut after 5 tokens, after
+        # the commit (continued); attempt 3: the continuation, complete
+        "messages": [{"role": "user", "content": f"{prompt} [[sim:e500*1,trunc=5*2]]"}],
+        "stream_options": {"include_usage": True},
+    }
+    traceparent = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"
+    status, raw = await _post(traced, body, traceparent=traceparent)
+    assert status == 200
+    assert raw.endswith(b"data: [DONE]\n\n")
+    first, second, third = entries_for(sims[0], prompt)
+    assert not first.continuation and not second.continuation and third.continuation
+
+    await receiver.wait(lambda r: len(_by_trace(r, CLIENT_TRACE)) >= 4)
+    spans = _by_trace(receiver, CLIENT_TRACE)
+    assert len(spans) == 4  # one trace: the request and its three attempts, nothing else
+    (request,) = [s for s in spans if s.kind == SERVER]
+    attempts = sorted((s for s in spans if s.kind == CLIENT), key=lambda s: s.start_time_unix_nano)
+    # the client's traceparent is continued: its trace, its span as the parent
+    assert request.parent_span_id.hex() == CLIENT_SPAN
+    assert all(a.parent_span_id == request.span_id for a in attempts)
+    assert request.name == "chat chat"
+    assert [a.name for a in attempts] == ["chat gpt-4o-mini"] * 3
+
+    r = attributes(request)
+    assert r["gen_ai.operation.name"] == "chat"
+    assert r["gen_ai.request.model"] == "chat"
+    assert r["gen_ai.response.model"] == "gpt-4o-mini"
+    assert r["gen_ai.provider.name"] == "openai"
+    assert r["gen_ai.response.finish_reasons"] == ["stop"]
+    assert r["gen_ai.usage.output_tokens"] == first.tokens + second.tokens + third.tokens
+    assert isinstance(r["gen_ai.usage.input_tokens"], int) and r["gen_ai.usage.input_tokens"] > 0
+    assert r["keel.attempts"] == 3
+    assert r["keel.deployments"] == ["dep-a"] * 3
+    assert r["http.response.status_code"] == 200
+    assert "error.type" not in r
+    assert request.status.code != 2  # not ERROR
+    assert [e.name for e in request.events] == [
+        "gen_ai.first_token",
+        "keel.retry",
+        "keel.continuation",
+    ]
+
+    a1, a2, a3 = (attributes(a) for a in attempts)
+    assert [a["keel.attempt"] for a in (a1, a2, a3)] == [1, 2, 3]
+    assert [a["keel.attempt.kind"] for a in (a1, a2, a3)] == ["first", "retry", "continuation"]
+    assert [a["keel.attempt.outcome"] for a in (a1, a2, a3)] == ["failed", "failed", "ok"]
+    assert a1["error.type"] == "server" and a1["http.response.status_code"] == 500
+    assert a2["error.type"] == "connection"  # the truncated stream
+    assert "error.type" not in a3 and a3["keel.continuation.mode"] == "prefill"
+    assert attempts[0].status.code == 2 and attempts[2].status.code != 2
+    for a in (a1, a2, a3):
+        assert a["gen_ai.provider.name"] == "openai"
+        assert a["gen_ai.request.model"] == "gpt-4o-mini"
+        assert a["server.address"] == "127.0.0.1"
+        assert a["keel.deployment"] == "dep-a"
+    # the attempt that committed the stream saw the first token; the spans nest in time
+    assert [e.name for e in attempts[1].events] == ["gen_ai.first_token"]
+    assert all(request.start_time_unix_nano <= a.start_time_unix_nano for a in attempts)
+    assert all(a.end_time_unix_nano <= request.end_time_unix_nano for a in attempts)
+    assert attempts[0].end_time_unix_nano <= attempts[1].start_time_unix_nano
+    # the resource: OTEL_SERVICE_NAME honoured
+    (res,) = {tuple(sorted(res.items())) for s, res in receiver.spans() if s in spans}
+    assert dict(res)["service.name"] == "keel-under-test"
+
+    # the GenAI client metrics: one duration per attempt, by outcome
+    def has_metrics(r: Receiver) -> bool:
+        points = r.metric_points()
+        return sum(p.count for _, p in points.get("gen_ai.client.operation.duration", [])) >= 3
+
+    await receiver.wait(has_metrics)
+    points = receiver.metric_points()
+    durations = {
+        a.get("error.type"): p.count for a, p in points["gen_ai.client.operation.duration"]
+    }
+    assert durations == {"server": 1, "connection": 1, None: 1}
+    for a, _ in points["gen_ai.client.operation.duration"]:
+        assert a["gen_ai.operation.name"] == "chat" and a["gen_ai.provider.name"] == "openai"
+        assert a["gen_ai.request.model"] == "gpt-4o-mini"
+    (ttfc,) = points["gen_ai.client.operation.time_to_first_chunk"]
+    assert ttfc[1].count == 1 and ttfc[1].sum > 0
+    kinds = {a["gen_ai.token.type"] for a, _ in points["gen_ai.client.token.usage"]}
+    assert kinds == {"input", "output"}
+
+
+async def test_non_stream_answer_and_a_refused_request(traced, receiver) -> None:
+    prompt = unique()
+    status, _ = await _post(
+        traced, {"model": "chat", "messages": [{"role": "user", "content": prompt}]}
+    )
+    assert status == 200
+    status, _ = await _post(traced, {"model": "chat", "messages": "not a list"})
+    assert status == 400
+
+    def two_requests(r: Receiver) -> bool:
+        return len([s for s, _ in r.spans() if s.kind == SERVER]) >= 2
+
+    await receiver.wait(two_requests)
+    requests = sorted(
+        (s for s, _ in receiver.spans() if s.kind == SERVER), key=lambda s: s.start_time_unix_nano
+    )
+    ok, bad = (attributes(s) for s in requests)
+    assert ok["gen_ai.response.finish_reasons"] == ["stop"]
+    assert (
+        ok["gen_ai.usage.output_tokens"] == len(answer_text(prompt).split())
+        or ok["gen_ai.usage.output_tokens"] > 0
+    )
+    assert ok["keel.stream"] is False and ok["keel.attempts"] == 1
+    assert bad["http.response.status_code"] == 400 and bad["keel.attempts"] == 0
+    assert bad["error.type"] and requests[1].status.code == 2
+    # a new trace each (no traceparent came with them)
+    assert requests[0].trace_id != requests[1].trace_id
+
+
+async def test_the_sampler_is_honoured(sims, receiver, tmp_path) -> None:
+    env = {
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.url + "/v1/traces",
+        "OTEL_TRACES_SAMPLER": "parentbased_always_off",
+        "OTEL_BSP_SCHEDULE_DELAY": "20",
+    }
+    with spawn_gateway(_config(sims[0]), workdir=str(tmp_path), env=env) as gw:
+        body = {"model": "chat", "messages": [{"role": "user", "content": unique()}]}
+        assert (await _post(gw, body))[0] == 200  # no parent: not sampled
+        sampled = f"00-{'1' * 32}-{'2' * 16}-01"
+        assert (await _post(gw, body, traceparent=sampled))[0] == 200  # a sampled parent
+        await receiver.wait(lambda r: len(r.spans()) >= 2)
+    # batches go out in order: the first request would have arrived with or before these
+    assert {s.trace_id.hex() for s, _ in receiver.spans()} == {"1" * 32}
+    assert receiver.metrics == []  # a traces-only endpoint: no metrics sent to a default
+
+
+async def test_enabled_in_the_config(sims, receiver, tmp_path) -> None:
+    cfg = _config(sims[0], enabled=True, endpoint=receiver.url, service_name="from-config")
+    env = {"OTEL_BSP_SCHEDULE_DELAY": "20", "OTEL_EXPORTER_OTLP_ENDPOINT": ""}
+    with spawn_gateway(cfg, workdir=str(tmp_path), env=env) as gw:
+        body = {"model": "chat", "messages": [{"role": "user", "content": unique()}]}
+        assert (await _post(gw, body))[0] == 200
+        await receiver.wait(lambda r: len(r.spans()) >= 2)
+    (res,) = {tuple(sorted(res.items())) for _, res in receiver.spans()}
+    assert dict(res)["service.name"] == "from-config"
+
+
+_OFF = """
+import asyncio, sys
+from keel import Keel
+from keel.sim import Simulator
+
+async def main():
+    sim = Simulator(name="a")
+    url = await sim.start()
+    cfg = {"models": {"chat": {"deployments": [{"base_url": url, "api_key": "sk-x"}]}}}
+    async with Keel.from_config(cfg) as gw:
+        await gw.chat({"model": "chat", "messages": [{"role": "user", "content": "hi"}]})
+        assert gw.observers == [], gw.observers
+    await sim.stop()
+    # (redis-py imports the OpenTelemetry metrics API when it is installed: not keel's doing)
+    ours = ("keel.telemetry._otel", "opentelemetry.sdk.trace", "opentelemetry.exporter")
+    print(sorted(m for m in sys.modules if m.startswith(ours)))
+
+asyncio.run(main())
+"""
+
+
+def test_off_imports_no_tracing() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    out = subprocess.run(
+        [sys.executable, "-c", _OFF], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("value", ["not-a-url", "ftp://collector:4318"])
+def test_a_bad_endpoint_is_refused_at_load(value: str) -> None:
+    from keel.config import ConfigError, parse_config
+
+    cfg = {
+        "telemetry": {"endpoint": value},
+        "models": {"m": {"deployments": [{"base_url": "http://x"}]}},
+    }
+    with pytest.raises(
+        ConfigError, match=r"telemetry.endpoint: telemetry.endpoint must be an http"
+    ):
+        parse_config(cfg)
