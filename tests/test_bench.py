@@ -57,6 +57,41 @@ def test_inproc_harness_runs_every_gateway_both_ways() -> None:
             assert proc.returncode == 0, (which, tokens, proc.stderr[-2000:])
 
 
+def test_bench_auth_modes_run_paired_against_auth_off(tmp_path: Path) -> None:
+    # keel bench --auth: one keel per mode, each answering 200 with its own credential (a
+    # virtual key, its access JWT), paired against keel with auth off.
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, "-m", "keel", "bench", "--quick", "--cells", "throughput", "--only",
+         "keel", "--auth", "off,virtual,jwt", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "bench.json").read_text())
+    assert report["meta"]["auth"] == ["off", "virtual", "jwt"]
+    results = report["results"]
+    assert set(results) == {"keel-off", "keel-virtual", "keel-jwt"}
+    for name, cells in results.items():
+        tput = cells["throughput"]
+        assert tput["requests"] > 0 and tput["errors"] == 0, (name, tput)
+        paired = "paired_minus_auth_off" in tput
+        assert paired == (name != "keel-off"), name
+    assert "keel-jwt: " in proc.stdout and "µs CPU per request over keel-off" in proc.stdout
+
+
+def test_bench_refuses_an_unknown_auth_mode() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "keel", "bench", "--auth", "off,oauth"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "--auth takes a list of off, static, virtual, jwt" in proc.stderr
+
+
 def test_bench_measures_telemetry_on_against_off(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     args = ["--quick", "--cells", "throughput", "--only", "bare", "--telemetry", "on"]

@@ -10,7 +10,14 @@ import pytest
 
 from gw_fixtures import UPSTREAM_KEY_B, unique
 from keel import Keel
-from keel._cadence import FLOOR, MIN_SAMPLES, Cadence
+from keel._cadence import (
+    FIRST_FLOOR,
+    FLOOR,
+    MIN_SAMPLES,
+    PREFILL_BYTES_PER_S,
+    Cadence,
+    FirstToken,
+)
 from keel.sim import answer_text
 from keel.testing import SimProcess, spawn_sim
 
@@ -51,6 +58,55 @@ def test_the_pace_is_an_average_not_a_peak() -> None:
     assert 0.03 < c.gap < 0.3
 
 
+def usual(seconds: float, n: int = MIN_SAMPLES, jitter: float = 0.0) -> FirstToken:
+    f = FirstToken()
+    for i in range(n):
+        f.observe(seconds + (jitter if i % 2 else -jitter))
+    return f
+
+
+@pytest.mark.parametrize(
+    ("first", "ceiling", "request_bytes", "bound"),
+    [
+        (FirstToken(), 60.0, 0, 60.0),  # nothing known yet: the configured bound
+        (usual(0.05, MIN_SAMPLES - 1), 60.0, 0, 60.0),  # not yet trusted
+        (usual(0.05), 60.0, 0, FIRST_FLOOR),  # 50 ms usually: the floor
+        (usual(2.0), 60.0, 0, pytest.approx(3.0 * (2.0 + 4.0 * 0.35), rel=0.05)),  # mean+4dev
+        (usual(2.0, 20, 1.0), 60.0, 0, pytest.approx(3.0 * (2.0 + 4.0 * 1.0), rel=0.1)),
+        (usual(30.0), 60.0, 0, 60.0),  # never over the ceiling
+        (usual(0.05), 3.0, 0, 3.0),  # a ceiling under the floor stays the ceiling
+        # a long prompt takes longer to prefill: the floor grows with the request's size
+        (usual(0.05), 60.0, 40_000, FIRST_FLOOR + 40_000 / PREFILL_BYTES_PER_S),
+        (usual(0.05), 60.0, 10_000_000, 60.0),
+    ],
+    ids=[
+        "unknown",
+        "too-few",
+        "floor",
+        "steady",
+        "jittery",
+        "ceiling",
+        "low-ceiling",
+        "long-prompt",
+        "huge-prompt",
+    ],
+)
+def test_the_late_first_token_bound(
+    first: FirstToken, ceiling: float, request_bytes: int, bound: float
+) -> None:
+    assert first.bound(ceiling, request_bytes) == bound
+
+
+def test_a_slower_deployment_raises_its_own_bound() -> None:
+    """Answers that got slower (a provider under load) are learned, not cut for ever: after a
+    handful of 8 s answers the bound is above 8 s again."""
+    f = usual(0.05, 20)
+    assert f.bound(60.0) == FIRST_FLOOR
+    for _ in range(3):
+        f.observe(8.0)
+    assert f.bound(60.0) > 8.0
+
+
 @pytest.fixture(scope="module")
 def paced() -> Iterator[SimProcess]:
     with spawn_sim("--name", "p", "--dialect", "dashscope", "--token-delay", "0.02") as s:
@@ -60,21 +116,7 @@ def paced() -> Iterator[SimProcess]:
 async def test_a_silent_stream_is_continued_after_a_few_of_its_usual_gaps(
     paced: SimProcess,
 ) -> None:
-    cfg = {
-        "timeouts": {"idle": 30.0},
-        "models": {
-            "m": {
-                "deployments": [
-                    {
-                        "name": "paced",
-                        "base_url": paced.base_url,
-                        "api_key": UPSTREAM_KEY_B,
-                        "dialect": "dashscope",
-                    }
-                ]
-            }
-        },
-    }
+    cfg = {"timeouts": {"idle": 30.0}, **_one(paced)}
     async with Keel.from_config(cfg) as gw:
         for _ in range(MIN_SAMPLES):  # the deployment shows its pace
             done = [c async for c in gw.stream(_body(unique("pace")))]
@@ -92,5 +134,97 @@ async def test_a_silent_stream_is_continued_after_a_few_of_its_usual_gaps(
     assert len(attempts) == 2  # the stalled one, then its continuation
 
 
+def _one(paced: SimProcess) -> dict[str, object]:
+    """A config whose model ``m`` is the paced simulator alone."""
+    dep = {"name": "paced", "base_url": paced.base_url, "api_key": UPSTREAM_KEY_B,
+           "dialect": "dashscope"}  # fmt: skip
+    return {"models": {"m": {"deployments": [dep]}}}
+
+
 def _body(prompt: str) -> dict[str, object]:
     return {"model": "m", "messages": [{"role": "user", "content": prompt}]}
+
+
+def _timed_out(tag: str, sim: SimProcess) -> list[object]:
+    return [e for e in sim.log() if tag in (e.prompt or "")]
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["non-stream", "stream"])
+async def test_a_first_token_far_later_than_usual_is_tried_again_long_before_first_token(
+    paced: SimProcess, streaming: bool
+) -> None:
+    """After a handful of answers, an attempt silent before its headers (a stall for the
+    non-stream request, a 30 s slow first token for the stream) is cut at the learned bound
+    (the 5 s floor here, the deployment answers in ~0.1 s) and tried again — not left to
+    ``timeouts.first_token`` (60 s)."""
+    cfg = _one(paced)
+    fault = "slow_first=30*1" if streaming else "stall*1"
+    async with Keel.from_config(cfg) as gw:
+        for _ in range(MIN_SAMPLES):  # the deployment shows how soon it answers
+            if streaming:
+                assert [c async for c in gw.stream(_body(unique("soon")))]
+            else:
+                assert await gw.chat(_body(unique("soon")))
+        prompt = unique("late") + f" [[sim:{fault}]]"
+        t = time.monotonic()
+        if streaming:
+            chunks = [c async for c in gw.stream(_body(prompt))]
+            text = "".join(
+                c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]
+            )
+        else:
+            text = (await gw.chat(_body(prompt)))["choices"][0]["message"]["content"]
+        took = time.monotonic() - t
+    assert text == answer_text(prompt)
+    assert FIRST_FLOOR <= took < FIRST_FLOOR + 3.0, f"{took:.1f} s"
+    tag = prompt.rsplit("#", 1)[1].split()[0]
+    assert len(_timed_out(tag, paced)) == 2  # the late one, then the retry
+
+
+async def test_a_request_cut_for_lateness_once_waits_the_configured_bound_after(
+    paced: SimProcess,
+) -> None:
+    """A big request is not cut twice: every attempt answers 6 s late (over the learned 5 s
+    floor), the first attempt is cut, the retry waits (``Try.patient``) and answers."""
+    cfg = _one(paced)
+    async with Keel.from_config(cfg) as gw:
+        for _ in range(MIN_SAMPLES):
+            assert await gw.chat(_body(unique("soon")))
+        prompt = unique("big") + " [[sim:slow_first=6]]"
+        answer = await gw.chat(_body(prompt))
+    assert answer["choices"][0]["message"]["content"] == answer_text(prompt)
+    tag = prompt.rsplit("#", 1)[1].split()[0]
+    assert len(_timed_out(tag, paced)) == 2
+
+
+async def test_a_silent_stream_on_a_fresh_deployment_is_judged_by_its_own_pace(
+    paced: SimProcess,
+) -> None:
+    """Before the deployment has shown its pace (a gateway just started), a stream that has
+    streamed 12 tokens at 20 ms and goes silent is judged by its own pace: continued after
+    ~2-4 s (re-judged every FLOOR seconds), not after the 30 s idle bound."""
+    async with Keel.from_config({"timeouts": {"idle": 30.0}, **_one(paced)}) as gw:
+        prompt = unique("fresh") + " [[sim:len=40,stall=12*1]]"
+        t = time.monotonic()
+        chunks = [c async for c in gw.stream(_body(prompt))]
+        took = time.monotonic() - t
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == answer_text(prompt, 40)
+    assert chunks[-1]["keel"]["continued"][0]["mode"] == "prefill"
+    assert took < 2 * FLOOR + 2.0, f"{took:.1f} s: waited for the 30 s idle bound"
+    tag = prompt.rsplit("#", 1)[1].split()[0]
+    assert len([e for e in paced.log() if tag in e.prompt]) == 2
+
+
+@pytest.mark.parametrize(
+    ("first", "last", "tokens", "idle"),
+    [
+        (0.0, 0.18, 10, FLOOR),  # 20 ms a token: the floor
+        (0.0, 4.5, 10, 10.0),  # 0.5 s a token: 20 of them
+        (0.0, 0.18, 9, 30.0),  # too few tokens to say
+        (1.0, 1.0, 12, 30.0),  # no time between them
+        (0.0, 90.0, 10, 30.0),  # never over the ceiling
+    ],
+)
+def test_a_streams_own_pace(first: float, last: float, tokens: int, idle: float) -> None:
+    assert Cadence.own(30.0, first, last, tokens) == pytest.approx(idle)

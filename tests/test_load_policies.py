@@ -10,10 +10,12 @@ import random
 
 import pytest
 
-from keel._backoff import MAX_RATIO, RetryBudget, settle_retry
-from keel._concurrency import Aimd, RateAimd
+from keel._backoff import MAX_RATIO, RetryBudget
+from keel._concurrency import HOLD_PAUSE, Aimd, Hold, RateAimd
 from keel._evidence import Cause, LoadEvidence, binomial_tail
 from keel._health import Admit, Breaker, BreakerGroup, BreakerState
+from keel._plan import Policy
+from test_plan import E500, OK, A, B, drive, make_plan
 
 # --- load evidence -------------------------------------------------------------------------------
 
@@ -101,6 +103,34 @@ def test_random_refusals_almost_never_look_like_load() -> None:
                 judged += 1
                 wrong += ev.judge(t).cause in (Cause.CONCURRENCY, Cause.RATE)
     assert judged > 2500 and wrong / judged < 0.001
+
+
+def _bursts(p: float, rounds: int, clients: int, rng: random.Random, t: float = 0.0):
+    """A closed loop of ``clients`` that send together, ``p`` of them refused at random; the
+    samples in the order the attempts *end*: a refusal at once, a success 0.25 s later."""
+    for _ in range(rounds):
+        sent = [(t + f * 1e-4, f, rng.random() < p) for f in range(1, clients + 1)]
+        yield from (s for s in sent if s[2])
+        yield from (s for s in sent if not s[2])
+        t += 0.3
+
+
+def test_noise_that_starts_after_a_clean_stretch_is_not_a_rate_wall() -> None:
+    """10 % + 5 % random refusals starting after 500 clean answers, 32 clients sending
+    together: their refusals come back back-to-back, but in the order they were sent they are
+    no runs (judged from the first refusal on), so nothing is paced for them."""
+    rng = random.Random(5)
+    ev = LoadEvidence()
+    for t, f, r in _bursts(0.0, 16, 32, rng):
+        ev.record(t, f, r)
+    verdicts = []
+    for t, f, r in _bursts(0.15, 20, 32, rng, t=5.0):
+        ev.record(t, f, r)
+        if r:
+            verdicts.append(ev.judge(t + 0.25).cause)
+    assert len(verdicts) > 60
+    assert Cause.RATE not in verdicts and Cause.CONCURRENCY not in verdicts
+    assert verdicts[-1] is Cause.NOISE
 
 
 def test_evidence_is_forgotten_after_the_horizon() -> None:
@@ -217,15 +247,24 @@ def test_retry_budget_shrinks_to_its_floor_in_an_outage_and_recovers() -> None:
     assert b.share == pytest.approx(0.2) and not b.exhausted_by_failures
 
 
-def test_settle_retry_books_the_outcome_of_this_tasks_withdrawal() -> None:
+@pytest.mark.parametrize(
+    ("script", "booked"),
+    [
+        ([OK], (0, 0)),  # no retry: nothing booked
+        ([E500, OK], (1, 1)),  # a retry that worked
+        ([E500, E500, OK], (1, 2)),  # two retries: one failed, the last one worked
+        ([E500, E500, E500, E500], (0, 3)),  # every retry failed
+    ],
+    ids=["no-retry", "retry-ok", "one-failed", "all-failed"],
+)
+def test_the_plan_books_each_retry_outcome_to_the_budget(script, booked) -> None:
+    """The plan, which withdrew the retry, reports how it ended (ok, done) — no bridge
+    through the limiter: the budget grows with retries that work."""
     clock = Clock()
     b = RetryBudget(ratio=0.2, floor_per_s=1.0, window=10, clock=clock)
-    settle_retry(True)  # nothing withdrawn: nothing booked
-    assert b._live(b._done) == 0
-    assert b.try_withdraw()
-    settle_retry(True)
-    settle_retry(False)  # already settled
-    assert (b._live(b._ok), b._live(b._done)) == (1, 1)
+    plan = make_plan({"g": [A, B]}, budget=b, policy=Policy(max_attempts=4))
+    drive(plan, script)
+    assert (b._live(b._ok), b._live(b._done)) == booked
 
 
 # --- breaker relative to siblings ------------------------------------------------------------------
@@ -380,3 +419,100 @@ def test_forget_makes_aimd_unlimited_again() -> None:
     assert a.on_overload(9, a.epoch, 0.0) and a.slots == 7
     a.forget()
     assert a.slots is None and not a.active
+
+
+# --- the hold: slow start after a hint-less refusal --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("events", "pauses", "caps", "active"),
+    [
+        # the first refusal: pause a second, then one probe
+        ([("refused", 0.0, 20, 1.0)], [1.0], [1.0], True),
+        # refusals of attempts sent before the pause ended are no news (a paced slot)
+        ([("refused", 0.0, 20, 1.0), ("refused", 1.5, 1, 1.5)], [1.0, 0.0], [1.0, 1.0], True),
+        # refused probes double the pause, up to 4 s
+        (
+            [("refused", 0.0, 20, 1.0), ("refused", 2.0, 1, 2.0), ("refused", 4.0, 1, 4.0),
+             ("refused", 8.0, 1, 8.0), ("refused", 12.0, 1, 12.0)],
+            [1.0, 2.0, 4.0, 4.0, 4.0], [1.0] * 5, True,
+        ),
+        # each success of an attempt sent after the pause lets one more in flight...
+        ([("refused", 0.0, 4, 1.0), ("ok", 2.0), ("ok", 2.1)], [1.0], [1.0, 2.0, 3.0], True),
+        # ...and a success of one sent before it says nothing
+        ([("refused", 0.0, 4, 1.0), ("ok", 1.9)], [1.0], [1.0, 1.0], True),
+        # until as many may be in flight as when the refusals began
+        (
+            [("refused", 0.0, 4, 1.0), ("ok", 2.0), ("ok", 2.1), ("ok", 2.2)],
+            [1.0], [1.0, 2.0, 3.0, math.inf], False,
+        ),
+        # a refusal during the slow start halves what may be in flight, without a pause
+        (
+            [("refused", 0.0, 9, 1.0), ("ok", 2.0), ("ok", 2.1), ("ok", 2.2),
+             ("refused", 2.3, 4, 2.4)],
+            [1.0, 0.0], [1.0, 2.0, 3.0, 4.0, 2.0], True,
+        ),
+        # ...and one while a single probe is out doubles the pause
+        (
+            [("refused", 0.0, 9, 1.0), ("ok", 2.0), ("refused", 2.1, 2, 2.2),
+             ("refused", 2.3, 1, 2.3)],
+            [1.0, 0.0, 2.0], [1.0, 2.0, 1.0, 1.0], True,
+        ),
+        # a refusal with others in flight while the cap is one is not the probe's
+        ([("refused", 0.0, 9, 1.0), ("refused", 2.0, 2, 2.05)], [1.0, 0.0], [1.0, 1.0], True),
+    ],
+    ids=["first", "old-news", "doubling", "slow-start", "old-success", "ends", "halved",
+         "probe-refused", "not-the-probe"],
+)  # fmt: skip
+def test_the_hold_probes_then_ramps_up(events, pauses, caps, active) -> None:
+    h = Hold()
+    got_pauses: list[float] = []
+    got_caps: list[float] = []
+    for kind, sent, *rest in events:
+        if kind == "refused":
+            in_flight, now = rest
+            got_pauses.append(h.on_refusal(sent, in_flight, now))
+        else:
+            h.on_success(sent)
+        got_caps.append(h.cap)
+    assert got_pauses == pauses and got_caps == caps and h.active is active
+
+
+def test_a_paced_deployment_pauses_a_paced_interval_at_least() -> None:
+    assert Hold().on_refusal(0.0, 3, 0.0, step=1.5) == 1.5
+    assert Hold().on_refusal(0.0, 3, 0.0, step=0.01) == HOLD_PAUSE
+
+
+def test_a_window_that_reopened_paces_at_what_it_let_through_over_the_cycle() -> None:
+    r = RateAimd()
+    assert r.on_refusal(16.7, 1.0) and r.rate == pytest.approx(15.03)  # the burst's view
+    assert r.on_reopened(6.5, 3.2) and r.rate == 6.5  # the whole cycle's
+    assert not r.on_reopened(8.0, 9.0) and r.rate == 6.5  # never raised by it
+
+
+@pytest.mark.parametrize(
+    ("outcomes", "burst"),
+    [
+        ([False] * 20 + [True] * 3, False),  # a few refusals: not yet
+        ([False] * 20 + [True] * 8, True),  # a window spent: everything refused
+        ([False] * 4 + [True] * 4, True),  # half of the last 8
+        ([True] * 5, False),  # too few outcomes to say
+        ([False, True] * 10, True),  # every other one: half
+        ([False] * 19 + [True], False),  # a stray refusal
+    ],
+)
+def test_a_burst_of_refusals(outcomes: list[bool], burst: bool) -> None:
+    ev = LoadEvidence()
+    for i, r in enumerate(outcomes):
+        ev.record(i * 0.01, 5, r)
+    assert ev.burst() is burst
+
+
+def test_random_refusals_rarely_look_like_a_burst() -> None:
+    rng = random.Random(4)
+    ev = LoadEvidence()
+    bursts = 0
+    for i in range(20_000):
+        ev.record(i * 0.001, 5, rng.random() < 0.05)
+        bursts += ev.burst()
+    assert bursts < 20  # under 1 in 1,000 outcomes

@@ -93,6 +93,7 @@ def drive(plan: Plan[Dep], script: list[Any], now: float = 0.0) -> list[str]:
                 plan.shown(3, tool_call=False)
                 outcome = script.pop(0)
             if outcome == OK:
+                plan.succeeded(d.dep)
                 return seen
             plan.failed(d.dep, outcome)
         elif isinstance(d, Wait):
@@ -157,7 +158,7 @@ CASES = [
         "retry budget",
         {"g": [A, B]},
         [E500, OK],
-        ["try a", "give up: retry budget exhausted: too many retries at once"],
+        ["try a", "give up: keel's retry budget is spent: too many retries at once"],
         {"budget": RetryBudget(ratio=0.0, floor_per_s=0.0, clock=lambda: 0.0)},
     ),
     (

@@ -58,10 +58,43 @@ CASES = [
         {},
     ),
     (
-        "unreachable everywhere: each once, then once more at the end, then give up",
+        "unreachable everywhere: each once, then once more at the end, then give up saying so",
         {"g": [A, B]},
         [REFUSED] * 8,
-        ["try a", "try b", "wait", "try a", "try b", "give up"],
+        ["try a", "try b", "wait", "try a", "try b", "give up: every deployment of g is down"],
+        {},
+    ),
+    (
+        "a group and its fallback all unreachable: the error says so",
+        {"chat": [A], "second": [B]},
+        [REFUSED] * 4,
+        [
+            "try a",
+            "try b",
+            "wait",
+            "try a",
+            "try b",
+            "give up: every deployment of chat and its fallbacks is down",
+        ],
+        {},
+    ),
+    (
+        "one of them answered with an error: not all down, the errors tell",
+        {"chat": [A], "second": [B]},
+        [REFUSED, E500, E500, E500, E500, REFUSED],
+        [
+            "try a",
+            "try b",
+            "wait",
+            "try b",
+            "wait",
+            "try b",
+            "wait",
+            "try b",
+            "wait",
+            "try a",
+            "give up",
+        ],
         {},
     ),
     (
@@ -117,9 +150,9 @@ def _no_budget() -> RetryBudget:
         (True, [r429(0.0), OK], ["try d", "wait", "try d"]),
         (True, [OVERLOADED, OK], ["try d", "wait", "try d"]),
         # Not queueing: a retry is a retry.
-        (False, [r429(0.0), OK], ["try d", "wait", "give up: retry budget exhausted: too many retries at once"]),
+        (False, [r429(0.0), OK], ["try d", "wait", "give up: keel's retry budget is spent: too many retries at once"]),
         # Queueing, but a 500 is not a load refusal: charged.
-        (True, [E500, OK], ["try d", "wait", "give up: retry budget exhausted: too many retries at once"]),
+        (True, [E500, OK], ["try d", "wait", "give up: keel's retry budget is spent: too many retries at once"]),
     ],
 )  # fmt: skip
 def test_a_retry_that_waits_for_admission_is_not_charged(
@@ -136,5 +169,5 @@ def test_budget_give_up_names_failing_retries() -> None:
     plan = make_plan({"g": [A, B]}, budget=budget, policy=Policy())
     assert drive(plan, [E500, OK]) == [
         "try a",
-        "give up: retry budget exhausted: recent retries keep failing (an upstream outage is likely)",
+        "give up: keel's retry budget is spent: most recent retries failed",
     ]

@@ -66,11 +66,24 @@ _JSONDecodeError = orjson.JSONDecodeError
 @dataclass(slots=True)
 class Frame:
     kind: FrameKind
-    data: str = ""  # the raw ``data`` text of the event
+    _data: str | None = ""  # ``data``; None: not decoded from ``raw`` yet
     obj: dict[str, Any] | None = None  # the parsed chunk for CHUNK (and the payload for ERROR)
     content: str = ""  # content delta of choice 0 in this chunk ("" when none)
     finish_reason: str | None = None  # terminal finish_reason of choice 0 in this chunk, if any
     error: UpstreamError | None = None  # for ERROR (and a PROTOCOL error for INVALID)
+    # The payload exactly as the upstream sent it, when it came undecoded (``feed_data``):
+    # what a relay forwards instead of re-encoding ``data``.
+    raw: bytes | None = None
+
+    @property
+    def data(self) -> str:
+        """The raw ``data`` text of the event. (A relayed chunk's is decoded only if asked:
+        the relay sends ``raw``.)"""
+        text = self._data
+        if text is None:
+            assert self.raw is not None
+            text = self._data = self.raw.decode()
+        return text
 
 
 @dataclass(slots=True)
@@ -165,41 +178,80 @@ class StreamAssembler:
             obj = _loads(data)
         except _JSONDecodeError:
             return self._not_json(data)
+        return self._parsed(data, obj, None)
+
+    def feed_data(self, raw: bytes) -> Frame:
+        """``feed`` for a ``data:`` event of the default type whose payload came undecoded
+        (``SSEDecoder.data_payloads``): the same frame as ``feed(ServerSentEvent(raw.decode(
+        "utf-8", "replace")))``, and a JSON payload's frame keeps ``raw``."""
+        if not self.done:
+            try:
+                obj = _loads(raw)  # valid UTF-8 JSON, or it raises
+            except _JSONDecodeError:
+                pass  # [DONE], a keep-alive, invalid JSON or UTF-8: as ``feed`` says
+            else:
+                piece = self._canonical(obj)
+                if piece is not None:  # the data text is decoded only if someone asks
+                    return Frame(_CHUNK, None, obj, piece, None, None, raw)
+                return self._judged(raw.decode(), obj, raw)
+        return self.feed(ServerSentEvent(raw.decode("utf-8", "replace")))
+
+    def _canonical(self, obj: Any) -> str | None:
+        """Fast path, nearly every chunk of a stream after the first: one choice, index 0, a
+        delta with (at most) content, no finish_reason — taken in (as ``_chunk`` would) and
+        its content returned. None for anything else (usage, role, tool calls, a finish, odd
+        types, not a chunk at all), which ``_parsed`` judges; nothing is taken in then."""
+        if type(obj) is not dict or self._meta_open:
+            return None
+        choices = obj.get("choices")
+        if type(choices) is not list or len(choices) != 1 or "usage" in obj:
+            return None
+        choice = choices[0]
+        if type(choice) is not dict or choice.get("finish_reason"):
+            return None
+        delta = choice.get("delta")
+        index = choice.get("index", 0)
+        if (
+            type(delta) is not dict
+            or type(index) is not int
+            or index != 0
+            or "tool_calls" in delta
+            or (self.role is None and "role" in delta)
+            or obj.get("error")
+            or obj.get("type") == "error"
+        ):
+            return None
+        piece = delta.get("content")
+        if piece is None:
+            piece = ""
+        elif type(piece) is not str:
+            return None
+        elif piece:
+            self._parts.append(piece)
+        self._choices.add(0)
+        self.chunks += 1
+        return piece
+
+    def _parsed(self, data: str, obj: Any, raw: bytes | None) -> Frame:
+        """A ``data:`` event of the default type, parsed as JSON."""
+        piece = self._canonical(obj)
+        if piece is not None:
+            return Frame(_CHUNK, data, obj, piece, None, None, raw)
+        return self._judged(data, obj, raw)
+
+    def _judged(self, data: str, obj: Any, raw: bytes | None) -> Frame:
+        """A parsed ``data:`` event that is not the canonical chunk (``_canonical``)."""
         if type(obj) is not dict:
             return self._invalid(data, "not a JSON object")
         if obj.get("error") or obj.get("type") == "error":
             return self._error(data, obj)
         choices = obj.get("choices")
         if type(choices) is list:
-            if len(choices) == 1 and not self._meta_open and "usage" not in obj:
-                # Fast path, nearly every chunk of a stream after the first: one choice, index
-                # 0, a delta with (at most) content, no finish_reason. Same result as _chunk;
-                # anything else (usage, role, tool calls, a finish, odd types) goes there.
-                choice = choices[0]
-                if type(choice) is dict and not choice.get("finish_reason"):
-                    delta = choice.get("delta")
-                    index = choice.get("index", 0)
-                    if (
-                        type(delta) is dict
-                        and type(index) is int
-                        and index == 0
-                        and "tool_calls" not in delta
-                        and (self.role is not None or "role" not in delta)
-                    ):
-                        piece = delta.get("content")
-                        if piece is None or type(piece) is str:
-                            self._choices.add(0)
-                            if piece:
-                                self._parts.append(piece)
-                            else:
-                                piece = ""
-                            self.chunks += 1
-                            return Frame(_CHUNK, data, obj, piece)
-            return self._chunk(data, obj, choices)
+            return self._chunk(data, obj, choices, raw)
         if not obj:
             return Frame(_IGNORED, data)  # data: {}
         if choices is None and type(obj.get("usage")) is dict:
-            return self._chunk(data, obj, [])  # usage-only chunk without a choices key
+            return self._chunk(data, obj, [], raw)  # usage-only chunk without a choices key
         return self._invalid(data, "chunk without a choices list")
 
     def finish(self) -> StreamOutcome:
@@ -219,7 +271,9 @@ class StreamAssembler:
 
     # --- the hot path -----------------------------------------------------------------------
 
-    def _chunk(self, data: str, obj: dict[str, Any], choices: list[Any]) -> Frame:
+    def _chunk(
+        self, data: str, obj: dict[str, Any], choices: list[Any], raw: bytes | None = None
+    ) -> Frame:
         if self._meta_open:
             self._take_meta(obj, bool(choices))
         usage = obj.get("usage")
@@ -270,7 +324,7 @@ class StreamAssembler:
         except _InvalidChunk as exc:
             return self._invalid(data, str(exc))
         self.chunks += 1
-        return Frame(_CHUNK, data, obj, content, finish)
+        return Frame(_CHUNK, data, obj, content, finish, None, raw)
 
     def _take_role(self, delta: dict[str, Any]) -> None:
         role = delta.get("role")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 MAX_RATIO = 2.0  # retries per request when every recent retry succeeded
@@ -102,11 +101,11 @@ class RetryBudget:
         if self._live(self._retries) + 1 > self.allowed():
             return False
         self._retries[i] += 1
-        _withdrawn.set(self)
         return True
 
     def record_retry(self, ok: bool) -> None:
-        """A retry this budget allowed has ended: it succeeded, or failed."""
+        """A retry this budget allowed has ended: it succeeded, or failed (the plan reports
+        it: ``keel._plan.Plan``)."""
         i = self._slot()
         self._done[i] += 1
         if ok:
@@ -118,18 +117,3 @@ class RetryBudget:
         opposed to spent by a burst of retries that were working."""
         done = self._live(self._done)
         return done >= 5 and self._live(self._ok) * 4 < done
-
-
-# The attempt loop withdraws a retry and then, in the same task, releases that attempt's
-# permit (keel.engine._limits.release): this carries the withdrawal across so the outcome can
-# be booked to the budget without the loop's help. The plan (keel._plan) reports outcomes
-# explicitly; then this goes.
-_withdrawn: ContextVar[RetryBudget | None] = ContextVar("keel_retry_withdrawn", default=None)
-
-
-def settle_retry(ok: bool) -> None:
-    """Book the outcome of the attempt the current task last withdrew a retry for (if any)."""
-    budget = _withdrawn.get()
-    if budget is not None:
-        _withdrawn.set(None)
-        budget.record_retry(ok)

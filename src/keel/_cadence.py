@@ -1,4 +1,5 @@
-"""A deployment's cadence: the usual gap between the tokens of its streams. Pure.
+"""A deployment's cadence: the usual gap between the tokens of its streams, and how soon its
+first token usually comes. Pure.
 
 A stream that goes silent is judged against the pace its deployment usually keeps, not only
 against ``timeouts.idle`` (30 s by default): a voice bot cannot wait that long, and a
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 FACTOR = 20.0  # a stall: this many usual gaps without a token
 FLOOR = 2.0  # seconds: never judged stalled sooner
 MIN_SAMPLES = 5  # complete streams before the learned pace is trusted
+OWN_TOKENS = 10  # until then, a stream's own pace counts after this many tokens
 ALPHA = 0.2  # EWMA weight of the newest stream
 
 
@@ -37,3 +39,59 @@ class Cadence:
         if self.samples < MIN_SAMPLES:
             return ceiling
         return min(ceiling, max(FLOOR, FACTOR * self.gap))
+
+    @property
+    def known(self) -> bool:
+        return self.samples >= MIN_SAMPLES
+
+    @staticmethod
+    def own(ceiling: float, first_progress: float, last_progress: float, tokens: int) -> float:
+        """Before the deployment's pace is known (its first streams after a start): the
+        stall bound from this stream's own pace so far, once it has shown ``OWN_TOKENS``."""
+        if tokens < OWN_TOKENS or last_progress <= first_progress:
+            return ceiling
+        gap = (last_progress - first_progress) / (tokens - 1)
+        return min(ceiling, max(FLOOR, FACTOR * gap))
+
+
+# -- the first token ---------------------------------------------------------------------------
+#
+# Likewise a first token (for a non-stream request: the whole answer) far later than the
+# deployment's usual one is a reason to try elsewhere, not to wait out ``timeouts.first_token``
+# (60 s). The usual one is learned like TCP's retransmission timeout (Jacobson/Karels: a smoothed
+# mean and mean deviation, RFC 6298), from attempts that succeeded; the bound is ``FIRST_FACTOR``
+# times ``mean + 4 x deviation``, never under a floor and never over the configured value (the
+# ceiling; also what applies until ``MIN_SAMPLES`` answers were seen). The floor is generous and
+# grows with the size of the request: a long prompt takes longer to prefill than the deployment's
+# usual ones, and a request must not be cut for being big.
+FIRST_FACTOR = 3.0
+FIRST_FLOOR = 5.0  # seconds: a first token is never judged late sooner
+PREFILL_BYTES_PER_S = 4000.0  # ~1,000 prompt tokens a second: what the floor adds per byte
+FIRST_MEAN_GAIN = 0.125  # RFC 6298's alpha
+FIRST_DEV_GAIN = 0.25  # RFC 6298's beta
+
+
+@dataclass(slots=True)
+class FirstToken:
+    mean: float = 0.0  # seconds to the first token, usually
+    dev: float = 0.0  # its mean deviation
+    samples: int = 0
+
+    def observe(self, seconds: float) -> None:
+        """An attempt succeeded; its first token (or whole answer) took ``seconds``."""
+        if seconds < 0.0:
+            return
+        if not self.samples:
+            self.mean, self.dev = seconds, seconds / 2.0
+        else:
+            err = seconds - self.mean
+            self.mean += FIRST_MEAN_GAIN * err
+            self.dev += FIRST_DEV_GAIN * (abs(err) - self.dev)
+        self.samples += 1
+
+    def bound(self, ceiling: float, request_bytes: int = 0) -> float:
+        """Seconds after which an attempt of ``request_bytes`` without its first token is late."""
+        if self.samples < MIN_SAMPLES:
+            return ceiling
+        floor = FIRST_FLOOR + request_bytes / PREFILL_BYTES_PER_S
+        return min(ceiling, max(floor, FIRST_FACTOR * (self.mean + 4.0 * self.dev)))

@@ -137,6 +137,80 @@ class RateAimd:
         self.cuts += 1
         return True
 
+    def on_reopened(self, accepted_rate: float, now: float) -> bool:
+        """A window that refused the lone probes of a hold let one through again: over that
+        whole cycle, what it let through is what it takes (the cut at the first refusal
+        could only see the burst before it). True when the pace was lowered."""
+        if accepted_rate >= self.rate:
+            return False
+        self.rate = max(self.min_rate, accepted_rate)
+        self.last_cut = now
+        self.cuts += 1
+        return True
+
     def on_success(self) -> None:
         if self.rate != math.inf:
             self.rate += self.probe
+
+
+HOLD_PAUSE = 1.0  # seconds: the first pause of a hold (a window is rarely shorter)
+HOLD_PAUSE_MAX = 4.0  # seconds: the longest (a per-minute window: ~15 probes)
+
+
+@dataclass(slots=True)
+class Hold:
+    """A deployment refused for load without a word on when to come back and no verdict that
+    explains it (DashScope's "Too many requests in route", a bare proxy's 429, a 503
+    overloaded): sending the queue after it would only collect more refusals. TCP's answer to
+    a loss: pause, let one probe through; a refused probe doubles the pause (up to
+    ``HOLD_PAUSE_MAX``), each success lets one more in flight (slow start) until as many may
+    be in flight as when the refusals began, and the hold ends; a refusal during the slow
+    start halves what may be in flight (fast recovery). Refusals and successes of attempts
+    sent before the pause ended (or, in the slow start, before the last refusal) are no news
+    about it."""
+
+    active: bool = False
+    since: float = -math.inf  # attempts sent before this are no news
+    cap: float = math.inf  # in flight allowed: 1 after a refusal, +1 per success
+    exit: float = 2.0  # the hold ends when this many may be in flight again
+    pause: float = HOLD_PAUSE
+
+    def on_refusal(self, sent: float, in_flight: int, now: float, step: float = 0.0) -> float:
+        """A hint-less refusal of an attempt sent at ``sent`` with ``in_flight`` in flight:
+        the seconds to pause the deployment (0: no pause; ``cap`` may have changed). ``step``: the
+        paced interval, when the deployment is paced (the first pause is at least that)."""
+        if self.active and sent < self.since:
+            return 0.0
+        self.since = now
+        if self.active and self.cap > 1.0:
+            # Refused during the slow start: halve, like TCP's fast recovery — going back to
+            # one probe for every refusal would let random refusals keep the queue held.
+            self.cap = max(1.0, math.floor(self.cap / 2.0))
+            return 0.0
+        if self.active:
+            if in_flight > 1:
+                return 0.0  # not the probe: others were in flight with it
+            self.pause = min(HOLD_PAUSE_MAX, self.pause * 2.0)  # the probe was refused
+        else:
+            self.active = True
+            self.exit = float(max(2, in_flight))
+            self.pause = max(HOLD_PAUSE, step)
+        self.cap = 1.0
+        # What goes before the pause ends was let through before the hold (a paced slot
+        # booked earlier): only what goes after it is the probe.
+        self.since = now + self.pause
+        return self.pause
+
+    def on_success(self, sent: float) -> bool:
+        """An attempt sent at ``sent`` succeeded; True when that ended the hold."""
+        if not self.active or sent < self.since:
+            return False
+        if self.cap + 1.0 >= self.exit:
+            self.end()
+            return True
+        self.cap += 1.0
+        return False
+
+    def end(self) -> None:
+        self.active = False
+        self.cap = math.inf

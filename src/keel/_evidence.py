@@ -61,6 +61,10 @@ UNKNOWN = Verdict(Cause.UNKNOWN)
 NOISE = Verdict(Cause.NOISE)
 
 
+def _sent(sample: tuple[float, int, bool]) -> float:
+    return sample[0]
+
+
 def binomial_tail(k: int, n: int, p: float) -> float:
     """P(X >= k) for X ~ Binomial(n, p)."""
     if k <= 0:
@@ -86,6 +90,8 @@ class LoadEvidence:
     alpha: float = 1e-4  # the tail a pattern must beat to count as load
     min_refusals: int = 3
     rate_span: float = 10.0  # seconds over which the accepted rate is measured
+    lead: float = 0.5  # seconds of samples sent before the first refusal that still count
+    noise_min: int = 40  # samples (while refusing) before "no pattern" means noise
     _t: deque[float] = field(default_factory=deque)
     _f: deque[int] = field(default_factory=deque)
     _r: deque[bool] = field(default_factory=deque)
@@ -139,19 +145,37 @@ class LoadEvidence:
             ):
                 return Verdict(Cause.CONCURRENCY, limit=running)
             return UNKNOWN
-        limit = self._concurrency(n, refused)
+        samples = self._while_refusing()
+        limit = self._concurrency(samples)
         if limit is not None:
             return Verdict(Cause.CONCURRENCY, limit=limit)
-        if self._runs(n, refused):
-            return Verdict(Cause.RATE, rate=self._accepted_rate(now))
-        return NOISE
+        if self._runs(samples):
+            return Verdict(Cause.RATE, rate=self.accepted_rate(now))
+        # No pattern — but a handful of samples could not have shown one: that is not yet
+        # evidence that the refusals are random.
+        return NOISE if len(samples) >= self.noise_min else UNKNOWN
 
-    def _concurrency(self, n: int, refused: int) -> int | None:
+    def _while_refusing(self) -> list[tuple[float, int, bool]]:
+        """The samples in the order they were *sent*, from ``lead`` seconds before the first
+        refusal on. Sent order: samples arrive in the order the attempts ended, and a refusal
+        ends at once while a success takes seconds, so a burst of sends (32 clients starting
+        together) returns its random refusals back to back. From the first refusal on: both
+        tests compare refusals with the outcomes around them, and a clean stretch before
+        refusals began (a provider that just turned noisy) is no baseline for them — against
+        it, the first random refusals would look concentrated anywhere."""
+        order = sorted(zip(self._t, self._f, self._r, strict=True), key=_sent)
+        first = next(t for t, _, r in order if r) - self.lead
+        return [s for s in order if s[0] >= first]
+
+    def _concurrency(self, samples: list[tuple[float, int, bool]]) -> int | None:
         """The in-flight count above which refusals concentrate, as the most that fit; None
         when refusals do not depend on it."""
         ok_at: dict[int, int] = {}
         bad_at: dict[int, int] = {}
-        for f, r in zip(self._f, self._r, strict=True):
+        n = len(samples)
+        refused = 0
+        for _, f, r in samples:
+            refused += r
             d = bad_at if r else ok_at
             d[f] = d.get(f, 0) + 1
         levels = sorted(set(ok_at) | set(bad_at), reverse=True)
@@ -173,24 +197,38 @@ class LoadEvidence:
                 best = (tail, x)
         return None if best is None else max(1, best[1] - 1)
 
-    def _runs(self, n: int, refused: int) -> bool:
-        """Do refusals follow refusals far more often than their share says?"""
-        after_refusal = both = 0
+    def _runs(self, samples: list[tuple[float, int, bool]]) -> bool:
+        """Do refusals follow refusals (in the order they were sent) far more often than
+        their share says?"""
+        after_refusal = both = refused = 0
         prev = False
-        for r in self._r:
+        for _, _, r in samples:
             if prev:
                 after_refusal += 1
                 both += r
             prev = r
+            refused += r
         if both < self.min_refusals or 2 * both < after_refusal:
             return False
-        p = (refused + 1) / (n + 2)
+        p = (refused + 1) / (len(samples) + 2)
         return binomial_tail(both, after_refusal, p) < self.alpha
 
-    def _accepted_rate(self, now: float) -> float:
+    def burst(self, last: int = 8) -> bool:
+        """Are refusals at least half of the ``last`` outcomes recorded? A closed window or a
+        full upstream refuses everything sent at it; random refusals (5 % of attempts) make
+        such a run about once in 2,500 outcomes."""
+        if len(self._r) < last:
+            return False
+        refused = 0
+        for i in range(1, last + 1):
+            refused += self._r[-i]
+        return 2 * refused >= last
+
+    def accepted_rate(self, now: float, over_until: float | None = None) -> float:
         """Accepted starts per second over the last ``rate_span`` seconds (or since the
-        first sample, if that is sooner)."""
+        first sample, if that is sooner), the span ending at ``over_until`` (default: now)."""
         since = now - self.rate_span
         first = next((t for t in self._t if t >= since), now)
         ok = sum(1 for t, r in zip(self._t, self._r, strict=True) if t >= since and not r)
-        return ok / max(now - first, 1.0)
+        end = now if over_until is None else over_until
+        return ok / max(end - first, 1.0)

@@ -28,7 +28,10 @@ For streams it also decides what only the whole request can know: after the comm
 deployments that can *continue* the answer are candidates (never inside a tool call, never for
 ``n > 1``), a continuation that would exceed the client's token limit ends with ``length``,
 output moderation ends with ``content_filter`` or fails over (the group's
-``on_content_filter``), and a late first token is *hedged* on another deployment.
+``on_content_filter``), and a late first token is *hedged* on another deployment. A first
+token far later than the deployment's usual one ends the attempt (``keel._cadence.FirstToken``,
+carried out by the driver) once per request: after a timeout, attempts wait the configured
+``first_token`` (``Try.patient``).
 """
 
 from __future__ import annotations
@@ -83,12 +86,15 @@ class Try(Generic[D]):
 
     ``continuation``: the stream is committed; the attempt must continue the answer.
     ``hedge_after``: seconds after which, without a first token, ask ``hedge_target()``.
-    If the deployment's limiter cannot let the attempt through at once, ``queue_bound()``
-    says how long it may wait for it."""
+    ``patient``: wait the configured ``first_token``, not the deployment's learned bound
+    (``keel._cadence.FirstToken``): an attempt of this request was already cut for lateness
+    — it may just be a big one. If the deployment's limiter cannot let the attempt through
+    at once, ``queue_bound()`` says how long it may wait for it."""
 
     dep: D
     continuation: bool = False
     hedge_after: float | None = None
+    patient: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +168,7 @@ class Plan(Generic[D]):
     tried: list[Tried] = field(default_factory=list)
     saturated: tuple[str, float | None] | None = None  # the last refusal: reason, retry_after
     committed: bool = False  # the client has seen part of the answer
+    patient: bool = False  # an attempt timed out: the configured first_token from now on
     tokens: int = 0  # content chunks the client has seen
     # -- where the walk is
     _group: int = -1
@@ -174,6 +181,8 @@ class Plan(Generic[D]):
     _swept: bool = False
     _load_refused: set[int] = field(default_factory=set)  # id() of deps that refused for load
     _refusals: dict[int, str] = field(default_factory=dict)  # id(dep) → why it turned us away
+    _charged: set[int] = field(default_factory=set)  # id() of deps running a budgeted retry
+    _down: set[int] = field(default_factory=set)  # id() of deps found down (for the error)
     _end: GiveUp | Finish | None = None
 
     def __post_init__(self) -> None:
@@ -201,11 +210,14 @@ class Plan(Generic[D]):
                     return self._stop(GiveUp(f"gave up after {self.count} attempts"))
                 if now >= self.deadline:
                     return self._stop(GiveUp("request deadline exceeded"))
-                if self.count and not self._free_retry(dep) and not self.budget.try_withdraw():
-                    return self._stop(GiveUp(self._budget_reason()))
+                if self.count and not self._free_retry(dep):
+                    if not self.budget.try_withdraw():
+                        return self._stop(GiveUp(self._budget_reason()))
+                    self._charged.add(id(dep))  # its outcome goes back to the budget
                 if self.hedge is None:
-                    return Try(dep, self.committed)
-                return Try(dep, self.committed, None if self.committed else self.hedge.delay())
+                    return Try(dep, self.committed, None, self.patient)
+                hedge_after = None if self.committed else self.hedge.delay()
+                return Try(dep, self.committed, hedge_after, self.patient)
             # This round of this group is over: retry what may succeed, or move on.
             # (after the commit, only those that can still continue the answer)
             again = [d for d in self._again if self.eligible(d)]
@@ -226,7 +238,7 @@ class Plan(Generic[D]):
             if self._group >= len(self.groups):
                 later = [d for d in self._later if self.eligible(d)]
                 if not later or self._swept:
-                    return self._stop(GiveUp())
+                    return self._stop(GiveUp(self._all_down()))
                 # Every group tried: the unreachable ones get their one more look, last.
                 self._swept = True
                 self._round = self.policy.max_retries_per_deployment  # and no rounds after
@@ -268,11 +280,16 @@ class Plan(Generic[D]):
 
     # -- facts ------------------------------------------------------------------------------------
 
-    def refused(self, dep: D, reason: str, retry_after: float | None, soon: bool) -> None:
+    def refused(
+        self, dep: D, reason: str, retry_after: float | None, soon: bool, down: bool = False
+    ) -> None:
         """The deployment's limiter or breaker turned the attempt away (nothing was sent).
-        ``soon``: only for the moment — worth another look next round. ``saturated`` names
-        every deployment that turned it away (each with its own reason, which names the
-        cause), with the soonest retry-after."""
+        ``soon``: only for the moment — worth another look next round; ``down``: its breaker
+        is open because it could not be reached. ``saturated`` names every deployment that
+        turned it away (each with its own reason, which names the cause), with the soonest
+        retry-after."""
+        if down:
+            self._down.add(id(dep))
         refusals = self._refusals
         refusals[id(dep)] = reason
         back = retry_after
@@ -295,10 +312,13 @@ class Plan(Generic[D]):
     def failed(self, dep: D, err: UpstreamError, hedge: bool = False) -> Penalty | None:
         """An attempt on ``dep`` failed with ``err``; a hedge's failure only counts (the
         attempt it raced decides what happens next)."""
+        self._retried(dep, err.output_filter)  # a moderated answer is still an answer
         if err.output_filter and self.policy.on_content_filter == "failover":
             # Another provider's moderation may let the answer through; this one will not.
             err = replace(err, failover=True, retryable=False)
         self.tried.append(Tried(dep.name, err))
+        if err.kind is ErrorKind.TIMEOUT:
+            self.patient = True  # cut for lateness once: a big request is not cut again
         penalty = self._penalty(err)
         if hedge:
             return penalty
@@ -313,6 +333,7 @@ class Plan(Generic[D]):
         if err.retry_after is not None and err.retry_after > self.policy.max_retry_wait:
             return Penalty(penalty.bench_for if penalty else None, err.retry_after)
         if unreachable(err):
+            self._down.add(id(dep))
             # Not again in this group's rounds: the fallbacks first, this one at the end.
             if not self._swept and dep not in self._later:
                 self._later.append(dep)
@@ -323,6 +344,11 @@ class Plan(Generic[D]):
         if err.retry_after is not None:
             self._hints.append(err.retry_after)
         return penalty
+
+    def succeeded(self, dep: D) -> None:
+        """An attempt on ``dep`` completed the answer."""
+        if self._charged:
+            self._retried(dep, True)
 
     def commit(self, dep: D) -> None:
         """The attempt on ``dep`` has shown the client the start of the answer (a hedge's
@@ -344,6 +370,14 @@ class Plan(Generic[D]):
 
     # -- pieces -----------------------------------------------------------------------------------
 
+    def _retried(self, dep: D, ok: bool) -> None:
+        """The retry budget learns how its retries end: it grows with their success (a noisy
+        fleet, where retries work) and shrinks to its floor when they fail (an outage)."""
+        key = id(dep)
+        if key in self._charged:
+            self._charged.discard(key)
+            self.budget.record_retry(ok)
+
     def _free_retry(self, dep: D) -> bool:
         """A retry on ``dep`` after its load refusal, where it will wait for room."""
         key = id(dep)
@@ -352,12 +386,23 @@ class Plan(Generic[D]):
         self._load_refused.discard(key)
         return self.queued(dep)
 
+    def _all_down(self) -> str:
+        """The error's cause when every deployment of the request's groups was found down
+        (unreachable, or behind a breaker opened for that); else empty."""
+        if not self._down:
+            return ""
+        for group in self.groups:
+            if any(id(d) not in self._down for d in self.order(group)):
+                return ""
+        fallbacks = " and its fallbacks" if len(self.groups) > 1 else ""
+        return f"every deployment of {self.groups[0]}{fallbacks} is down"
+
     def _budget_reason(self) -> str:
+        # keel's own budget stopped the request: say so, and what it saw (the attempts' errors
+        # follow in the message and name the upstream's part).
         if self.budget.exhausted_by_failures:
-            return (
-                "retry budget exhausted: recent retries keep failing (an upstream outage is likely)"
-            )
-        return "retry budget exhausted: too many retries at once"
+            return "keel's retry budget is spent: most recent retries failed"
+        return "keel's retry budget is spent: too many retries at once"
 
     def _stop(self, end: GiveUp | Finish) -> GiveUp | Finish:
         self._end = end
@@ -368,7 +413,6 @@ class Plan(Generic[D]):
         self._next = 0
         self._again = []
         self._hints = []
-
 
     def _penalty(self, err: UpstreamError) -> Penalty | None:
         """A key-level failure (auth, billing) takes the deployment out for the operator's

@@ -85,28 +85,42 @@ class SSEDecoder:
         """The reconnection time (ms) most recently announced by a valid ``retry:`` field."""
         return self._stream_retry
 
-    def feed(self, data: bytes) -> list[ServerSentEvent | Comment]:
+    def data_payloads(self, data: bytes) -> list[bytes] | None:
+        """The fast path, what an LLM stream's reads look like: a read of whole ``data: …``
+        events (no other field, one line each) with nothing pending. Their payloads, as the
+        upstream's bytes (undecoded: a relay may forward them as they are); None for any
+        other read, which ``feed`` takes instead. Either way the read is consumed: the
+        events are the ones ``feed`` would return (``payload.decode("utf-8", "replace")``,
+        event type "message", ``last_event_id``)."""
         if (
-            data[-2:] == b"\n\n"
-            and not self._tail
-            and not self._in_event
-            and not self._at_start
-            and not self._skip_lf
-            and _CR not in data
+            data[-2:] != b"\n\n"
+            or self._tail
+            or self._in_event
+            or self._at_start
+            or self._skip_lf
+            or _CR in data  # an int membership test is a plain memchr
         ):
-            # Fast path, what an LLM stream's reads look like: whole ``data: …`` events and
-            # nothing pending. Same events as the line parser below, without its per-line work.
-            blocks = data.decode("utf-8", "replace").split("\n\n")
-            if not blocks[-1]:
-                blocks.pop()
-                out: list[ServerSentEvent | Comment] = []
-                last_id = self._last_id
-                for block in blocks:
-                    if block[:6] != "data: " or "\n" in block:
-                        break  # another field, a comment, a multi-line event: the general path
-                    out.append(_new_event(ServerSentEvent, (block[6:], "message", last_id, None)))
-                else:
-                    return out
+            return None
+        if data.count(_LF) == 2:  # one event per read, like an LLM's tokens: no split
+            return [data[6:-2]] if data[:6] == b"data: " else None
+        blocks = data.split(b"\n\n")
+        blocks.pop()  # the b"" after the last event
+        for i, block in enumerate(blocks):
+            if block[:6] != b"data: " or _LF in block:
+                return None  # another field, a comment, a multi-line event: the line parser
+            blocks[i] = block[6:]
+        return blocks
+
+    def feed(self, data: bytes) -> list[ServerSentEvent | Comment]:
+        payloads = self.data_payloads(data)
+        if payloads is not None:
+            # Same events as the line parser below, without its per-line work. (Decoding each
+            # payload alone is decoding the read: an invalid sequence never spans an LF.)
+            last_id = self._last_id
+            return [
+                _new_event(ServerSentEvent, (p.decode("utf-8", "replace"), "message", last_id, None))
+                for p in payloads
+            ]
         if self._at_start:
             data = self._strip_bom(data)
         if self._skip_lf and data:

@@ -28,10 +28,12 @@ class TextCompletionAssembler(StreamAssembler):
 
     __slots__ = ()
 
-    def _chunk(self, data: str, obj: dict[str, Any], choices: list[Any]) -> Frame:
+    def _chunk(
+        self, data: str, obj: dict[str, Any], choices: list[Any], raw: bytes | None = None
+    ) -> Frame:
         # A text choice has no "delta": the chat assembler's fast path never takes it, and
         # its chunk handling validates everything but the text (index, finish_reason, usage).
-        frame = super()._chunk(data, obj, choices)
+        frame = super()._chunk(data, obj, choices, raw)
         if frame.kind is not _CHUNK:
             return frame
         for choice in choices:

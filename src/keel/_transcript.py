@@ -193,11 +193,12 @@ class Take:
         t = self._t
         obj = f.obj
         if obj is not None and not obj.get("choices") and obj.get("usage"):
-            self._usage(obj["usage"], f.data)
+            self._usage(obj["usage"], f.raw if f.raw is not None else f.data.encode())
             return False
         content = f.content
         if self._hot and f.finish_reason is None:  # a token of the committed stream
-            out.append(f.data.encode())
+            raw = f.raw
+            out.append(raw if raw is not None else f.data.encode())
             if content:
                 self.relayed += 1
                 t.sent.append(content)
@@ -211,7 +212,7 @@ class Take:
                 return False
             content = f.content  # what is left after trimming the overlap
         else:
-            data = f.data.encode()
+            data = f.raw if f.raw is not None else f.data.encode()
         if f.finish_reason is None and t.committed and not self.pending:
             # A continuation's token (spliced above) goes straight out.
             if t.owner is not self:
@@ -306,12 +307,12 @@ class Take:
             return True
         return bool(t.commit_ms) and (t.clock() - self.first_at) * 1000 >= t.commit_ms
 
-    def _usage(self, usage: dict[str, Any], data: str) -> None:
+    def _usage(self, usage: dict[str, Any], data: bytes) -> None:
         """Usage chunks are held back: the client gets exactly one, at the end."""
         t = self._t
         t.prompt_tokens += int(usage.get("prompt_tokens") or 0)
         t.completion_tokens += int(usage.get("completion_tokens") or 0)
-        t.usage_payload = data.encode()
+        t.usage_payload = data
         self.reported = True
 
     def _splice(self, f: Frame) -> bytes | None:

@@ -116,6 +116,26 @@ def paired_ratios(runs: list[dict[str, Any]], bare: list[dict[str, Any]]) -> dic
     return out
 
 
+def paired_differences(
+    runs: list[dict[str, Any]], base: list[dict[str, Any]]
+) -> dict[str, float]:
+    """Field-wise median of ``run - base run`` over back-to-back pairs: what a feature costs
+    in absolute terms (``keel bench --auth``: CPU µs per request over keel with auth off)."""
+    out: dict[str, float] = {}
+    for key, value in runs[0].items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        diffs = [
+            r[key] - b[key]
+            for r, b in zip(runs, base, strict=False)
+            if isinstance(r.get(key), (int, float)) and isinstance(b.get(key), (int, float))
+            and r[key] == r[key] and b[key] == b[key]  # no NaN
+        ]  # fmt: skip
+        if diffs:
+            out[key] = statistics.median(diffs)
+    return out
+
+
 def _measured(target: Target, fn: Callable[[], _load.LoadResult]) -> tuple[_load.LoadResult, float]:
     pid = target.measure_pid
     before = cpu_seconds(pid) if pid else None

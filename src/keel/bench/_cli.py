@@ -14,6 +14,8 @@ from typing import Annotated, Any
 
 import typer
 
+# keel per --auth mode (keel.bench._targets.keel_name): the ones paired against keel-off
+_AUTH_TARGETS = ("keel", "keel-off", "keel-virtual", "keel-jwt")
 CELLS = (
     "throughput", "embeddings", "latency", "first_token", "frames", "equal_load", "streams",
     "disconnect",
@@ -53,6 +55,11 @@ def _run_cells(
             out.setdefault(t.name, {})[key] = c.median_of(runs[t.name])
             if t.name != "bare" and "bare" in runs:
                 out[t.name][key]["paired_vs_bare"] = c.paired_ratios(runs[t.name], runs["bare"])
+            if t.name in _AUTH_TARGETS and t.name != "keel-off" and "keel-off" in runs:
+                # --auth: what authenticating costs, against keel with auth off, same pairs
+                off = runs["keel-off"]
+                out[t.name][key]["paired_vs_auth_off"] = c.paired_ratios(runs[t.name], off)
+                out[t.name][key]["paired_minus_auth_off"] = c.paired_differences(runs[t.name], off)
             if t.name == "keel-otel" and "keel" in runs:  # telemetry on / off, back to back
                 out[t.name][key]["paired_vs_keel"] = c.paired_ratios(runs[t.name], runs["keel"])
     # Disconnects before streams: thousands of streams closing at once is the most
@@ -72,7 +79,7 @@ def _run_cells(
 
 def bench(
     quick: bool, out_dir: Path, peers: bool, repeats: int | None, cells: set[str],
-    only: set[str] | None, telemetry: bool = False,
+    only: set[str] | None, auth: tuple[str, ...] = ("static",), telemetry: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     from keel.bench import _cells as c
     from keel.bench import _report, _targets
@@ -99,12 +106,17 @@ def bench(
         direct = _targets.Target("direct", sim.base_url, None, UPSTREAM_MODEL, measure_pid=sim.pid)
         starters: list[tuple[str, Callable[[], _targets.Target]]] = [
             ("bare", lambda: _targets.start_bare(sim.base_url)),
-            ("keel", lambda: _targets.start_keel(sim.base_url, workdir)),
         ]
+        for mode in auth:  # one keel per client authentication mode (--auth)
+            starters.append(
+                ("keel", lambda m=mode: _targets.start_keel(sim.base_url, workdir, m))  # type: ignore[misc]
+            )
         if telemetry or (only is not None and "keel-otel" in only):
             collector = _targets.start_collector()
             url = collector.url
-            starters.append(("keel-otel", lambda: _targets.start_keel(sim.base_url, workdir, url)))
+            starters.append(
+                ("keel-otel", lambda: _targets.start_keel(sim.base_url, workdir, collector=url))
+            )
         if peers:
             if _targets.litellm_command():
                 starters.append(("litellm", lambda: _targets.start_litellm(sim.base_url, workdir)))
@@ -156,6 +168,7 @@ def bench(
             "keel_config": keel_config("<simulator>")[0],
             "keel_config_dropped": keel_config("<simulator>")[1],
             "keel_config_source": cfg_mod.__name__,
+            "auth": list(auth),
             "notes": notes,
         },
         "results": results,
@@ -171,6 +184,8 @@ def bench(
         )
     for peer, v in report["versus_peers"].items():
         typer.echo(f"keel vs {peer}: {v}")
+    for line in _report.auth_costs(results):
+        typer.echo(line)
     for line in _report.telemetry_lines(results):
         typer.echo(line)
     _report.write_json(out_dir / "bench.json", report)
@@ -220,6 +235,14 @@ def bench_command(
     interval: Annotated[
         float, typer.Option(help="Seconds between two soak samples (0 = duration/30).", min=0)
     ] = 0.0,
+    auth: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated client authentication modes, one keel each: off (no key), "
+            "static (the config's key), virtual (a virtual key), jwt (its access token). "
+            "With off among them, the others are also paired against it."
+        ),
+    ] = "static",
     telemetry: Annotated[
         str,
         typer.Option(
@@ -247,10 +270,16 @@ def bench_command(
         typer.echo(f"keel bench: unknown cells {sorted(unknown)}; choose from {CELLS}", err=True)
         raise typer.Exit(2)
     targets = {x.strip() for x in only.split(",") if x.strip()} or None
+    from keel.bench._targets import AUTH_MODES
+
+    modes = tuple(dict.fromkeys(x.strip() for x in auth.split(",") if x.strip()))
+    if not modes or set(modes) - set(AUTH_MODES):
+        typer.echo(f"keel bench: --auth takes a list of {', '.join(AUTH_MODES)}", err=True)
+        raise typer.Exit(2)
     if telemetry not in ("on", "off"):
         typer.echo(f"keel bench: --telemetry must be on or off, not {telemetry!r}", err=True)
         raise typer.Exit(2)
     on = telemetry == "on"
     if on and targets is not None:
         targets |= {"keel", "keel-otel"}  # the pair the cost is measured on
-    bench(quick, out, peers, repeats or None, chosen, targets, on)
+    bench(quick, out, peers, repeats or None, chosen, targets, modes, on)

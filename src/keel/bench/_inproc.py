@@ -127,7 +127,8 @@ async def _gateway(
         if auth != "static":
             client = cfg.pop("clients")["bench"]
             if auth != "off":  # the same limits on a virtual key, with a budget and a price
-                cfg["database_url"] = await _key_database(client)
+                cfg["database_url"], key = await key_database(client)
+                _VIRTUAL_KEY[:] = [key]
                 # The hot path alone: no background poll or spend write while measuring
                 # (under valgrind they would run ~50x as often per request as for real).
                 cfg["auth"] = {"sync_interval": 3600, "spend_flush_interval": 3600}
@@ -156,13 +157,14 @@ async def _gateway(
 _VIRTUAL_KEY: list[str] = []
 
 
-async def _key_database(client: dict[str, Any]) -> str:
-    """A SQLite key database in a temp dir with one virtual key like the bench's client."""
+async def key_database(client: dict[str, Any], where: str | None = None) -> tuple[str, str]:
+    """A SQLite key database (in ``where``, else a temp dir) with one virtual key like the
+    bench's client: (database URL, the key)."""
     import tempfile
 
     from keel.auth._store import KeySpec, KeyStore
 
-    url = f"sqlite:///{tempfile.mkdtemp(prefix='keel-bench-')}/keys.db"
+    url = f"sqlite:///{tempfile.mkdtemp(prefix='keel-bench-', dir=where)}/keys.db"
     store = KeyStore(url)
     await store.open()
     spec = KeySpec.from_json(
@@ -182,8 +184,7 @@ async def _key_database(client: dict[str, Any]) -> str:
         pem_file.write_text(generate_key()[1])
     await store.add_signing_key("kbench", pem_file.read_text())
     await store.close()
-    _VIRTUAL_KEY[:] = [key]
-    return url
+    return url, key
 
 
 async def _collector(request: web.Request) -> web.Response:

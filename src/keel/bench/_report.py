@@ -265,6 +265,22 @@ def check_targets(results: dict[str, Any], plan_levels: tuple[int, ...]) -> dict
     return checks
 
 
+def auth_costs(results: dict[str, Any]) -> list[str]:
+    """``--auth``: what each authentication mode adds per request and per frame over keel
+    with auth off (medians of back-to-back pairs)."""
+    lines = []
+    for name, r in results.items():
+        for cell, field, unit in (("throughput", "cpu_us_per_req", "request"),
+                                  ("per_frame", "cpu_us_per_frame", "frame")):  # fmt: skip
+            diff = r.get(cell, {}).get("paired_minus_auth_off", {}).get(field)
+            ratio = r.get(cell, {}).get("paired_vs_auth_off", {}).get(field)
+            if diff is not None:
+                lines.append(
+                    f"{name}: {diff:+.1f} µs CPU per {unit} over keel-off ({ratio:.3f}x, paired)"
+                )
+    return lines
+
+
 def print_table(results: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table

@@ -322,9 +322,11 @@ def scenario_storm(seed: int, direct: bool = True) -> dict[str, Any]:
         with _gateway({"chat": {"deployments": deps}}) as gw:
             prompts = _prompts("storm", 300, 0.7, seed)
             timed = _run(_closed_loop(gw.base_url, "chat", prompts, 32))
-            f = _figures(timed, _logs(sims), clients=32)
+            logs = _logs(sims)
+            f = _figures(timed, logs, clients=32)
             f.pop("window")
-            f["failing_attempts_pct"] = _failing_pct(_logs(sims))
+            f["failing_attempts_pct"] = _failing_pct(logs)
+            _moderated(f, timed, prompts, logs)
             out["storm/keel"] = f
             if direct:
                 for s in sims:
@@ -334,6 +336,26 @@ def scenario_storm(seed: int, direct: bool = True) -> dict[str, Any]:
                 f.pop("window")
                 out["storm/direct"] = f
     return out
+
+
+def _moderated(
+    f: dict[str, Any],
+    timed: Sequence[Timed],
+    prompts: Sequence[tuple[str, bool]],
+    logs: Sequence[LogEntry],
+) -> None:
+    """The mix includes output moderation (``inspect_mid``: DashScope's data_inspection_failed
+    on the answer). keel passes it on as ``finish_reason: content_filter`` (the group's default
+    ``on_content_filter: pass``, as OpenAI reports its own): the right answer, not a failure —
+    when the attempt that ended it was really moderated, which the simulator's log tells."""
+    inspected = {e.prompt for e in logs if e.fault and "inspect" in e.fault}
+    moderated = sum(
+        1
+        for t in timed
+        if t.result.kind == "content_filter" and prompts[t.index][0][:80] in inspected
+    )
+    f["moderated"] = moderated
+    f["correct_pct"] = 100.0 * (f["exact"] + moderated) / f["requests"]
 
 
 def _failing_pct(log: Sequence[LogEntry]) -> float:
@@ -418,6 +440,11 @@ def render(name: str, figures: dict[str, Any]) -> Any:
             notes.append(f"{f['throughput_vs_clean_pct']:.0f} % of clean throughput")
         if "failing_attempts_pct" in f:
             notes.append(f"{f['failing_attempts_pct']:.0f} % of attempts faulted")
+        if "moderated" in f:
+            notes.append(
+                f"correct {f['correct_pct']:.1f} % (+{f['moderated']} content_filter endings "
+                "of moderated answers, passed on)"
+            )
         if "dead_attempts_per_1000" in f:
             notes.append(f"{f['dead_attempts_per_1000']:.1f} attempts/1000 on the dead one")
         if "max_s" in f:

@@ -82,23 +82,66 @@ def start_bare(upstream: str) -> Target:
 _KEEL_AUTH = {"authorization": f"Bearer {CLIENT_KEY}"}
 
 
-def start_keel(upstream: str, workdir: str, collector: str | None = None) -> Target:
-    """keel with the benchmark's config; ``collector``: as ``keel-otel``, with OpenTelemetry
-    on, every request sampled, exporting there (the SDK's default batching)."""
+AUTH_MODES = ("off", "static", "virtual", "jwt")
+
+
+def keel_name(auth: str) -> str:
+    """The target's name: ``keel`` with the config's static client key (the default), else
+    ``keel-<auth>``."""
+    return "keel" if auth == "static" else f"keel-{auth}"
+
+
+def start_keel(
+    upstream: str, workdir: str, auth: str = "static", collector: str | None = None
+) -> Target:
+    """keel with the benchmark's config. Its client is, by ``auth``: the config's static key
+    (``static``), nobody (``off``: no client key, so no client limits either), a virtual key
+    with the same limits, a budget and a price (``virtual``: a SQLite key database), or that
+    key's access JWT (``jwt``). ``collector``: as ``keel-otel``, with OpenTelemetry on, every
+    request sampled, exporting there (the SDK's default batching)."""
     config, _ = keel_config(upstream)
     env = None
     if collector is not None:
         config["telemetry"] = {"enabled": True, "endpoint": collector}
         env = {"OTEL_TRACES_SAMPLER": "always_on"}
+    headers: dict[str, str] = dict(_KEEL_AUTH)
+    if auth != "static":
+        client = config.pop("clients")["bench"]
+        headers = {}
+        if auth != "off":
+            import asyncio
+
+            from keel.bench._inproc import key_database
+
+            url, key = asyncio.run(key_database(client, workdir))
+            config["database_url"] = url
+            # The hot path alone: no background poll or spend write while measuring; access
+            # tokens that outlast the run.
+            config["auth"] = {"sync_interval": 3600, "spend_flush_interval": 3600,
+                              "jwt": {"access_ttl": 86400}}  # fmt: skip
+            config["models"][MODEL]["price"] = {"input": 0.15, "output": 0.6}
+            headers = {"authorization": f"Bearer {key}"}
     proc = spawn_gateway(config, "--log-level", "warning", workdir=workdir, env=env)
+    if auth == "jwt":
+        headers = {"authorization": f"Bearer {_access_token(proc.base_url, headers)}"}
     return Target(
-        "keel" if collector is None else "keel-otel",
+        "keel-otel" if collector is not None else keel_name(auth),
         proc.base_url,
         proc,
         model=MODEL,
-        headers=_KEEL_AUTH,
+        headers=headers,
         measure_pid=proc.pid,
     )
+
+
+def _access_token(base_url: str, headers: Mapping[str, str]) -> str:
+    """An access JWT for the virtual key (``POST /v1/auth/token``)."""
+    import json
+
+    req = urllib.request.Request(base_url + "/auth/token", data=b"", headers=dict(headers))
+    with urllib.request.urlopen(req, timeout=10) as r:
+        token: str = json.loads(r.read())["access_token"]
+    return token
 
 
 def start_collector() -> ListeningProcess:

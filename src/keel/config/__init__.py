@@ -80,6 +80,9 @@ class DeploymentConfig(_Strict):
     timeouts: TimeoutOverrides = TimeoutOverrides()
     headers: dict[str, str] = {}
     continuation: Continuation | None = None  # default by dialect
+    # "responses": the deployment also serves POST /responses natively (OpenAI, Azure, …), so
+    # a Responses request goes to it as it is; "chat": Responses requests are translated.
+    api: Literal["chat", "responses"] = "chat"
     # limits (enforced by the limiter layer)
     rpm: int | None = Field(None, gt=0)
     tpm: int | None = Field(None, gt=0)

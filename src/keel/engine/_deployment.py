@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from keel import __version__
-from keel._cadence import Cadence
+from keel._cadence import Cadence, FirstToken
 from keel._classify import Dialect, UpstreamError
 from keel._health import Breaker, PeakEwma
 from keel.config import DeploymentConfig, Timeouts
@@ -63,6 +63,7 @@ class Deployment:
     timeouts: Timeouts
     name: str = ""
     urls: Urls = field(default=None, repr=False)  # type: ignore[assignment]  # per operation
+    native: bool = False  # api: responses — it serves POST /responses itself
     endpoint: str = ""  # scheme://host:port of base_url, safe to log
     model: str = ""
     auth_header: str = ""
@@ -80,11 +81,14 @@ class Deployment:
     breaker: Breaker = field(default_factory=Breaker)
     latency: PeakEwma = field(default_factory=PeakEwma)
     cadence: Cadence = field(default_factory=Cadence)  # the usual gap between stream tokens
+    first_token: FirstToken = field(default_factory=FirstToken)  # a stream's, usually
+    answer_time: FirstToken = field(default_factory=FirstToken)  # a non-stream answer's
     outcomes: Counter[str] = field(default_factory=Counter)  # attempts by outcome (metrics)
 
     def __post_init__(self) -> None:
         self.name = self.cfg.name or f"{self.group}/{self.index}"
         self.urls = Urls(self.cfg.base_url.rstrip("/"), self.cfg.dialect)
+        self.native = self.cfg.api == "responses"
         # For logs: scheme, host and port only — a base URL may carry credentials
         # (user:pass@host, ?api-key=…) that must never reach a log line.
         parts = urlsplit(self.cfg.base_url)

@@ -34,6 +34,7 @@ from keel.engine._deployment import Deployment
 from keel.engine._errors import KeelError, final_error, unavailable_error
 from keel.engine._keel import Call, Keel
 from keel.engine._limits import Permit, Saturated, acquire, release, try_acquire
+from keel.engine._responses import RESPONSES, native_body, native_payload
 from keel.engine._sinks import ClientGone, Sink
 from keel.engine._upstream import (
     AttemptFailed,
@@ -76,16 +77,23 @@ async def complete(keel: Keel, call: Call) -> tuple[bytes, dict[str, str]]:
             if call.record is not None:  # observers watch (keel.engine._observe)
                 call.record.attempt(dep, permit, plan.count)
             resp = None
+            wire = RESPONSES if call.responses is not None and dep.native else op
+            if wire is RESPONSES:  # a Responses call, natively (keel.engine._responses)
+                payload = native_body(call, dep)
+            else:
+                payload = keel.upstream_body(call.body, dep)
+            # A whole answer far later than the deployment's usual one: try elsewhere.
+            ceiling = dep.timeouts.first_token
+            bound = ceiling if d.patient else dep.answer_time.bound(ceiling, len(payload))
+            sent = loop.time()
             try:
-                with deadlines.timeout(attempt_limit(dep, call.deadline, deadlines)):
-                    resp = await send(
-                        session, dep.urls[op], dep, keel.upstream_body(call.body, dep)
-                    )
+                with deadlines.timeout(attempt_limit(dep, call.deadline, deadlines, bound)):
+                    resp = await send(session, dep.urls[wire], dep, payload)
                     if not accepted(dep, resp):
                         rejected, resp = resp, None  # refused() closes it
                         raise await refused(dep, rejected)
                     raw = await resp.read()
-                call.usage = op.answer(raw, call.body)
+                call.usage = wire.answer(raw, call.body)
             except AttemptFailed as failed:
                 _settle(call, plan, dep, permit, failed.error)
                 continue
@@ -93,6 +101,8 @@ async def complete(keel: Keel, call: Call) -> tuple[bytes, dict[str, str]]:
                 if resp is not None:
                     resp.close()
                 phase = "before the response" if resp is None else "while reading the response"
+                if bound < ceiling and isinstance(exc, TimeoutError):
+                    phase += _late(bound, dep.answer_time.mean)
                 _settle(call, plan, dep, permit, transport_failure(exc, phase).error)
                 continue
             except BaseException:
@@ -101,6 +111,7 @@ async def complete(keel: Keel, call: Call) -> tuple[bytes, dict[str, str]]:
             finally:
                 if resp is not None:
                     resp.release()
+            dep.answer_time.observe(loop.time() - sent)
             _settle(call, plan, dep, permit, ok=True, usage=call.usage)
             if call.record is not None:
                 call.record.answered(raw)
@@ -114,6 +125,10 @@ async def complete(keel: Keel, call: Call) -> tuple[bytes, dict[str, str]]:
         else:
             assert type(d) is GiveUp or type(d) is Finish
             raise _gave_up(keel, call, plan, d.reason)
+
+
+def _late(bound: float, usual: float) -> str:
+    return f" (none within {bound:.1f}s; this deployment usually answers in {usual:.2f}s)"
 
 
 # -- stream --------------------------------------------------------------------------------------
@@ -146,11 +161,15 @@ async def stream(keel: Keel, call: Call, sink: Sink) -> None:
                     call.record.attempt(dep, permit, plan.count, d.continuation)
                 t.attempts = plan.count
                 if d.hedge_after is not None:
-                    if await _hedged(keel, call, plan, t, sink, dep, permit, d.hedge_after):
+                    if await _hedged(
+                        keel, call, plan, t, sink, dep, permit, d.hedge_after, d.patient
+                    ):
                         return
                     continue
                 try:
-                    usage = await _attempt(keel, call, plan, t, sink, dep, d.continuation)
+                    usage = await _attempt(
+                        keel, call, plan, t, sink, dep, d.continuation, d.patient
+                    )
                 except AttemptFailed as failed:
                     _settle(call, plan, dep, permit, failed.error)
                     continue
@@ -184,9 +203,12 @@ async def _attempt(
     sink: Sink,
     dep: Deployment,
     continuing: bool,
+    patient: bool,
 ) -> Mapping[str, Any]:
-    """One streamed attempt, from the request to the last frame. Returns its usage."""
+    """One streamed attempt, from the request to the last frame. Returns its usage.
+    ``patient``: wait the configured first_token, not the deployment's learned bound."""
     mode = dep.continuation if continuing else None
+    op = call.op
     if mode is not None:
         log.info(
             "request %s: continuing the answer on %s (%s) after %d tokens",
@@ -194,6 +216,10 @@ async def _attempt(
             extra={"event": "continuation", "request_id": call.rid, "deployment": dep.name,
                    "mode": mode, "after_tokens": t.tokens},
         )  # fmt: skip
+    if call.responses is not None and dep.native:  # a Responses stream, natively
+        op = RESPONSES
+        payload = native_payload(call, t, dep, mode)
+    elif mode is not None:
         cont = continuation_body(call.body, t.text, mode, dep.dialect, t.tokens)  # type: ignore[arg-type]
         assert cont is not None  # past the token limit the plan ends with "length" instead
         if t.wants_usage:
@@ -204,16 +230,16 @@ async def _attempt(
     session, deadlines = keel.session, keel.deadlines
     assert session is not None and deadlines is not None
     started = deadlines.loop.time()
-    op = call.op
-    resp = await post(session, dep.urls[op], dep, payload, call.deadline, deadlines)
+    # A first token far later than the deployment's usual one: try elsewhere (keel._cadence).
+    ceiling = dep.timeouts.first_token
+    first = ceiling if patient else dep.first_token.bound(ceiling, len(payload))
+    resp = await post(session, dep.urls[op], dep, payload, call.deadline, deadlines, first)
     asm = op.assembler(dep.dialect)
     take = t.take(asm, dep.name, mode)  # type: ignore[arg-type]
     # A stall judged by the deployment's usual pace is only worth it where it can be repaired:
     # the answer can be continued (this deployment at least can continue it).
     adaptive = plan.spliceable and not t.tool_calls and dep.continuation != "none"
-    reader = FrameReader(
-        resp, dep, asm, call.deadline, started + dep.timeouts.first_token, deadlines, adaptive
-    )
+    reader = FrameReader(resp, dep, asm, call.deadline, started + first, deadlines, adaptive)
     read = resp.content.readany
     clean = False
     try:
@@ -255,7 +281,7 @@ async def _attempt(
         if not outcome.complete:
             assert outcome.failure is not None
             raise AttemptFailed(outcome.failure)
-        reader.completed(dep)
+        reader.completed(dep, started)
         out = []
         if take.commit(out):  # a short answer may still be held
             await _commit(keel, call, plan, sink, dep, started)
@@ -269,6 +295,9 @@ async def _attempt(
         raise
     except (ClientGone, asyncio.CancelledError):
         take.failed()  # what it generated until the client left still counts (spend)
+        raise
+    except ConnectionError:  # from a sink's write (the door tells whether its client left)
+        take.failed()
         raise
     finally:
         reader.close()
@@ -323,11 +352,12 @@ async def _hedged(
     dep: Deployment,
     permit: Permit,
     delay: float,
+    patient: bool,
 ) -> bool:
     """An attempt on ``dep`` that races a second deployment when its first token is late.
     The first to commit wins and cancels the other. Every attempt's outcome is settled here;
     True when one of them completed the stream."""
-    first = asyncio.create_task(_attempt(keel, call, plan, t, sink, dep, False))
+    first = asyncio.create_task(_attempt(keel, call, plan, t, sink, dep, False, patient))
     racers = call.racers = {first: (dep, permit)}
     try:
         done, _ = await asyncio.wait({first}, timeout=delay)
@@ -341,7 +371,9 @@ async def _hedged(
                     call.record.attempt(alt, alt_permit, plan.count, hedge=True)
                 t.attempts = plan.count
                 alt.in_flight += 1
-                second = asyncio.create_task(_attempt(keel, call, plan, t, sink, alt, False))
+                second = asyncio.create_task(
+                    _attempt(keel, call, plan, t, sink, alt, False, patient)
+                )
                 racers[second] = (alt, alt_permit)
         pending = set(racers)
         while pending:
@@ -415,7 +447,7 @@ async def _queue(
     try:
         permit = await acquire(dep, call.cost, call.priority, now + wait, panic)
     except Saturated as sat:
-        plan.refused(dep, sat.reason, sat.retry_after, sat.soon)
+        plan.refused(dep, sat.reason, sat.retry_after, sat.soon, dep.breaker.down)
         return None
     return _started(plan, dep, permit)
 
@@ -448,6 +480,7 @@ def _settle(
         call.record.settled(permit, error, ok, usage)
     if ok:
         permit.ok = True
+        plan.succeeded(dep)
     elif error is not None:
         permit.error = error
         penalty = plan.failed(dep, error, hedge=hedge)
@@ -466,7 +499,7 @@ def _gave_up(keel: Keel, call: Call, plan: Plan[Deployment], reason: str) -> Kee
         err = final_error(plan.tried, reason)
     elif plan.saturated is not None:
         why, back = plan.saturated
-        err = unavailable_error(reason or why, back)
+        err = unavailable_error(f"{reason}: {why}" if reason else why, back)
     else:
         why, back = keel.router.unavailable(call.model)  # all out: say why, and until when
         err = unavailable_error(reason or why, back)

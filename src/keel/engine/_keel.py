@@ -72,6 +72,9 @@ class Call:
     transcript: Transcript | None = None  # a stream's, for its spend (``Meter.charge``)
     op: Operation = CHAT  # the endpoint (``keel.engine._operation``)
     record: Record | None = None  # what it did, when observers watch (``keel.engine._observe``)
+    # A Responses request (keel.engine._responses): what deployments with ``api: responses``
+    # are sent as it is; ``body`` is its chat translation, for the others.
+    responses: dict[str, Any] | None = None
 
 
 class Keel:
@@ -259,6 +262,49 @@ class Keel:
 
         return ChunkStream(self, lambda: self.library_call(body, True, api_key))
 
+    async def responses(
+        self, body: Mapping[str, Any], *, api_key: str | None = None
+    ) -> dict[str, Any]:
+        """A Responses API request (non-stream) as a Response dict, or ``KeelError``: served
+        over the group's chat-completions deployments by translation (``keel._responses``)."""
+        from keel.engine._driver import complete
+        from keel.engine._responses import response_of, responses_call
+
+        rid = self.request_id()
+        headers, principal = self._library_principal(api_key)
+        request = {**body, "stream": False}
+        call = responses_call(self, request, principal, headers, rid)
+        await self.admit(call)
+        try:
+            raw, _ = await complete(self, call)
+        finally:
+            self.done(call)
+        return response_of(raw, request, rid)
+
+    def responses_stream(
+        self, body: Mapping[str, Any], *, api_key: str | None = None
+    ) -> ChunkStream:
+        """A streamed Responses API request: its events as dicts (``async for``), from
+        ``response.created`` to exactly one terminal event — ``response.completed``,
+        ``response.incomplete``, or ``response.failed`` (carrying the error) when a started
+        stream cannot be completed. ``KeelError`` before the first event."""
+        from keel.engine._responses import ResponsesSink, responses_call
+        from keel.engine._sinks import ChunkStream
+
+        rid = self.request_id()
+        request = {**body, "stream": True}
+
+        def make_call() -> Call:
+            headers, principal = self._library_principal(api_key)
+            return responses_call(self, request, principal, headers, rid)
+
+        return ChunkStream(self, make_call, lambda sink: ResponsesSink(sink, request, rid))
+
+    def _library_principal(self, api_key: str | None) -> tuple[dict[str, str], Principal]:
+        headers = {} if api_key is None else {"authorization": f"Bearer {api_key}"}
+        principal = self.admission.anonymous if api_key is None else self.authenticate(headers)
+        return headers, principal
+
     async def speech(self, body: Mapping[str, Any], *, api_key: str | None = None) -> Speech:
         """Text-to-speech on a model group whose deployments serve ``/v1/audio/speech``:
         retried and failed over until the first audio byte, then an async iterator of audio
@@ -379,8 +425,7 @@ class Keel:
     def library_call(
         self, body: Mapping[str, Any], stream: bool, api_key: str | None, op: Operation = CHAT
     ) -> Call:
-        headers = {} if api_key is None else {"authorization": f"Bearer {api_key}"}
-        principal = self.admission.anonymous if api_key is None else self.authenticate(headers)
+        headers, principal = self._library_principal(api_key)
         # An endpoint that never streams gets no "stream" key (OpenAI's would refuse it).
         body = {**body, "stream": stream} if op.streams else dict(body)
         return self.call(body, principal, headers, self.request_id(), op)

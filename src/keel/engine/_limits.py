@@ -13,7 +13,7 @@ Three gates, in order, each cheap when the deployment has nothing to enforce:
    cannot book the next minute away from interactive requests.
 
 ``release`` reports the attempt's outcome to the breaker, the load evidence, the AIMD
-controllers, the retry budget, the peak-EWMA latency and the token reconciliation, and frees
+controllers, the peak-EWMA latency and the token reconciliation, and frees
 the slot for the next waiter.
 
 **Load or noise.** A refusal (429 of any wording, 503 overloaded, 529) is evidence, not a
@@ -40,9 +40,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from keel._backoff import settle_retry
 from keel._classify import ErrorKind, UpstreamError
-from keel._concurrency import Aimd, RateAimd
+from keel._concurrency import Aimd, Hold, RateAimd
 from keel._evidence import Cause, LoadEvidence, Verdict
 from keel._health import Admit, Breaker, BreakerGroup, PeakEwma, unreachable
 from keel._ratelimit import Gcra, parse_ratelimit_headers, per_minute, window_pacing
@@ -61,7 +60,6 @@ PRIORITIES = {"interactive": 0, "batch": 1}
 HORIZON = 0.25  # seconds: how far ahead a rate slot may be booked
 LEASE_POLL = 0.005  # seconds between retries when the shared concurrency is full
 PAUSE_MIN = 0.25  # a 429 hint shorter than this is the request's own retry, not a pause
-RATE_PAUSE_MAX = 1.0  # seconds: the longest pause for hint-less rate refusals in a row
 # Seconds past its booked slot a request may still go. Later than that our event loop was
 # stalled and the request would bunch up with the next slots in the upstream's window: it books
 # again, once (a second stall sends it anyway: progress over precision).
@@ -177,12 +175,16 @@ class DeploymentLimiter:
     # evidence says the refusals are about the rate (learn_headers → _failed).
     _window_pause: float = 0.0
     down_reason: str = ""  # the last failure that never reached the upstream (for errors)
-    rate_run: int = 0  # rate-shaped refusals since the last success
+    # Refused for load without a word on when to come back: pause, probe, slow start.
+    hold: Hold = field(default_factory=Hold)
+    _unheld_cap: float = math.inf  # _configured_cap outside the hold
+    _probe_refused: float = 0.0  # when a lone probe of the hold was last refused
     learned_rpm: int | None = None
     learned_tpm: int | None = None
     calibration: Calibration = field(default_factory=Calibration)
     in_flight: int = 0
     waiting: int = 0
+    pacing: int = 0  # of in_flight, still waiting for their rate slot (not sent yet)
     _waiters: list[tuple[int, int, asyncio.Future[None]]] = field(default_factory=list)
     _rate_head: object | None = None
     _rate_waiters: list[tuple[int, int, asyncio.Future[None]]] = field(default_factory=list)
@@ -226,7 +228,7 @@ class DeploymentLimiter:
             c = float(max(1, self.max_concurrency // self._share()))
         if self.aimd is not None and (s := self.aimd.slots) is not None:
             c = min(c, float(s))
-        return c
+        return min(c, self.hold.cap)
 
     def rate_limited(self, now: float) -> bool:
         return bool(
@@ -303,13 +305,21 @@ class DeploymentLimiter:
                 cost = self.calibration.cost(prompt, req.max_completion)
             lease = None
             if self.rate_limited(time.monotonic()) or (self.max_concurrency and self._shared_up()):
-                lease = await self._rate(cost, priority, wait_until)
+                self.pacing += 1
+                try:
+                    lease = await self._rate(cost, priority, wait_until)
+                finally:
+                    self.pacing -= 1
         except BaseException:
             self.in_flight -= 1
             self._pump()
             raise
         epoch = self.aimd.epoch if self.aimd is not None else 0
-        return Permit(time.monotonic(), self.in_flight, epoch, cost, prompt, lease)
+        # What the upstream sees in flight: not the requests still waiting for their paced
+        # slot here (they hold a slot of ours, not of the upstream's) — the load evidence
+        # would read a rate wall's queue as a concurrency step.
+        sent = self.in_flight - self.pacing
+        return Permit(time.monotonic(), sent, epoch, cost, prompt, lease)
 
     async def _queue_for_slot(self, priority: int, wait_until: float) -> None:
         cfg = self.config.queue
@@ -344,6 +354,11 @@ class DeploymentLimiter:
                 f"{self.key}: upstream refused at its concurrency limit of ~{v.limit}; "
                 f"{self.in_flight} in flight (keel's learned limit {cap:g}), "
                 f"{self.waiting} waiting"
+            )
+        if self.hold.active:
+            return (
+                f"{self.key}: upstream refused for load without saying until when; probing it "
+                f"one request at a time ({self.waiting} waiting)"
             )
         return f"{self.key}: {self.in_flight} requests in flight (limit {cap:g})"
 
@@ -599,9 +614,68 @@ class DeploymentLimiter:
         else:
             self.paced.interval = 1.0 / rate
 
+    # -- the hold: TCP's slow start after a loss (keel._concurrency.Hold) ----------------------
+
+    def held(self, permit: Permit, now: float) -> None:
+        """A hint-less refusal for load that no verdict explains: hold the queue — when it
+        is one of a burst (a stray 429 in a noisy fleet is not a closed window)."""
+        if not self.hold.active and not self.evidence.burst():
+            return
+        news = not (self.hold.active and permit.started < self.hold.since)
+        if news and (permit.in_flight == 1 or self.rate_aimd.active):
+            # Refused with nothing else in flight — not a concurrency limit: the request
+            # rate — or refused at the pace keel keeps: pace below what the window let
+            # through (one cut per RateAimd.hold).
+            if permit.in_flight == 1 and self.aimd is not None and self.aimd.active:
+                self.aimd.forget()
+            if self.learn_pace(self.evidence.accepted_rate(now), now):
+                log.info(
+                    "deployment %s: refused at %d in flight (the request rate): pacing at %.3g/s",
+                    self.key,
+                    permit.in_flight,
+                    self.rate_aimd.rate,
+                )
+        if not self.hold.active:
+            self._unheld_cap = self._configured_cap
+        step = 1.0 / self.rate_aimd.rate if self.rate_aimd.active else 0.0
+        pause = self.hold.on_refusal(permit.started, permit.in_flight, now, step)
+        if pause and permit.in_flight == 1:
+            self._probe_refused = now
+        # the fast path (try_take) reads the configured cap: it holds too
+        self._configured_cap = min(self._unheld_cap, self.hold.cap)
+        if pause:
+            self.pause(pause)
+
+    def end_hold(self) -> None:
+        if self.hold.active:
+            self.hold.end()
+            self._unhold()
+            self._pump()
+
+    def _unhold(self) -> None:
+        """The hold's cap moved (a success, the end): so does the fast path's; the released
+        slots go to the waiters in ``release_slot``."""
+        cap = self.hold.cap
+        self._configured_cap = min(self._unheld_cap, cap) if self.hold.active else self._unheld_cap
+
     def on_success_sample(self, permit: Permit) -> None:
         self.evidence.record(permit.started, permit.in_flight, False)
-        self.rate_run = 0
+        if self.hold.active and permit.started >= self.hold.since:
+            if self._probe_refused:
+                # The window reopened, between the last refused probe and now: pace at what
+                # it let through over the cycle (to the middle of that span).
+                now = time.monotonic()
+                mid = (self._probe_refused + now) / 2.0
+                self._probe_refused = 0.0
+                if self.rate_aimd.on_reopened(self.evidence.accepted_rate(now, mid), now):
+                    self._set_pace(now)
+                    log.info(
+                        "deployment %s: a closed window reopened: pacing at %.3g/s",
+                        self.key,
+                        self.rate_aimd.rate,
+                    )
+            self.hold.on_success(permit.started)
+            self._unhold()
         if self.paced is not None:
             self.rate_aimd.on_success()
             self.paced.interval = 1.0 / self.rate_aimd.rate
@@ -706,6 +780,8 @@ def holds_back(dep: Deployment) -> bool:
     says its refusals track load? Then a retry there waits for room and adds no load (the
     plan does not charge it to the retry budget)."""
     lim = dep.limiter
+    if lim.hold.active:
+        return True
     cause = lim.verdict.cause
     if cause is Cause.CONCURRENCY:
         return lim.aimd is not None and lim.aimd.active
@@ -751,7 +827,6 @@ def _succeeded(dep: Deployment, permit: Permit, now: float) -> None:
     if lim.aimd is not None:
         lim.aimd.on_success(permit.in_flight, permit.epoch, now)
     lim.on_success_sample(permit)
-    settle_retry(True)
     if usage is not None:
         prompt = _usage_int(usage, "prompt_tokens")
         if permit.cost and prompt is not None and completion is not None:
@@ -768,7 +843,6 @@ def _failed(dep: Deployment, permit: Permit, now: float) -> None:
     verdict: Verdict | None = None
     if err is not None:
         health = False if err.kind in BREAKER_FAILURES else None if err.kind in _NEUTRAL else True
-        settle_retry(False)
         if err.kind in _REFUSALS:
             verdict = lim.judge_refusal(permit, now)
             if verdict.cause in (Cause.CONCURRENCY, Cause.RATE):
@@ -820,13 +894,15 @@ def _refused(
     """A load-shaped refusal: act on what the evidence says it is (module docstring)."""
     lim = dep.limiter
     aimd = lim.aimd
-    if v.cause is Cause.CONCURRENCY:
+    if v.cause is Cause.NOISE:
+        lim.end_hold()  # random refusals: holding back would not spare any
+        return  # nothing shrinks, the request's own retry waits its hint
+    if v.cause is Cause.CONCURRENCY and v.limit is not None:
         # Only a refusal above the step the evidence found is about it (one below it is
         # something else, and the evidence will say so); the step is a steadier estimate of
         # the wall than this refusal's own in-flight count.
         if (
             aimd is not None
-            and v.limit is not None
             and permit.in_flight > v.limit
             and aimd.on_overload(v.limit + 1, permit.epoch, now)
         ):
@@ -838,9 +914,11 @@ def _refused(
                 extra={"event": "limit_learned", "deployment": dep.name, "unit": "concurrency",
                        "limit": aimd.slots or 0},
             )  # fmt: skip
-        return  # waiting does not lift a concurrency wall; finishing requests does
-    if v.cause is Cause.NOISE:
-        return  # random refusals: nothing shrinks, the request's own retry waits its hint
+        if permit.in_flight > v.limit and not lim.hold.active and not lim.evidence.burst():
+            return  # waiting does not lift a concurrency wall; finishing requests does
+        # Below the step, in a burst of refusals, or a hold is on: the hold judges them (a
+        # burst starts one) — else a rate window misjudged as a concurrency step (its first
+        # burst looks like one) would take one instant refusal after another.
     if v.cause is Cause.RATE and v.rate is not None and lim.learn_pace(v.rate, now):
         log.info(
             "deployment %s: refusals track the request rate (%s): pacing at %.3g/s",
@@ -861,13 +939,12 @@ def _refused(
         lim.pause(retry_after)
     elif window_pause:
         lim.pause(window_pause)
-    elif v.cause is Cause.RATE and retry_after is None:
-        # A spent window and no word on when it reopens (DashScope, a bare proxy): back off
-        # exponentially from one paced interval while the refusals continue, so a closed
-        # window costs a handful of attempts, not one per paced slot; a success resets it.
-        lim.rate_run += 1
-        step = 1.0 / lim.rate_aimd.rate if lim.rate_aimd.active else 0.05
-        lim.pause(min(RATE_PAUSE_MAX, step * 2.0 ** (lim.rate_run - 1)))
+    elif retry_after is None and err.kind is ErrorKind.RATE_LIMIT:
+        # "Too many requests" and no word on when there is room again (DashScope, a bare
+        # proxy): hold the queue and probe, so a closed window costs a handful of attempts,
+        # not one per request waiting. (A 503 says the provider is busy, not that keel sends
+        # too much: the breaker and the evidence judge those.)
+        lim.held(permit, now)
 
 
 def wire(dep: Deployment, config: GatewayConfig, shared: SharedState | None) -> None:

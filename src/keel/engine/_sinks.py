@@ -7,14 +7,16 @@ Chunks are the JSON payloads of ``chat.completion.chunk`` objects, as bytes: an 
 them (``data: …``), a WebSocket sink would wrap them, the library's iterator parses them.
 
 A sink raises ``ClientGone`` when its consumer went away; the driver then ends quietly (the
-upstream connection closes in its ``finally``).
+upstream connection closes in its ``finally``). ``send`` runs once per network read, so it may
+hand back the consumer's own write instead of being a coroutine; what that write raises
+(``SSESink``: aiohttp's ConnectionError) comes out of the driver for the door to judge.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
@@ -35,7 +37,7 @@ class Sink(Protocol):
 
     async def commit(self, headers: Mapping[str, str]) -> None: ...
 
-    async def send(self, chunks: list[bytes]) -> None: ...
+    def send(self, chunks: list[bytes]) -> Awaitable[None]: ...
 
     async def end(self, chunks: list[bytes]) -> None: ...
 
@@ -86,9 +88,15 @@ class ChunkStream:
     ``__anext__``; ``aclose()`` (also when the iterator is dropped after a ``break``, or the
     reading task is cancelled) stops it and closes the upstream attempt."""
 
-    def __init__(self, keel: Keel, make_call: Callable[[], Call]) -> None:
+    def __init__(
+        self,
+        keel: Keel,
+        make_call: Callable[[], Call],
+        wrap: Callable[[Sink], Sink] | None = None,
+    ) -> None:
         self._keel = keel
         self._make_call = make_call
+        self._wrap = wrap  # the sink the driver writes to, around the queue (Responses)
         self._sink = QueueSink()
         self._task: asyncio.Task[None] | None = None
         self._batch: list[bytes] = []
@@ -126,11 +134,12 @@ class ChunkStream:
 
         keel, sink = self._keel, self._sink
         call = self._make_call()  # KeelError for a bad body or an unknown model
+        target = sink if self._wrap is None else self._wrap(sink)
         await keel.admit(call)
 
         async def run() -> None:  # (no reference to self: dropping the iterator must free it)
             try:
-                await stream(keel, call, sink)
+                await stream(keel, call, target)
             finally:
                 keel.done(call)
 

@@ -143,7 +143,9 @@ async def open_speech(keel: Keel, call: Call) -> Speech:
                 continue
             resp: aiohttp.ClientResponse | None = None
             try:
-                with deadlines.timeout(attempt_limit(dep, call.deadline, deadlines)):
+                with deadlines.timeout(
+                    attempt_limit(dep, call.deadline, deadlines, dep.timeouts.first_token)
+                ):
                     resp = await session.post(
                         _url(dep),
                         data=orjson.dumps({**call.body, "model": dep.model}),

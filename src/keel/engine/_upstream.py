@@ -19,6 +19,7 @@ from collections.abc import Awaitable
 import aiohttp
 
 from keel._assembly import Frame, FrameKind, StreamAssembler
+from keel._cadence import FLOOR, Cadence
 from keel._classify import ErrorKind, UpstreamError, classify_response, transport_error
 from keel._sse import Comment, SSEDecoder
 from keel.engine._deadlines import Deadlines, Entry
@@ -105,9 +106,12 @@ async def _send(
     return resp
 
 
-def attempt_limit(dep: Deployment, deadline: float, deadlines: Deadlines) -> float:
-    t = dep.timeouts
-    return min(deadline, deadlines.loop.time() + min(t.first_token, t.total))
+def attempt_limit(
+    dep: Deployment, deadline: float, deadlines: Deadlines, first_token: float
+) -> float:
+    """When the attempt's wait for its first token (``first_token`` seconds: the configured
+    bound, or the deployment's learned one) ends, within the request's deadline."""
+    return min(deadline, deadlines.loop.time() + min(first_token, dep.timeouts.total))
 
 
 async def post(
@@ -117,10 +121,11 @@ async def post(
     body: bytes,
     deadline: float,
     deadlines: Deadlines,
+    first_token: float,
 ) -> aiohttp.ClientResponse:
     """Send the request and wait for a 2xx response's headers (first-token timeout bounds it)."""
     try:
-        with deadlines.timeout(attempt_limit(dep, deadline, deadlines)):
+        with deadlines.timeout(attempt_limit(dep, deadline, deadlines, first_token)):
             return await _send(session, url, dep, body)
     except AttemptFailed:
         raise
@@ -145,7 +150,7 @@ class _Watchdog:
     when it fires, so the per-chunk cost is two attribute writes."""
 
     __slots__ = (
-        "_deadlines", "_due", "_handle", "_idle", "_loop", "_min_tokens", "_resp", "_total", "_window",
+        "_ceiling", "_deadlines", "_due", "_handle", "_idle", "_loop", "_min_tokens", "_own", "_resp", "_total", "_window",
         "_window_end", "_window_tokens", "expired", "first_progress", "progressed", "tokens",
     )  # fmt: skip
 
@@ -165,6 +170,9 @@ class _Watchdog:
         # A silence many times the deployment's usual gap is a stall (keel._cadence), when a
         # stall can be repaired; else only the configured idle bound.
         self._idle = dep.cadence.idle(t.idle) if adaptive else t.idle
+        # The deployment's pace not known yet: this stream's own, re-judged every FLOOR s.
+        self._own = adaptive and not dep.cadence.known
+        self._ceiling = t.idle
         self._min_tokens = t.min_tokens
         self._window = t.min_tokens_window
         self._window_end = 0.0
@@ -190,7 +198,16 @@ class _Watchdog:
         if not self.progressed:
             due = self._due
         else:
-            due = min(self.progressed + self._idle, self._total)
+            if self._own:
+                self._idle = Cadence.own(
+                    self._ceiling, self.first_progress, self.progressed, self.tokens
+                )
+                if now < self.progressed + self._idle:  # not stalled (yet): look again soon
+                    due = min(self.progressed + self._idle, now + FLOOR, self._total)
+                else:
+                    due = min(self.progressed + self._idle, self._total)
+            else:
+                due = min(self.progressed + self._idle, self._total)
             if self._min_tokens:
                 if now >= self._window_end:
                     if self.tokens - self._window_tokens < self._min_tokens:
@@ -250,10 +267,16 @@ class FrameReader:
         asm = self._asm
         dog = self._dog
         out: list[Frame] = []
-        for ev in self._decoder.feed(data):
-            if type(ev) is Comment:
+        # The common read, whole ``data:`` events, stays bytes: a chunk's payload is relayed
+        # as the upstream sent it (``Frame.raw``), never decoded and re-encoded.
+        events = self._decoder.data_payloads(data) or self._decoder.feed(data)
+        for ev in events:
+            if type(ev) is bytes:
+                frame = asm.feed_data(ev)
+            elif type(ev) is Comment:
                 continue  # keep-alives are not progress
-            frame = asm.feed(ev)  # type: ignore[arg-type]
+            else:
+                frame = asm.feed(ev)  # type: ignore[arg-type]
             # The role-only opening chunk is not a token; anything after it is.
             if frame.kind is _CHUNK and (frame.content or asm.chunks > 1):
                 dog.tokens += 1
@@ -285,10 +308,13 @@ class FrameReader:
                 transport_error(ErrorKind.CONNECTION, "upstream stream ended inside an event")
             )
 
-    def completed(self, dep: Deployment) -> None:
-        """The stream ended complete: its pace is the deployment's usual one."""
+    def completed(self, dep: Deployment, started: float) -> None:
+        """The stream (sent at ``started``) ended complete: its pace and its first token are
+        the deployment's usual ones."""
         dog = self._dog
         dep.cadence.observe(dog.first_progress, dog.progressed, dog.tokens)
+        if dog.first_progress:
+            dep.first_token.observe(dog.first_progress - started)
 
     def close(self) -> None:
         self._dog.cancel()

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import importlib
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from functools import cache
 from types import ModuleType
 from typing import Any
@@ -24,13 +24,15 @@ from urllib.parse import unquote
 
 import orjson
 
+from keel._responses import sse_events
 from keel.engine._completions import COMPLETIONS
 from keel.engine._driver import complete, stream
 from keel.engine._embeddings import EMBEDDINGS
 from keel.engine._errors import KeelError
 from keel.engine._keel import Call, Keel
 from keel.engine._operation import CHAT, Operation
-from keel.engine._sinks import COMMITTED, END, QueueSink
+from keel.engine._responses import ResponsesSink, parse_request, response_of, responses_call
+from keel.engine._sinks import COMMITTED, END, QueueSink, Sink
 from keel.gateway._app import too_large, unrouted
 from keel.gateway._sink import sse, sse_end
 
@@ -40,6 +42,7 @@ _OPERATIONS = {
     **dict.fromkeys(("/v1/embeddings", "/embeddings"), EMBEDDINGS),
     **dict.fromkeys(("/v1/completions", "/completions"), COMPLETIONS),
 }
+_RESPONSES = ("/v1/responses", "/responses")  # keel.engine._responses: chat calls underneath
 _JSON = {"content-type": "application/json"}
 
 
@@ -77,6 +80,8 @@ class _Door:
         op = _OPERATIONS.get(path)
         if op is not None and method == "POST":
             return await self._call(request, op)
+        if path in _RESPONSES and method == "POST":
+            return await self._call(request, CHAT, responses=True)
         if path.startswith("/v1/models") and method in ("GET", "HEAD"):
             return self._models(request, path.removeprefix("/v1/models"))
         if path == "/healthz" and method in ("GET", "HEAD"):
@@ -98,38 +103,51 @@ class _Door:
             return self._error(exc)
         return self._lib.Response(200, headers=_JSON, content=orjson.dumps(obj))
 
-    async def _call(self, request: Any, op: Operation) -> Any:
+    async def _call(self, request: Any, op: Operation, responses: bool = False) -> Any:
+        """A request to ``op``'s endpoint; or to /v1/responses (``responses``): a chat call
+        whose answer becomes a Response or its events (``keel.engine._responses``)."""
         keel = self._keel
         rid = keel.request_id()
+        body: dict[str, Any] = {}  # the Responses request
         try:
             principal = keel.authenticate(request.headers)
             raw = await request.aread()
             limit = keel.config.server.max_body_bytes
             if len(raw) > limit:
                 raise too_large(limit)
-            call = keel.call(raw, principal, request.headers, rid, op)
+            if responses:
+                body = parse_request(raw)
+                call = responses_call(keel, body, principal, request.headers, rid)
+            else:
+                call = keel.call(raw, principal, request.headers, rid, op)
             await keel.admit(call)
         except KeelError as exc:
             return self._error(exc, rid)
         if call.stream:
-            return await self._streamed(call)
+            if not responses:
+                return await self._streamed(call)
+            return await self._streamed(call, lambda sink: ResponsesSink(sink, body, rid))
         try:
-            body, headers = await complete(keel, call)
+            answer, headers = await complete(keel, call)
         except KeelError as exc:
             return self._error(exc)
         finally:
             keel.done(call)
-        return self._lib.Response(200, headers={**_JSON, **headers}, content=body)
+        if responses:
+            answer = orjson.dumps(response_of(answer, body, rid))
+        return self._lib.Response(200, headers={**_JSON, **headers}, content=answer)
 
-    async def _streamed(self, call: Call) -> Any:
+    async def _streamed(self, call: Call, wrap: Callable[[Sink], Sink] | None = None) -> Any:
         """Run the stream in a task of its own; answer once it commits (200 and the event
-        stream) or fails before that (the error response)."""
+        stream) or fails before that (the error response). ``wrap``: the sink the driver
+        writes to, around the queue (Responses events instead of chat chunks)."""
         keel = self._keel
         sink = QueueSink()
+        target = sink if wrap is None else wrap(sink)
 
         async def run() -> None:
             try:
-                await stream(keel, call, sink)
+                await stream(keel, call, target)
             finally:
                 keel.done(call)
 
@@ -148,7 +166,7 @@ class _Door:
             "cache-control": "no-cache",
             **sink.headers,
         }
-        body = _event_stream_class(self._lib)(sink, task)
+        body = _event_stream_class(self._lib)(sink, task, wrap is not None)
         return self._lib.Response(200, headers=headers, stream=body)
 
     def _error(self, err: KeelError, request_id: str = "") -> Any:
@@ -167,13 +185,20 @@ class _EventStream:
     """The committed stream's SSE bytes; closing it (the SDK's ``close()``, a ``break``)
     cancels the engine's task, which closes the upstream."""
 
-    def __init__(self, sink: QueueSink, task: asyncio.Task[None]) -> None:
+    def __init__(self, sink: QueueSink, task: asyncio.Task[None], events: bool = False) -> None:
         self._sink = sink
         self._task = task
+        self._events = events  # Responses events: their own framing, no [DONE]
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         while True:
             item = await self._sink.get()
+            if self._events:
+                if item is END:
+                    return
+                assert isinstance(item, list)  # (its sink ends a failed stream with an event)
+                yield sse_events(item)
+                continue
             if item is END:
                 yield sse_end([])
                 return

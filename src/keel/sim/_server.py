@@ -45,6 +45,14 @@ from keel.sim._faults import (
     parse_rates,
 )
 from keel.sim._log import LogEntry, RequestLog
+from keel.sim._responses import (
+    ResponseSpec,
+    Stored,
+    chat_view,
+    not_found,
+    response_json,
+    responses_plan,
+)
 from keel.sim._stream import (
     KEEPALIVE_INTERVAL,
     Abort,
@@ -105,6 +113,7 @@ class Simulator:
         self.base_url = ""
         self._log = RequestLog()
         self._counter = AttemptCounter()
+        self._stored = Stored()  # /v1/responses: the ids a previous_response_id may name
         self._rid = os.urandom(4).hex()
         self._runner: web.AppRunner | None = None
         self._stopping = asyncio.Event()
@@ -238,6 +247,8 @@ class Simulator:
         r.add_post("/v1/completions", self._completions)
         r.add_post("/completions", self._completions)
         r.add_post("/openai/deployments/{deployment}/completions", self._completions)
+        r.add_post("/v1/responses", self._responses)  # keel.sim._responses
+        r.add_post("/responses", self._responses)
         r.add_post("/v1/audio/speech", self._speech)
         r.add_post("/audio/speech", self._speech)
         r.add_get("/v1/models", self._models)
@@ -425,18 +436,25 @@ class Simulator:
 
     # -- chat completions ---------------------------------------------------------------------
 
-    async def _chat(self, request: web.Request) -> web.StreamResponse:
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        return await self._chat(request, responses=True)
+
+    async def _chat(self, request: web.Request, responses: bool = False) -> web.StreamResponse:
         entry = self._log.open(self.name)
         entry.request_id = f"req_{self._rid}{entry.seq}"
+        if responses:
+            entry.kind = "responses"
         try:
-            return await self._handle(request, entry)
+            return await self._handle(request, entry, responses)
         except asyncio.CancelledError:  # handler cancellation: the client went away
             entry.client_disconnected = True
             raise
         finally:
             self._log.close(entry)
 
-    async def _handle(self, request: web.Request, entry: LogEntry) -> web.StreamResponse:
+    async def _handle(
+        self, request: web.Request, entry: LogEntry, responses: bool = False
+    ) -> web.StreamResponse:
         rid = entry.request_id
         api_key = _api_key(request)
         entry.key = key_fingerprint(api_key)
@@ -444,6 +462,12 @@ class Simulator:
             body = orjson.loads(await request.read())
         except orjson.JSONDecodeError:
             return self._error(entry, bad_request("request body is not valid JSON"))
+        native = body if responses and isinstance(body, dict) else None
+        if native is not None:  # a Responses request, read as the chat body it amounts to
+            view = chat_view(native)
+            if isinstance(view, str):
+                return self._error(entry, bad_request(view))
+            body = view
         messages = body.get("messages") if isinstance(body, dict) else None
         if not isinstance(messages, list) or not messages:
             return self._error(entry, bad_request("'messages' must be a non-empty array"))
@@ -463,6 +487,12 @@ class Simulator:
             return self._error(entry, bad_request(str(e)))
         prompt = strip_directives(turn.user)
         entry.prompt = prompt[:80]
+        if native is not None:  # what it stores, and what a previous_response_id names
+            previous = native.get("previous_response_id")
+            if previous is not None and previous not in self._stored:
+                return self._error(entry, ErrorReply(400, not_found(previous)))
+            if native.get("store") is not False:
+                self._stored.add(f"resp_{rid[4:]}")
         answer = compose(body, turn, d, prompt, self.length)
         entry.tool_call = answer.call is not None
         entry.continuation, entry.continuation_kind = bool(answer.continuation), answer.continuation
@@ -492,7 +522,14 @@ class Simulator:
                 token_delay=d.delay if d.delay is not None else self.token_delay,
                 first_delay=self.first_token_delay + active.get("slow_token", 0.0),
             )
-            plan = stream_plan(spec, active)
+            if native is not None:
+                rspec = ResponseSpec(
+                    f"resp_{rid[4:]}", spec.created, model, answer, usage,
+                    spec.token_delay, spec.first_delay,
+                )  # fmt: skip
+                plan = responses_plan(rspec, active)
+            else:
+                plan = stream_plan(spec, active)
             resp = web.StreamResponse(headers=_SSE_HEADERS | {"x-request-id": rid} | limit_headers)
         else:
             for name in _MID_ERRORS:
@@ -504,10 +541,15 @@ class Simulator:
             finish: str | bool | None = True
             if "no_finish" in active or "null_finish" in active or "empty_finish" in active:
                 finish = False if "no_finish" in active else None if "null_finish" in active else ""
-            data = completion_json(
-                answer, chunk_id=chunk_id, created=int(time.time()), model=model, usage=usage,
-                finish=finish,
-            )  # fmt: skip
+            if native is not None:
+                data = response_json(
+                    ResponseSpec(f"resp_{rid[4:]}", int(time.time()), model, answer, usage)
+                )
+            else:
+                data = completion_json(
+                    answer, chunk_id=chunk_id, created=int(time.time()), model=model,
+                    usage=usage, finish=finish,
+                )  # fmt: skip
             if "garbage_fatal" in active:
                 data, complete = data[: len(data) // 2], False
             complete = complete and "trunc" not in active and "trunc_mid" not in active
