@@ -28,6 +28,12 @@ def entries_for(sim: SimProcess, prompt_fragment: str) -> list[LogEntry]:
     return [e for e in sim.log() if prompt_fragment in e.prompt]
 
 
+def log_of(sims: tuple[SimProcess, ...], prompt: str) -> list[LogEntry]:
+    """The attempts every simulator saw for a prompt starting with ``prompt``, in order."""
+    entries = (e for s in sims for e in s.log() if e.prompt.startswith(prompt))
+    return sorted(entries, key=lambda e: e.t_open)
+
+
 def gateway_config(a: str, b: str, **server: Any) -> dict[str, Any]:
     def dep(url: str, key: str, **kw: Any) -> dict[str, Any]:
         return {"base_url": url, "api_key": key, **kw}

@@ -290,7 +290,7 @@ async def test_wrong_method_is_a_405(conn: Conn) -> None:
     await conn.still_usable()
 
 
-@pytest.mark.parametrize("path", ["/completions", "/embeddings", "/nope", "/../etc/passwd"])
+@pytest.mark.parametrize("path", ["/files", "/images/generations", "/nope", "/../etc/passwd"])
 async def test_unknown_path_is_a_404(conn: Conn, path: str) -> None:
     status, body, _ = await conn.request("POST", path, json=ok_body("x"))
     assert_openai_error(status, body, 404)

@@ -77,6 +77,25 @@ def prompt_tokens(messages: Sequence[Any], tools: Any = None) -> int:
     return n
 
 
+def input_tokens(value: Any) -> int:
+    """Estimated tokens of an embeddings ``input`` or a legacy completion's ``prompt``: a
+    string, an array of strings, an array of token ids (counted exactly) or an array of such
+    arrays."""
+    if isinstance(value, str):
+        return text_tokens(value)
+    if not isinstance(value, list):
+        return 0
+    n = 0
+    for item in value:
+        if isinstance(item, str):
+            n += text_tokens(item)
+        elif isinstance(item, list):
+            n += len(item)
+        else:
+            n += 1  # one token id of a single token array
+    return n
+
+
 def completion_budget(body: Mapping[str, Any]) -> int | None:
     """The client's own cap on output tokens, if it set one."""
     for key in ("max_completion_tokens", "max_tokens"):

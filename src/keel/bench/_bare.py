@@ -22,6 +22,7 @@ from keel._signals import until_signalled
 
 SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("session")
 UPSTREAM: web.AppKey[str] = web.AppKey("upstream")
+EMBEDDINGS: web.AppKey[str] = web.AppKey("embeddings")
 _SSE_HEADERS = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
 _DONE = b"data: [DONE]\n\n"
 
@@ -75,10 +76,40 @@ async def chat(request: web.Request) -> web.StreamResponse:
             resp.close()
 
 
+async def embeddings(request: web.Request) -> web.Response:
+    """``POST /v1/embeddings``: the body parsed and re-serialised, the answer relayed."""
+    session = request.app[SESSION]
+    body = orjson.loads(await request.read())
+    headers = {"content-type": "application/json"}
+    if auth := request.headers.get("authorization"):
+        headers["authorization"] = auth
+    resp = await session.post(request.app[EMBEDDINGS], data=orjson.dumps(body), headers=headers)
+    done = False
+    try:
+        data = await resp.read()
+        done = True
+        return web.Response(
+            status=resp.status, body=data, content_type=resp.content_type or "application/json"
+        )
+    finally:
+        if done:
+            resp.release()
+        else:
+            resp.close()  # the client left mid-answer: the upstream closes at once
+
+
+def routes(app: web.Application, upstream: str) -> None:
+    """The bare proxy's endpoints on ``app``, relaying to ``upstream`` (a base URL)."""
+    base = upstream.rstrip("/")
+    app[UPSTREAM] = base + "/chat/completions"
+    app[EMBEDDINGS] = base + "/embeddings"
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/embeddings", embeddings)
+
+
 async def serve(upstream: str, host: str, port: int) -> None:
     app = web.Application(client_max_size=16 * 1024 * 1024)
-    app[UPSTREAM] = upstream.rstrip("/") + "/chat/completions"
-    app.router.add_post("/v1/chat/completions", chat)
+    routes(app, upstream)
 
     async def lifecycle(app: web.Application):  # type: ignore[no-untyped-def]
         connector = aiohttp.TCPConnector(limit=0)

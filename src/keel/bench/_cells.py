@@ -155,7 +155,18 @@ def _errors(result: _load.LoadResult) -> int:
 def throughput(target: Target, plan: Plan) -> dict[str, Any]:
     """Non-stream requests at fixed concurrency: req/s, latency, CPU µs per request."""
     body = _load.chat_body(target.model, "bench throughput", stream=False)
-    url, h, c = target.chat_url, target.headers, plan.tput_concurrency
+    return _nonstream(target, plan, target.chat_url, body)
+
+
+def embeddings(target: Target, plan: Plan) -> dict[str, Any]:
+    """``POST /v1/embeddings`` at fixed concurrency, as the openai SDK sends it by default
+    (base64, the model's 1536 dimensions): req/s, latency, CPU µs per request."""
+    body = _load.embeddings_body(target.model, "bench embeddings")
+    return _nonstream(target, plan, target.base_url + "/embeddings", body)
+
+
+def _nonstream(target: Target, plan: Plan, url: str, body: bytes) -> dict[str, Any]:
+    h, c = target.headers, plan.tput_concurrency
     run(_load.closed_loop(url, body, h, c, plan.warmup))
     res, cpu = _measured(target, lambda: run(_load.closed_loop(url, body, h, c, plan.tput_seconds)))
     return {

@@ -16,7 +16,10 @@ import typer
 
 # keel per --auth mode (keel.bench._targets.keel_name): the ones paired against keel-off
 _AUTH_TARGETS = ("keel", "keel-off", "keel-virtual", "keel-jwt")
-CELLS = ("throughput", "latency", "first_token", "frames", "equal_load", "streams", "disconnect")
+CELLS = (
+    "throughput", "embeddings", "latency", "first_token", "frames", "equal_load", "streams",
+    "disconnect",
+)  # fmt: skip
 
 
 def _run_cells(
@@ -30,6 +33,7 @@ def _run_cells(
     out: dict[str, dict[str, Any]] = {t.name: {} for t in targets}
     repeated: list[tuple[str, str, Callable[[Any], dict[str, Any]]]] = [
         ("throughput", "throughput", lambda t: c.throughput(t, plan)),
+        ("embeddings", "embeddings", lambda t: c.embeddings(t, plan)),
         ("latency", "latency_c1", lambda t: c.latency_c1(t, direct, plan)),
         ("first_token", "first_token", lambda t: c.first_token(t, direct, plan)),
         ("frames", "per_frame", lambda t: c.per_frame(t, plan)),

@@ -12,6 +12,7 @@ in the count (measure ``direct`` to subtract them)::
            | awk '/I *refs/ {gsub(",", "", $NF); print $NF}'; }
     echo $(( ($(ir keel --requests 300) - $(ir keel --requests 100)) / 200 ))   # per request
     echo $(( ($(ir keel --tokens 60 --requests 30) - $(ir keel --tokens 10 --requests 30)) / 1500 ))  # per frame
+    echo $(( ($(ir keel --embeddings base64 --requests 300) - $(ir keel --embeddings base64 --requests 100)) / 200 ))  # per embeddings request
 
 keel runs with the benchmark's realistic config (``keel.bench._config``) and the same
 collector settings as ``keel serve``.
@@ -74,6 +75,32 @@ async def _upstream(request: web.Request) -> web.StreamResponse:
 
 
 _TOKENS: web.AppKey[int] = web.AppKey("tokens")
+_EMBEDDING: web.AppKey[bytes] = web.AppKey("embedding")
+
+
+def _embedding_answer(encoding: str, dims: int = 1536) -> bytes:
+    """A canned embeddings answer: one vector of ``dims`` float32 values (what the openai
+    SDK asks for by default: base64)."""
+    import base64
+    import struct
+
+    vec = [((i * 7919) % 2001 - 1000) / 32768 for i in range(dims)]
+    data: Any = vec
+    if encoding == "base64":
+        data = base64.b64encode(struct.pack(f"<{dims}f", *vec)).decode()
+    return orjson.dumps(
+        {
+            "object": "list",
+            "data": [{"object": "embedding", "index": 0, "embedding": data}],
+            "model": "sim-model",
+            "usage": {"prompt_tokens": 4, "total_tokens": 4},
+        }
+    )
+
+
+async def _embeddings(request: web.Request) -> web.Response:
+    await request.read()
+    return web.Response(body=request.app[_EMBEDDING], content_type="application/json")
 
 
 async def _site(app: web.Application) -> tuple[web.AppRunner, int]:
@@ -114,8 +141,7 @@ async def _gateway(
         from keel.bench import _bare
 
         app = web.Application()
-        app[_bare.UPSTREAM] = upstream + "/chat/completions"
-        app.router.add_post("/v1/chat/completions", _bare.chat)
+        _bare.routes(app, upstream)
 
         async def session(app: web.Application):  # type: ignore[no-untyped-def]
             app[_bare.SESSION] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
@@ -169,11 +195,13 @@ async def _collector(request: web.Request) -> web.Response:
 
 async def run(
     which: str, requests: int, concurrency: int, tokens: int, auth: str = "static",
-    telemetry: bool = False,
+    telemetry: bool = False, embeddings: str = "",
 ) -> None:  # fmt: skip
     up = web.Application()
     up[_TOKENS] = tokens
+    up[_EMBEDDING] = _embedding_answer(embeddings or "base64")
     up.router.add_post("/v1/chat/completions", _upstream)
+    up.router.add_post("/v1/embeddings", _embeddings)
     up.router.add_post("/v1/traces", _collector)
     up.router.add_post("/v1/metrics", _collector)
     up_runner, up_port = await _site(up)
@@ -181,13 +209,19 @@ async def run(
     runner, url, model = await _gateway(
         which, upstream + "/v1", auth, upstream if telemetry else None
     )
-    body = orjson.dumps(
-        {
-            "model": model,
-            "messages": [{"role": "user", "content": "bench throughput"}],
-            "stream": tokens > 0,
-        }
-    )
+    if embeddings:  # POST /v1/embeddings instead of chat completions
+        url = url.replace("/chat/completions", "/embeddings")
+        body = orjson.dumps(
+            {"model": model, "input": "bench embeddings", "encoding_format": embeddings}
+        )
+    else:
+        body = orjson.dumps(
+            {
+                "model": model,
+                "messages": [{"role": "user", "content": "bench throughput"}],
+                "stream": tokens > 0,
+            }
+        )
     headers = {"authorization": "Bearer sk-bench", "content-type": "application/json"}
     async with aiohttp.ClientSession() as client:
         if auth in ("virtual", "jwt"):
@@ -239,11 +273,19 @@ def main() -> None:
         help="keel: OpenTelemetry off, or on (every request sampled, exported over OTLP/HTTP "
         "to a collector on the upstream's server that decodes nothing)",
     )
+    parser.add_argument(
+        "--embeddings",
+        choices=["base64", "float"],
+        default="",
+        help="POST /v1/embeddings (1536 dimensions, in this encoding) instead of chat",
+    )
     args = parser.parse_args()
     import uvloop
 
     on = args.telemetry == "on"
-    uvloop.run(run(args.which, args.requests, args.concurrency, args.tokens, args.auth, on))
+    uvloop.run(
+        run(args.which, args.requests, args.concurrency, args.tokens, args.auth, on, args.embeddings)
+    )
 
 
 if __name__ == "__main__":

@@ -36,6 +36,10 @@ def chat_body(model: str, prompt: str, stream: bool, **extra: Any) -> bytes:
     return orjson.dumps(body)
 
 
+def embeddings_body(model: str, text: str, encoding: str = "base64") -> bytes:
+    return orjson.dumps({"model": model, "input": text, "encoding_format": encoding})
+
+
 def _headers(extra: Mapping[str, str]) -> dict[str, str]:
     return {"content-type": "application/json", "authorization": "Bearer sk-bench", **extra}
 

@@ -197,9 +197,43 @@ class Keel:
     async def chat(self, body: Mapping[str, Any], *, api_key: str | None = None) -> dict[str, Any]:
         """A chat completion (non-stream) as a dict, or ``KeelError``. ``api_key``: answer as
         that client of the config (its limits apply); None: the trusted in-process caller."""
+        return await self._complete(body, api_key, CHAT)
+
+    async def embeddings(
+        self, body: Mapping[str, Any], *, api_key: str | None = None
+    ) -> dict[str, Any]:
+        """Embeddings (``POST /v1/embeddings``) as a dict, or ``KeelError``: routed, limited,
+        retried and failed over like ``chat``."""
+        from keel.engine._embeddings import EMBEDDINGS
+
+        return await self._complete(body, api_key, EMBEDDINGS)
+
+    async def completions(
+        self, body: Mapping[str, Any], *, api_key: str | None = None
+    ) -> dict[str, Any]:
+        """A legacy text completion (``POST /v1/completions``, non-stream) as a dict, or
+        ``KeelError``."""
+        from keel.engine._completions import COMPLETIONS
+
+        return await self._complete(body, api_key, COMPLETIONS)
+
+    def completions_stream(
+        self, body: Mapping[str, Any], *, api_key: str | None = None
+    ) -> ChunkStream:
+        """The chunks of a streamed legacy text completion as dicts (``async for``), with
+        ``stream``'s guarantees before the first chunk; a stream that breaks after it ends
+        with ``KeelError`` from the iteration (a text completion cannot be continued)."""
+        from keel.engine._completions import COMPLETIONS
+        from keel.engine._sinks import ChunkStream
+
+        return ChunkStream(self, lambda: self.library_call(body, True, api_key, COMPLETIONS))
+
+    async def _complete(
+        self, body: Mapping[str, Any], api_key: str | None, op: Operation
+    ) -> dict[str, Any]:
         from keel.engine._driver import complete
 
-        call = self.library_call(body, False, api_key)
+        call = self.library_call(body, False, api_key, op)
         await self.admit(call)
         try:
             raw, _ = await complete(self, call)
@@ -310,6 +344,32 @@ class Keel:
 
         return reload(self, config)
 
+    def model(self, name: str, principal: Principal | None = None) -> dict[str, Any]:
+        """One model group as a model object (``GET /v1/models/{id}``); a 404
+        ``model_not_found`` for a name that is no group, or one ``principal`` may not use."""
+        self.check_model(name, principal)
+        return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "keel"}
+
+    def check_model(self, model: str, principal: Principal | None) -> None:
+        """A 404 ``model_not_found`` unless ``model`` is a group ``principal`` may use."""
+        if model not in self.router:
+            raise KeelError(
+                404,
+                f"The model '{model}' does not exist on this gateway. "
+                f"Available: {', '.join(sorted(self.router.groups))}.",
+                code="model_not_found",
+                param="model",
+            )
+        if principal is not None and principal.models is not None and model not in principal.models:
+            # As OpenAI answers for a model the key may not use: 404, naming what it may.
+            raise KeelError(
+                404,
+                f"The model '{model}' does not exist or key '{principal.name}' may not use "
+                f"it. Available: {', '.join(sorted(principal.models & set(self.router.groups)))}.",
+                code="model_not_found",
+                param="model",
+            )
+
     # -- what every door does ---------------------------------------------------------------------
 
     def request_id(self) -> str:
@@ -331,23 +391,10 @@ class Keel:
         otherwise), with its deadline, priority and cost."""
         body = op.parse(raw) if isinstance(raw, bytes) else op.check(dict(raw))
         model = body["model"]
-        if model not in self.router:
-            raise KeelError(
-                404,
-                f"The model '{model}' does not exist on this gateway. "
-                f"Available: {', '.join(sorted(self.router.groups))}.",
-                code="model_not_found",
-                param="model",
-            )
-        if principal.models is not None and model not in principal.models:
-            # As OpenAI answers for a model the key may not use: 404, naming what it may.
-            raise KeelError(
-                404,
-                f"The model '{model}' does not exist or key '{principal.name}' may not use "
-                f"it. Available: {', '.join(sorted(principal.models & set(self.router.groups)))}.",
-                code="model_not_found",
-                param="model",
-            )
+        if model not in self.router or (
+            principal.models is not None and model not in principal.models
+        ):
+            self.check_model(model, principal)  # the 404 that says why
         meter = principal.meter
         if meter is not None:
             meter.check()  # a 429 when its budget is spent

@@ -27,7 +27,7 @@ from keel._assembly import StreamAssembler
 from keel._classify import Dialect, ErrorKind, transport_error
 from keel.engine._limits import RequestCost
 from keel.engine._upstream import AttemptFailed
-from keel.engine._validate import check_chat_request, parse_chat_request
+from keel.engine._validate import check_chat_request, parse_object
 
 Usage = Mapping[str, Any] | None
 
@@ -107,7 +107,8 @@ class ChatCompletions(Operation):
     __slots__ = ()
 
     def parse(self, raw: bytes) -> dict[str, Any]:
-        return parse_chat_request(raw)
+        body, shallow = parse_object(raw)
+        return check_chat_request(body, depth_checked=shallow)
 
     def check(self, body: dict[str, Any]) -> dict[str, Any]:
         return check_chat_request(body)

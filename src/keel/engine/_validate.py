@@ -21,6 +21,14 @@ def bad(message: str, param: str | None = None, code: str | None = None) -> Keel
 def parse_chat_request(raw: bytes) -> dict[str, Any]:
     """Parse and check a chat completion body; only what keel itself relies on is checked —
     everything else passes through to the upstream unchanged."""
+    body, shallow = parse_object(raw)
+    return check_chat_request(body, depth_checked=shallow)
+
+
+def parse_object(raw: bytes) -> tuple[dict[str, Any], bool]:
+    """A request body as a JSON object (a 400 naming the problem otherwise), and whether it
+    is known to nest no deeper than ``MAX_DEPTH`` (else the body's check walks it:
+    ``check_depth``)."""
     if not raw:
         raise bad("The request body is empty; expected a JSON object.", code="invalid_json")
     try:
@@ -40,18 +48,36 @@ def parse_chat_request(raw: bytes) -> dict[str, Any]:
     # Only a body with more than MAX_DEPTH brackets can nest that deep (bytes.count runs in
     # C, ~1 µs for a typical body); the walk is for the rare body that has that many.
     deep = raw.count(b"[") + raw.count(b"{") > MAX_DEPTH
-    return check_chat_request(body, depth_checked=not deep)
+    return body, not deep
+
+
+def check_depth(body: dict[str, Any], depth_checked: bool) -> None:
+    """A 400 for a body nested deeper than keel can forward (a library caller's dict is
+    walked, as a cycle would be)."""
+    if not depth_checked and too_deep(body, MAX_DEPTH):
+        raise _too_deep()
+
+
+def _too_deep() -> KeelError:
+    return bad(
+        f"The request body nests arrays/objects more than {MAX_DEPTH} levels deep; "
+        f"keel forwards at most {MAX_DEPTH}.",
+        code="invalid_json",
+    )
+
+
+def check_model(body: dict[str, Any]) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad("'model' is required and must be a non-empty string.", param="model")
+    return model
 
 
 def check_chat_request(body: dict[str, Any], *, depth_checked: bool = False) -> dict[str, Any]:
     """Check a chat completion body (parsed, or a library caller's dict: its depth is walked,
     as a cycle would be)."""
     if not depth_checked and too_deep(body, MAX_DEPTH):
-        raise bad(
-            f"The request body nests arrays/objects more than {MAX_DEPTH} levels deep; "
-            f"keel forwards at most {MAX_DEPTH}.",
-            code="invalid_json",
-        )
+        raise _too_deep()
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad("'model' is required and must be a non-empty string.", param="model")

@@ -16,7 +16,9 @@ from prometheus_client import CollectorRegistry
 
 from keel.auth import _http as auth_http
 from keel.config import GatewayConfig
+from keel.engine._completions import COMPLETIONS
 from keel.engine._driver import complete, stream
+from keel.engine._embeddings import EMBEDDINGS
 from keel.engine._errors import KeelError
 from keel.engine._keel import Keel
 from keel.engine._operation import CHAT, Operation
@@ -155,10 +157,22 @@ async def models(request: web.Request) -> web.Response:
         principal = keel.authenticate(request.headers)  # the same rules as chat completions
     except KeelError as exc:
         return error_response(exc)
-    return web.json_response(
-        {"object": "list", "data": keel.models(principal)},
-        dumps=lambda o: orjson.dumps(o).decode(),
-    )
+    return _json({"object": "list", "data": keel.models(principal)})
+
+
+async def model(request: web.Request) -> web.Response:
+    """GET /v1/models/{id}: the group as a model object, or a 404 ``model_not_found`` (also
+    for a group the client's key may not use, as /v1/models does not list it)."""
+    keel = request.app[KEEL_KEY]
+    try:
+        principal = keel.authenticate(request.headers)
+        return _json(keel.model(request.match_info["id"], principal))
+    except KeelError as exc:
+        return error_response(exc)
+
+
+def _json(obj: Any) -> web.Response:
+    return web.Response(body=orjson.dumps(obj), content_type="application/json")
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -166,17 +180,18 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 _ENDPOINTS = (
-    "POST /v1/chat/completions, POST /v1/responses, POST /v1/audio/speech, GET /v1/models, "
-    "GET /v1/ws, GET|DELETE /v1/streams/{id}, GET /playground, GET /healthz, GET /readyz, "
-    "GET /metrics, GET /status, GET /admin/state, "
-    "POST /admin/deployments/{name}/reset|drain|undrain, POST /admin/reload"
+    "POST /v1/chat/completions, POST /v1/responses, POST /v1/embeddings, POST /v1/completions, "
+    "POST /v1/audio/speech, GET /v1/models, GET /v1/models/{id}, GET /v1/ws, "
+    "GET|DELETE /v1/streams/{id}, GET /playground, GET /healthz, GET /readyz, GET /metrics, "
+    "GET /status, GET /admin/state, POST /admin/deployments/{name}/reset|drain|undrain, "
+    "POST /admin/reload"
 )
 
 
 def unrouted(method: str, path: str) -> KeelError:
     """A request no route takes: a known path with the wrong method is a 405 naming the
     allowed ones, anything else a 404 naming what keel serves — both OpenAI-shaped."""
-    allowed = _ALLOWED.get(path)
+    allowed = _ALLOWED.get(path) or ("GET, HEAD" if path.startswith("/v1/models/") else None)
     if allowed is not None:
         return KeelError(
             405,
@@ -232,10 +247,15 @@ async def _end_committed_stream(request: web.Request, body: dict[str, Any]) -> N
 _ROUTES: list[tuple[str, str, Handler]] = [
     ("/v1/chat/completions", "POST", chat_completions),  # guarded inline: the hot path
     ("/chat/completions", "POST", chat_completions),
+    ("/v1/embeddings", "POST", endpoint(EMBEDDINGS)),  # keel.engine._embeddings
+    ("/embeddings", "POST", endpoint(EMBEDDINGS)),
+    ("/v1/completions", "POST", endpoint(COMPLETIONS)),  # keel.engine._completions
+    ("/completions", "POST", endpoint(COMPLETIONS)),
     ("/v1/audio/speech", "POST", _speech),  # keel.gateway._speech
     ("/v1/responses", "POST", _responses),  # keel.gateway._responses (guards itself)
     ("/responses", "POST", _responses),
     ("/v1/models", "GET", guarded(models)),
+    ("/v1/models/{id:.+}", "GET", guarded(model)),
     ("/healthz", "GET", guarded(healthz)),
     ("/metrics", "GET", guarded(metrics)),
     ("/v1/ws", "GET", websocket),  # keel.gateway._ws (guards itself)

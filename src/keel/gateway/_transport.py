@@ -20,11 +20,14 @@ from collections.abc import AsyncIterator, Callable
 from functools import cache
 from types import ModuleType
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
 
 from keel._responses import sse_events
+from keel.engine._completions import COMPLETIONS
 from keel.engine._driver import complete, stream
+from keel.engine._embeddings import EMBEDDINGS
 from keel.engine._errors import KeelError
 from keel.engine._keel import Call, Keel
 from keel.engine._operation import CHAT, Operation
@@ -34,7 +37,11 @@ from keel.gateway._app import too_large, unrouted
 from keel.gateway._sink import sse, sse_end
 
 # The engine's endpoints by path (the gateway's routes).
-_OPERATIONS = {"/v1/chat/completions": CHAT, "/chat/completions": CHAT}
+_OPERATIONS = {
+    **dict.fromkeys(("/v1/chat/completions", "/chat/completions"), CHAT),
+    **dict.fromkeys(("/v1/embeddings", "/embeddings"), EMBEDDINGS),
+    **dict.fromkeys(("/v1/completions", "/completions"), COMPLETIONS),
+}
 _RESPONSES = ("/v1/responses", "/responses")  # keel.engine._responses: chat calls underneath
 _JSON = {"content-type": "application/json"}
 
@@ -75,12 +82,26 @@ class _Door:
             return await self._call(request, op)
         if path in _RESPONSES and method == "POST":
             return await self._call(request, CHAT, responses=True)
-        if path == "/v1/models" and method in ("GET", "HEAD"):
-            body = orjson.dumps({"object": "list", "data": self._keel.models()})
-            return self._lib.Response(200, headers=_JSON, content=body)
+        if path.startswith("/v1/models") and method in ("GET", "HEAD"):
+            return self._models(request, path.removeprefix("/v1/models"))
         if path == "/healthz" and method in ("GET", "HEAD"):
             return self._lib.Response(200, headers=_JSON, content=b'{"status":"ok"}')
         return self._error(unrouted(method, path))
+
+    def _models(self, request: Any, rest: str) -> Any:
+        """GET /v1/models and /v1/models/{id}, by the client's key, as ``keel serve``."""
+        keel = self._keel
+        try:
+            principal = keel.authenticate(request.headers)
+            if not rest:
+                obj: Any = {"object": "list", "data": keel.models(principal)}
+            elif rest.startswith("/") and len(rest) > 1:
+                obj = keel.model(unquote(rest[1:]), principal)
+            else:
+                return self._error(unrouted(request.method, request.url.path))
+        except KeelError as exc:
+            return self._error(exc)
+        return self._lib.Response(200, headers=_JSON, content=orjson.dumps(obj))
 
     async def _call(self, request: Any, op: Operation, responses: bool = False) -> Any:
         """A request to ``op``'s endpoint; or to /v1/responses (``responses``): a chat call

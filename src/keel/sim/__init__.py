@@ -26,6 +26,11 @@ Errors before any byte: ``r429[=S]`` ``r429_ds`` ``r429_long[=S]`` ``quota`` ``q
 
 Text-to-speech: ``POST /v1/audio/speech`` streams :func:`audio_bytes` of the input in
 ``--audio-chunk`` byte chunks, ``--audio-delay`` seconds apart (``keel.sim._speech``).
+
+Embeddings: ``POST /v1/embeddings`` answers :func:`embedding_for` of each input and its
+``dimensions`` (1536 by default), as floats or base64 (``keel.sim._embeddings``). Legacy
+completions: ``POST /v1/completions``, stream and non-stream, answers the chat answer's text
+of the prompt (``keel.sim._completions``). Both take the same faults as chat.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from keel.sim._answer import (
     strip_directives,
     tool_call_for,
 )
+from keel.sim._embeddings import DIMENSIONS, embedding_base64, embedding_for
 from keel.sim._errors import go_duration, key_fingerprint, mask_key
 from keel.sim._faults import FAULTS, SETTINGS, DirectiveError, Fault
 from keel.sim._log import LogEntry
@@ -49,6 +55,7 @@ __all__ = [
     "CONTINUE_MARKER",
     "DEFAULT_LENGTH",
     "DIALECTS",
+    "DIMENSIONS",
     "FAULTS",
     "SETTINGS",
     "DirectiveError",
@@ -58,6 +65,8 @@ __all__ = [
     "answer_for",
     "answer_text",
     "audio_bytes",
+    "embedding_base64",
+    "embedding_for",
     "go_duration",
     "key_fingerprint",
     "mask_key",

@@ -43,7 +43,7 @@ class LogEntry:
     key: str | None = None
     prompt: str = ""  # first 80 characters of the directive-free prompt
     request_id: str = ""
-    kind: str = "chat"  # "chat" | "speech" (/v1/audio/speech) | "responses"
+    kind: str = "chat"  # "chat" | "speech" | "responses" | "embeddings" | "completions"
     messages: int = 0  # chat: messages in the request (a conversation's history shows here)
 
     def to_dict(self) -> dict[str, Any]:

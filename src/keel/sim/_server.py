@@ -15,7 +15,7 @@ import random
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import orjson
@@ -241,6 +241,12 @@ class Simulator:
         r.add_post("/v1/chat/completions", self._chat)
         r.add_post("/chat/completions", self._chat)
         r.add_post("/openai/deployments/{deployment}/chat/completions", self._chat)  # Azure
+        r.add_post("/v1/embeddings", self._embeddings)
+        r.add_post("/embeddings", self._embeddings)
+        r.add_post("/openai/deployments/{deployment}/embeddings", self._embeddings)  # Azure
+        r.add_post("/v1/completions", self._completions)
+        r.add_post("/completions", self._completions)
+        r.add_post("/openai/deployments/{deployment}/completions", self._completions)
         r.add_post("/v1/responses", self._responses)  # keel.sim._responses
         r.add_post("/responses", self._responses)
         r.add_post("/v1/audio/speech", self._speech)
@@ -350,6 +356,84 @@ class Simulator:
 
         return await speech(self, request)
 
+    async def _embeddings(self, request: web.Request) -> web.StreamResponse:
+        from keel.sim._embeddings import embeddings
+
+        return await self._logged(request, "embeddings", embeddings)
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        from keel.sim._completions import completions
+
+        return await self._logged(request, "completions", completions)
+
+    # -- what every endpoint does -------------------------------------------------------------
+
+    async def _logged(
+        self,
+        request: web.Request,
+        kind: str,
+        handle: Callable[[Simulator, web.Request, LogEntry], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        """``handle`` a request of ``kind`` with its log entry: opened as it arrives, closed
+        however it ends (handler cancellation: the client went away)."""
+        entry = self._log.open(self.name)
+        entry.kind = kind
+        entry.request_id = f"req_{self._rid}{entry.seq}"
+        try:
+            return await handle(self, request, entry)
+        except asyncio.CancelledError:
+            entry.client_disconnected = True
+            raise
+        finally:
+            self._log.close(entry)
+
+    async def _body(self, request: web.Request, entry: LogEntry) -> dict[str, Any] | web.Response:
+        """The request's JSON object, or the 400 that says it is none (the entry also learns
+        the key's fingerprint)."""
+        entry.key = key_fingerprint(_api_key(request))
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            return self._error(entry, bad_request("request body is not valid JSON"))
+        if not isinstance(body, dict):
+            return self._error(entry, bad_request("request body must be a JSON object"))
+        return body
+
+    async def _faults(
+        self,
+        request: web.Request,
+        entry: LogEntry,
+        prompt: str,
+        d: Directives,
+        n: int,
+        model: str,
+    ) -> dict[str, float] | web.Response:
+        """The faults this request gets (``n``: its answer's chunks): the reply of an error
+        or a reset; else the faults inside the answer ({name: parameter}), once the waits
+        before the headers (``slow_first``, ``latency``) are over."""
+        api_key = _api_key(request)
+        faults = self._choose_faults(api_key, prompt, d, n, entry.t_open)
+        if faults:
+            entry.fault = ",".join(f.name for f in faults)
+        refusal = self._refusal(request, entry, faults, api_key, model)
+        if refusal is not None:
+            return refusal
+        active = {f.name: f.param() for f in faults if f.spec.phase == "stream"}
+        if "slow_first" in active:
+            await asyncio.sleep(active["slow_first"])
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        return active
+
+    def _directives(self, request: web.Request, text: str) -> Directives:
+        """The faults and settings asked for in ``text`` and the ``x-sim-fault`` header
+        (DirectiveError for a malformed one)."""
+        d = parse_directives(text, self.name) or Directives()
+        header = request.headers.get("x-sim-fault")
+        if header and (more := parse_header(header, self.name)):
+            d.update(more)
+        return d
+
     # -- chat completions ---------------------------------------------------------------------
 
     async def _responses(self, request: web.Request) -> web.StreamResponse:
@@ -413,24 +497,9 @@ class Simulator:
         entry.tool_call = answer.call is not None
         entry.continuation, entry.continuation_kind = bool(answer.continuation), answer.continuation
 
-        faults = self._choose_faults(api_key, prompt, d, len(answer.pieces), entry.t_open)
-        if faults:
-            entry.fault = ",".join(f.name for f in faults)
-        for f in faults:
-            if f.name in _WALLS and self.wall_wording != "default":
-                return self._error(entry, self._wall(f, model, rid, entry.t_open))
-            if f.spec.phase == "error":
-                reply = error_reply(
-                    f.name, f.value, self.dialect, api_key=api_key, model=model, request_id=rid
-                )
-                return self._error(entry, reply)
-            if f.spec.phase == "reset":
-                return _reset(request)
-        active = {f.name: f.param() for f in faults if f.spec.phase == "stream"}
-        if "slow_first" in active:  # before the response headers
-            await asyncio.sleep(active["slow_first"])
-        if self.latency:
-            await asyncio.sleep(self.latency)
+        active = await self._faults(request, entry, prompt, d, len(answer.pieces), model)
+        if not isinstance(active, dict):
+            return active  # an error or a reset
         limit_headers = self.window.headers(entry.t_open) if self._limit_headers() else {}
 
         n = len(answer.pieces)
@@ -495,6 +564,28 @@ class Simulator:
         if await self._run(request, resp, plan, entry, count_tokens=entry.stream):
             entry.finished = complete
         return resp
+
+    def _refusal(
+        self,
+        request: web.Request,
+        entry: LogEntry,
+        faults: list[Fault],
+        api_key: str | None,
+        model: str,
+    ) -> web.Response | None:
+        """The reply of an error or a reset among ``faults``; None: the answer goes ahead."""
+        rid = entry.request_id
+        for f in faults:
+            if f.name in _WALLS and self.wall_wording != "default":
+                return self._error(entry, self._wall(f, model, rid, entry.t_open))
+            if f.spec.phase == "error":
+                reply = error_reply(
+                    f.name, f.value, self.dialect, api_key=api_key, model=model, request_id=rid
+                )
+                return self._error(entry, reply)
+            if f.spec.phase == "reset":
+                return _reset(request)
+        return None
 
     def _limit_headers(self) -> bool:
         """Do answers carry x-ratelimit-* headers? OpenAI sends them; DashScope and a bare

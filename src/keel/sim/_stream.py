@@ -137,14 +137,18 @@ class StreamSpec:
     usage: dict[str, int] | None  # set when stream_options.include_usage
     token_delay: float = 0.0
     first_delay: float = 0.0  # extra pause before the first content chunk
+    # A legacy text completion's stream: "text_completion" chunks whose choices carry "text"
+    # (no role chunk, no tool calls).
+    text: bool = False
 
 
 def stream_plan(spec: StreamSpec, faults: Mapping[str, float]) -> list[Op]:
     """The SSE body for ``spec`` with ``faults`` ({name: parameter}) applied."""
     eol = b"\r\n" if "crlf" in faults else b"\r" if "cr" in faults else b"\n"
     b = _Builder(eol, "frag" in faults)
+    obj = b"text_completion" if spec.text else b"chat.completion.chunk"
     prefix = (
-        b'{"id":"' + spec.chunk_id.encode() + b'","object":"chat.completion.chunk","created":'
+        b'{"id":"' + spec.chunk_id.encode() + b'","object":"' + obj + b'","created":'
         + str(spec.created).encode() + b',"model":' + orjson.dumps(spec.model) + b',"choices":['
     )  # fmt: skip
     if "no_finish" in faults:
@@ -154,6 +158,9 @@ def stream_plan(spec: StreamSpec, faults: Mapping[str, float]) -> list[Op]:
         final = b"null" if "null_finish" in faults else b'""' if "empty_finish" in faults else None
 
     def chunk(delta: dict[str, Any]) -> bytes:
+        if spec.text:
+            text = orjson.dumps(delta.get("content") or "")
+            return prefix + b'{"index":0,"text":' + text + b',"logprobs":null' + tail
         return prefix + b'{"index":0,"delta":' + orjson.dumps(delta) + tail
 
     n = len(spec.deltas)
@@ -163,7 +170,8 @@ def stream_plan(spec: StreamSpec, faults: Mapping[str, float]) -> list[Op]:
     fatal_at = int(faults["garbage_fatal"]) if "garbage_fatal" in faults else -1
     garbage, keepalive = "garbage" in faults, "keepalive" in faults
 
-    b.frame(chunk(spec.role_delta))
+    if not spec.text:
+        b.frame(chunk(spec.role_delta))
     if garbage:
         b.raw(b"data: ping" + eol + eol)
     if keepalive:
@@ -182,7 +190,8 @@ def stream_plan(spec: StreamSpec, faults: Mapping[str, float]) -> list[Op]:
             b.raw(b'{"choices": [' + eol + eol)  # not a field line: SSE parsers must ignore it
     if final is None and "no_finish" not in faults:
         final = orjson.dumps(spec.finish_reason)
-    finish = prefix + b'{"index":0,"delta":{}' + (b',"finish_reason":' + final if final else b"")
+    empty = b'{"index":0,"text":"","logprobs":null' if spec.text else b'{"index":0,"delta":{}'
+    finish = prefix + empty + (b',"finish_reason":' + final if final else b"")
     finish += b"}]}"
     if terminal is not None:  # N >= number of chunks: break just before the finish chunk
         return _terminal(b, terminal[1], b.encode(finish), spec)
