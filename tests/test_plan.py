@@ -392,3 +392,34 @@ def test_after_the_commit_no_attempt_hedges() -> None:
     plan.failed(A, RESET)
     d = plan.next(0.0)
     assert isinstance(d, Try) and d.continuation and d.hedge_after is None
+
+
+def test_a_withdrawn_deployment_gets_no_more_attempts() -> None:
+    """An operator drained ``a`` while the request ran: its retry round and its continuation
+    go to ``b`` only; with ``b`` gone too, the plan gives up."""
+    plan = make_plan({"g": [A, B]})
+    seen = []
+    for outcome in (E500, E500, OK):
+        d = plan.next(0.0)
+        while isinstance(d, Wait):
+            seen.append("wait")
+            d = plan.next(d.until)
+        assert isinstance(d, Try)
+        seen.append(f"try {d.dep.name}")
+        plan.started(d.dep)
+        if outcome == OK:
+            break
+        plan.failed(d.dep, outcome)
+        if d.dep is A:
+            plan.withdraw(A)
+    assert seen == ["try a", "try b", "wait", "try b"]  # not "try a" after the wait
+
+    plan = make_plan({"g": [A]})
+    d = plan.next(0.0)
+    assert isinstance(d, Try)
+    plan.started(A)
+    plan.commit(A)
+    plan.shown(3, tool_call=False)
+    plan.failed(A, RESET)
+    plan.withdraw(A)
+    assert isinstance(plan.next(0.0), GiveUp)  # no continuation on it

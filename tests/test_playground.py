@@ -41,6 +41,7 @@ class Browser:
     def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         self.ws = ws
         self._ids = itertools.count(1)
+        self.events: list[dict[str, Any]] = []  # what arrived meanwhile (console, dialogs, …)
 
     async def call(self, method: str, **params: Any) -> dict[str, Any]:
         mid = next(self._ids)
@@ -55,6 +56,8 @@ class Browser:
                 assert "error" not in m, m
                 result: dict[str, Any] = m["result"]
                 return result
+            if "method" in m:
+                self.events.append(m)
 
     async def eval(self, expression: str) -> Any:
         r = await self.call(

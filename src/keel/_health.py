@@ -311,6 +311,18 @@ class Breaker:
             self._ok[i] = self._bad[i] = 0
         return period
 
+    def reset(self) -> None:
+        """Closed, as after a successful probe: an operator put the deployment back. The
+        window starts afresh (its failures are what got it opened); a probe still in flight
+        is judged when it ends, like any probe."""
+        self.open_until = 0.0
+        self.opens = self.streak = self.run = 0
+        self.probing = self.down = False
+        self.why = ""
+        self._suspects.clear()
+        for i in range(_BUCKETS):
+            self._ok[i] = self._bad[i] = 0
+
     def force_open(self, until: float) -> bool:
         """Another replica opened this deployment's breaker until ``until`` (our clock)."""
         if until <= self.open_until:

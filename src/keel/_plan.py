@@ -345,6 +345,12 @@ class Plan(Generic[D]):
             self._hints.append(err.retry_after)
         return penalty
 
+    def withdraw(self, dep: D) -> None:
+        """``dep`` left rotation while this request ran (an operator drained it): no more
+        attempts there — no retry round, no last look, no continuation."""
+        self._again = [d for d in self._again if d is not dep]
+        self._later = [d for d in self._later if d is not dep]
+
     def succeeded(self, dep: D) -> None:
         """An attempt on ``dep`` completed the answer."""
         if self._charged:

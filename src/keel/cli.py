@@ -90,7 +90,7 @@ def serve(
     if cfg is not None and wanted(cfg.telemetry) and (why := missing()):
         raise _fail(why)
     try:
-        run(cfg, host, port)
+        run(cfg, host, port, config)
     except StartupError as exc:
         raise _fail(str(exc)) from None
 

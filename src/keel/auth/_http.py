@@ -43,6 +43,12 @@ def _service(keel: Keel) -> KeyService:
 
 
 def _admin(request: web.Request) -> KeyService:
+    return _service(require_admin(request))
+
+
+def require_admin(request: web.Request) -> Keel:
+    """The engine, when the request carries the admin key (``server.admin_key``) as its
+    bearer token; a 401 ``KeelError`` otherwise. Every ``/admin/…`` route checks this."""
     keel = _keel(request)
     key = keel.config.server.admin_key
     if key is None:
@@ -53,7 +59,7 @@ def _admin(request: web.Request) -> KeyService:
             "The admin API needs the gateway's admin key (server.admin_key) as a bearer token.",
             code="invalid_api_key",
         )
-    return _service(keel)
+    return keel
 
 
 async def _body(request: web.Request) -> Any:

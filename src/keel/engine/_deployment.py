@@ -7,8 +7,9 @@ layer looks at one place per deployment.
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -17,6 +18,7 @@ from keel import __version__
 from keel._cadence import Cadence, FirstToken
 from keel._classify import Dialect, UpstreamError
 from keel._health import Breaker, PeakEwma
+from keel._status import Ring
 from keel.config import DeploymentConfig, Timeouts
 
 if TYPE_CHECKING:
@@ -76,6 +78,11 @@ class Deployment:
     benched_until: float = 0.0  # monotonic; auth/billing: out of rotation
     cooldown_until: float = 0.0  # monotonic; a rate-limit hint longer than we wait for
     bench_reason: str = ""
+    bench_code: str = ""  # the upstream's code for it (insufficient_quota, …), for operators
+    # An operator's drain: out of rotation like a benched key (``benched_until`` is infinite,
+    # so the balancer's one check covers both); the key's own bench is held here meanwhile.
+    drained: bool = False
+    _held_bench: tuple[float, str, str] = (0.0, "", "")
     # limits, breaker and latency (keel.engine._limits.wire sets them from the config)
     limiter: DeploymentLimiter = field(default=None, repr=False)  # type: ignore[assignment]
     breaker: Breaker = field(default_factory=Breaker)
@@ -84,6 +91,13 @@ class Deployment:
     first_token: FirstToken = field(default_factory=FirstToken)  # a stream's, usually
     answer_time: FirstToken = field(default_factory=FirstToken)  # a non-stream answer's
     outcomes: Counter[str] = field(default_factory=Counter)  # attempts by outcome (metrics)
+    # For the status page (keel.engine._snapshot): written once per attempt, read on demand.
+    took: Ring = field(default_factory=Ring, repr=False)  # seconds per successful attempt
+    first_tokens: Ring = field(default_factory=Ring, repr=False)  # seconds to a stream's commit
+    # (wall time, kind, upstream status, message) of the last failed attempts
+    failures: deque[tuple[float, str, int, str]] = field(
+        default_factory=lambda: deque(maxlen=20), repr=False
+    )
 
     def __post_init__(self) -> None:
         self.name = self.cfg.name or f"{self.group}/{self.index}"
@@ -121,9 +135,15 @@ class Deployment:
     ) -> None:
         """Report one failed attempt; ``bench_for`` seconds takes the key out of rotation."""
         now = time.monotonic() if now is None else now
+        self.failures.append((time.time(), err.kind.value, err.status, err.message[:300]))
         if bench_for:
-            self.benched_until = max(self.benched_until, now + bench_for)
-            self.bench_reason = err.kind.value
+            if self.drained:  # an attempt that was in flight when it was drained
+                until = max(self._held_bench[0], now + bench_for)
+                self._held_bench = (until, err.kind.value, err.code or "")
+            else:
+                self.benched_until = max(self.benched_until, now + bench_for)
+                self.bench_reason = err.kind.value
+                self.bench_code = err.code or ""
             # Loud on purpose: an operator has to act (rotate a key, pay a bill). No key here.
             log.error(
                 "deployment %s (%s) taken out of rotation for %.0fs: %s — %s",
@@ -139,3 +159,41 @@ class Deployment:
     def cool_down(self, seconds: float, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         self.cooldown_until = max(self.cooldown_until, now + seconds)
+
+    # -- operator actions (keel.gateway._admin) -----------------------------------------------
+
+    def drain(self) -> bool:
+        """No new attempts (those in flight finish); False when it already was drained."""
+        if self.drained:
+            return False
+        self.drained = True
+        self._held_bench = (self.benched_until, self.bench_reason, self.bench_code)
+        self.benched_until = math.inf
+        return True
+
+    def undrain(self) -> bool:
+        """Back in rotation (a key bench that ran meanwhile still applies)."""
+        if not self.drained:
+            return False
+        self.drained = False
+        self.benched_until, self.bench_reason, self.bench_code = self._held_bench
+        self._held_bench = (0.0, "", "")
+        return True
+
+    def reset(self) -> None:
+        """Put it back: its key bench, cool-down, pause or hold and breaker (an ejection
+        included) are forgotten, as is its failure score. A drain stays (``undrain`` ends
+        that)."""
+        if self.drained:
+            self._held_bench = (0.0, "", "")
+        else:
+            self.benched_until, self.bench_reason, self.bench_code = 0.0, "", ""
+        self.cooldown_until = 0.0
+        self.breaker.reset()
+        self.latency.failing = 0.0
+        lim = self.limiter
+        if lim is not None:
+            lim.paused_until = 0.0
+            lim.end_hold()  # a hold after hint-less refusals (pause, probe, slow start)
+            if lim.shared is not None:  # what this replica published must not bench it again
+                lim.shared.forget(lim.health_key)

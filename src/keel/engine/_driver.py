@@ -323,7 +323,9 @@ async def _commit(
             if task is not me:
                 task.cancel()
     plan.commit(dep)
-    plan.first_token(asyncio.get_running_loop().time() - started)
+    first = asyncio.get_running_loop().time() - started
+    plan.first_token(first)
+    dep.first_tokens.add(first)  # the status page's percentiles
     if call.record is not None:
         call.record.first_token(dep)
     await sink.commit(keel.attempt_headers(call, plan))
@@ -484,6 +486,8 @@ def _settle(
     elif error is not None:
         permit.error = error
         penalty = plan.failed(dep, error, hedge=hedge)
+        if dep.drained:  # (failures only: a drained deployment takes no retry, no continuation)
+            plan.withdraw(dep)
         dep.record_failure(error, bench_for=penalty.bench_for if penalty else None)
         if penalty is not None and penalty.cool_down:
             dep.cool_down(penalty.cool_down)  # too long to wait: the others take over

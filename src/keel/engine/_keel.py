@@ -26,7 +26,7 @@ import orjson
 from keel._backoff import RetryBudget
 from keel._hedge import HedgePolicy
 from keel._plan import Plan, Policy
-from keel.config import GatewayConfig, load_config, parse_config
+from keel.config import GatewayConfig, ModelGroup, load_config, parse_config
 from keel.engine._admission import Admission, Ticket
 from keel.engine._auth import Authenticator, Principal
 from keel.engine._deadlines import Deadlines
@@ -37,6 +37,7 @@ from keel.engine._observe import new_record, refused_record
 from keel.engine._operation import CHAT, Operation
 from keel.engine._router import Router
 from keel.engine._shared import SharedState
+from keel.engine._snapshot import Monitor
 
 if TYPE_CHECKING:
     import httpx
@@ -99,29 +100,10 @@ class Keel:
             )
         # Hedging state per model group that hedges (first-token history, hedge budget).
         self.hedges = {
-            name: HedgePolicy(
-                after=g.hedge.after,
-                percentile=g.hedge.percentile,
-                min_after=g.hedge.min_after,
-                max_ratio=g.hedge.max_ratio,
-            )
-            for name, g in config.models.items()
-            if g.hedge.enabled
+            name: hedge_policy(g) for name, g in config.models.items() if g.hedge.enabled
         }
         r = config.retry
-        self.policies = {
-            name: Policy(
-                max_attempts=r.max_attempts,
-                max_retries_per_deployment=r.max_retries_per_deployment,
-                backoff_base=r.backoff_base,
-                backoff_cap=r.backoff_cap,
-                max_retry_wait=r.max_retry_wait,
-                quota_cooldown=r.quota_cooldown,
-                auth_cooldown=r.auth_cooldown,
-                on_content_filter=g.on_content_filter,
-            )
-            for name, g in config.models.items()
-        }
+        self.policies = policies(config)
         self.budget = RetryBudget(
             ratio=r.budget_ratio, floor_per_s=r.budget_floor_per_s, clock=time.monotonic
         )
@@ -131,6 +113,9 @@ class Keel:
         # random tag per process (containers often all run as pid 1), then a sequence number.
         self._id_prefix = f"keel-{os.getpid():x}-{random.getrandbits(32):08x}-"
         self._seq = 0
+        # The status page's history (keel.engine._snapshot); the file ``reload`` re-reads.
+        self.monitor = Monitor(self)
+        self.config_path: Path | None = None
         # Who watches requests (the access log, OpenTelemetry): empty, the engine records
         # nothing (``keel.engine._observe``). ``start`` adds OpenTelemetry when configured.
         self.observers: list[Observer] = []
@@ -143,7 +128,9 @@ class Keel:
             return cls(source)
         if isinstance(source, Mapping):
             return cls(parse_config(dict(source)))
-        return cls(load_config(source))
+        keel = cls(load_config(source))
+        keel.config_path = Path(source)
+        return keel
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -153,6 +140,7 @@ class Keel:
         # per request under load); the upstream adapter names keel as the User-Agent instead.
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
         self.deadlines = Deadlines(asyncio.get_running_loop())
+        self.monitor.start()
         if self.shared is not None:
             deps = list(self.router.deployments())
             await self.shared.start(
@@ -183,6 +171,7 @@ class Keel:
             self.observers.append(Telemetry(self.config.telemetry, self.session))
 
     async def close(self) -> None:
+        self.monitor.stop()
         for obs in self.observers:
             await obs.close()  # what telemetry still holds goes out (before the session closes)
         self.observers.clear()
@@ -332,6 +321,28 @@ class Keel:
             for name in self.router.groups
             if allowed is None or name in allowed
         ]
+
+    # -- for operators (keel.engine._snapshot, keel.engine._reload) ------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every model group and deployment: state, load, latency, errors, recent failures
+        (what ``GET /admin/state`` and the status page show)."""
+        from keel.engine._snapshot import snapshot
+
+        return snapshot(self)
+
+    def readiness(self) -> dict[str, str]:
+        """Model group → why no deployment could take a request for it now (empty: ready)."""
+        from keel.engine._snapshot import readiness
+
+        return readiness(self)
+
+    def reload(self, config: GatewayConfig | None = None) -> dict[str, Any]:
+        """Apply a new config (default: re-read ``config_path``) without dropping requests in
+        flight; returns what changed (``keel.engine._reload``)."""
+        from keel.engine._reload import reload
+
+        return reload(self, config)
 
     def model(self, name: str, principal: Principal | None = None) -> dict[str, Any]:
         """One model group as a model object (``GET /v1/models/{id}``); a 404
@@ -486,6 +497,31 @@ class Keel:
         if plan.last is not None:
             h["x-keel-deployment"] = plan.last.name
         return h
+
+
+def hedge_policy(group: ModelGroup) -> HedgePolicy:
+    h = group.hedge
+    return HedgePolicy(
+        after=h.after, percentile=h.percentile, min_after=h.min_after, max_ratio=h.max_ratio
+    )
+
+
+def policies(config: GatewayConfig) -> dict[str, Policy]:
+    """Each model group's retry policy."""
+    r = config.retry
+    return {
+        name: Policy(
+            max_attempts=r.max_attempts,
+            max_retries_per_deployment=r.max_retries_per_deployment,
+            backoff_base=r.backoff_base,
+            backoff_cap=r.backoff_cap,
+            max_retry_wait=r.max_retry_wait,
+            quota_cooldown=r.quota_cooldown,
+            auth_cooldown=r.auth_cooldown,
+            on_content_filter=g.on_content_filter,
+        )
+        for name, g in config.models.items()
+    }
 
 
 def _token_limit(body: Mapping[str, Any]) -> int | None:

@@ -746,6 +746,9 @@ async def acquire(
         raise Saturated(f"{dep.name}: paused by the upstream", dep.limiter.paused_until - now)
     while True:
         permit = await dep.limiter.acquire(req, priority, wait_until)
+        if dep.drained:  # while it waited for room: nothing new goes there now
+            dep.limiter.release_slot(permit)
+            raise Saturated(f"{dep.name}: drained by an operator")
         now = time.monotonic()
         how = dep.breaker.admit(now)
         held = dep.breaker.held_for(now) if how is Admit.REFUSED else None
@@ -823,7 +826,9 @@ def _succeeded(dep: Deployment, permit: Permit, now: float) -> None:
     usage = permit.usage
     completion = _usage_int(usage, "completion_tokens")
     tokens = completion if completion else lim.calibration.typical_completion
-    dep.latency.observe((now - permit.started) / (tokens if tokens > 1.0 else 1.0), now)
+    took = now - permit.started
+    dep.latency.observe(took / (tokens if tokens > 1.0 else 1.0), now)
+    dep.took.add(took)  # the status page's percentiles
     if lim.aimd is not None:
         lim.aimd.on_success(permit.in_flight, permit.epoch, now)
     lim.on_success_sample(permit)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from keel.config import GatewayConfig
 from keel.engine import _balancer
@@ -19,20 +19,36 @@ from keel.engine._shared import SharedState
 
 
 class Router:
-    def __init__(self, config: GatewayConfig, shared: SharedState | None = None) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        shared: SharedState | None = None,
+        keep: Mapping[str, Deployment] | None = None,
+    ) -> None:
+        """``keep``: deployments of a config being reloaded, by name; one whose settings did
+        not change is carried over as it is (health, limits, requests in flight)."""
         self.groups: dict[str, list[Deployment]] = {}
+        kept: set[int] = set()
         for name, group in config.models.items():
-            self.groups[name] = [
-                Deployment(
-                    group=name,
-                    index=i,
-                    cfg=d,
-                    timeouts=d.timeouts.apply(config.timeouts),
+            deps = self.groups[name] = []
+            for i, d in enumerate(group.deployments):
+                dep = Deployment(
+                    group=name, index=i, cfg=d, timeouts=d.timeouts.apply(config.timeouts)
                 )
-                for i, d in enumerate(group.deployments)
-            ]
+                old = keep.get(dep.name) if keep is not None else None
+                if old is not None and (old.group, old.cfg, old.timeouts) == (
+                    name,
+                    d,
+                    dep.timeouts,
+                ):
+                    old.index = i
+                    old.limiter.config = config
+                    kept.add(id(old))
+                    dep = old
+                deps.append(dep)
         for dep in self.deployments():
-            wire(dep, config, shared)
+            if id(dep) not in kept:
+                wire(dep, config, shared)
         for deps in self.groups.values():  # health relative to the group's other deployments
             link_siblings(deps)
         self._fallbacks = {name: group.fallbacks for name, group in config.models.items()}
@@ -52,7 +68,7 @@ class Router:
         return not any(
             d.breaker.would_admit(now)
             for group in self.plan(model)
-            for d in self.groups[group]
+            for d in self.groups.get(group, ())
             if now >= d.benched_until
         )
 
@@ -63,8 +79,10 @@ class Router:
         why: list[str] = []
         back: list[float] = []
         for group in self.plan(model):
-            for d in self.groups[group]:
-                if now < d.benched_until:
+            for d in self.groups.get(group, ()):  # (a group a reload removed: none)
+                if d.drained:
+                    why.append(f"{d.name}: drained by an operator")
+                elif now < d.benched_until:
                     why.append(f"{d.name}: key out of rotation ({d.bench_reason})")
                     back.append(d.benched_until - now)
                 elif not d.breaker.would_admit(now):

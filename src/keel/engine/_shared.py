@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import socket
 import time
@@ -228,6 +229,7 @@ class SharedState:
         self._releases: defaultdict[str, list[str]] = defaultdict(list)
         self._held: defaultdict[str, set[str]] = defaultdict(set)  # leases we renew
         self._events: list[tuple[str, str, float, str]] = []
+        self._forgotten: dict[str, float] = {}  # health key → when an operator reset it
         self.calls = 0
         self.failures = 0
         self.slowest = 0.0  # seconds: the longest a request waited on Redis, failures included
@@ -328,6 +330,14 @@ class SharedState:
         if self.up:  # a lease from before an outage expires on its own
             self._releases[lease_key].append(lease_id)
             self._wake.set()
+
+    def forget(self, health_key: str) -> None:
+        """An operator put the deployment back (``Deployment.reset``): the health published
+        for it (bench, breaker, cool-down, pause) is deleted, so that no sync applies it
+        again — not the one in flight now, nor any before the deletion is written."""
+        self._forgotten[health_key] = time.monotonic()
+        self._events.append((health_key, "", math.inf, ""))
+        self._wake.set()
 
     def publish(self, health_key: str, field: str, seconds: float, reason: str = "") -> None:
         """Tell the other replicas (kept while Redis is down: still true when it is back)."""
@@ -432,7 +442,9 @@ class SharedState:
         while self._events:
             key, field, until, reason = self._events[0]
             ms = (until - time.monotonic()) * 1000.0
-            if ms > 0:
+            if not field:  # forget()
+                await self._call(self._redis.delete(key))
+            elif ms > 0:
                 await self._call(self._publish(keys=[key], args=[field, ms, reason]))
             self._events.pop(0)  # only once written: an outage keeps it for later
 
@@ -450,6 +462,7 @@ class SharedState:
             for _, ids in held:
                 argv += [len(ids), *ids]
             await self._call(self._renew(keys=[k for k, _ in held], args=argv), limit)
+        started = time.monotonic()
         keys = [self.key("replicas"), *self._health_keys]
         ttl_ms = max(1000.0, self.cfg.sync_interval * 5000.0)
         raw = await self._call(self._sync(keys=keys, args=[self.replica_id, ttl_ms]), limit)
@@ -461,7 +474,13 @@ class SharedState:
         def rel(v: bytes) -> float:
             return (float(v) - now_ms) / 1000.0 if v else 0.0
 
+        # Reset by an operator since this sync began, or not yet deleted: not applied again.
+        pending = {k for k, f, _, _ in self._events if not f}
+        skip = pending | {k for k, t in self._forgotten.items() if t >= started}
+        self._forgotten = {k: t for k, t in self._forgotten.items() if k in skip}
         for i, key in enumerate(self._health_keys):
+            if key in skip:
+                continue
             b, bench, reason, cool, pause = raw[2 + 5 * i : 7 + 5 * i]
             health[key] = RemoteHealth(
                 rel(b), rel(bench), (reason or b"").decode(), rel(cool), rel(pause)

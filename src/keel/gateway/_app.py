@@ -22,6 +22,7 @@ from keel.engine._embeddings import EMBEDDINGS
 from keel.engine._errors import KeelError
 from keel.engine._keel import Keel
 from keel.engine._operation import CHAT, Operation
+from keel.gateway import _admin
 from keel.gateway._http import SHUTDOWN_KEY, SHUTTING_DOWN
 from keel.gateway._metrics import metrics, registry_for
 from keel.gateway._sink import SSESink, error_response, sse_end
@@ -181,7 +182,9 @@ async def healthz(request: web.Request) -> web.Response:
 _ENDPOINTS = (
     "POST /v1/chat/completions, POST /v1/responses, POST /v1/embeddings, POST /v1/completions, "
     "POST /v1/audio/speech, GET /v1/models, GET /v1/models/{id}, GET /v1/ws, "
-    "GET|DELETE /v1/streams/{id}, GET /playground, GET /healthz, GET /metrics"
+    "GET|DELETE /v1/streams/{id}, GET /playground, GET /healthz, GET /readyz, GET /metrics, "
+    "GET /status, GET /admin/state, POST /admin/deployments/{name}/reset|drain|undrain, "
+    "POST /admin/reload"
 )
 
 
@@ -257,6 +260,7 @@ _ROUTES: list[tuple[str, str, Handler]] = [
     ("/metrics", "GET", guarded(metrics)),
     ("/v1/ws", "GET", websocket),  # keel.gateway._ws (guards itself)
     ("/playground", "GET", guarded(playground)),
+    *_admin.ROUTES,  # /status, /readyz, /admin/state and the admin actions
     *auth_http.ROUTES,  # token sessions (keel.auth); the admin API: auth_http.add_routes
 ]
 _ALLOWED = {path: "GET, HEAD" if method == "GET" else method for path, method, _ in _ROUTES}

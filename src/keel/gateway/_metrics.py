@@ -74,7 +74,7 @@ class KeelCollector(Collector):
             name = dep.name
             for outcome, n in dep.outcomes.items():
                 attempts.add_metric([name, outcome], n)
-            out = now < dep.benched_until
+            out = now < dep.benched_until and not dep.drained  # (a drain is not a bench)
             benched.add_metric([name, dep.bench_reason if out else ""], 1.0 if out else 0.0)
             breaker.add_metric([name], float(dep.breaker.state(now)))
             opened.add_metric([name], dep.breaker.opened_total)

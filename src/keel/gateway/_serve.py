@@ -6,12 +6,19 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
+import secrets
+import signal
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from keel._signals import Signals
 from keel.config import GatewayConfig, ServerConfig, parse_config
+from keel.engine._keel import Keel
+from keel.gateway._admin import reload_now
 from keel.gateway._app import KEEL_KEY, create_app
 from keel.gateway._http import SHUTDOWN_KEY, ConnectionPolicy, KeelProtocol, KeelSite, Shutdown
 
@@ -222,8 +229,12 @@ async def builtin_config() -> tuple[GatewayConfig, list[Any]]:
 
     sims = [Simulator(name="sim-a"), Simulator(name="sim-b")]
     urls = [await s.start("127.0.0.1", 0) for s in sims]
+    # An admin key, so that the status page and the admin actions work here too (a fault a
+    # prompt provokes — [[sim:quota]] — benches a simulator's key; /admin/…/reset undoes it).
+    admin_key = os.environ.get(ADMIN_KEY_ENV) or secrets.token_urlsafe(18)
     config = parse_config(
         {
+            "server": {"admin_key": admin_key},
             "models": {
                 "chat": {
                     "deployments": [
@@ -237,7 +248,32 @@ async def builtin_config() -> tuple[GatewayConfig, list[Any]]:
     return config, sims
 
 
-async def serve(config: GatewayConfig | None, host: str | None, port: int | None) -> None:
+ADMIN_KEY_ENV = "KEEL_ADMIN_KEY"  # the built-in config's admin key (else one per run)
+
+
+@contextlib.contextmanager
+def reload_on_sighup(keel: Keel) -> Iterator[None]:
+    """SIGHUP re-reads the config file (``POST /admin/reload``), streams in flight untouched."""
+    loop = asyncio.get_running_loop()
+    hup = getattr(signal, "SIGHUP", None)
+    try:
+        if hup is not None:
+            loop.add_signal_handler(hup, reload_now, keel)
+    except NotImplementedError:  # pragma: no cover - Windows
+        hup = None
+    try:
+        yield
+    finally:
+        if hup is not None:
+            loop.remove_signal_handler(hup)
+
+
+async def serve(
+    config: GatewayConfig | None,
+    host: str | None,
+    port: int | None,
+    config_path: str | Path | None = None,
+) -> None:
     sims: list[Any] = []
     soft, hard = raise_open_file_limit()
     if config is None:
@@ -246,7 +282,9 @@ async def serve(config: GatewayConfig | None, host: str | None, port: int | None
     host = host or config.server.host
     port = config.server.port if port is None else port
     app = create_app(config)
-    with Signals() as signals:
+    keel = app[KEEL_KEY]
+    keel.config_path = Path(config_path) if config_path is not None else None
+    with Signals() as signals, reload_on_sighup(keel):
         try:
             runner, bound = await start_site(app, host, port, config.server)
         except BaseException:
@@ -266,6 +304,15 @@ async def serve(config: GatewayConfig | None, host: str | None, port: int | None
                 soft,
             )
         print(f"keel listening on http://{shown}:{bound}", flush=True)
+        if sims:  # the admin key of this run (the fragment never reaches a server or a log)
+            key = config.server.admin_key
+            assert key is not None
+            shown_key = (
+                f" (admin key: ${ADMIN_KEY_ENV})"
+                if os.environ.get(ADMIN_KEY_ENV)
+                else f"#key={key.get_secret_value()}"
+            )
+            print(f"status page: http://{shown}:{bound}/status{shown_key}", flush=True)
         try:
             sig = await signals.next()
             log.warning("%s received", sig.name)
@@ -288,11 +335,16 @@ async def serve(config: GatewayConfig | None, host: str | None, port: int | None
                 await s.stop()
 
 
-def run(config: GatewayConfig | None, host: str | None, port: int | None) -> None:
+def run(
+    config: GatewayConfig | None,
+    host: str | None,
+    port: int | None,
+    config_path: str | Path | None = None,
+) -> None:
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
         pass
-    asyncio.run(serve(config, host, port))
+    asyncio.run(serve(config, host, port, config_path))
