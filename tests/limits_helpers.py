@@ -95,6 +95,7 @@ class Result:
     deployment: str
     tag: str
     headers: dict[str, str]
+    error: str = ""  # the body of a non-200 answer, for assertion messages
 
     @property
     def latency(self) -> float:
@@ -119,10 +120,11 @@ async def post(
         json=payload,
         headers={"authorization": "Bearer sk-client", **(headers or {})},
     ) as r:
-        await r.read()
+        raw = await r.read()
         return Result(
             target, r.status, t0, time.monotonic(), r.headers.get("x-keel-deployment", ""),
             tag, {k.lower(): v for k, v in r.headers.items()},
+            "" if r.status == 200 else raw.decode(errors="replace"),
         )  # fmt: skip
 
 
