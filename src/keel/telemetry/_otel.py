@@ -26,9 +26,9 @@ import asyncio
 import contextlib
 import gzip
 import logging
-import operator
 import os
 import random
+import struct
 import time
 from typing import Any
 from urllib.parse import urlsplit
@@ -70,8 +70,19 @@ _METRICS = (
     ("first_chunk", "gen_ai.client.operation.time_to_first_chunk", "s",
      "Time to receive the first chunk of a streamed response."),
 )  # fmt: skip
-_DEPLOYMENT = operator.attrgetter("deployment")
-_SHAPES_MAX = 4096  # distinct attribute sets cached (beyond: encoded each time)
+_SHAPES_MAX = 4096  # distinct request shapes cached (beyond: encoded each time)
+_REQUEST_ID = otlp.str_attr_head("keel.request_id")
+_FIRST_TOKEN = otlp.event_template("gen_ai.first_token")
+_FIXED64 = struct.Struct("<Q").pack
+
+
+def _attempt_shape(a: Attempt) -> tuple[Any, ...]:
+    """What an attempt span's constant part depends on."""
+    err = a.error
+    return (
+        a.deployment, a.n, a.kind, a.ok, a.continuation,
+        err.kind if err is not None else None, err.status if err is not None else 0,
+    )  # fmt: skip
 
 
 def _env(name: str, default: str = "") -> str:
@@ -194,7 +205,8 @@ class Telemetry:
         self.queue_max = int(_env_number("OTEL_BSP_MAX_QUEUE_SIZE", 2048))
         interval = _env_number("OTEL_METRIC_EXPORT_INTERVAL", cfg.metrics_interval * 1000)
         self.metrics_interval = interval / 1000
-        self.spans: list[bytes] = []
+        self.spans: list[tuple[bytes, int]] = []  # each request's spans, and how many
+        self.queued = 0  # spans in ``spans``
         self.dropped = 0
         self.started_ns = time.time_ns()
         self.points: dict[str, dict[tuple[str, str], otlp.HistogramPoint]] = {
@@ -204,7 +216,7 @@ class Telemetry:
             tuple[str, str], tuple[bytes, bytes, bytes]
         ] = {}  # name → head, attrs, metric attrs
         self._groups: dict[tuple[str, str], tuple[bytes, bytes]] = {}  # head, attrs
-        self._shapes: dict[tuple[Any, ...], bytes] = {}  # a span's repeating attributes
+        self._templates: dict[tuple[Any, ...], tuple[bytes, tuple[bytes, ...]]] = {}
         self._series: dict[tuple[str, str, str | None], tuple[otlp.HistogramPoint, ...]] = {}
         self._full = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -247,8 +259,16 @@ class Telemetry:
 
     async def _flush_spans(self) -> None:
         while self.spans and self.traces is not None:
-            batch, self.spans = self.spans[: self.batch], self.spans[self.batch :]
-            body = otlp.traces_request(self.resource, self.scope, batch)
+            # whole requests, up to the batch size in spans (at least one request)
+            taken, n = 0, 0
+            for _, count in self.spans:
+                if taken and n + count > self.batch:
+                    break
+                taken += 1
+                n += count
+            batch, self.spans = self.spans[:taken], self.spans[taken:]
+            self.queued -= n
+            body = otlp.traces_request(self.resource, self.scope, [b for b, _ in batch])
             await self.traces.send(self.session, body)
         if self.dropped:
             log.warning("telemetry: %d spans dropped (OTEL_BSP_MAX_QUEUE_SIZE)", self.dropped)
@@ -269,15 +289,15 @@ class Telemetry:
             self.session, otlp.metrics_request(self.resource, self.scope, metrics)
         )
 
-    def _queue(self, spans: list[bytes]) -> None:
-        """One request's spans, for the next batch (dropped, and counted, when the queue is
-        full: the collector is down or slower than keel)."""
-        queued = self.spans
-        if len(queued) >= self.queue_max:
-            self.dropped += len(spans)
+    def _queue(self, spans: bytes, count: int) -> None:
+        """One request's ``count`` spans, for the next batch (dropped, and counted, when the
+        queue is full: the collector is down or slower than keel)."""
+        if self.queued >= self.queue_max:
+            self.dropped += count
             return
-        queued += spans
-        if len(queued) >= self.batch:
+        self.spans.append((spans, count))
+        self.queued += count
+        if self.queued >= self.batch:
             self._full.set()
 
     # -- spans --------------------------------------------------------------------------------
@@ -307,63 +327,90 @@ class Telemetry:
                 return
         elif not self._sampled(rec, trace_id, parent):
             return
+        # Everything a request's spans share with others of the same shape (its group, its
+        # outcome, its attempts' deployments, kinds and outcomes) is one cached template:
+        # per request there remain the ids and times (one struct pack per span), the
+        # request id, the token counts, the first-token time and error messages.
+        error_type = rec.error_type
+        if len(attempts) == 1:  # the common case: the key without a tuple per attempt
+            a = attempts[0]
+            err = a.error
+            shape: tuple[Any, ...] = (
+                a.deployment, a.n, a.kind, a.ok, a.continuation,
+                err.kind if err is not None else None, err.status if err is not None else 0,
+            )  # fmt: skip
+        else:
+            shape = tuple(map(_attempt_shape, attempts))
+        key = (
+            rec.operation, rec.model, rec.principal, rec.stream, rec.status, error_type,
+            rec.response_model, tuple(rec.finish_reasons), shape,
+        )  # fmt: skip
+        template = self._templates.get(key)
+        if template is None:
+            template = self._template(rec, error_type)
+            if len(self._templates) < _SHAPES_MAX:
+                self._templates[key] = template
+        request_const, attempt_consts = template
+
         span_id = ids[16:24]
+        end_ns = rec.end_ns
+        if parent is None:
+            body = otlp.ROOT_IDS(0x0A, 16, trace_id, 0x12, 8, span_id, 0x39, rec.start_ns,
+                                 0x41, end_ns)  # fmt: skip
+            state = b""
+        else:
+            body = otlp.CHILD_IDS(0x0A, 16, trace_id, 0x12, 8, span_id, 0x22, 8,
+                                  parent.span_id, 0x39, rec.start_ns, 0x41, end_ns)  # fmt: skip
+            state = otlp.ld(3, rec.tracestate.encode()) if rec.tracestate else b""
+        body += state + request_const + otlp.str_attr(_REQUEST_ID, rec.rid)
+        if rec.output_tokens is not None:
+            body += otlp.usage_attrs(rec.input_tokens, rec.output_tokens)
+        if rec.first_token_ns:
+            body += _FIRST_TOKEN[0] + _FIXED64(rec.first_token_ns) + _FIRST_TOKEN[1]
+        if len(attempts) > 1:
+            for a in attempts:
+                if a.kind != FIRST:
+                    body += otlp.event(
+                        a.start_ns,
+                        f"keel.{a.kind}",
+                        (
+                            otlp.attr("keel.deployment", a.deployment.name, 3),
+                            otlp.attr("keel.attempt", a.n, 3),
+                        ),
+                    )
+        if rec.error is not None:
+            body += otlp.status_error(rec.error.message)
+        spans = [otlp.wrap_span(body)]
+        own = 24
+        for a, const in zip(attempts, attempt_consts, strict=True):
+            body = otlp.CHILD_IDS(0x0A, 16, trace_id, 0x12, 8, ids[own : own + 8], 0x22, 8,
+                                  span_id, 0x39, a.start_ns, 0x41, a.end_ns or end_ns)  # fmt: skip
+            own += 8
+            body += state + const
+            usage = a.usage
+            if usage is not None:
+                p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+                body += otlp.usage_attrs(
+                    p if type(p) is int else None, c if type(c) is int else None
+                )
+            if a.first_token_ns:
+                body += _FIRST_TOKEN[0] + _FIXED64(a.first_token_ns) + _FIRST_TOKEN[1]
+            if a.error is not None:
+                body += otlp.status_error(a.error.message)
+            spans.append(otlp.wrap_span(body))
+        self._queue(b"".join(spans), len(spans))
+
+    def _template(self, rec: Record, error_type: str | None) -> tuple[bytes, tuple[bytes, ...]]:
+        """The constant parts of a request's spans: the request span's name, kind and
+        attributes, then each attempt span's."""
         op = rec.operation
         group = self._groups.get((op, rec.model))
         if group is None:
             group = self._groups[op, rec.model] = self._group(op, rec.model)
-        head = group[0]
-        # What most requests of a group share is encoded once (``_request_attrs``): a span
-        # is then its ids, times, request id and token counts around one cached string.
-        error_type = rec.error_type
-        shape = (
-            rec.model, rec.principal, rec.stream, rec.status, error_type, rec.response_model,
-            tuple(rec.finish_reasons), tuple(map(_DEPLOYMENT, attempts)),
-        )  # fmt: skip
-        attrs = self._shapes.get(shape)
-        if attrs is None:
-            attrs = self._request_attrs(rec, group[1], error_type)
-            if len(self._shapes) < _SHAPES_MAX:
-                self._shapes[shape] = attrs
-        parts = [attrs, otlp.attr_once("keel.request_id", rec.rid)]
-        if rec.output_tokens is not None:
-            parts.append(otlp.usage_attrs(rec.input_tokens, rec.output_tokens))
-        events = []
-        if rec.first_token_ns:
-            events.append(otlp.event(rec.first_token_ns, "gen_ai.first_token"))
-        if len(attempts) > 1:
-            for a in attempts:
-                if a.kind != FIRST:
-                    events.append(
-                        otlp.event(
-                            a.start_ns,
-                            f"keel.{a.kind}",
-                            (
-                                otlp.attr("keel.deployment", a.deployment.name, 3),
-                                otlp.attr("keel.attempt", a.n, 3),
-                            ),
-                        )
-                    )
-        error = rec.error.message if rec.error is not None else None
-        trace_state = rec.tracestate if parent is not None else None
-        spans = [
-            otlp.span(
-                trace_id,
-                span_id,
-                parent.span_id if parent is not None else None,
-                head,
-                rec.start_ns,
-                rec.end_ns,
-                parts,
-                events,
-                error,
-                trace_state,
-            )
-        ]
-        for i, a in enumerate(attempts):
-            own = ids[24 + 8 * i : 32 + 8 * i]
-            spans.append(self._attempt_span(a, op, trace_id, own, span_id, rec.end_ns, trace_state))
-        self._queue(spans)
+        request = group[0] + self._request_attrs(rec, group[1], error_type)
+        attempts = tuple(self._dep(a.deployment, op)[0] + self._attempt_attrs(a, op)
+                         for a in rec.attempts)  # fmt: skip
+        return request, attempts
 
     def _request_attrs(self, rec: Record, group: bytes, error_type: str | None) -> bytes:
         parts = [
@@ -416,48 +463,6 @@ class Telemetry:
                 metric,
             )
         return got
-
-    def _attempt_span(
-        self,
-        a: Attempt,
-        op: str,
-        trace_id: bytes,
-        span_id: bytes,
-        parent: bytes,
-        end_ns: int,
-        trace_state: str | None,
-    ) -> bytes:
-        dep = a.deployment
-        err = a.error
-        shape = (
-            dep, op, a.n, a.kind, a.ok, a.continuation,
-            err.kind if err is not None else None, err.status if err is not None else 0,
-        )  # fmt: skip
-        attrs = self._shapes.get(shape)
-        if attrs is None:
-            attrs = self._attempt_attrs(a, op)
-            if len(self._shapes) < _SHAPES_MAX:
-                self._shapes[shape] = attrs
-        parts = [attrs]
-        usage = a.usage
-        if usage is not None:
-            p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
-            parts.append(
-                otlp.usage_attrs(p if type(p) is int else None, c if type(c) is int else None)
-            )
-        events = [otlp.event(a.first_token_ns, "gen_ai.first_token")] if a.first_token_ns else ()
-        return otlp.span(
-            trace_id,
-            span_id,
-            parent,
-            self._dep(dep, op)[0],
-            a.start_ns,
-            a.end_ns or end_ns,
-            parts,
-            events,
-            err.message if err is not None else None,
-            trace_state,
-        )
 
     def _attempt_attrs(self, a: Attempt, op: str) -> bytes:
         dep = a.deployment
