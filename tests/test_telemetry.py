@@ -269,3 +269,80 @@ def test_a_bad_endpoint_is_refused_at_load(value: str) -> None:
         ConfigError, match=r"telemetry.endpoint: telemetry.endpoint must be an http"
     ):
         parse_config(cfg)
+
+
+class _Keep:
+    """An observer that keeps the records it is given (the engine's observer interface)."""
+
+    def __init__(self) -> None:
+        self.records: list[Any] = []
+
+    def finished(self, record: Any) -> None:
+        self.records.append(record)
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_the_one_attempt_layout_decodes_like_the_general_one(receiver) -> None:
+    """Most requests take ``Telemetry._one``, a single struct pack; every other request
+    ``_spans``. Fed the same records and ids, both decode to the same spans."""
+    import dataclasses
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    from keel import Keel
+    from keel import _otlp as otlp
+    from keel.sim import Simulator
+
+    sim = Simulator(name="a")
+    url = await sim.start()
+    cfg = {
+        "telemetry": {"enabled": True, "endpoint": receiver.url},
+        "models": {"chat": {"deployments": [{"base_url": url, "api_key": "sk-x"}]}},
+    }
+    keep = _Keep()
+    try:
+        async with Keel.from_config(cfg) as gw:
+            (tel,) = gw.observers
+            gw.observers.append(keep)
+            await gw.chat({"model": "chat", "messages": [{"role": "user", "content": unique()}]})
+            body = {
+                "model": "chat",
+                "messages": [{"role": "user", "content": unique()}],
+                "stream_options": {"include_usage": True},
+            }
+            async for _ in gw.stream(body):
+                pass
+            async for _ in gw.stream({**body, "stream_options": {"include_usage": False}}):
+                pass
+            records = list(keep.records)
+            parent = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"
+            records += [dataclasses.replace(r, traceparent=parent) for r in keep.records]
+            assert len(records) == 6 and all(len(r.attempts) == 1 for r in records)
+            assert records[1].first_token_ns and not records[0].first_token_ns
+            ids = bytes(range(32))
+            for rec in records:
+                tp = otlp.parse_traceparent(rec.traceparent)
+                trace_id = tp.trace_id if tp is not None else ids[:16]
+                template = tel._template(rec, rec.error_type)
+                fast = tel._one(rec, template, trace_id, ids, tp)
+                general = tel._spans(rec, template, trace_id, ids, tp)
+                assert fast != general  # another field order...
+                decoded = [
+                    list(
+                        ExportTraceServiceRequest.FromString(
+                            otlp.traces_request(b"", b"", [spans])
+                        ).resource_spans[0].scope_spans[0].spans
+                    )
+                    for spans in (fast, general)
+                ]
+                assert decoded[0] == decoded[1]  # ...the same spans
+                request, attempt = decoded[0]
+                assert attributes(request)["keel.request_id"] == rec.rid
+                assert attempt.parent_span_id == request.span_id
+                assert (request.parent_span_id.hex() == CLIENT_SPAN) == (tp is not None)
+    finally:
+        await sim.stop()

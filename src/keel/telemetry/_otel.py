@@ -30,6 +30,7 @@ import os
 import random
 import struct
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -74,6 +75,35 @@ _SHAPES_MAX = 4096  # distinct request shapes cached (beyond: encoded each time)
 _REQUEST_ID = otlp.str_attr_head("keel.request_id")
 _FIRST_TOKEN = otlp.event_template("gen_ai.first_token")
 _FIXED64 = struct.Struct("<Q").pack
+
+
+_randbits = random.getrandbits
+# A request's spans' constant parts (``Telemetry._template``): the request span's, each
+# attempt span's, and ``_one``'s layouts by the lengths of a request's own values.
+_Template = tuple[bytes, tuple[bytes, ...], dict[tuple[Any, ...], tuple[Callable[..., bytes], bytes, bytes]]]
+
+
+def _one_layout(
+    template: _Template, rid: int, u_r: int, u_a: int, ft_r: bool, ft_a: bool, parent: bool
+) -> tuple[Callable[..., bytes], bytes, bytes]:
+    """``Telemetry._one``'s struct for these lengths, and the two spans' heads: each span's
+    field key and length, its constant part, and (the request's) the request id's framing."""
+    const_r, (const_a,), _ = template
+    ft = 3 + 8 + len(_FIRST_TOKEN[1])  # an event: head, time, name
+    rid_head = otlp.str_attr(_REQUEST_ID, "x" * rid)[:-rid] if rid else otlp.str_attr(_REQUEST_ID, "")
+    ids_r = 4 + 16 + 8 + (10 if parent else 0) + 18  # keys and lengths, ids, times
+    ids_a = 4 + 16 + 8 + 10 + 18
+    n_r = len(const_r) + len(rid_head) + rid + u_r + (ft if ft_r else 0) + ids_r
+    n_a = len(const_a) + u_a + (ft if ft_a else 0) + ids_a
+    head_r = otlp.wrap_span(b"\0" * n_r)[:-n_r] + const_r + rid_head
+    head_a = otlp.wrap_span(b"\0" * n_a)[:-n_a] + const_a
+    event = f"3sQ{len(_FIRST_TOKEN[1])}s"
+    fmt = (
+        f"<{len(head_r)}s{rid}s{u_r}s" + (event if ft_r else "") + "H16sH8s"
+        + ("H8s" if parent else "") + "BQBQ"
+        + f"{len(head_a)}s{u_a}s" + (event if ft_a else "") + "H16sH8sH8sBQBQ"
+    )  # fmt: skip
+    return struct.Struct(fmt).pack, head_r, head_a
 
 
 def _attempt_shape(a: Attempt) -> tuple[Any, ...]:
@@ -216,7 +246,7 @@ class Telemetry:
             tuple[str, str], tuple[bytes, bytes, bytes]
         ] = {}  # name → head, attrs, metric attrs
         self._groups: dict[tuple[str, str], tuple[bytes, bytes]] = {}  # head, attrs
-        self._templates: dict[tuple[Any, ...], tuple[bytes, tuple[bytes, ...]]] = {}
+        self._templates: dict[tuple[Any, ...], _Template] = {}
         self._series: dict[tuple[str, str, str | None], tuple[otlp.HistogramPoint, ...]] = {}
         self._full = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -320,7 +350,8 @@ class Telemetry:
     def _trace(self, rec: Record) -> None:
         parent = otlp.parse_traceparent(rec.traceparent) if rec.traceparent else None
         attempts = rec.attempts
-        ids = random.randbytes(16 + 8 * (1 + len(attempts)))  # trace, request span, attempts
+        n = 1 + len(attempts)  # spans: the request's, an attempt's each
+        ids = _randbits(128 + 64 * n).to_bytes(16 + 8 * n, "little")  # trace, spans
         trace_id = parent.trace_id if parent is not None else ids[:16]
         if parent is None and self.root_decision is not None:
             if not self.root_decision:
@@ -329,8 +360,8 @@ class Telemetry:
             return
         # Everything a request's spans share with others of the same shape (its group, its
         # outcome, its attempts' deployments, kinds and outcomes) is one cached template:
-        # per request there remain the ids and times (one struct pack per span), the
-        # request id, the token counts, the first-token time and error messages.
+        # per request there remain the ids and times, the request id, the token counts, the
+        # first-token time and error messages.
         error_type = rec.error_type
         if len(attempts) == 1:  # the common case: the key without a tuple per attempt
             a = attempts[0]
@@ -350,8 +381,66 @@ class Telemetry:
             template = self._template(rec, error_type)
             if len(self._templates) < _SHAPES_MAX:
                 self._templates[key] = template
-        request_const, attempt_consts = template
+        if (
+            len(attempts) == 1
+            and rec.error is None
+            and attempts[0].error is None
+            and (parent is None or not rec.tracestate)
+        ):
+            spans = self._one(rec, template, trace_id, ids, parent)
+        else:
+            spans = self._spans(rec, template, trace_id, ids, parent)
+        self._queue(spans, n)
 
+    def _one(
+        self, rec: Record, template: _Template, trace_id: bytes, ids: bytes, parent: otlp.Parent | None
+    ) -> bytes:  # fmt: skip
+        """The two spans of a request answered by its one attempt (most requests): one
+        ``struct`` pack of the template's constant parts and the request's own values, in
+        a layout cached by the lengths of those values. Decodes to what ``_spans`` writes
+        (the fields in another order, which protobuf allows)."""
+        a = rec.attempts[0]
+        rid = rec.rid.encode()
+        u_r = (
+            otlp.usage_attrs(rec.input_tokens, rec.output_tokens)
+            if rec.output_tokens is not None
+            else b""
+        )
+        usage = a.usage
+        if usage is None:
+            u_a = b""
+        else:
+            p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            u_a = otlp.usage_attrs(p if type(p) is int else None, c if type(c) is int else None)
+        ft_r, ft_a = rec.first_token_ns, a.first_token_ns
+        layout = (len(rid), len(u_r), len(u_a), ft_r != 0, ft_a != 0, parent is not None)
+        packs = template[2]
+        got = packs.get(layout)
+        if got is None:
+            got = _one_layout(template, *layout)
+            if len(packs) < 64:
+                packs[layout] = got
+        pack, head_r, head_a = got
+        span_id = ids[16:24]
+        args: list[Any] = [head_r, rid, u_r]
+        if ft_r:
+            args += (_FIRST_TOKEN[0], ft_r, _FIRST_TOKEN[1])
+        args += (0x100A, trace_id, 0x0812, span_id)
+        if parent is not None:
+            args += (0x0822, parent.span_id)
+        args += (0x39, rec.start_ns, 0x41, rec.end_ns, head_a, u_a)
+        if ft_a:
+            args += (_FIRST_TOKEN[0], ft_a, _FIRST_TOKEN[1])
+        args += (0x100A, trace_id, 0x0812, ids[24:32], 0x0822, span_id,
+                 0x39, a.start_ns, 0x41, a.end_ns or rec.end_ns)  # fmt: skip
+        return pack(*args)
+
+    def _spans(
+        self, rec: Record, template: _Template, trace_id: bytes, ids: bytes, parent: otlp.Parent | None
+    ) -> bytes:  # fmt: skip
+        """A request's spans, any number of attempts, errors and trace state."""
+        request_const, attempt_consts, _ = template
+        attempts = rec.attempts
         span_id = ids[16:24]
         end_ns = rec.end_ns
         if parent is None:
@@ -398,11 +487,11 @@ class Telemetry:
             if a.error is not None:
                 body += otlp.status_error(a.error.message)
             spans.append(otlp.wrap_span(body))
-        self._queue(b"".join(spans), len(spans))
+        return b"".join(spans)
 
-    def _template(self, rec: Record, error_type: str | None) -> tuple[bytes, tuple[bytes, ...]]:
+    def _template(self, rec: Record, error_type: str | None) -> _Template:
         """The constant parts of a request's spans: the request span's name, kind and
-        attributes, then each attempt span's."""
+        attributes, then each attempt span's; and ``_one``'s layouts of them."""
         op = rec.operation
         group = self._groups.get((op, rec.model))
         if group is None:
@@ -410,7 +499,7 @@ class Telemetry:
         request = group[0] + self._request_attrs(rec, group[1], error_type)
         attempts = tuple(self._dep(a.deployment, op)[0] + self._attempt_attrs(a, op)
                          for a in rec.attempts)  # fmt: skip
-        return request, attempts
+        return request, attempts, {}
 
     def _request_attrs(self, rec: Record, group: bytes, error_type: str | None) -> bytes:
         parts = [
