@@ -170,6 +170,88 @@ async def test_one_trace_with_a_retry_and_a_continuation(traced, sims, receiver)
     assert kinds == {"input", "output"}
 
 
+async def test_a_hedge_shows_both_attempts(sims, receiver, tmp_path) -> None:
+    """A stream whose first token is late on dep-a (simulator a) is hedged on dep-b
+    (simulator b, another provider's dialect): both attempts are children of the request
+    span, the hedge wins, the first is cancelled."""
+    a, b = sims
+    deps = [
+        {"base_url": a.base_url, "api_key": UPSTREAM_KEY_A, "name": "dep-a", "model": "m-a"},
+        # tried first only when dep-a is not there: its weight keeps it out of first place
+        {"base_url": b.base_url, "api_key": UPSTREAM_KEY_A, "name": "dep-b", "model": "m-b",
+         "dialect": "dashscope", "weight": 1e-6},
+    ]  # fmt: skip
+    cfg = {
+        "breaker": {"enabled": False},
+        "models": {
+            "chat": {
+                "deployments": deps,
+                "hedge": {"enabled": True, "after": 0.3, "max_ratio": 1.0},
+            }
+        },
+    }
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "20"}
+    prompt = unique("hedge me")
+    body = {
+        "model": "chat",
+        "stream": True,
+        "messages": [{"role": "user", "content": f"{prompt} [[sim@a:slow_first=3]]"}],
+    }
+    traceparent = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"
+    with spawn_gateway(cfg, workdir=str(tmp_path), env=env) as gw:
+        status, raw = await _post(gw, body, traceparent=traceparent)
+        assert status == 200
+        assert raw.endswith(b"data: [DONE]\n\n")
+        # the simulators' logs: the slow attempt was closed unfinished, the hedge answered
+        a.wait_for(lambda log: all(e.t_close for e in log if prompt in e.prompt))
+        (slow,) = entries_for(a, prompt)
+        assert slow.client_disconnected and not slow.finished and slow.tokens == 0
+        (fast,) = entries_for(b, prompt)
+        assert fast.finished and fast.fault is None
+        await receiver.wait(lambda r: len(_by_trace(r, CLIENT_TRACE)) >= 3)
+
+    spans = _by_trace(receiver, CLIENT_TRACE)
+    assert len(spans) == 3  # the request and its two attempts
+    (request,) = [s for s in spans if s.kind == SERVER]
+    first, hedge = sorted(
+        (s for s in spans if s.kind == CLIENT), key=lambda s: s.start_time_unix_nano
+    )
+    assert request.parent_span_id.hex() == CLIENT_SPAN
+    assert first.parent_span_id == request.span_id == hedge.parent_span_id
+    assert (first.name, hedge.name) == ("chat m-a", "chat m-b")
+
+    r = attributes(request)
+    assert r["keel.attempts"] == 2 and r["keel.deployments"] == ["dep-a", "dep-b"]
+    assert r["gen_ai.provider.name"] == "alibaba.dashscope"  # who answered
+    assert r["gen_ai.response.finish_reasons"] == ["stop"]
+    assert r["http.response.status_code"] == 200 and "error.type" not in r
+    events = {e.name: e for e in request.events}
+    assert list(events) == ["gen_ai.first_token", "keel.hedge"]
+    assert attributes(events["keel.hedge"]) == {"keel.deployment": "dep-b", "keel.attempt": 2}
+    assert events["keel.hedge"].time_unix_nano == hedge.start_time_unix_nano
+
+    f, h = attributes(first), attributes(hedge)
+    assert (f["keel.attempt"], f["keel.attempt.kind"], f["keel.attempt.outcome"]) == (
+        1, "first", "cancelled"
+    )  # fmt: skip
+    assert (h["keel.attempt"], h["keel.attempt.kind"], h["keel.attempt.outcome"]) == (
+        2, "hedge", "ok"
+    )  # fmt: skip
+    assert (f["keel.deployment"], h["keel.deployment"]) == ("dep-a", "dep-b")
+    assert (f["gen_ai.provider.name"], h["gen_ai.provider.name"]) == (
+        "openai", "alibaba.dashscope"
+    )  # fmt: skip
+    assert (f["gen_ai.request.model"], h["gen_ai.request.model"]) == ("m-a", "m-b")
+    assert h["gen_ai.response.model"] == "m-b" and "gen_ai.response.model" not in f
+    assert f["error.type"] == "cancelled" and "error.type" not in h
+    assert first.status.code != 2 and hedge.status.code != 2  # a lost race is no error
+    # the hedge went after the hedge delay, its first token won and cancelled the first
+    assert hedge.start_time_unix_nano - first.start_time_unix_nano >= 0.25e9
+    assert [e.name for e in hedge.events] == ["gen_ai.first_token"] and not first.events
+    assert first.end_time_unix_nano >= hedge.events[0].time_unix_nano
+    assert all(s.end_time_unix_nano <= request.end_time_unix_nano for s in (first, hedge))
+
+
 async def test_non_stream_answer_and_a_refused_request(traced, receiver) -> None:
     prompt = unique()
     status, _ = await _post(

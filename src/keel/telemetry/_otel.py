@@ -570,6 +570,8 @@ class Telemetry:
             parts.append(otlp.attr("error.type", err.kind.value))
             if err.status:
                 parts.append(otlp.attr("http.response.status_code", err.status))
+        elif not a.ok:  # a hedge that lost its race, an attempt the client left: not an error
+            parts.append(otlp.attr("error.type", "cancelled"))
         return b"".join(parts)
 
     # -- metrics ------------------------------------------------------------------------------
@@ -600,8 +602,13 @@ class Telemetry:
         return got
 
     def _measure(self, a: Attempt, op: str) -> None:
-        err = a.error.kind.value if a.error is not None else None
-        duration, first_chunk, input_tokens, output_tokens = self._points(a, op, err)
+        # an attempt that did not complete has an error type, a cancelled one (a lost hedge)
+        # too: its duration is not that of an answer
+        err = a.error.kind.value if a.error is not None else None if a.ok else "cancelled"
+        got = self._series.get((a.deployment.name, op, err))
+        if got is None:
+            got = self._points(a, op, err)
+        duration, first_chunk, input_tokens, output_tokens = got
         duration.record((a.end_ns - a.start_ns) / 1e9)
         if a.first_token_ns:
             first_chunk.record((a.first_token_ns - a.start_ns) / 1e9)
