@@ -309,6 +309,63 @@ async def test_enabled_in_the_config(sims, receiver, tmp_path) -> None:
     assert dict(res)["service.name"] == "from-config"
 
 
+async def test_export_settings_from_the_environment(sims, receiver, tmp_path) -> None:
+    """Headers, gzip, resource attributes and the batch size come from the standard
+    variables: with a batch of two spans and a batch delay of ten minutes, every request's
+    two spans go out at once, alone, compressed, with the configured headers."""
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
+        "OTEL_EXPORTER_OTLP_HEADERS": "x-team=keel,x-tenant=t%201",
+        "OTEL_EXPORTER_OTLP_COMPRESSION": "gzip",
+        "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=test,service.name=from-attrs",
+        "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "2",
+        "OTEL_BSP_SCHEDULE_DELAY": "600000",
+        "OTEL_METRICS_EXPORTER": "none",
+    }
+    with spawn_gateway(_config(sims[0]), workdir=str(tmp_path), env=env) as gw:
+        for _ in range(2):
+            body = {"model": "chat", "messages": [{"role": "user", "content": unique()}]}
+            assert (await _post(gw, body))[0] == 200
+        await receiver.wait(lambda r: len(r.spans()) >= 4)
+        # (the batch delay is ten minutes: only a full batch went out, before the stop)
+        batches = [sum(len(ss.spans) for rs in t.resource_spans for ss in rs.scope_spans)
+                   for t in receiver.traces]  # fmt: skip
+        assert batches == [2, 2]
+    for h, size in zip(receiver.headers, receiver.sizes, strict=True):
+        assert h["x-team"] == "keel" and h["x-tenant"] == "t 1"
+        assert h["Content-Encoding"] == "gzip" and int(h["Content-Length"]) < size
+    (res,) = {tuple(sorted(res.items())) for _, res in receiver.spans()}
+    assert dict(res)["deployment.environment"] == "test"
+    assert dict(res)["service.name"] == "from-attrs"
+    assert receiver.metrics == []  # OTEL_METRICS_EXPORTER=none
+
+
+@pytest.mark.parametrize(
+    ("enabled", "env", "on"),
+    [
+        (None, {}, False),
+        (None, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}, True),
+        (None, {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:4318/v1/traces"}, True),
+        (False, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}, False),
+        (True, {}, True),
+        (True, {"OTEL_SDK_DISABLED": "true"}, False),
+        (None, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://x:4318", "OTEL_SDK_DISABLED": "TRUE"}, False),
+    ],
+)
+def test_when_telemetry_is_on(
+    enabled: bool | None, env: dict[str, str], on: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from keel.config._observe import TelemetryConfig
+    from keel.telemetry import wanted
+
+    for k in list(os.environ):
+        if k.startswith("OTEL_"):
+            monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert wanted(TelemetryConfig(enabled=enabled)) is on
+
+
 _OFF = """
 import asyncio, sys
 from keel import Keel
