@@ -115,7 +115,8 @@ def attr_once(key: str, v: str | int, field: int = 9) -> bytes:
         value = ld(1, v.encode())
     else:  # int_value = 3 (field 3, varint), most often one or two bytes
         value = b"\x18" + (_SMALL[v] if 0 <= v < 0x80 else varint(v))
-    return ld(field, head + _LEN_KEYS[2] + _SMALL[len(value)] + value)
+    n = len(value)  # a long string's length takes more than one varint byte
+    return ld(field, head + _LEN_KEYS[2] + (_SMALL[n] if n < 0x80 else varint(n)) + value)
 
 
 _INPUT = ld(1, b"gen_ai.usage.input_tokens") + b"\x12"  # ... then AnyValue's length
