@@ -80,17 +80,18 @@ _FIXED64 = struct.Struct("<Q").pack
 _randbits = random.getrandbits
 # A request's spans' constant parts (``Telemetry._template``): the request span's, each
 # attempt span's, and ``_one``'s layouts by the lengths of a request's own values.
-_Template = tuple[bytes, tuple[bytes, ...], dict[tuple[Any, ...], tuple[Callable[..., bytes], bytes, bytes]]]
+_Layout = tuple[Callable[..., bytes], bytes, bytes]  # a struct's pack, the two spans' heads
+_Template = tuple[bytes, tuple[bytes, ...], dict[tuple[Any, ...], _Layout]]
 
 
 def _one_layout(
     template: _Template, rid: int, u_r: int, u_a: int, ft_r: bool, ft_a: bool, parent: bool
-) -> tuple[Callable[..., bytes], bytes, bytes]:
+) -> _Layout:
     """``Telemetry._one``'s struct for these lengths, and the two spans' heads: each span's
     field key and length, its constant part, and (the request's) the request id's framing."""
     const_r, (const_a,), _ = template
     ft = 3 + 8 + len(_FIRST_TOKEN[1])  # an event: head, time, name
-    rid_head = otlp.str_attr(_REQUEST_ID, "x" * rid)[:-rid] if rid else otlp.str_attr(_REQUEST_ID, "")
+    rid_head = otlp.str_attr(_REQUEST_ID, "x" * rid)[: -rid or None]  # the value comes last
     ids_r = 4 + 16 + 8 + (10 if parent else 0) + 18  # keys and lengths, ids, times
     ids_a = 4 + 16 + 8 + 10 + 18
     n_r = len(const_r) + len(rid_head) + rid + u_r + (ft if ft_r else 0) + ids_r
