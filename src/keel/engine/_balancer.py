@@ -46,9 +46,32 @@ _weight = attrgetter("weight")
 
 
 def _best_first(ready: list[Deployment], now: float, rng: random.Random) -> list[Deployment]:
+    if len(ready) == 2:
+        return _pair(ready[0], ready[1], now, rng)
     # map() rather than comprehensions: no function frame of their own, per request.
     picked = p2c_order(_scores(ready, now), list(map(_weight, ready)), rng)
     return list(map(ready.__getitem__, picked))
+
+
+def _pair(a: Deployment, b: Deployment, now: float, rng: random.Random) -> list[Deployment]:
+    """``_best_first`` of two: the scores of ``_scores`` and the choice of ``p2c_order``
+    (both are drawn, the better goes first, a tie by weight at random), without their lists
+    and calls — the common group of two deployments, on every request."""
+    ca, cb = a.latency.cost(now), b.latency.cost(now)
+    if ca is None:
+        ca = cb = 1.0 if cb is None else cb  # unknown: the known average (or 1.0)
+        default = ca
+    elif cb is None:
+        cb = default = ca
+    else:
+        default = (ca + cb) / 2
+    floor = default * 1e-3
+    la, lb = a.limiter, b.limiter
+    sa = (ca if ca > floor else floor) * (la.in_flight + la.waiting + 1) / a.weight
+    sb = (cb if cb > floor else floor) * (lb.in_flight + lb.waiting + 1) / b.weight
+    if sa == sb:
+        return [a, b] if rng.random() * (a.weight + b.weight) < a.weight else [b, a]
+    return [a, b] if sa < sb else [b, a]
 
 
 def order(deps: Sequence[Deployment], now: float, rng: random.Random) -> list[Deployment]:
