@@ -391,7 +391,7 @@ class Keel:
         otherwise), with its deadline, priority and cost."""
         body = op.parse(raw) if isinstance(raw, bytes) else op.check(dict(raw))
         model = body["model"]
-        if model not in self.router or (
+        if model not in self.router.groups or (
             principal.models is not None and model not in principal.models
         ):
             self.check_model(model, principal)  # the 404 that says why
