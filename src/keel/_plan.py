@@ -173,10 +173,10 @@ class Plan(Generic[D]):
     hedge: HedgePolicy | None = None  # the group's, when it hedges
     spliceable: bool = True  # a committed answer can be continued (one choice)
     token_limit: int | None = None  # the client's max_tokens / max_completion_tokens
-    rng: random.Random | None = None
     # The deployment's limiter now holds excess requests back itself (a learned concurrency
     # limit or pace): a retry there after a load refusal waits for room, adding no load.
     queued: Callable[[D], bool] | None = None
+    rng: random.Random | None = None
     # -- what happened (read by the driver for headers and errors)
     count: int = 0  # attempts started (hedges included)
     last: D | None = None  # the deployment of the latest attempt (or the hedge that won)
