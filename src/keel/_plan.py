@@ -221,10 +221,16 @@ class Plan(Generic[D]):
             # This round of this group is over: retry what may succeed, or move on.
             # (after the commit, only those that can still continue the answer)
             again = [d for d in self._again if self.eligible(d)]
-            if again and self._round < self.policy.max_retries_per_deployment:
-                self._round += 1
+            free = bool(again) and not self._swept and all(map(self._waits_for_room, again))
+            if again and (free or self._round < self.policy.max_retries_per_deployment):
+                # A round whose every retry waits for room at a deployment that queues (a
+                # learned wall) is not a round of retries: it costs no rounds (the attempt
+                # cap and the deadline still bound it) — a client must not fail on a wall
+                # keel has learned because its refusals happened to fall on one request.
+                if not free:
+                    self._round += 1
                 delay = backoff_delay(
-                    self._round,
+                    max(1, self._round),
                     base=self.policy.backoff_base,
                     cap=self.policy.backoff_cap,
                     hint=max(self._hints) if self._hints else None,
@@ -383,6 +389,10 @@ class Plan(Generic[D]):
         if key in self._charged:
             self._charged.discard(key)
             self.budget.record_retry(ok)
+
+    def _waits_for_room(self, dep: D) -> bool:
+        """Would a retry on ``dep`` be free (``_free_retry``, without taking it)?"""
+        return id(dep) in self._load_refused and self.queued is not None and self.queued(dep)
 
     def _free_retry(self, dep: D) -> bool:
         """A retry on ``dep`` after its load refusal, where it will wait for room."""

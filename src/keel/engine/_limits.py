@@ -84,6 +84,10 @@ _NEUTRAL = frozenset((ErrorKind.RATE_LIMIT, ErrorKind.QUOTA, ErrorKind.AUTH))
 _REFUSALS = frozenset((ErrorKind.RATE_LIMIT, ErrorKind.OVERLOADED))
 
 
+# Seconds of concurrency verdicts before the step they found counts as a learned wall: a rate
+# window's first burst looks like a step too, and its next refusals (below that step) say so
+# within a window's length.
+WALL_STABLE = 1.0
 FAILURE_PENALTY = 1.0  # seconds per token assumed for a deployment that failed before any success
 
 
@@ -179,6 +183,10 @@ class DeploymentLimiter:
     hold: Hold = field(default_factory=Hold)
     _unheld_cap: float = math.inf  # _configured_cap outside the hold
     _probe_refused: float = 0.0  # when a lone probe of the hold was last refused
+    # When the evidence began to say "concurrency" (this run of such verdicts), and when it
+    # last did: together they say whether the step is a learned wall (``at_wall``).
+    _step_since: float = math.inf
+    _step_seen: float = -math.inf
     learned_rpm: int | None = None
     learned_tpm: int | None = None
     calibration: Calibration = field(default_factory=Calibration)
@@ -593,12 +601,43 @@ class DeploymentLimiter:
     def judge_refusal(self, permit: Permit, now: float) -> Verdict:
         """Record a refusal and say what the evidence makes of it (also kept as ``verdict``)."""
         self.evidence.record(permit.started, permit.in_flight, True)
+        prev = self.verdict
         # this attempt's slot is freed after the verdict: the others are still running
-        v = self.verdict = self.evidence.judge(now, self.in_flight - 1)
+        v = self.evidence.judge(now, self.in_flight - 1)
+        raised = v.cause is Cause.CONCURRENCY and (v.limit or 0) >= (prev.limit or 0)
+        if not raised and self.at_wall(permit, now):
+            # A refusal at a learned wall, by a count that may lag the upstream's by one: the
+            # wall's own. What fit below it still fits — a lower step or a run of refusals
+            # (a "rate") read from it is that lag, not news (a real change refuses below it).
+            if v.cause is Cause.CONCURRENCY:
+                self._step_seen = now
+            return prev
+        if v.cause is Cause.CONCURRENCY:
+            if prev.cause is not Cause.CONCURRENCY:
+                self._step_since = now
+            self._step_seen = now
+        else:
+            self._step_since = math.inf
+        self.verdict = v
         if v.cause is Cause.RATE and self.aimd is not None and self.aimd.active:
             # An early burst looked like a concurrency wall; the refusals since say rate.
             self.aimd.forget()
         return v
+
+    def at_wall(self, permit: Permit, now: float) -> bool:
+        """Was this refusal sent at (or within one count below) a learned concurrency wall:
+        a step the evidence has found for ``WALL_STABLE`` seconds and confirmed within its
+        horizon, with the adaptive limit enforcing it?"""
+        v = self.verdict
+        return (
+            v.cause is Cause.CONCURRENCY
+            and v.limit is not None
+            and permit.in_flight >= v.limit
+            and self.aimd is not None
+            and self.aimd.active
+            and now - self._step_since >= WALL_STABLE
+            and now - self._step_seen <= self.evidence.horizon
+        )
 
     def learn_pace(self, accepted_rate: float, now: float) -> bool:
         """A rate-shaped refusal: pace below what the window let through."""
@@ -904,12 +943,15 @@ def _refused(
         return  # nothing shrinks, the request's own retry waits its hint
     if v.cause is Cause.CONCURRENCY and v.limit is not None:
         # Only a refusal above the step the evidence found is about it (one below it is
-        # something else, and the evidence will say so); the step is a steadier estimate of
-        # the wall than this refusal's own in-flight count.
+        # something else, and the evidence will say so), or one at a learned wall; the step
+        # is a steadier estimate of the wall than this refusal's own in-flight count, and a
+        # learned wall's refusals never cut below backoff x the step.
+        wall = lim.at_wall(permit, now)
+        floor = v.limit * aimd.backoff if wall and aimd is not None else 0.0
         if (
             aimd is not None
-            and permit.in_flight > v.limit
-            and aimd.on_overload(v.limit + 1, permit.epoch, now)
+            and (permit.in_flight > v.limit or wall)
+            and aimd.on_overload(v.limit + 1, permit.epoch, now, floor)
         ):
             log.info(
                 "deployment %s: refusals track concurrency (%s): limit now %d",
@@ -919,7 +961,9 @@ def _refused(
                 extra={"event": "limit_learned", "deployment": dep.name, "unit": "concurrency",
                        "limit": aimd.slots or 0},
             )  # fmt: skip
-        if permit.in_flight > v.limit and not lim.hold.active and not lim.evidence.burst():
+        if wall or (
+            permit.in_flight > v.limit and not lim.hold.active and not lim.evidence.burst()
+        ):
             return  # waiting does not lift a concurrency wall; finishing requests does
         # Below the step, in a burst of refusals, or a hold is on: the hold judges them (a
         # burst starts one) — else a rate window misjudged as a concurrency step (its first
