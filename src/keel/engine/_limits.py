@@ -605,10 +605,13 @@ class DeploymentLimiter:
         # this attempt's slot is freed after the verdict: the others are still running
         v = self.evidence.judge(now, self.in_flight - 1)
         raised = v.cause is Cause.CONCURRENCY and (v.limit or 0) >= (prev.limit or 0)
-        if not raised and self.at_wall(permit, now):
-            # A refusal at a learned wall, by a count that may lag the upstream's by one: the
-            # wall's own. What fit below it still fits — a lower step or a run of refusals
-            # (a "rate") read from it is that lag, not news (a real change refuses below it).
+        if not raised and self.at_wall(permit, now, slack=1):
+            # A refusal at a learned wall, by a count that may lag the upstream's (answers
+            # keel has read whose handlers the upstream has not closed yet: one or two under
+            # CPU load): the wall's own. What fit below it still fits — a lower step or a run
+            # of refusals (a "rate") read from it is that lag, not news (a real change refuses
+            # further below). One of two below the step still goes to the hold if it comes in
+            # a burst (``_refused``): a rate window misread as this wall is found that way.
             if v.cause is Cause.CONCURRENCY:
                 self._step_seen = now
             return prev
@@ -624,15 +627,15 @@ class DeploymentLimiter:
             self.aimd.forget()
         return v
 
-    def at_wall(self, permit: Permit, now: float) -> bool:
-        """Was this refusal sent at (or within one count below) a learned concurrency wall:
-        a step the evidence has found for ``WALL_STABLE`` seconds and confirmed within its
-        horizon, with the adaptive limit enforcing it?"""
+    def at_wall(self, permit: Permit, now: float, slack: int = 0) -> bool:
+        """Was this refusal sent at (or within ``slack`` + 1 counts below) a learned
+        concurrency wall: a step the evidence has found for ``WALL_STABLE`` seconds and
+        confirmed within its horizon, with the adaptive limit enforcing it?"""
         v = self.verdict
         return (
             v.cause is Cause.CONCURRENCY
             and v.limit is not None
-            and permit.in_flight >= v.limit
+            and permit.in_flight >= v.limit - slack
             and self.aimd is not None
             and self.aimd.active
             and now - self._step_since >= WALL_STABLE
