@@ -193,3 +193,13 @@ def test_a_learned_walls_refusals_keep_its_verdict_and_never_cut_below_it() -> N
     drifted = lim.evidence.judge(t)  # the evidence alone reads the lag as a lower step
     assert drifted.limit is not None and drifted.limit < 8 and lim.verdict.limit == 8
     assert not lim.at_wall(Permit(t, 6, 0), t, slack=1)  # further below: judged afresh
+
+
+async def test_requests_a_pause_releases_together_count_each_other_in_flight() -> None:
+    """A pause's end wakes every request paced behind it at once: each is sent with the
+    others in flight, and its permit says so (the load evidence reads these counts: counted
+    one by one, a wall's refusals after a hold looked like refusals below its step)."""
+    lim = limiter()
+    lim.pause(0.05)
+    permits = await asyncio.gather(*(lim.acquire(REQ, 0, time.monotonic() + 5) for _ in range(4)))
+    assert [p.in_flight for p in permits] == [4, 4, 4, 4] and lim.pacing == 0

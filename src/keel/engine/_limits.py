@@ -193,6 +193,7 @@ class DeploymentLimiter:
     in_flight: int = 0
     waiting: int = 0
     pacing: int = 0  # of in_flight, still waiting for their rate slot (not sent yet)
+    _due: list[float] = field(default_factory=list)  # when the sleeping ones' slots come
     _waiters: list[tuple[int, int, asyncio.Future[None]]] = field(default_factory=list)
     _rate_head: object | None = None
     _rate_waiters: list[tuple[int, int, asyncio.Future[None]]] = field(default_factory=list)
@@ -325,9 +326,14 @@ class DeploymentLimiter:
         epoch = self.aimd.epoch if self.aimd is not None else 0
         # What the upstream sees in flight: not the requests still waiting for their paced
         # slot here (they hold a slot of ours, not of the upstream's) — the load evidence
-        # would read a rate wall's queue as a concurrency step.
+        # would read a rate wall's queue as a concurrency step. But those whose slot has come
+        # are on their way with this one: a pause's end wakes them all at once, and each
+        # counting only the ones already gone would read a wall's refusals as below its step.
+        now = time.monotonic()
         sent = self.in_flight - self.pacing
-        return Permit(time.monotonic(), sent, epoch, cost, prompt, lease)
+        if self.pacing:
+            sent += sum(1 for d in self._due if d <= now)
+        return Permit(now, sent, epoch, cost, prompt, lease)
 
     async def _queue_for_slot(self, priority: int, wait_until: float) -> None:
         cfg = self.config.queue
@@ -386,11 +392,14 @@ class DeploymentLimiter:
             if b.wait <= 0:
                 break
             due = time.monotonic() + b.wait
+            self._due.append(due)
             try:
                 await asyncio.sleep(b.wait)
             except BaseException:
                 self._drop_lease(b.lease)
                 raise
+            finally:
+                self._due.remove(due)
             if rebooked or time.monotonic() - due <= LATE:
                 break
             self._drop_lease(b.lease)  # the slot passed while we were stalled: book another
