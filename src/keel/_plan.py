@@ -364,9 +364,14 @@ class Plan(Generic[D]):
 
     def commit(self, dep: D) -> None:
         """The attempt on ``dep`` has shown the client the start of the answer (a hedge's
-        winner may not be the latest attempt started)."""
+        winner may not be the latest attempt started). That is progress: the retry rounds
+        start over, as TCP's backoff does on an ACK — a continuation refused once more (a
+        storm's 429 with a 20 ms hint) must not end an answer the client is reading because
+        the attempts before the commit used the rounds up (the attempt cap, the budget and
+        the deadline still bound it)."""
         self.committed = True
         self.last = dep
+        self._round = 0
 
     def shown(self, tokens: int, tool_call: bool) -> None:
         """What the client has seen so far: ``tokens`` content chunks; a tool call (which
