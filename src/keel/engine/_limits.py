@@ -637,14 +637,16 @@ class DeploymentLimiter:
         return v
 
     def at_wall(self, permit: Permit, now: float, slack: int = 0) -> bool:
-        """Was this refusal sent at (or within ``slack`` + 1 counts below) a learned
-        concurrency wall: a step the evidence has found for ``WALL_STABLE`` seconds and
-        confirmed within its horizon, with the adaptive limit enforcing it?"""
+        """Was this refusal sent at (or within ``slack`` counts below) a learned wall?"""
         v = self.verdict
+        return v.limit is not None and permit.in_flight >= v.limit - slack and self.wall(now)
+
+    def wall(self, now: float) -> bool:
+        """Is there a learned concurrency wall: a step the evidence has found for
+        ``WALL_STABLE`` seconds and confirmed within its horizon, with the adaptive limit
+        enforcing it?"""
         return (
-            v.cause is Cause.CONCURRENCY
-            and v.limit is not None
-            and permit.in_flight >= v.limit - slack
+            self.verdict.cause is Cause.CONCURRENCY
             and self.aimd is not None
             and self.aimd.active
             and now - self._step_since >= WALL_STABLE
@@ -673,10 +675,14 @@ class DeploymentLimiter:
         if not self.hold.active and not self.evidence.burst():
             return
         news = not (self.hold.active and permit.started < self.hold.since)
-        if news and (permit.in_flight == 1 or self.rate_aimd.active):
+        if news and (permit.in_flight == 1 or self.rate_aimd.active) and not self.wall(now):
             # Refused with nothing else in flight — not a concurrency limit: the request
             # rate — or refused at the pace keel keeps: pace below what the window let
-            # through (one cut per RateAimd.hold).
+            # through (one cut per RateAimd.hold). Not at a learned wall: there a lone
+            # probe is refused while the upstream still counts the answers keel has just
+            # read (its handlers not closed yet, under CPU load); forgetting the wall for
+            # it let the whole queue in (CI: 21 of 237 refused, the limit cut to 5). A rate
+            # window misread as a wall refuses below its step too, which ends the wall.
             if permit.in_flight == 1 and self.aimd is not None and self.aimd.active:
                 self.aimd.forget()
             if self.learn_pace(self.evidence.accepted_rate(now), now):
