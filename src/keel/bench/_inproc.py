@@ -124,7 +124,7 @@ async def _gateway(
         from keel.gateway._app import create_app
 
         cfg = keel_config(upstream)[0]
-        if auth != "static":
+        if auth not in ("static", "limits"):
             client = cfg.pop("clients")["bench"]
             if auth != "off":  # the same limits on a virtual key, with a budget and a price
                 cfg["database_url"], key = await key_database(client)
@@ -136,6 +136,10 @@ async def _gateway(
         if telemetry is not None:  # every request sampled, exported to ``telemetry``
             cfg["telemetry"] = {"enabled": True, "endpoint": telemetry}
         app = create_app(parse_config(cfg))
+        if auth == "limits":  # the config's client and its limits, no authentication
+            from keel.bench._unauthenticated import unauthenticated
+
+            unauthenticated(app)
         model = MODEL
     else:
         from keel.bench import _bare
@@ -262,9 +266,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=0, help="0: non-stream; N: N-token streams")
     parser.add_argument(
         "--auth",
-        choices=["static", "off", "virtual", "jwt"],
+        choices=["static", "off", "limits", "virtual", "jwt"],
         default="static",
-        help="keel's client: the config's key (default), none, a virtual key, its access JWT",
+        help="keel's client: the config's key (default), none, the config's client with its "
+        "limits but not authenticated, a virtual key, its access JWT",
     )
     parser.add_argument(
         "--telemetry",
