@@ -123,16 +123,18 @@ class VirtualKey:
             )
 
     def charge(self, call: Call) -> None:
-        rates = self.service.rates.get(call.model)
+        service = self.service
+        rates = service.rates.get(call.model)
         if rates is None:
             return
-        usage = spent_usage(call)
+        # A non-stream request's usage is the upstream's report as it stands.
+        usage = call.usage if call.transcript is None else spent_usage(call)
         if usage is None:
             return
         usd = cost(usage, rates)
         if usd:
             self.pending += usd
-            self.service.dirty.add(self)
+            service.dirty.add(self)
 
 
 def spent_usage(call: Call) -> Mapping[str, Any] | None:
@@ -210,27 +212,23 @@ class KeyService:
             vk = self.by_digest.get(h.digest())
             if vk is None or vk.revoked:
                 raise _invalid()
-            if vk.expires_at <= time.time():
+            if vk.expires_at <= time.time():  # inf (never) for most keys
                 raise _invalid("This API key has expired.")
             return vk.principal
+        # A token verified before: its bytes are the cache's key, so any change to them is a
+        # miss and a full verification. What can change while it lives (its key revoked or
+        # expired, its session revoked) is checked on every use, against state the sync loop
+        # keeps current (within a second on every replica).
+        hit = self._jwt_cache.get(token)
+        if hit is not None:
+            return self._cached(token, hit)
         if token.count(b".") == 2:
             return self._jwt(token)
         return None
 
-    def _jwt(self, token: bytes) -> Principal:
-        now = time.time()
-        hit = self._jwt_cache.get(token)
-        if hit is None:
-            # Not UTF-8 (surrogates from the header): not a JWT, and it fails as one.
-            text = token.decode("utf-8", "replace")
-            try:
-                vk, exp, family = self._verify(text, now)
-            except InvalidToken as exc:
-                raise _invalid(f"Invalid access token: {exc}.") from None
-            if len(self._jwt_cache) >= _JWT_CACHE_MAX:
-                self._jwt_cache.clear()
-            hit = self._jwt_cache[token] = (exp, family, vk)
+    def _cached(self, token: bytes, hit: tuple[float, str, VirtualKey]) -> Principal:
         exp, family, vk = hit
+        now = time.time()
         if exp + self.auth.jwt.leeway <= now:
             del self._jwt_cache[token]
             raise _invalid("Invalid access token: token expired.")
@@ -241,6 +239,20 @@ class KeyService:
         if vk.expires_at <= now:
             raise _invalid("This API key has expired.")
         return vk.principal
+
+    def _jwt(self, token: bytes) -> Principal:
+        """A token not in the cache: verified in full (signature, algorithm, times, audience,
+        issuer), then cached with its expiry."""
+        # Not UTF-8 (surrogates from the header): not a JWT, and it fails as one.
+        text = token.decode("utf-8", "replace")
+        try:
+            vk, exp, family = self._verify(text, time.time())
+        except InvalidToken as exc:
+            raise _invalid(f"Invalid access token: {exc}.") from None
+        if len(self._jwt_cache) >= _JWT_CACHE_MAX:
+            self._jwt_cache.clear()
+        hit = self._jwt_cache[token] = (exp, family, vk)
+        return self._cached(token, hit)
 
     def _verify(self, token: str, now: float) -> tuple[VirtualKey, float, str]:
         """A JWT of this gateway's, or of the OIDC provider's: the key it acts as."""
@@ -464,20 +476,22 @@ class KeyChain:
     __slots__ = ("_admin", "_static", "anonymous", "keys")
 
     def __init__(self, static: StaticKeys, keys: KeyService, anonymous: Principal) -> None:
-        self._static = static
+        self._static = None if static.open else static  # None: the config has no keys
         self.keys = keys
         self.anonymous = anonymous
         self._admin = keys.config.server.admin_key is not None
 
     @property
     def open(self) -> bool:
-        return self._static.open and not self._admin and not self.keys.has_keys
+        return self._static is None and not self._admin and not self.keys.has_keys
 
     def authenticate(self, headers: Mapping[str, str]) -> Principal:
         token = bearer(headers)
-        p = self._static.find(token)
-        if p is not None:
-            return p
+        static = self._static
+        if static is not None:
+            p = static.find(token)
+            if p is not None:
+                return p
         p = self.keys.find(token)
         if p is not None:
             return p
