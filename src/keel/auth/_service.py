@@ -170,7 +170,7 @@ class KeyService:
         self.revoked_families: set[str] = set()
         self.tokens = TokenKeys(config.auth.jwt)
         # Verified access JWTs by their whole Authorization header: (exp, family, key).
-        self._jwt_cache: dict[str, tuple[float, str, VirtualKey]] = {}
+        self.jwt_cache: dict[str, tuple[float, str, VirtualKey]] = {}
         self.rates = {
             name: Rates(
                 g.price.input,
@@ -221,21 +221,18 @@ class KeyService:
             return self._jwt(token, header)
         return None
 
-    def cached(self, header: str) -> Principal | None:
-        """The principal of an access JWT verified before (``header``: the whole
-        ``Authorization`` header it came in), None when it is not in the cache.
+    def cached(self, header: str, hit: tuple[float, str, VirtualKey]) -> Principal:
+        """The principal of an access JWT verified before: ``hit`` is ``jwt_cache[header]``
+        (``header``: the whole ``Authorization`` header it came in).
 
         The exact header is the cache's key, so any change to it is a miss and a full
         verification. What can change while it lives (its key revoked or expired, its
         session revoked) is checked on every use, against state the sync loop keeps current
         (within a second on every replica)."""
-        hit = self._jwt_cache.get(header)
-        if hit is None:
-            return None
         exp, family, vk = hit
         now = time.time()
         if exp + self.auth.jwt.leeway <= now:
-            del self._jwt_cache[header]
+            self.jwt_cache.pop(header, None)
             raise _invalid("Invalid access token: token expired.")
         if vk.revoked:
             raise _invalid("Invalid access token: its key was revoked.")
@@ -256,12 +253,11 @@ class KeyService:
             raise _invalid(f"Invalid access token: {exc}.") from None
         if header[7:].encode("utf-8", "surrogatepass") != token:
             raise _invalid()  # not the header it came in: nothing to cache it under
-        if len(self._jwt_cache) >= _JWT_CACHE_MAX:
-            self._jwt_cache.clear()
-        self._jwt_cache[header] = (exp, family, vk)
-        p = self.cached(header)
-        assert p is not None
-        return p
+        cache = self.jwt_cache
+        if len(cache) >= _JWT_CACHE_MAX:
+            cache.clear()  # never rebound: KeyChain holds it
+        hit = cache[header] = (exp, family, vk)
+        return self.cached(header, hit)
 
     def _verify(self, token: str, now: float) -> tuple[VirtualKey, float, str]:
         """A JWT of this gateway's, or of the OIDC provider's: the key it acts as."""
@@ -482,11 +478,12 @@ class KeyChain:
     keys, then access JWTs. Open (any token is the anonymous principal) only while there is no
     key of any kind and no admin key: local use, as without virtual keys."""
 
-    __slots__ = ("_admin", "_static", "anonymous", "keys")
+    __slots__ = ("_admin", "_jwts", "_static", "anonymous", "keys")
 
     def __init__(self, static: StaticKeys, keys: KeyService, anonymous: Principal) -> None:
         self._static = None if static.open else static  # None: the config has no keys
         self.keys = keys
+        self._jwts = keys.jwt_cache  # the dict itself: one lookup per request, no call
         self.anonymous = anonymous
         self._admin = keys.config.server.admin_key is not None
 
@@ -496,12 +493,12 @@ class KeyChain:
 
     def authenticate(self, headers: Mapping[str, str]) -> Principal:
         header = headers.get("authorization")
+        # An access JWT seen before first: it skips the parsing and copying of ~600 bytes
+        # below (it was no static key then, and the config's keys do not change).
         if header is not None:
-            # An access JWT seen before first: it skips the parsing and copying of ~600
-            # bytes below (it was no static key then, and the config's keys do not change).
-            p = self.keys.cached(header)
-            if p is not None:
-                return p
+            hit = self._jwts.get(header)
+            if hit is not None:
+                return self.keys.cached(header, hit)
         token = bearer(headers)
         static = self._static
         if static is not None:
