@@ -4,7 +4,7 @@ whatever failed behind it. Real simulator and gateway processes, the official op
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
@@ -100,8 +100,11 @@ def cgw(
 
 
 @pytest.fixture
-def client(cgw: GatewayProcess) -> AsyncOpenAI:
-    return AsyncOpenAI(base_url=cgw.base_url, api_key="sk-client", max_retries=0, timeout=20)
+async def client(cgw: GatewayProcess) -> AsyncIterator[AsyncOpenAI]:
+    async with AsyncOpenAI(
+        base_url=cgw.base_url, api_key="sk-client", max_retries=0, timeout=20
+    ) as c:
+        yield c
 
 
 async def sse(cgw: GatewayProcess, body: dict[str, Any]) -> list[bytes]:

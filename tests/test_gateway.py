@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import aiohttp
 import openai
 import pytest
@@ -12,8 +14,13 @@ from keel.sim import answer_text
 
 
 @pytest.fixture
-def client(gateway) -> AsyncOpenAI:
-    return AsyncOpenAI(base_url=gateway.base_url, api_key="sk-client", max_retries=0, timeout=20)
+async def client(gateway) -> AsyncIterator[AsyncOpenAI]:
+    # Closed on the test's own loop: an unclosed client's connections are reported by asyncio
+    # later, inside whichever test is running when they are collected.
+    async with AsyncOpenAI(
+        base_url=gateway.base_url, api_key="sk-client", max_retries=0, timeout=20
+    ) as c:
+        yield c
 
 
 def msgs(prompt: str) -> list[dict[str, str]]:
