@@ -114,10 +114,16 @@ class VirtualKey:
     def check(self) -> None:
         """Before a request: refuse it when the budget is spent. A stream already running
         when the budget runs out finishes (it is charged at its end)."""
-        if self.budget is not None and self.spent() >= self.budget:
+        budget = self.budget
+        if budget is None:
+            return
+        # spent(), inline: this runs before every request of a key with a budget.
+        current = self.service.period_starts.get(self.period, 0.0)
+        spent = (self.db_spend if self.db_period == current else 0.0) + self.pending
+        if spent + self.flushing >= budget:
             raise KeelError(
                 429,
-                budget_message(self.name, self.budget, self.period),
+                budget_message(self.name, budget, self.period),
                 type="insufficient_quota",
                 code="insufficient_quota",
                 headers={"x-should-retry": "false"},
