@@ -135,3 +135,72 @@ def test_a_deployment_that_never_answered_goes_as_a_suspect() -> None:
     first.ok = True
     release(d, first)
     assert d.breaker.proven and d.breaker.healthy
+
+
+def test_the_balancers_pair_path_orders_as_the_general_one() -> None:
+    """Two ready deployments (``_balancer._pair``) are ordered exactly as ``p2c_order`` orders
+    ``_scores``: every mix of known and unknown latency, load, weight and tie, same draws."""
+    import random
+
+    from keel._balance import p2c_order
+    from keel.engine._balancer import _pair, _scores
+
+    cfg = parse_config(
+        {"models": {"m": {"deployments": [{"base_url": "http://a/v1"}, {"base_url": "http://b/v1"}]}}}
+    )
+    a, b = Router(cfg).groups["m"]
+    pick = random.Random(7)
+    now = 1000.0
+    for i in range(2000):
+        for d in (a, b):
+            d.latency.samples = 0 if pick.random() < 0.2 else 1
+            d.latency.value = pick.choice([0.0, 1e-6, 0.01, 0.5, 0.5, 3.0])
+            d.latency.stamp = now - pick.choice([0.0, 0.0, 1.0, 50.0])
+            d.limiter.in_flight = pick.choice([0, 0, 1, 3])
+            d.limiter.waiting = pick.choice([0, 0, 2])
+            d.weight = pick.choice([1.0, 1.0, 2.0, 0.5])
+        seed = pick.random()
+        general = p2c_order(_scores([a, b], now), [a.weight, b.weight], random.Random(seed))
+        assert _pair(a, b, now, random.Random(seed)) == [[a, b][j] for j in general], i
+
+
+def test_the_balancers_two_deployment_path_orders_as_the_general_one() -> None:
+    """A group of two (``_balancer._two``: ranked first, room checked after) gets the order
+    of the general path (``_sorted``: every deployment classified first), whatever has room,
+    whatever its load; when both are full or one is out it steps aside."""
+    import random
+
+    from keel.engine._balancer import _sorted, _two
+
+    cfg = parse_config(
+        {
+            "models": {
+                "m": {
+                    "deployments": [
+                        {"base_url": "http://a/v1", "max_concurrency": 2},
+                        {"base_url": "http://b/v1", "max_concurrency": 2},
+                    ]
+                }
+            }
+        }
+    )
+    a, b = Router(cfg).groups["m"]
+    pick = random.Random(11)
+    now = 1000.0
+    stepped_aside = 0
+    for i in range(3000):
+        for d in (a, b):
+            d.latency.samples = 1
+            d.latency.value = pick.choice([0.01, 0.5, 0.5, 3.0])
+            d.latency.stamp = now
+            d.limiter.in_flight = pick.choice([0, 1, 2])  # 2: full
+            d.weight = pick.choice([1.0, 2.0])
+            d.benched_until = pick.choice([0.0] * 9 + [now + 1])
+            d.cooldown_until = pick.choice([0.0] * 9 + [now + 1])
+        seed = pick.random()
+        fast = _two(a, b, now, random.Random(seed))
+        if fast is None:
+            stepped_aside += 1
+            continue
+        assert fast == _sorted([a, b], now, random.Random(seed)), i
+    assert 0 < stepped_aside < 3000

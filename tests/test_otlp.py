@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
@@ -127,3 +129,37 @@ def test_value_helper() -> None:  # the test helper itself decodes arrays
     from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
     assert value(AnyValue.FromString(otlp.any_value(["x", "y"]))) == ["x", "y"]
+
+
+@pytest.mark.parametrize("n", [0, 1, 40, 100, 110, 200, 5000])
+def test_the_packed_span_primitives_decode_like_span(n: int) -> None:
+    """``ROOT_IDS``/``CHILD_IDS`` + ``wrap_span``, ``str_attr``, ``event_template`` and
+    ``status_error`` (what telemetry writes) against ``span``, ``attr_once`` and ``event``."""
+    rid = "r" * n
+    head = otlp.span_head("chat m", otlp.CLIENT)
+    assert otlp.str_attr(otlp.str_attr_head("keel.request_id"), rid) == otlp.attr_once(
+        "keel.request_id", rid
+    )
+    ev_head, ev_tail = otlp.event_template("gen_ai.first_token")
+    for parent in (None, b"p" * 8):
+        ids = (
+            otlp.ROOT_IDS(0x0A, 16, b"t" * 16, 0x12, 8, b"s" * 8, 0x39, 10 + n, 0x41, 2**63)
+            if parent is None
+            else otlp.CHILD_IDS(0x0A, 16, b"t" * 16, 0x12, 8, b"s" * 8, 0x22, 8, parent,
+                                0x39, 10 + n, 0x41, 2**63)
+        )  # fmt: skip
+        packed = otlp.wrap_span(
+            ids + head + otlp.str_attr(otlp.str_attr_head("k"), rid)
+            + ev_head + struct.pack("<Q", 12) + ev_tail + otlp.status_error("bad " + rid)
+        )  # fmt: skip
+        reference = otlp.span(
+            b"t" * 16, b"s" * 8, parent, head, 10 + n, 2**63, [otlp.attr_once("k", rid)],
+            [otlp.event(12, "gen_ai.first_token")], "bad " + rid,
+        )  # fmt: skip
+        got, want = (
+            ExportTraceServiceRequest.FromString(otlp.traces_request(b"", b"", [s]))
+            .resource_spans[0].scope_spans[0].spans[0]
+            for s in (packed, reference)
+        )  # fmt: skip
+        assert got == want
+        assert attributes(got) == {"k": rid} and got.status.message == "bad " + rid

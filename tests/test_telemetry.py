@@ -170,6 +170,88 @@ async def test_one_trace_with_a_retry_and_a_continuation(traced, sims, receiver)
     assert kinds == {"input", "output"}
 
 
+async def test_a_hedge_shows_both_attempts(sims, receiver, tmp_path) -> None:
+    """A stream whose first token is late on dep-a (simulator a) is hedged on dep-b
+    (simulator b, another provider's dialect): both attempts are children of the request
+    span, the hedge wins, the first is cancelled."""
+    a, b = sims
+    deps = [
+        {"base_url": a.base_url, "api_key": UPSTREAM_KEY_A, "name": "dep-a", "model": "m-a"},
+        # tried first only when dep-a is not there: its weight keeps it out of first place
+        {"base_url": b.base_url, "api_key": UPSTREAM_KEY_A, "name": "dep-b", "model": "m-b",
+         "dialect": "dashscope", "weight": 1e-6},
+    ]  # fmt: skip
+    cfg = {
+        "breaker": {"enabled": False},
+        "models": {
+            "chat": {
+                "deployments": deps,
+                "hedge": {"enabled": True, "after": 0.3, "max_ratio": 1.0},
+            }
+        },
+    }
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "20"}
+    prompt = unique("hedge me")
+    body = {
+        "model": "chat",
+        "stream": True,
+        "messages": [{"role": "user", "content": f"{prompt} [[sim@a:slow_first=3]]"}],
+    }
+    traceparent = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"
+    with spawn_gateway(cfg, workdir=str(tmp_path), env=env) as gw:
+        status, raw = await _post(gw, body, traceparent=traceparent)
+        assert status == 200
+        assert raw.endswith(b"data: [DONE]\n\n")
+        # the simulators' logs: the slow attempt was closed unfinished, the hedge answered
+        a.wait_for(lambda log: all(e.t_close for e in log if prompt in e.prompt))
+        (slow,) = entries_for(a, prompt)
+        assert slow.client_disconnected and not slow.finished and slow.tokens == 0
+        (fast,) = entries_for(b, prompt)
+        assert fast.finished and fast.fault is None
+        await receiver.wait(lambda r: len(_by_trace(r, CLIENT_TRACE)) >= 3)
+
+    spans = _by_trace(receiver, CLIENT_TRACE)
+    assert len(spans) == 3  # the request and its two attempts
+    (request,) = [s for s in spans if s.kind == SERVER]
+    first, hedge = sorted(
+        (s for s in spans if s.kind == CLIENT), key=lambda s: s.start_time_unix_nano
+    )
+    assert request.parent_span_id.hex() == CLIENT_SPAN
+    assert first.parent_span_id == request.span_id == hedge.parent_span_id
+    assert (first.name, hedge.name) == ("chat m-a", "chat m-b")
+
+    r = attributes(request)
+    assert r["keel.attempts"] == 2 and r["keel.deployments"] == ["dep-a", "dep-b"]
+    assert r["gen_ai.provider.name"] == "alibaba.dashscope"  # who answered
+    assert r["gen_ai.response.finish_reasons"] == ["stop"]
+    assert r["http.response.status_code"] == 200 and "error.type" not in r
+    events = {e.name: e for e in request.events}
+    assert list(events) == ["gen_ai.first_token", "keel.hedge"]
+    assert attributes(events["keel.hedge"]) == {"keel.deployment": "dep-b", "keel.attempt": 2}
+    assert events["keel.hedge"].time_unix_nano == hedge.start_time_unix_nano
+
+    f, h = attributes(first), attributes(hedge)
+    assert (f["keel.attempt"], f["keel.attempt.kind"], f["keel.attempt.outcome"]) == (
+        1, "first", "cancelled"
+    )  # fmt: skip
+    assert (h["keel.attempt"], h["keel.attempt.kind"], h["keel.attempt.outcome"]) == (
+        2, "hedge", "ok"
+    )  # fmt: skip
+    assert (f["keel.deployment"], h["keel.deployment"]) == ("dep-a", "dep-b")
+    assert (f["gen_ai.provider.name"], h["gen_ai.provider.name"]) == (
+        "openai", "alibaba.dashscope"
+    )  # fmt: skip
+    assert (f["gen_ai.request.model"], h["gen_ai.request.model"]) == ("m-a", "m-b")
+    assert h["gen_ai.response.model"] == "m-b" and "gen_ai.response.model" not in f
+    assert f["error.type"] == "cancelled" and "error.type" not in h
+    assert first.status.code != 2 and hedge.status.code != 2  # a lost race is no error
+    # the hedge went after the hedge delay, its first token won and cancelled the first
+    assert hedge.start_time_unix_nano - first.start_time_unix_nano >= 0.25e9
+    assert [e.name for e in hedge.events] == ["gen_ai.first_token"] and not first.events
+    assert first.end_time_unix_nano >= hedge.events[0].time_unix_nano
+    assert all(s.end_time_unix_nano <= request.end_time_unix_nano for s in (first, hedge))
+
+
 async def test_non_stream_answer_and_a_refused_request(traced, receiver) -> None:
     prompt = unique()
     status, _ = await _post(
@@ -227,6 +309,63 @@ async def test_enabled_in_the_config(sims, receiver, tmp_path) -> None:
     assert dict(res)["service.name"] == "from-config"
 
 
+async def test_export_settings_from_the_environment(sims, receiver, tmp_path) -> None:
+    """Headers, gzip, resource attributes and the batch size come from the standard
+    variables: with a batch of two spans and a batch delay of ten minutes, every request's
+    two spans go out at once, alone, compressed, with the configured headers."""
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
+        "OTEL_EXPORTER_OTLP_HEADERS": "x-team=keel,x-tenant=t%201",
+        "OTEL_EXPORTER_OTLP_COMPRESSION": "gzip",
+        "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=test,service.name=from-attrs",
+        "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "2",
+        "OTEL_BSP_SCHEDULE_DELAY": "600000",
+        "OTEL_METRICS_EXPORTER": "none",
+    }
+    with spawn_gateway(_config(sims[0]), workdir=str(tmp_path), env=env) as gw:
+        for _ in range(2):
+            body = {"model": "chat", "messages": [{"role": "user", "content": unique()}]}
+            assert (await _post(gw, body))[0] == 200
+        await receiver.wait(lambda r: len(r.spans()) >= 4)
+        # (the batch delay is ten minutes: only a full batch went out, before the stop)
+        batches = [sum(len(ss.spans) for rs in t.resource_spans for ss in rs.scope_spans)
+                   for t in receiver.traces]  # fmt: skip
+        assert batches == [2, 2]
+    for h, size in zip(receiver.headers, receiver.sizes, strict=True):
+        assert h["x-team"] == "keel" and h["x-tenant"] == "t 1"
+        assert h["Content-Encoding"] == "gzip" and int(h["Content-Length"]) < size
+    (res,) = {tuple(sorted(res.items())) for _, res in receiver.spans()}
+    assert dict(res)["deployment.environment"] == "test"
+    assert dict(res)["service.name"] == "from-attrs"
+    assert receiver.metrics == []  # OTEL_METRICS_EXPORTER=none
+
+
+@pytest.mark.parametrize(
+    ("enabled", "env", "on"),
+    [
+        (None, {}, False),
+        (None, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}, True),
+        (None, {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:4318/v1/traces"}, True),
+        (False, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}, False),
+        (True, {}, True),
+        (True, {"OTEL_SDK_DISABLED": "true"}, False),
+        (None, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://x:4318", "OTEL_SDK_DISABLED": "TRUE"}, False),
+    ],
+)
+def test_when_telemetry_is_on(
+    enabled: bool | None, env: dict[str, str], on: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from keel.config._observe import TelemetryConfig
+    from keel.telemetry import wanted
+
+    for k in list(os.environ):
+        if k.startswith("OTEL_"):
+            monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert wanted(TelemetryConfig(enabled=enabled)) is on
+
+
 _OFF = """
 import asyncio, sys
 from keel import Keel
@@ -269,3 +408,80 @@ def test_a_bad_endpoint_is_refused_at_load(value: str) -> None:
         ConfigError, match=r"telemetry.endpoint: telemetry.endpoint must be an http"
     ):
         parse_config(cfg)
+
+
+class _Keep:
+    """An observer that keeps the records it is given (the engine's observer interface)."""
+
+    def __init__(self) -> None:
+        self.records: list[Any] = []
+
+    def finished(self, record: Any) -> None:
+        self.records.append(record)
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_the_one_attempt_layout_decodes_like_the_general_one(receiver) -> None:
+    """Most requests take ``Telemetry._one``, a single struct pack; every other request
+    ``_spans``. Fed the same records and ids, both decode to the same spans."""
+    import dataclasses
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    from keel import Keel
+    from keel import _otlp as otlp
+    from keel.sim import Simulator
+
+    sim = Simulator(name="a")
+    url = await sim.start()
+    cfg = {
+        "telemetry": {"enabled": True, "endpoint": receiver.url},
+        "models": {"chat": {"deployments": [{"base_url": url, "api_key": "sk-x"}]}},
+    }
+    keep = _Keep()
+    try:
+        async with Keel.from_config(cfg) as gw:
+            (tel,) = gw.observers
+            gw.observers.append(keep)
+            await gw.chat({"model": "chat", "messages": [{"role": "user", "content": unique()}]})
+            body = {
+                "model": "chat",
+                "messages": [{"role": "user", "content": unique()}],
+                "stream_options": {"include_usage": True},
+            }
+            async for _ in gw.stream(body):
+                pass
+            async for _ in gw.stream({**body, "stream_options": {"include_usage": False}}):
+                pass
+            records = list(keep.records)
+            parent = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"
+            records += [dataclasses.replace(r, traceparent=parent) for r in keep.records]
+            assert len(records) == 6 and all(len(r.attempts) == 1 for r in records)
+            assert records[1].first_token_ns and not records[0].first_token_ns
+            ids = bytes(range(32))
+            for rec in records:
+                tp = otlp.parse_traceparent(rec.traceparent)
+                trace_id = tp.trace_id if tp is not None else ids[:16]
+                template = tel._template(rec, rec.error_type)
+                fast = tel._one(rec, template, trace_id, ids, tp)
+                general = tel._spans(rec, template, trace_id, ids, tp)
+                assert fast != general  # another field order...
+                decoded = [
+                    list(
+                        ExportTraceServiceRequest.FromString(
+                            otlp.traces_request(b"", b"", [spans])
+                        ).resource_spans[0].scope_spans[0].spans
+                    )
+                    for spans in (fast, general)
+                ]
+                assert decoded[0] == decoded[1]  # ...the same spans
+                request, attempt = decoded[0]
+                assert attributes(request)["keel.request_id"] == rec.rid
+                assert attempt.parent_span_id == request.span_id
+                assert (request.parent_span_id.hex() == CLIENT_SPAN) == (tp is not None)
+    finally:
+        await sim.stop()

@@ -115,7 +115,8 @@ def attr_once(key: str, v: str | int, field: int = 9) -> bytes:
         value = ld(1, v.encode())
     else:  # int_value = 3 (field 3, varint), most often one or two bytes
         value = b"\x18" + (_SMALL[v] if 0 <= v < 0x80 else varint(v))
-    return ld(field, head + _LEN_KEYS[2] + _SMALL[len(value)] + value)
+    n = len(value)  # a long string's length takes more than one varint byte
+    return ld(field, head + _LEN_KEYS[2] + (_SMALL[n] if n < 0x80 else varint(n)) + value)
 
 
 _INPUT = ld(1, b"gen_ai.usage.input_tokens") + b"\x12"  # ... then AnyValue's length
@@ -128,10 +129,30 @@ def _int_kv(head: bytes, n: int) -> bytes:
     return _LEN_KEYS[9] + _SMALL[len(kv)] + kv  # a span's attribute (field 9)
 
 
+_INT_ATTRS: tuple[dict[int, bytes], dict[int, bytes]] = ({}, {})  # input, output
+_INT_ATTRS_MAX = 8192  # distinct counts cached each (token counts repeat; beyond: encoded)
+
+
 def usage_attrs(input_tokens: int | None, output_tokens: int | None) -> bytes:
-    """``gen_ai.usage.input_tokens`` and ``output_tokens`` as span attributes (None: absent)."""
-    out = b"" if input_tokens is None else _int_kv(_INPUT, input_tokens)
-    return out if output_tokens is None else out + _int_kv(_OUTPUT, output_tokens)
+    """``gen_ai.usage.input_tokens`` and ``output_tokens`` as span attributes (None: absent),
+    each count's encoding cached."""
+    ins, outs = _INT_ATTRS
+    out = b""
+    if input_tokens is not None:
+        got = ins.get(input_tokens)
+        if got is None:
+            got = _int_kv(_INPUT, input_tokens)
+            if len(ins) < _INT_ATTRS_MAX:
+                ins[input_tokens] = got
+        out = got
+    if output_tokens is not None:
+        got = outs.get(output_tokens)
+        if got is None:
+            got = _int_kv(_OUTPUT, output_tokens)
+            if len(outs) < _INT_ATTRS_MAX:
+                outs[output_tokens] = got
+        out += got
+    return out
 
 
 def resource(attributes: dict[str, Value]) -> bytes:
@@ -178,6 +199,50 @@ def span(
     n = sum(map(len, parts))
     parts[0] = b"\x12" + (_SMALL[n] if n < 0x80 else varint(n)) + b"\x0a\x10"  # field 2
     return b"".join(parts)
+
+
+# A span's ids and times, the fields every span has whose sizes never change, in one pack:
+# trace_id (1), span_id (2), [parent_span_id (4)], start (7), end (8). Protobuf fields may
+# come in any order, so these go first and the constant rest (``span_head``, attributes) after.
+# ROOT_IDS(0x0A, 16, trace, 0x12, 8, span, 0x39, start, 0x41, end); CHILD_IDS the same with
+# (0x22, 8, parent) after the span id.
+ROOT_IDS = struct.Struct("<BB16sBB8sBQBQ").pack
+CHILD_IDS = struct.Struct("<BB16sBB8sBB8sBQBQ").pack
+
+
+def wrap_span(body: bytes) -> bytes:
+    """A span's fields (``ROOT_IDS``/``CHILD_IDS``, then the rest) as a ``Span`` field of
+    ``ScopeSpans`` — what ``traces_request`` joins, like ``span``'s output."""
+    n = len(body)
+    return (b"\x12" + _SMALL[n] if n < 0x80 else b"\x12" + varint(n)) + body
+
+
+def status_error(message: str) -> bytes:
+    """A span's ``Status`` field: ERROR with ``message``."""
+    return ld(15, ld(2, message.encode()) + uint(3, STATUS_ERROR))
+
+
+def event_template(name: str) -> tuple[bytes, bytes]:
+    """An attribute-less event as ``head + fixed64 time + tail`` (cheaper than ``event``)."""
+    tail = ld(2, name.encode())
+    body_len = 9 + len(tail)
+    assert body_len < 0x80
+    return _LEN_KEYS[11] + _SMALL[body_len] + b"\x09", tail
+
+
+def str_attr_head(key: str, field: int = 9) -> tuple[bytes, int]:
+    """For ``str_attr``: the key's encoding and the field's key byte."""
+    return ld(1, key.encode()), (field << 3) | 2
+
+
+def str_attr(head: tuple[bytes, int], v: str) -> bytes:
+    """``attr_once`` for a string, from ``str_attr_head``: a value that does not repeat."""
+    b = v.encode()
+    n = len(b)
+    key, tag = head
+    if n < 0x7C - len(key):  # every length below is one varint byte
+        return bytes((tag, len(key) + n + 4)) + key + bytes((0x12, n + 2, 0x0A, n)) + b
+    return ld(tag >> 3, key + ld(2, ld(1, b)))
 
 
 def span_head(name: str, kind: int) -> bytes:

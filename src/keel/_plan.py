@@ -143,6 +143,21 @@ class Tried:
 
 
 @dataclass(slots=True, eq=False)
+class _Setbacks(Generic[D]):
+    """What went wrong so far in one request: made at its first failure, refusal or budgeted
+    retry, so a request whose first attempt succeeds (nearly all of them) builds none of it."""
+
+    tried: list[Tried] = field(default_factory=list)
+    again: list[D] = field(default_factory=list)  # retry these next round
+    hints: list[float] = field(default_factory=list)  # their retry-after hints
+    later: list[D] = field(default_factory=list)  # unreachable: once more after everything
+    load_refused: set[int] = field(default_factory=set)  # id() of deps that refused for load
+    refusals: dict[int, str] = field(default_factory=dict)  # id(dep) → why it turned us away
+    charged: set[int] = field(default_factory=set)  # id() of deps running a budgeted retry
+    down: set[int] = field(default_factory=set)  # id() of deps found down (for the error)
+
+
+@dataclass(slots=True, eq=False)
 class Plan(Generic[D]):
     """One request's attempts. ``groups``: the group names in order; ``order(group)``: that
     group's candidates, best first (asked when the plan reaches it); ``has_room(dep)``: the
@@ -158,14 +173,13 @@ class Plan(Generic[D]):
     hedge: HedgePolicy | None = None  # the group's, when it hedges
     spliceable: bool = True  # a committed answer can be continued (one choice)
     token_limit: int | None = None  # the client's max_tokens / max_completion_tokens
-    rng: random.Random | None = None
     # The deployment's limiter now holds excess requests back itself (a learned concurrency
     # limit or pace): a retry there after a load refusal waits for room, adding no load.
     queued: Callable[[D], bool] | None = None
+    rng: random.Random | None = None
     # -- what happened (read by the driver for headers and errors)
     count: int = 0  # attempts started (hedges included)
     last: D | None = None  # the deployment of the latest attempt (or the hedge that won)
-    tried: list[Tried] = field(default_factory=list)
     saturated: tuple[str, float | None] | None = None  # the last refusal: reason, retry_after
     committed: bool = False  # the client has seen part of the answer
     patient: bool = False  # an attempt timed out: the configured first_token from now on
@@ -175,20 +189,25 @@ class Plan(Generic[D]):
     _round: int = 0
     _pending: Sequence[D] = ()
     _next: int = 0
-    _again: list[D] = field(default_factory=list)
-    _hints: list[float] = field(default_factory=list)
-    _later: list[D] = field(default_factory=list)  # unreachable: once more after everything
     _swept: bool = False
-    _load_refused: set[int] = field(default_factory=set)  # id() of deps that refused for load
-    _refusals: dict[int, str] = field(default_factory=dict)  # id(dep) → why it turned us away
-    _charged: set[int] = field(default_factory=set)  # id() of deps running a budgeted retry
-    _down: set[int] = field(default_factory=set)  # id() of deps found down (for the error)
     _end: GiveUp | Finish | None = None
+    _s: _Setbacks[D] | None = None  # what went wrong so far (``_setbacks()``)
 
     def __post_init__(self) -> None:
         self.budget.record_request()
         if self.hedge is not None:
             self.hedge.on_request()
+
+    @property
+    def tried(self) -> list[Tried]:
+        """The failed attempts so far, in order (for the final error)."""
+        return self._s.tried if self._s is not None else []
+
+    def _setbacks(self) -> _Setbacks[D]:
+        s = self._s
+        if s is None:
+            s = self._s = _Setbacks()
+        return s
 
     # -- decisions --------------------------------------------------------------------------------
 
@@ -213,21 +232,23 @@ class Plan(Generic[D]):
                 if self.count and not self._free_retry(dep):
                     if not self.budget.try_withdraw():
                         return self._stop(GiveUp(self._budget_reason()))
-                    self._charged.add(id(dep))  # its outcome goes back to the budget
+                    self._setbacks().charged.add(id(dep))  # its outcome goes back to the budget
                 if self.hedge is None:
                     return Try(dep, self.committed, None, self.patient)
                 hedge_after = None if self.committed else self.hedge.delay()
                 return Try(dep, self.committed, hedge_after, self.patient)
             # This round of this group is over: retry what may succeed, or move on.
             # (after the commit, only those that can still continue the answer)
-            again = [d for d in self._again if self.eligible(d)]
+            s = self._s
+            again = [d for d in s.again if self.eligible(d)] if s is not None else None
             if again and self._round < self.policy.max_retries_per_deployment:
+                assert s is not None
                 self._round += 1
                 delay = backoff_delay(
                     self._round,
                     base=self.policy.backoff_base,
                     cap=self.policy.backoff_cap,
-                    hint=max(self._hints) if self._hints else None,
+                    hint=max(s.hints) if s.hints else None,
                     rng=self.rng,
                 )
                 self._restart(again)
@@ -236,7 +257,7 @@ class Plan(Generic[D]):
                 return Wait(now + delay)
             self._group += 1
             if self._group >= len(self.groups):
-                later = [d for d in self._later if self.eligible(d)]
+                later = [d for d in s.later if self.eligible(d)] if s is not None else None
                 if not later or self._swept:
                     return self._stop(GiveUp(self._all_down()))
                 # Every group tried: the unreachable ones get their one more look, last.
@@ -288,16 +309,17 @@ class Plan(Generic[D]):
         is open because it could not be reached. ``saturated`` names every deployment that
         turned it away (each with its own reason, which names the cause), with the soonest
         retry-after."""
+        s = self._setbacks()
         if down:
-            self._down.add(id(dep))
-        refusals = self._refusals
+            s.down.add(id(dep))
+        refusals = s.refusals
         refusals[id(dep)] = reason
         back = retry_after
         if self.saturated is not None and self.saturated[1] is not None:
             back = self.saturated[1] if back is None else min(back, self.saturated[1])
         self.saturated = ("; ".join(refusals.values()), back)
         if soon:
-            self._again.append(dep)
+            s.again.append(dep)
 
     def started(self, dep: D) -> None:
         self.count += 1
@@ -312,11 +334,12 @@ class Plan(Generic[D]):
     def failed(self, dep: D, err: UpstreamError, hedge: bool = False) -> Penalty | None:
         """An attempt on ``dep`` failed with ``err``; a hedge's failure only counts (the
         attempt it raced decides what happens next)."""
+        s = self._setbacks()
         self._retried(dep, err.output_filter)  # a moderated answer is still an answer
         if err.output_filter and self.policy.on_content_filter == "failover":
             # Another provider's moderation may let the answer through; this one will not.
             err = replace(err, failover=True, retryable=False)
-        self.tried.append(Tried(dep.name, err))
+        s.tried.append(Tried(dep.name, err))
         if err.kind is ErrorKind.TIMEOUT:
             self.patient = True  # cut for lateness once: a big request is not cut again
         penalty = self._penalty(err)
@@ -333,27 +356,29 @@ class Plan(Generic[D]):
         if err.retry_after is not None and err.retry_after > self.policy.max_retry_wait:
             return Penalty(penalty.bench_for if penalty else None, err.retry_after)
         if unreachable(err):
-            self._down.add(id(dep))
+            s.down.add(id(dep))
             # Not again in this group's rounds: the fallbacks first, this one at the end.
-            if not self._swept and dep not in self._later:
-                self._later.append(dep)
+            if not self._swept and dep not in s.later:
+                s.later.append(dep)
             return penalty
         if err.kind in _LOAD:
-            self._load_refused.add(id(dep))
-        self._again.append(dep)
+            s.load_refused.add(id(dep))
+        s.again.append(dep)
         if err.retry_after is not None:
-            self._hints.append(err.retry_after)
+            s.hints.append(err.retry_after)
         return penalty
 
     def withdraw(self, dep: D) -> None:
         """``dep`` left rotation while this request ran (an operator drained it): no more
         attempts there — no retry round, no last look, no continuation."""
-        self._again = [d for d in self._again if d is not dep]
-        self._later = [d for d in self._later if d is not dep]
+        s = self._s
+        if s is not None:
+            s.again = [d for d in s.again if d is not dep]
+            s.later = [d for d in s.later if d is not dep]
 
     def succeeded(self, dep: D) -> None:
         """An attempt on ``dep`` completed the answer."""
-        if self._charged:
+        if self._s is not None and self._s.charged:
             self._retried(dep, True)
 
     def commit(self, dep: D) -> None:
@@ -380,25 +405,28 @@ class Plan(Generic[D]):
         """The retry budget learns how its retries end: it grows with their success (a noisy
         fleet, where retries work) and shrinks to its floor when they fail (an outage)."""
         key = id(dep)
-        if key in self._charged:
-            self._charged.discard(key)
+        s = self._s
+        if s is not None and key in s.charged:
+            s.charged.discard(key)
             self.budget.record_retry(ok)
 
     def _free_retry(self, dep: D) -> bool:
         """A retry on ``dep`` after its load refusal, where it will wait for room."""
         key = id(dep)
-        if key not in self._load_refused or self.queued is None:
+        s = self._s
+        if s is None or key not in s.load_refused or self.queued is None:
             return False
-        self._load_refused.discard(key)
+        s.load_refused.discard(key)
         return self.queued(dep)
 
     def _all_down(self) -> str:
         """The error's cause when every deployment of the request's groups was found down
         (unreachable, or behind a breaker opened for that); else empty."""
-        if not self._down:
+        down = self._s.down if self._s is not None else None
+        if not down:
             return ""
         for group in self.groups:
-            if any(id(d) not in self._down for d in self.order(group)):
+            if any(id(d) not in down for d in self.order(group)):
                 return ""
         fallbacks = " and its fallbacks" if len(self.groups) > 1 else ""
         return f"every deployment of {self.groups[0]}{fallbacks} is down"
@@ -417,8 +445,10 @@ class Plan(Generic[D]):
     def _restart(self, pending: Sequence[D]) -> None:
         self._pending = pending
         self._next = 0
-        self._again = []
-        self._hints = []
+        s = self._s
+        if s is not None:
+            s.again = []
+            s.hints = []
 
     def _penalty(self, err: UpstreamError) -> Penalty | None:
         """A key-level failure (auth, billing) takes the deployment out for the operator's

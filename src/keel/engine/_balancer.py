@@ -46,15 +46,69 @@ _weight = attrgetter("weight")
 
 
 def _best_first(ready: list[Deployment], now: float, rng: random.Random) -> list[Deployment]:
+    if len(ready) == 2:
+        return _pair(ready[0], ready[1], now, rng)
     # map() rather than comprehensions: no function frame of their own, per request.
     picked = p2c_order(_scores(ready, now), list(map(_weight, ready)), rng)
     return list(map(ready.__getitem__, picked))
+
+
+def _pair(a: Deployment, b: Deployment, now: float, rng: random.Random) -> list[Deployment]:
+    """``_best_first`` of two: the scores of ``_scores`` and the choice of ``p2c_order``
+    (both are drawn, the better goes first, a tie by weight at random), without their lists
+    and calls — the common group of two deployments, on every request."""
+    ca, cb = a.latency.cost(now), b.latency.cost(now)
+    if ca is None:
+        ca = cb = 1.0 if cb is None else cb  # unknown: the known average (or 1.0)
+        default = ca
+    elif cb is None:
+        cb = default = ca
+    else:
+        default = (ca + cb) / 2
+    floor = default * 1e-3
+    la, lb = a.limiter, b.limiter
+    sa = (ca if ca > floor else floor) * (la.in_flight + la.waiting + 1) / a.weight
+    sb = (cb if cb > floor else floor) * (lb.in_flight + lb.waiting + 1) / b.weight
+    if sa == sb:
+        return [a, b] if rng.random() * (a.weight + b.weight) < a.weight else [b, a]
+    return [a, b] if sa < sb else [b, a]
+
+
+def _two(a: Deployment, b: Deployment, now: float, rng: random.Random) -> list[Deployment] | None:
+    """``order`` of a group of two, both in rotation and neither cooling (the common group
+    of two): ranked first, room checked after. The better one goes first if it has room
+    (the other, with room or full, comes second either way), else the other if that has
+    room; both full: None (``order`` sorts them by load). The order ``order`` gives, with one
+    room check instead of two."""
+    if (
+        now < a.benched_until
+        or now < b.benched_until
+        or now < a.cooldown_until
+        or now < b.cooldown_until
+        or not a.breaker.would_admit(now)
+        or not b.breaker.would_admit(now)
+    ):
+        return None
+    pair = _pair(a, b, now, rng)
+    if pair[0].limiter.has_capacity(now):
+        return pair
+    if pair[1].limiter.has_capacity(now):
+        pair.reverse()
+        return pair
+    return None
 
 
 def order(deps: Sequence[Deployment], now: float, rng: random.Random) -> list[Deployment]:
     if len(deps) == 1:  # nothing to balance (the common single-deployment group)
         d = deps[0]
         return [] if now < d.benched_until or not d.breaker.would_admit(now) else [d]
+    if len(deps) == 2 and (pair := _two(deps[0], deps[1], now, rng)) is not None:
+        return pair
+    return _sorted(deps, now, rng)
+
+
+def _sorted(deps: Sequence[Deployment], now: float, rng: random.Random) -> list[Deployment]:
+    """``order`` in general: every deployment classified, then each class in its order."""
     ready: list[Deployment] = []
     full: list[Deployment] = []
     cooling: list[Deployment] = []

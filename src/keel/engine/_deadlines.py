@@ -6,6 +6,9 @@ seconds long and mostly equal (every request of a deployment gets the same first
 timeout), so they are kept here in 10 ms slots instead: registering one is a set insertion,
 finishing in time a set removal, and a single loop timer is armed for the earliest slot (it
 rarely moves: later requests have later deadlines). A deadline fires at most ``GRAIN`` late.
+A slot's set stays when its last deadline is withdrawn (the next request of the same 10 ms
+takes it again, with no new set and no heap push); empty slots are dropped when the timer is
+armed past them, so the slots held are those of the deadlines' window, never one per request.
 Measured: ~2.3 µs per deadline set and withdrawn, against ~7 µs for ``asyncio.timeout_at``.
 
 Two uses:
@@ -44,12 +47,9 @@ class Entry:
 
     def cancel(self) -> None:
         self.callback = None  # no reference cycle through a bound method outlives us
-        slots = self._owner._slots
-        bucket = slots.get(self.slot)
+        bucket = self._owner._slots.get(self.slot)
         if bucket is not None:
-            bucket.discard(self)
-            if not bucket:
-                del slots[self.slot]
+            bucket.discard(self)  # an empty slot stays until ``_arm`` passes it
 
 
 class Deadlines:
@@ -58,7 +58,7 @@ class Deadlines:
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.loop = loop or asyncio.get_running_loop()
         self._slots: dict[int, set[Entry]] = {}  # slot -> deadlines due in it
-        self._heap: list[int] = []  # slots with deadlines (lazily cleaned: may hold stale ones)
+        self._heap: list[int] = []  # every slot of ``_slots``, as a heap
         self._armed = -1  # the slot the loop timer is set for (-1: none)
         self._handle: asyncio.TimerHandle | None = None
 
@@ -78,17 +78,18 @@ class Deadlines:
     def _add(self, entry: Entry, when: float) -> None:
         slot = entry.slot = int(when / GRAIN) + 1
         bucket = self._slots.get(slot)
-        if bucket is None:
-            bucket = self._slots[slot] = set()
-            heapq.heappush(self._heap, slot)
-            if self._armed < 0 or slot < self._armed:
-                self._arm()
-        bucket.add(entry)
+        if bucket is not None:
+            bucket.add(entry)
+            return
+        self._slots[slot] = {entry}  # (in before ``_arm``, which drops empty slots)
+        heapq.heappush(self._heap, slot)
+        if self._armed < 0 or slot < self._armed:
+            self._arm()
 
     def _arm(self) -> None:
         heap, slots = self._heap, self._slots
-        while heap and heap[0] not in slots:  # withdrawn meanwhile
-            heapq.heappop(heap)
+        while heap and not slots[heap[0]]:  # every deadline of it withdrawn meanwhile
+            del slots[heapq.heappop(heap)]
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None

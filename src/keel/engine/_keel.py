@@ -66,12 +66,12 @@ class Call:
     max_wait: float  # seconds an attempt may queue at a deployment
     deadline: float  # loop time: the whole request
     cost: RequestCost
+    wants_usage: bool = False  # the client asked for a stream's usage chunk
+    op: Operation = CHAT  # the endpoint (``keel.engine._operation``)
     ticket: Ticket | None = None  # the client's booked limits
     usage: Mapping[str, Any] | None = None  # the upstream's usage, once an attempt succeeded
     racers: dict[asyncio.Task[Any], Any] | None = None  # a hedge's attempts, while it races
-    wants_usage: bool = False  # the client asked for a stream's usage chunk
     transcript: Transcript | None = None  # a stream's, for its spend (``Meter.charge``)
-    op: Operation = CHAT  # the endpoint (``keel.engine._operation``)
     record: Record | None = None  # what it did, when observers watch (``keel.engine._observe``)
     # A Responses request (keel.engine._responses): what deployments with ``api: responses``
     # are sent as it is; ``body`` is its chat translation, for the others.
@@ -391,7 +391,7 @@ class Keel:
         otherwise), with its deadline, priority and cost."""
         body = op.parse(raw) if isinstance(raw, bytes) else op.check(dict(raw))
         model = body["model"]
-        if model not in self.router or (
+        if model not in self.router.groups or (
             principal.models is not None and model not in principal.models
         ):
             self.check_model(model, principal)  # the 404 that says why
@@ -416,19 +416,13 @@ class Keel:
             if patience is not None and now + patience < deadline:
                 deadline = now + patience
         queue = config.queue
+        max_wait = queue.batch_max_wait if priority == "batch" else queue.interactive_max_wait
+        # Arguments by position, in the order of Call's fields: a class called with keywords
+        # gathers them into a dict first (per request: ~0.7 µs for a call of ten).
         call = Call(
-            rid=rid,
-            body=body,
-            model=model,
-            stream=streaming,
-            principal=principal,
-            priority=PRIORITIES[priority],
-            max_wait=queue.batch_max_wait if priority == "batch" else queue.interactive_max_wait,
-            deadline=deadline,
-            cost=op.cost(body),
-            wants_usage=wants_usage,
-            op=op,
-        )
+            rid, body, model, streaming, principal, PRIORITIES[priority], max_wait, deadline,
+            op.cost(body), wants_usage, op,
+        )  # fmt: skip
         if self.observers:
             call.record = new_record(call, headers, self.log_bodies)
         return call
@@ -474,19 +468,16 @@ class Keel:
         """The attempt plan of one request."""
         router = self.router
         body = call.body
+        model = call.model
+        hedge = self.hedges.get(model) if call.stream else None
+        spliceable = call.op.continues and body.get("n") in (None, 1)
+        token_limit = _token_limit(body) if call.stream else None
+        # By position, in the order of Plan's fields: groups, order, has_room, policy, budget,
+        # deadline, max_wait, hedge, spliceable, token_limit, queued (as ``Call`` in ``call``).
         return Plan(
-            groups=router.plan(call.model),
-            order=router.order,
-            has_room=_has_room,
-            queued=holds_back,
-            policy=self.policies[call.model],
-            budget=self.budget,
-            deadline=call.deadline,
-            max_wait=call.max_wait,
-            hedge=self.hedges.get(call.model) if call.stream else None,
-            spliceable=call.op.continues and body.get("n") in (None, 1),
-            token_limit=_token_limit(body) if call.stream else None,
-        )
+            router.plan(model), router.order, _has_room, self.policies[model], self.budget,
+            call.deadline, call.max_wait, hedge, spliceable, token_limit, holds_back,
+        )  # fmt: skip
 
     def upstream_body(self, body: Mapping[str, Any], dep: Deployment) -> bytes:
         return orjson.dumps({**body, "model": dep.model})

@@ -126,13 +126,11 @@ class ChatCompletions(Operation):
                 transport_error(ErrorKind.PROTOCOL, "upstream returned a malformed chat completion")
             )
         choices = obj["choices"]
-        if not choices or not all(_finished(c) for c in choices):
-            raise AttemptFailed(
-                transport_error(
-                    ErrorKind.PROTOCOL,
-                    "upstream returned a chat completion without a finish_reason",
-                )
-            )
+        if not choices:
+            raise _unfinished()
+        for c in choices:  # (a loop, not all() over a generator: no frame of its own)
+            if not _finished(c):
+                raise _unfinished()
         usage = obj.get("usage")
         return usage if type(usage) is dict else None
 
@@ -157,6 +155,14 @@ class ChatCompletions(Operation):
                 ],
             }
         )
+
+
+def _unfinished() -> AttemptFailed:
+    return AttemptFailed(
+        transport_error(
+            ErrorKind.PROTOCOL, "upstream returned a chat completion without a finish_reason"
+        )
+    )
 
 
 def _finished(choice: object) -> bool:

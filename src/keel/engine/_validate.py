@@ -46,8 +46,9 @@ def parse_object(raw: bytes) -> tuple[dict[str, Any], bool]:
     if not isinstance(body, dict):
         raise bad("The request body must be a JSON object.", code="invalid_json")
     # Only a body with more than MAX_DEPTH brackets can nest that deep (bytes.count runs in
-    # C, ~1 µs for a typical body); the walk is for the rare body that has that many.
-    deep = raw.count(b"[") + raw.count(b"{") > MAX_DEPTH
+    # C, ~1 µs for a typical body; a body shorter than that has too few bytes to need it); the
+    # walk is for the rare body that has that many.
+    deep = len(raw) > MAX_DEPTH and raw.count(b"[") + raw.count(b"{") > MAX_DEPTH
     return body, not deep
 
 

@@ -26,10 +26,11 @@ import asyncio
 import contextlib
 import gzip
 import logging
-import operator
 import os
 import random
+import struct
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -70,8 +71,49 @@ _METRICS = (
     ("first_chunk", "gen_ai.client.operation.time_to_first_chunk", "s",
      "Time to receive the first chunk of a streamed response."),
 )  # fmt: skip
-_DEPLOYMENT = operator.attrgetter("deployment")
-_SHAPES_MAX = 4096  # distinct attribute sets cached (beyond: encoded each time)
+_SHAPES_MAX = 4096  # distinct request shapes cached (beyond: encoded each time)
+_REQUEST_ID = otlp.str_attr_head("keel.request_id")
+_FIRST_TOKEN = otlp.event_template("gen_ai.first_token")
+_FIXED64 = struct.Struct("<Q").pack
+
+
+_randbits = random.getrandbits
+# A request's spans' constant parts (``Telemetry._template``): the request span's, each
+# attempt span's, and ``_one``'s layouts by the lengths of a request's own values.
+_Layout = tuple[Callable[..., bytes], bytes, bytes]  # a struct's pack, the two spans' heads
+_Template = tuple[bytes, tuple[bytes, ...], dict[tuple[Any, ...], _Layout]]
+
+
+def _one_layout(
+    template: _Template, rid: int, u_r: int, u_a: int, ft_r: bool, ft_a: bool, parent: bool
+) -> _Layout:
+    """``Telemetry._one``'s struct for these lengths, and the two spans' heads: each span's
+    field key and length, its constant part, and (the request's) the request id's framing."""
+    const_r, (const_a,), _ = template
+    ft = 3 + 8 + len(_FIRST_TOKEN[1])  # an event: head, time, name
+    rid_head = otlp.str_attr(_REQUEST_ID, "x" * rid)[: -rid or None]  # the value comes last
+    ids_r = 4 + 16 + 8 + (10 if parent else 0) + 18  # keys and lengths, ids, times
+    ids_a = 4 + 16 + 8 + 10 + 18
+    n_r = len(const_r) + len(rid_head) + rid + u_r + (ft if ft_r else 0) + ids_r
+    n_a = len(const_a) + u_a + (ft if ft_a else 0) + ids_a
+    head_r = otlp.wrap_span(b"\0" * n_r)[:-n_r] + const_r + rid_head
+    head_a = otlp.wrap_span(b"\0" * n_a)[:-n_a] + const_a
+    event = f"3sQ{len(_FIRST_TOKEN[1])}s"
+    fmt = (
+        f"<{len(head_r)}s{rid}s{u_r}s" + (event if ft_r else "") + "H16sH8s"
+        + ("H8s" if parent else "") + "BQBQ"
+        + f"{len(head_a)}s{u_a}s" + (event if ft_a else "") + "H16sH8sH8sBQBQ"
+    )  # fmt: skip
+    return struct.Struct(fmt).pack, head_r, head_a
+
+
+def _attempt_shape(a: Attempt) -> tuple[Any, ...]:
+    """What an attempt span's constant part depends on."""
+    err = a.error
+    return (
+        a.deployment, a.n, a.kind, a.ok, a.continuation,
+        err.kind if err is not None else None, err.status if err is not None else 0,
+    )  # fmt: skip
 
 
 def _env(name: str, default: str = "") -> str:
@@ -194,7 +236,8 @@ class Telemetry:
         self.queue_max = int(_env_number("OTEL_BSP_MAX_QUEUE_SIZE", 2048))
         interval = _env_number("OTEL_METRIC_EXPORT_INTERVAL", cfg.metrics_interval * 1000)
         self.metrics_interval = interval / 1000
-        self.spans: list[bytes] = []
+        self.spans: list[tuple[bytes, int]] = []  # each request's spans, and how many
+        self.queued = 0  # spans in ``spans``
         self.dropped = 0
         self.started_ns = time.time_ns()
         self.points: dict[str, dict[tuple[str, str], otlp.HistogramPoint]] = {
@@ -204,7 +247,7 @@ class Telemetry:
             tuple[str, str], tuple[bytes, bytes, bytes]
         ] = {}  # name → head, attrs, metric attrs
         self._groups: dict[tuple[str, str], tuple[bytes, bytes]] = {}  # head, attrs
-        self._shapes: dict[tuple[Any, ...], bytes] = {}  # a span's repeating attributes
+        self._templates: dict[tuple[Any, ...], _Template] = {}
         self._series: dict[tuple[str, str, str | None], tuple[otlp.HistogramPoint, ...]] = {}
         self._full = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -247,8 +290,16 @@ class Telemetry:
 
     async def _flush_spans(self) -> None:
         while self.spans and self.traces is not None:
-            batch, self.spans = self.spans[: self.batch], self.spans[self.batch :]
-            body = otlp.traces_request(self.resource, self.scope, batch)
+            # whole requests, up to the batch size in spans (at least one request)
+            taken, n = 0, 0
+            for _, count in self.spans:
+                if taken and n + count > self.batch:
+                    break
+                taken += 1
+                n += count
+            batch, self.spans = self.spans[:taken], self.spans[taken:]
+            self.queued -= n
+            body = otlp.traces_request(self.resource, self.scope, [b for b, _ in batch])
             await self.traces.send(self.session, body)
         if self.dropped:
             log.warning("telemetry: %d spans dropped (OTEL_BSP_MAX_QUEUE_SIZE)", self.dropped)
@@ -269,15 +320,15 @@ class Telemetry:
             self.session, otlp.metrics_request(self.resource, self.scope, metrics)
         )
 
-    def _queue(self, spans: list[bytes]) -> None:
-        """One request's spans, for the next batch (dropped, and counted, when the queue is
-        full: the collector is down or slower than keel)."""
-        queued = self.spans
-        if len(queued) >= self.queue_max:
-            self.dropped += len(spans)
+    def _queue(self, spans: bytes, count: int) -> None:
+        """One request's ``count`` spans, for the next batch (dropped, and counted, when the
+        queue is full: the collector is down or slower than keel)."""
+        if self.queued >= self.queue_max:
+            self.dropped += count
             return
-        queued += spans
-        if len(queued) >= self.batch:
+        self.spans.append((spans, count))
+        self.queued += count
+        if self.queued >= self.batch:
             self._full.set()
 
     # -- spans --------------------------------------------------------------------------------
@@ -300,70 +351,156 @@ class Telemetry:
     def _trace(self, rec: Record) -> None:
         parent = otlp.parse_traceparent(rec.traceparent) if rec.traceparent else None
         attempts = rec.attempts
-        ids = random.randbytes(16 + 8 * (1 + len(attempts)))  # trace, request span, attempts
+        n = 1 + len(attempts)  # spans: the request's, an attempt's each
+        ids = _randbits(128 + 64 * n).to_bytes(16 + 8 * n, "little")  # trace, spans
         trace_id = parent.trace_id if parent is not None else ids[:16]
         if parent is None and self.root_decision is not None:
             if not self.root_decision:
                 return
         elif not self._sampled(rec, trace_id, parent):
             return
+        # Everything a request's spans share with others of the same shape (its group, its
+        # outcome, its attempts' deployments, kinds and outcomes) is one cached template:
+        # per request there remain the ids and times, the request id, the token counts, the
+        # first-token time and error messages.
+        error_type = rec.error_type
+        if len(attempts) == 1:  # the common case: the key without a tuple per attempt
+            a = attempts[0]
+            err = a.error
+            shape: tuple[Any, ...] = (
+                a.deployment, a.n, a.kind, a.ok, a.continuation,
+                err.kind if err is not None else None, err.status if err is not None else 0,
+            )  # fmt: skip
+        else:
+            shape = tuple(map(_attempt_shape, attempts))
+        key = (
+            rec.operation, rec.model, rec.principal, rec.stream, rec.status, error_type,
+            rec.response_model, tuple(rec.finish_reasons), shape,
+        )  # fmt: skip
+        template = self._templates.get(key)
+        if template is None:
+            template = self._template(rec, error_type)
+            if len(self._templates) < _SHAPES_MAX:
+                self._templates[key] = template
+        if (
+            len(attempts) == 1
+            and rec.error is None
+            and attempts[0].error is None
+            and (parent is None or not rec.tracestate)
+        ):
+            spans = self._one(rec, template, trace_id, ids, parent)
+        else:
+            spans = self._spans(rec, template, trace_id, ids, parent)
+        self._queue(spans, n)
+
+    def _one(
+        self, rec: Record, template: _Template, trace_id: bytes, ids: bytes, parent: otlp.Parent | None
+    ) -> bytes:  # fmt: skip
+        """The two spans of a request answered by its one attempt (most requests): one
+        ``struct`` pack of the template's constant parts and the request's own values, in
+        a layout cached by the lengths of those values. Decodes to what ``_spans`` writes
+        (the fields in another order, which protobuf allows)."""
+        a = rec.attempts[0]
+        rid = rec.rid.encode()
+        u_r = (
+            otlp.usage_attrs(rec.input_tokens, rec.output_tokens)
+            if rec.output_tokens is not None
+            else b""
+        )
+        usage = a.usage
+        if usage is None:
+            u_a = b""
+        else:
+            p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            u_a = otlp.usage_attrs(p if type(p) is int else None, c if type(c) is int else None)
+        ft_r, ft_a = rec.first_token_ns, a.first_token_ns
+        layout = (len(rid), len(u_r), len(u_a), ft_r != 0, ft_a != 0, parent is not None)
+        packs = template[2]
+        got = packs.get(layout)
+        if got is None:
+            got = _one_layout(template, *layout)
+            if len(packs) < 64:
+                packs[layout] = got
+        pack, head_r, head_a = got
         span_id = ids[16:24]
+        args: list[Any] = [head_r, rid, u_r]
+        if ft_r:
+            args += (_FIRST_TOKEN[0], ft_r, _FIRST_TOKEN[1])
+        args += (0x100A, trace_id, 0x0812, span_id)
+        if parent is not None:
+            args += (0x0822, parent.span_id)
+        args += (0x39, rec.start_ns, 0x41, rec.end_ns, head_a, u_a)
+        if ft_a:
+            args += (_FIRST_TOKEN[0], ft_a, _FIRST_TOKEN[1])
+        args += (0x100A, trace_id, 0x0812, ids[24:32], 0x0822, span_id,
+                 0x39, a.start_ns, 0x41, a.end_ns or rec.end_ns)  # fmt: skip
+        return pack(*args)
+
+    def _spans(
+        self, rec: Record, template: _Template, trace_id: bytes, ids: bytes, parent: otlp.Parent | None
+    ) -> bytes:  # fmt: skip
+        """A request's spans, any number of attempts, errors and trace state."""
+        request_const, attempt_consts, _ = template
+        attempts = rec.attempts
+        span_id = ids[16:24]
+        end_ns = rec.end_ns
+        if parent is None:
+            body = otlp.ROOT_IDS(0x0A, 16, trace_id, 0x12, 8, span_id, 0x39, rec.start_ns,
+                                 0x41, end_ns)  # fmt: skip
+            state = b""
+        else:
+            body = otlp.CHILD_IDS(0x0A, 16, trace_id, 0x12, 8, span_id, 0x22, 8,
+                                  parent.span_id, 0x39, rec.start_ns, 0x41, end_ns)  # fmt: skip
+            state = otlp.ld(3, rec.tracestate.encode()) if rec.tracestate else b""
+        body += state + request_const + otlp.str_attr(_REQUEST_ID, rec.rid)
+        if rec.output_tokens is not None:
+            body += otlp.usage_attrs(rec.input_tokens, rec.output_tokens)
+        if rec.first_token_ns:
+            body += _FIRST_TOKEN[0] + _FIXED64(rec.first_token_ns) + _FIRST_TOKEN[1]
+        if len(attempts) > 1:
+            for a in attempts:
+                if a.kind != FIRST:
+                    body += otlp.event(
+                        a.start_ns,
+                        f"keel.{a.kind}",
+                        (
+                            otlp.attr("keel.deployment", a.deployment.name, 3),
+                            otlp.attr("keel.attempt", a.n, 3),
+                        ),
+                    )
+        if rec.error is not None:
+            body += otlp.status_error(rec.error.message)
+        spans = [otlp.wrap_span(body)]
+        own = 24
+        for a, const in zip(attempts, attempt_consts, strict=True):
+            body = otlp.CHILD_IDS(0x0A, 16, trace_id, 0x12, 8, ids[own : own + 8], 0x22, 8,
+                                  span_id, 0x39, a.start_ns, 0x41, a.end_ns or end_ns)  # fmt: skip
+            own += 8
+            body += state + const
+            usage = a.usage
+            if usage is not None:
+                p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+                body += otlp.usage_attrs(
+                    p if type(p) is int else None, c if type(c) is int else None
+                )
+            if a.first_token_ns:
+                body += _FIRST_TOKEN[0] + _FIXED64(a.first_token_ns) + _FIRST_TOKEN[1]
+            if a.error is not None:
+                body += otlp.status_error(a.error.message)
+            spans.append(otlp.wrap_span(body))
+        return b"".join(spans)
+
+    def _template(self, rec: Record, error_type: str | None) -> _Template:
+        """The constant parts of a request's spans: the request span's name, kind and
+        attributes, then each attempt span's; and ``_one``'s layouts of them."""
         op = rec.operation
         group = self._groups.get((op, rec.model))
         if group is None:
             group = self._groups[op, rec.model] = self._group(op, rec.model)
-        head = group[0]
-        # What most requests of a group share is encoded once (``_request_attrs``): a span
-        # is then its ids, times, request id and token counts around one cached string.
-        error_type = rec.error_type
-        shape = (
-            rec.model, rec.principal, rec.stream, rec.status, error_type, rec.response_model,
-            tuple(rec.finish_reasons), tuple(map(_DEPLOYMENT, attempts)),
-        )  # fmt: skip
-        attrs = self._shapes.get(shape)
-        if attrs is None:
-            attrs = self._request_attrs(rec, group[1], error_type)
-            if len(self._shapes) < _SHAPES_MAX:
-                self._shapes[shape] = attrs
-        parts = [attrs, otlp.attr_once("keel.request_id", rec.rid)]
-        if rec.output_tokens is not None:
-            parts.append(otlp.usage_attrs(rec.input_tokens, rec.output_tokens))
-        events = []
-        if rec.first_token_ns:
-            events.append(otlp.event(rec.first_token_ns, "gen_ai.first_token"))
-        if len(attempts) > 1:
-            for a in attempts:
-                if a.kind != FIRST:
-                    events.append(
-                        otlp.event(
-                            a.start_ns,
-                            f"keel.{a.kind}",
-                            (
-                                otlp.attr("keel.deployment", a.deployment.name, 3),
-                                otlp.attr("keel.attempt", a.n, 3),
-                            ),
-                        )
-                    )
-        error = rec.error.message if rec.error is not None else None
-        trace_state = rec.tracestate if parent is not None else None
-        spans = [
-            otlp.span(
-                trace_id,
-                span_id,
-                parent.span_id if parent is not None else None,
-                head,
-                rec.start_ns,
-                rec.end_ns,
-                parts,
-                events,
-                error,
-                trace_state,
-            )
-        ]
-        for i, a in enumerate(attempts):
-            own = ids[24 + 8 * i : 32 + 8 * i]
-            spans.append(self._attempt_span(a, op, trace_id, own, span_id, rec.end_ns, trace_state))
-        self._queue(spans)
+        request = group[0] + self._request_attrs(rec, group[1], error_type)
+        attempts = tuple(self._dep(a.deployment, op)[0] + self._attempt_attrs(a, op)
+                         for a in rec.attempts)  # fmt: skip
+        return request, attempts, {}
 
     def _request_attrs(self, rec: Record, group: bytes, error_type: str | None) -> bytes:
         parts = [
@@ -417,48 +554,6 @@ class Telemetry:
             )
         return got
 
-    def _attempt_span(
-        self,
-        a: Attempt,
-        op: str,
-        trace_id: bytes,
-        span_id: bytes,
-        parent: bytes,
-        end_ns: int,
-        trace_state: str | None,
-    ) -> bytes:
-        dep = a.deployment
-        err = a.error
-        shape = (
-            dep, op, a.n, a.kind, a.ok, a.continuation,
-            err.kind if err is not None else None, err.status if err is not None else 0,
-        )  # fmt: skip
-        attrs = self._shapes.get(shape)
-        if attrs is None:
-            attrs = self._attempt_attrs(a, op)
-            if len(self._shapes) < _SHAPES_MAX:
-                self._shapes[shape] = attrs
-        parts = [attrs]
-        usage = a.usage
-        if usage is not None:
-            p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
-            parts.append(
-                otlp.usage_attrs(p if type(p) is int else None, c if type(c) is int else None)
-            )
-        events = [otlp.event(a.first_token_ns, "gen_ai.first_token")] if a.first_token_ns else ()
-        return otlp.span(
-            trace_id,
-            span_id,
-            parent,
-            self._dep(dep, op)[0],
-            a.start_ns,
-            a.end_ns or end_ns,
-            parts,
-            events,
-            err.message if err is not None else None,
-            trace_state,
-        )
-
     def _attempt_attrs(self, a: Attempt, op: str) -> bytes:
         dep = a.deployment
         parts = [
@@ -476,6 +571,8 @@ class Telemetry:
             parts.append(otlp.attr("error.type", err.kind.value))
             if err.status:
                 parts.append(otlp.attr("http.response.status_code", err.status))
+        elif not a.ok:  # a hedge that lost its race, an attempt the client left: not an error
+            parts.append(otlp.attr("error.type", "cancelled"))
         return b"".join(parts)
 
     # -- metrics ------------------------------------------------------------------------------
@@ -506,8 +603,13 @@ class Telemetry:
         return got
 
     def _measure(self, a: Attempt, op: str) -> None:
-        err = a.error.kind.value if a.error is not None else None
-        duration, first_chunk, input_tokens, output_tokens = self._points(a, op, err)
+        # an attempt that did not complete has an error type, a cancelled one (a lost hedge)
+        # too: its duration is not that of an answer
+        err = a.error.kind.value if a.error is not None else None if a.ok else "cancelled"
+        got = self._series.get((a.deployment.name, op, err))
+        if got is None:
+            got = self._points(a, op, err)
+        duration, first_chunk, input_tokens, output_tokens = got
         duration.record((a.end_ns - a.start_ns) / 1e9)
         if a.first_token_ns:
             first_chunk.record((a.first_token_ns - a.start_ns) / 1e9)
