@@ -963,13 +963,16 @@ def _refused(
         # Only a refusal above the step the evidence found is about it (one below it is
         # something else, and the evidence will say so), or one at a learned wall; the step
         # is a steadier estimate of the wall than this refusal's own in-flight count, and a
-        # learned wall's refusals never cut below backoff x the step.
+        # learned wall's refusals never cut below backoff x the step. A refusal *at* the
+        # step says the step itself did not fit: the capacity known is one less, so the
+        # limit probes slowly above it instead of regrowing fast to the refused count (a
+        # step read one too high under CPU load refused 1 attempt in 7: CI, 37 of 255).
         wall = lim.at_wall(permit, now)
         floor = v.limit * aimd.backoff if wall and aimd is not None else 0.0
         if (
             aimd is not None
             and (permit.in_flight > v.limit or wall)
-            and aimd.on_overload(v.limit + 1, permit.epoch, now, floor)
+            and aimd.on_overload(min(permit.in_flight, v.limit + 1), permit.epoch, now, floor)
         ):
             log.info(
                 "deployment %s: refusals track concurrency (%s): limit now %d",
