@@ -104,7 +104,10 @@ class Admission:
         assert cfg is not None
         if cfg.max_concurrency and p.in_flight >= cfg.max_concurrency:
             raise self._refuse(p, "concurrency", 1.0)
-        return req.prompt + (req.max_completion or 0) if p.tok is not None else 0
+        if p.tok is None:
+            return 0
+        prompt, most = req.tokens()
+        return prompt + (most or 0)
 
     def _book_local(self, p: Principal, cost: int, share: int) -> None:
         now = time.monotonic()

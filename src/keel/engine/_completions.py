@@ -20,7 +20,7 @@ import orjson
 from keel._assembly import StreamAssembler
 from keel._classify import Dialect, ErrorKind, transport_error
 from keel._text_assembly import TextCompletionAssembler
-from keel._tokens import input_tokens
+from keel._tokens import completion_budget, input_tokens
 from keel.engine._embeddings import input_count
 from keel.engine._limits import RequestCost
 from keel.engine._operation import Operation, Usage
@@ -55,11 +55,9 @@ class PromptCost(RequestCost):
 
     __slots__ = ()
 
-    @property
-    def prompt(self) -> int:
-        if self._prompt is None:
-            self._prompt = input_tokens(self.body.get("prompt"))
-        return self._prompt
+    def _estimate(self) -> tuple[int, int | None]:
+        body = self.body
+        return input_tokens(body.get("prompt")), completion_budget(body)
 
 
 def _finished(choice: object) -> bool:

@@ -91,15 +91,8 @@ class InputCost(RequestCost):
 
     __slots__ = ()
 
-    @property
-    def prompt(self) -> int:
-        if self._prompt is None:
-            self._prompt = input_tokens(self.body.get("input"))
-        return self._prompt
-
-    @property
-    def max_completion(self) -> int:
-        return 0
+    def _estimate(self) -> tuple[int, int | None]:
+        return input_tokens(self.body.get("input")), 0
 
 
 def _malformed(why: str) -> AttemptFailed:

@@ -100,30 +100,38 @@ class Saturated(Exception):
 
 
 class RequestCost:
-    """What a request will cost in tokens, estimated lazily (only deployments with a TPM
-    limit ever ask)."""
+    """What a request will cost in tokens, estimated lazily (only limits with a TPM ask) and
+    once: the client's limits and the deployment's both read ``tokens()``."""
 
-    __slots__ = ("_max", "_prompt", "body")
+    __slots__ = ("_tokens", "body")
 
     def __init__(self, body: Mapping[str, Any]) -> None:
         self.body = body
-        self._prompt: int | None = None
-        self._max: int | None = -1  # -1: not looked up yet (client and deployment both ask)
+        self._tokens: tuple[int, int | None] | None = None
+
+    def tokens(self) -> tuple[int, int | None]:
+        """(estimated prompt tokens, the client's cap on output tokens or None)."""
+        t = self._tokens
+        if t is None:
+            t = self._tokens = self._estimate()
+        return t
+
+    def _estimate(self) -> tuple[int, int | None]:
+        """What ``tokens()`` returns, computed (an operation's subclass says it for its body)."""
+        body = self.body
+        msgs = body.get("messages")
+        return (
+            prompt_tokens(msgs if isinstance(msgs, list) else [], body.get("tools")),
+            completion_budget(body),
+        )
 
     @property
     def prompt(self) -> int:
-        if self._prompt is None:
-            msgs = self.body.get("messages")
-            self._prompt = prompt_tokens(
-                msgs if isinstance(msgs, list) else [], self.body.get("tools")
-            )
-        return self._prompt
+        return self.tokens()[0]
 
     @property
     def max_completion(self) -> int | None:
-        if self._max == -1:
-            self._max = completion_budget(self.body)
-        return self._max
+        return self.tokens()[1]
 
 
 @dataclass(slots=True, eq=False)
@@ -281,8 +289,8 @@ class DeploymentLimiter:
             paced.book(now, 1.0)
         cost = prompt = 0
         if tok is not None:
-            prompt = req.prompt
-            cost = self.calibration.cost(prompt, req.max_completion)
+            prompt, most = req.tokens()
+            cost = self.calibration.cost(prompt, most)
             if cost:
                 tok.book(now, float(cost))
         if rq is not None:
@@ -301,8 +309,8 @@ class DeploymentLimiter:
             cost = 0
             prompt = 0
             if self.tok is not None:
-                prompt = req.prompt
-                cost = self.calibration.cost(prompt, req.max_completion)
+                prompt, most = req.tokens()
+                cost = self.calibration.cost(prompt, most)
             lease = None
             if self.rate_limited(time.monotonic()) or (self.max_concurrency and self._shared_up()):
                 self.pacing += 1
