@@ -276,6 +276,24 @@ def test_token_estimate_handles_cjk() -> None:
     assert completion_budget({"max_tokens": True}) is None
 
 
+def test_each_operation_estimates_its_own_body_once() -> None:
+    """``RequestCost.tokens()``: what the client's TPM and the deployment's both book, the
+    pair of the operation's prompt estimate and output cap, computed at the first ask."""
+    from keel.engine._completions import COMPLETIONS
+    from keel.engine._embeddings import EMBEDDINGS
+    from keel.engine._operation import CHAT
+
+    chat = CHAT.cost({"messages": [{"role": "user", "content": "你好"}], "max_tokens": 50})
+    assert chat.tokens() == (3 + 4 + 2, 50) and (chat.prompt, chat.max_completion) == (9, 50)
+    assert chat.tokens() is chat.tokens()  # one estimate per request
+    tools = [{"x": 1}]  # "[{'x': 1}]": 10 characters, 3 tokens
+    assert CHAT.cost({"messages": [], "tools": tools}).tokens() == (3 + 3, None)
+    emb = EMBEDDINGS.cost({"input": ["abcdefgh", "ab"], "max_tokens": 7})
+    assert emb.tokens() == (2 + 1, 0)  # no output, whatever the body says
+    text = COMPLETIONS.cost({"prompt": [[1, 2, 3]], "max_completion_tokens": 4})
+    assert text.tokens() == (3, 4)  # token ids counted exactly
+
+
 def test_calibration_learns_the_upstream_tokenizer() -> None:
     c = Calibration()
     assert c.cost(100, None) == 100 + 256
