@@ -38,7 +38,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from keel._classify import ErrorKind, UpstreamError
 from keel._concurrency import Aimd, Hold, RateAimd
@@ -99,9 +99,27 @@ class Saturated(Exception):
         self.soon = soon
 
 
+class Costed(Protocol):
+    """What a request will cost in tokens, as the client's and the deployment's TPM limits
+    ask it: a ``Call`` (its operation's estimate, made at the first ask), or a ``RequestCost``."""
+
+    def tokens(self) -> tuple[int, int | None]:
+        """(estimated prompt tokens, the client's cap on output tokens or None)."""
+        ...
+
+
+def chat_tokens(body: Mapping[str, Any]) -> tuple[int, int | None]:
+    """A chat completion body's ``Costed.tokens()``."""
+    msgs = body.get("messages")
+    return (
+        prompt_tokens(msgs if isinstance(msgs, list) else [], body.get("tools")),
+        completion_budget(body),
+    )
+
+
 class RequestCost:
-    """What a request will cost in tokens, estimated lazily (only limits with a TPM ask) and
-    once: the client's limits and the deployment's both read ``tokens()``."""
+    """A chat body's ``Costed``, estimated lazily and once (for a limit asked without a
+    ``Call``)."""
 
     __slots__ = ("_tokens", "body")
 
@@ -110,28 +128,10 @@ class RequestCost:
         self._tokens: tuple[int, int | None] | None = None
 
     def tokens(self) -> tuple[int, int | None]:
-        """(estimated prompt tokens, the client's cap on output tokens or None)."""
         t = self._tokens
         if t is None:
-            t = self._tokens = self._estimate()
+            t = self._tokens = chat_tokens(self.body)
         return t
-
-    def _estimate(self) -> tuple[int, int | None]:
-        """What ``tokens()`` returns, computed (an operation's subclass says it for its body)."""
-        body = self.body
-        msgs = body.get("messages")
-        return (
-            prompt_tokens(msgs if isinstance(msgs, list) else [], body.get("tools")),
-            completion_budget(body),
-        )
-
-    @property
-    def prompt(self) -> int:
-        return self.tokens()[0]
-
-    @property
-    def max_completion(self) -> int | None:
-        return self.tokens()[1]
 
 
 @dataclass(slots=True, eq=False)
@@ -264,7 +264,7 @@ class DeploymentLimiter:
 
     # -- acquire -------------------------------------------------------------------------------
 
-    def try_take(self, req: RequestCost, now: float) -> Permit | None:
+    def try_take(self, req: Costed, now: float) -> Permit | None:
         """The fast path of ``acquire``: a permit at once when nothing could make this
         request wait — no shared state, nobody queued, a free slot, every rate bucket rested
         (its theoretical arrival time not after now, so any request conforms and booking it
@@ -299,7 +299,7 @@ class DeploymentLimiter:
         epoch = self.aimd.epoch if self.aimd is not None else 0
         return Permit(now, self.in_flight, epoch, cost, prompt)
 
-    async def acquire(self, req: RequestCost, priority: int, wait_until: float) -> Permit:
+    async def acquire(self, req: Costed, priority: int, wait_until: float) -> Permit:
         """A permit, after waiting at most until ``wait_until`` (monotonic); else Saturated."""
         if self.waiting or self.in_flight >= self.cap():
             await self._queue_for_slot(priority, wait_until)
@@ -711,7 +711,7 @@ class DeploymentLimiter:
 # --- the driver's two calls --------------------------------------------------------------------
 
 
-def try_acquire(dep: Deployment, req: RequestCost, now: float) -> Permit | None:
+def try_acquire(dep: Deployment, req: Costed, now: float) -> Permit | None:
     """``acquire`` without waiting, for the common case: a healthy closed breaker (``admit``
     would say NORMAL) and a limiter with nothing to enforce right now
     (``DeploymentLimiter.try_take``). None: call ``acquire``.
@@ -736,7 +736,7 @@ def try_acquire(dep: Deployment, req: RequestCost, now: float) -> Permit | None:
 
 
 async def acquire(
-    dep: Deployment, req: RequestCost, priority: int, wait_until: float, panic: bool = False
+    dep: Deployment, req: Costed, priority: int, wait_until: float, panic: bool = False
 ) -> Permit:
     """Let one attempt through to ``dep`` (waiting at most until ``wait_until``, monotonic),
     or raise Saturated. ``panic``: every breaker of the plan is open, let it through anyway."""
