@@ -59,26 +59,32 @@ def test_inproc_harness_runs_every_gateway_both_ways() -> None:
 
 def test_bench_auth_modes_run_paired_against_auth_off(tmp_path: Path) -> None:
     # keel bench --auth: one keel per mode, each answering 200 with its own credential (a
-    # virtual key, its access JWT), paired against keel with auth off.
+    # virtual key, its access JWT; keel-limits reads none), paired against keel with auth off
+    # (no client) and keel-limits (the same client limits, no authentication).
     out = tmp_path / "bench"
     proc = subprocess.run(
         [sys.executable, "-m", "keel", "bench", "--quick", "--cells", "throughput", "--only",
-         "keel", "--auth", "off,virtual,jwt", "--out", str(out)],
+         "keel", "--auth", "off,limits,virtual,jwt", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "bench.json").read_text())
-    assert report["meta"]["auth"] == ["off", "virtual", "jwt"]
+    assert report["meta"]["auth"] == ["off", "limits", "virtual", "jwt"]
     results = report["results"]
-    assert set(results) == {"keel-off", "keel-virtual", "keel-jwt"}
+    assert set(results) == {"keel-off", "keel-limits", "keel-virtual", "keel-jwt"}
     for name, cells in results.items():
         tput = cells["throughput"]
         assert tput["requests"] > 0 and tput["errors"] == 0, (name, tput)
-        paired = "paired_minus_auth_off" in tput
-        assert paired == (name != "keel-off"), name
-    assert "keel-jwt: " in proc.stdout and "µs CPU per request over keel-off" in proc.stdout
+        assert ("paired_minus_auth_off" in tput) == (name != "keel-off"), name
+        assert ("paired_minus_limits" in tput) == (name in ("keel-virtual", "keel-jwt")), name
+    target = report["targets"]["auth_cpu_us_per_request_over_auth_off"]
+    assert target["baseline"] == "keel-limits" and target["mode"] in ("keel-virtual", "keel-jwt")
+    lines = proc.stdout.replace("\n", " ")
+    assert "keel-jwt: " in lines and "µs CPU per request over keel-limits" in lines
+    assert "µs CPU per request over keel-off" in lines
+    assert "no authentication" in lines  # keel-limits over keel-off: what its line measures
 
 
 def test_bench_refuses_an_unknown_auth_mode() -> None:
@@ -89,7 +95,7 @@ def test_bench_refuses_an_unknown_auth_mode() -> None:
         timeout=60,
     )
     assert proc.returncode == 2
-    assert "--auth takes a list of off, static, virtual, jwt" in proc.stderr
+    assert "--auth takes a list of off, limits, static, virtual, jwt" in proc.stderr
 
 
 def test_bench_measures_telemetry_on_against_off(tmp_path: Path) -> None:
@@ -122,3 +128,21 @@ def test_inproc_harness_with_telemetry_on() -> None:
         )
         assert proc.returncode == 0, (tokens, proc.stderr[-2000:])
         assert "Failed to export" not in proc.stderr
+
+
+def test_inproc_harness_runs_every_auth_mode(tmp_path: Path) -> None:
+    # The instruction counts of docs/performance.md's auth section (it raises on any non-200:
+    # keel-limits must answer whatever token it is sent, virtual and jwt their credential).
+    import os
+
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # the harness keeps its signing key there
+    for auth in (["off"], ["limits", "--bearer-length", "600"], ["virtual"], ["jwt"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "keel.bench._inproc", "keel", "--requests", "4", "--auth",
+             *auth],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )  # fmt: skip
+        assert proc.returncode == 0, (auth, proc.stderr[-2000:])

@@ -80,12 +80,26 @@ def test_revoked_on_a_refused_on_b_within_a_second_postgres(
         spent = lambda: http("GET", f"{b.url}/admin/keys/{kid}", token=ADMIN)[2]["spend_usd"]  # noqa: E731
         wait_until(lambda: abs(spent() - sum(costs)) < 1e-9, timeout=3)
 
+        # An access JWT of the key, verified once on B and cached there by its bytes.
+        status, _, pair = http("POST", a.url + "/v1/auth/token", {}, token=key)
+        assert status == 200
+        access = pair["access_token"]
+        assert chat(b.url, access)[0] == 200 and chat(b.url, access)[0] == 200
+
         revoked_at = time.monotonic()
         assert http("DELETE", f"{a.url}/admin/keys/{kid}", token=ADMIN)[0] == 200
         assert chat(a.url, key)[0] == 401  # at once on the replica that revoked it
         wait_until(lambda: chat(b.url, key)[0] == 401, timeout=1.0, step=0.005)
         t_revoke = time.monotonic() - revoked_at
         assert t_revoke < 1.0
+        # ... and so is the cached access token (checked against the key on every use).
+        wait_until(lambda: chat(b.url, access)[0] == 401, timeout=1.0, step=0.005)
+        t_jwt = time.monotonic() - revoked_at
+        assert t_jwt < 1.0
+        status, _, body = chat(b.url, access)
+        assert (status, body["error"]["message"], body["error"]["code"]) == (
+            401, "Invalid access token: its key was revoked.", "invalid_api_key"
+        )  # fmt: skip
         # The CLI against the same database: a key it makes is usable on both within 1 s.
         import json
 
@@ -94,10 +108,11 @@ def test_revoked_on_a_refused_on_b_within_a_second_postgres(
             _seen_within(lambda gw=gw: chat(gw.url, made["key"])[0] == 200, 1.0) for gw in (a, b)
         )
         out = a.output_tail() + b.output_tail()
-    assert key not in out and made["key"] not in out
+    assert key not in out and made["key"] not in out and access not in out
     print(
         f"postgres NOTIFY: new key on B after {t_new * 1000:.0f} ms, revocation after "
-        f"{t_revoke * 1000:.0f} ms, CLI key after {t_cli * 1000:.0f} ms (poll 30 s)"
+        f"{t_revoke * 1000:.0f} ms (its cached access JWT after {t_jwt * 1000:.0f} ms), "
+        f"CLI key after {t_cli * 1000:.0f} ms (poll 30 s)"
     )
 
 

@@ -158,3 +158,48 @@ async def test_tpm_reserves_the_estimate_and_refunds_with_the_reported_usage() -
     assert dep.limiter.tok.wait(time.monotonic(), 100) < 1.0  # type: ignore[union-attr]
     assert dep.limiter.calibration.prompt_ratio == pytest.approx(30 / 27)
     assert dep.outcomes["success"] == 1
+
+
+def test_a_learned_walls_refusals_keep_its_verdict_and_never_cut_below_it() -> None:
+    """A concurrency wall of 8, learned: refusals sent at the step or one or two below it
+    (keel's in-flight count lags the upstream's under CPU load) keep the verdict and the
+    adaptive limit; one further below is news and is judged afresh (issue 11: CI once saw a
+    learned wall misread as a rate, the limit unbounded, then cut to 5)."""
+    from keel._evidence import Cause
+    from keel.engine._limits import WALL_STABLE, Permit
+
+    cfg = parse_config({"models": {"m": {"deployments": [{"base_url": "http://x/v1"}]}}})
+    lim = DeploymentLimiter(key="m/0", health_key="h", rpm=None, tpm=None, max_concurrency=None,
+                            burst=1.0, config=cfg)  # fmt: skip
+    assert lim.aimd is not None
+    t = 0.0
+    for _ in range(8):  # a closed loop at the wall: 1..8 in flight answered, the 9th refused
+        for f in range(1, 9):
+            lim.evidence.record(t, f, False)
+            t += 0.01
+        v = lim.judge_refusal(Permit(t, 9, lim.aimd.epoch), t)
+        lim.aimd.on_overload(9, lim.aimd.epoch, t)
+        t += 0.2
+    assert v.cause is Cause.CONCURRENCY and v.limit == 8
+    assert t >= WALL_STABLE and lim.at_wall(Permit(t, 8, 0), t)
+    assert not lim.at_wall(Permit(t, 7, 0), t) and lim.at_wall(Permit(t, 7, 0), t, slack=1)
+    for f in (9, 8, 7, 8, 7, 8, 7, 8, 7, 8, 7):  # refusals at the wall, by a lagging count
+        v = lim.judge_refusal(Permit(t, f, lim.aimd.epoch), t)
+        assert v.cause is Cause.CONCURRENCY and v.limit == 8 and lim.aimd.active
+        if lim.at_wall(Permit(t, f, 0), t):
+            lim.aimd.on_overload(v.limit + 1, lim.aimd.epoch, t, v.limit * lim.aimd.backoff)
+        t += 0.01
+    assert lim.aimd.slots == 7  # backoff x the step, however many cuts
+    drifted = lim.evidence.judge(t)  # the evidence alone reads the lag as a lower step
+    assert drifted.limit is not None and drifted.limit < 8 and lim.verdict.limit == 8
+    assert not lim.at_wall(Permit(t, 6, 0), t, slack=1)  # further below: judged afresh
+
+
+async def test_requests_a_pause_releases_together_count_each_other_in_flight() -> None:
+    """A pause's end wakes every request paced behind it at once: each is sent with the
+    others in flight, and its permit says so (the load evidence reads these counts: counted
+    one by one, a wall's refusals after a hold looked like refusals below its step)."""
+    lim = limiter()
+    lim.pause(0.05)
+    permits = await asyncio.gather(*(lim.acquire(REQ, 0, time.monotonic() + 5) for _ in range(4)))
+    assert [p.in_flight for p in permits] == [4, 4, 4, 4] and lim.pacing == 0

@@ -12,7 +12,7 @@ import pytest
 from keel._backoff import RetryBudget
 from keel._classify import ErrorKind, UpstreamError
 from keel._plan import Policy
-from test_plan import E500, OK, A, B, C, Dep, drive, make_plan, r429
+from test_plan import COMMIT, E500, OK, RESET, A, B, C, Dep, drive, make_plan, r429
 
 REFUSED = UpstreamError(
     ErrorKind.CONNECTION,
@@ -171,3 +171,30 @@ def test_budget_give_up_names_failing_retries() -> None:
         "try a",
         "give up: keel's retry budget is spent: most recent retries failed",
     ]
+
+
+@pytest.mark.parametrize(
+    ("queued", "script", "decisions"),
+    [
+        # A learned wall: its refusals fell on this request; each retry waits for room, so
+        # it costs no round (the attempt cap, 8, still bounds it).
+        (True, [r429(0.0)] * 5 + [OK], ["try d", *["wait", "try d"] * 5]),
+        # Not queueing: the rounds decide (1 + 3 retries).
+        (False, [r429(0.0)] * 4, ["try d", *["wait", "try d"] * 3, "give up"]),
+    ],
+)
+def test_retries_that_wait_for_room_at_a_wall_cost_no_rounds(
+    queued: bool, script: list[Any], decisions: list[str]
+) -> None:
+    assert drive(make_plan({"g": [D]}, queued=lambda d: queued), script) == decisions
+
+
+def test_the_commit_starts_the_retry_rounds_over() -> None:
+    """Rounds used up before the commit (a storm: 502, 429, reset, then a stream cut after
+    a few tokens): a continuation refused once more is retried, not ended with an error."""
+    plan = make_plan({"g": [A]})
+    script = [E500, E500, E500, COMMIT, RESET, r429(0.0), OK]
+    assert drive(plan, script) == [
+        "try a", "wait", "try a", "wait", "try a", "wait", "try a",
+        "wait", "try a (continue)", "wait", "try a (continue)",
+    ]  # fmt: skip

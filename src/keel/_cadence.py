@@ -76,6 +76,9 @@ class FirstToken:
     mean: float = 0.0  # seconds to the first token, usually
     dev: float = 0.0  # its mean deviation
     samples: int = 0
+    # FIRST_FACTOR x (mean + 4 x dev), kept by ``observe``; -1 until MIN_SAMPLES were seen.
+    # ``bound`` runs once per attempt, so it is plain compares on this (no min/max calls).
+    learned: float = -1.0
 
     def observe(self, seconds: float) -> None:
         """An attempt succeeded; its first token (or whole answer) took ``seconds``."""
@@ -88,10 +91,15 @@ class FirstToken:
             self.mean += FIRST_MEAN_GAIN * err
             self.dev += FIRST_DEV_GAIN * (abs(err) - self.dev)
         self.samples += 1
+        if self.samples >= MIN_SAMPLES:
+            self.learned = FIRST_FACTOR * (self.mean + 4.0 * self.dev)
 
     def bound(self, ceiling: float, request_bytes: int = 0) -> float:
         """Seconds after which an attempt of ``request_bytes`` without its first token is late."""
-        if self.samples < MIN_SAMPLES:
-            return ceiling
-        floor = FIRST_FLOOR + request_bytes / PREFILL_BYTES_PER_S
-        return min(ceiling, max(floor, FIRST_FACTOR * (self.mean + 4.0 * self.dev)))
+        learned = self.learned
+        if learned < 0.0:
+            return ceiling  # fewer than MIN_SAMPLES answers seen
+        b = FIRST_FLOOR + request_bytes / PREFILL_BYTES_PER_S
+        if learned > b:
+            b = learned
+        return b if b < ceiling else ceiling

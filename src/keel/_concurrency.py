@@ -84,8 +84,12 @@ class Aimd:
         self._recent.clear()
         self.epoch += 1
 
-    def on_overload(self, in_flight_at_send: int, epoch: int, now: float) -> bool:
-        """The upstream refused a request for load; True when the limit was lowered."""
+    def on_overload(
+        self, in_flight_at_send: int, epoch: int, now: float, floor: float = 0.0
+    ) -> bool:
+        """The upstream refused a request for load; True when the limit was lowered.
+        ``floor``: never below this (a learned wall's ``backoff`` x its step: a refusal at the
+        wall by a count that lags the upstream's by one is no reason to cut again and again)."""
         if epoch != self.epoch and self.active:
             return False  # sent before the last decrease: already accounted for
         self._recent.append(True)
@@ -98,7 +102,7 @@ class Aimd:
         known = max(self.min_limit, float(in_flight_at_send - 1))
         base = min(self.limit, known) if self.active else known
         self.ceiling = min(self.ceiling, known) if self.active else known
-        self.limit = max(self.min_limit, min(self.max_limit, base * self.backoff))
+        self.limit = max(self.min_limit, min(self.max_limit, max(floor, base * self.backoff)))
         self.active = True
         self.epoch += 1
         return True

