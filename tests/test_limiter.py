@@ -147,7 +147,7 @@ async def test_tpm_reserves_the_estimate_and_refunds_with_the_reported_usage() -
     )
     (dep,) = Router(cfg).groups["m"]
     req = RequestCost({"messages": [{"role": "user", "content": "你好" * 10}], "max_tokens": 1000})
-    assert req.prompt == 3 + 4 + 20  # CJK: one token per character
+    assert req.tokens() == (3 + 4 + 20, 1000)  # CJK: one token per character
     permit = await acquire(dep, req, 0, time.monotonic())
     assert permit.cost == 1027
     waits = dep.limiter.tok.wait(time.monotonic(), 100)  # type: ignore[union-attr]

@@ -276,6 +276,29 @@ def test_token_estimate_handles_cjk() -> None:
     assert completion_budget({"max_tokens": True}) is None
 
 
+def test_each_operation_estimates_its_own_body_once() -> None:
+    """``Costed.tokens()``: what the client's TPM and the deployment's both book, the pair of
+    the operation's prompt estimate and output cap, computed at the first ask."""
+    from keel.engine._auth import Principal
+    from keel.engine._completions import COMPLETIONS
+    from keel.engine._embeddings import EMBEDDINGS
+    from keel.engine._keel import Call
+    from keel.engine._limits import RequestCost
+    from keel.engine._operation import CHAT
+
+    chat = {"messages": [{"role": "user", "content": "你好"}], "max_tokens": 50}
+    assert CHAT.estimate(chat) == (3 + 4 + 2, 50)
+    tools = [{"x": 1}]  # "[{'x': 1}]": 10 characters, 3 tokens
+    assert CHAT.estimate({"messages": [], "tools": tools}) == (3 + 3, None)
+    emb = {"input": ["abcdefgh", "ab"], "max_tokens": 7}
+    assert EMBEDDINGS.estimate(emb) == (2 + 1, 0)  # no output, whatever the body says
+    assert COMPLETIONS.estimate({"prompt": [[1, 2, 3]], "max_completion_tokens": 4}) == (3, 4)
+    cost = RequestCost(chat)  # a chat body's, without a Call
+    assert cost.tokens() == (9, 50) and cost.tokens() is cost.tokens()
+    call = Call("r", emb, "m", False, Principal("p"), 0, 1.0, 9.0, op=EMBEDDINGS)
+    assert call.tokens() == (3, 0) and call.tokens() is call.tokens()  # once per request
+
+
 def test_calibration_learns_the_upstream_tokenizer() -> None:
     c = Calibration()
     assert c.cost(100, None) == 100 + 256

@@ -154,7 +154,7 @@ def spent_usage(call: Call) -> Mapping[str, Any] | None:
     if not t.prompt_tokens and not t.completion_tokens:
         return None  # nothing was generated (every attempt failed before its first token)
     usage: dict[str, Any] = {
-        "prompt_tokens": t.prompt_tokens or call.cost.prompt,
+        "prompt_tokens": t.prompt_tokens or call.tokens()[0],
         "completion_tokens": t.completion_tokens,
     }
     last = call.usage

@@ -23,7 +23,7 @@ from keel._ratelimit import Gcra, go_duration, per_minute
 from keel.config import GatewayConfig
 from keel.engine._auth import Principal, StaticKeys
 from keel.engine._errors import KeelError
-from keel.engine._limits import PRIORITIES, RequestCost
+from keel.engine._limits import PRIORITIES, Costed
 from keel.engine._shared import SharedDown, SharedState
 
 
@@ -71,7 +71,7 @@ class Admission:
 
     # -- limits --------------------------------------------------------------------------------
 
-    async def admit(self, p: Principal, req: RequestCost) -> Ticket | None:
+    async def admit(self, p: Principal, req: Costed) -> Ticket | None:
         """Book the client's limits or raise a 429 KeelError. None: nothing to give back."""
         shared = self.shared
         if shared is None or not p.limited:
@@ -88,7 +88,7 @@ class Admission:
         p.in_flight += 1
         return Ticket(p, cost, lease)
 
-    def admit_local(self, p: Principal, req: RequestCost) -> Ticket | None:
+    def admit_local(self, p: Principal, req: Costed) -> Ticket | None:
         """``admit`` when no Redis is configured: nothing to await (the handler calls this
         directly; a coroutine per request costs more than the booking itself)."""
         if not p.limited:
@@ -98,13 +98,16 @@ class Admission:
         p.in_flight += 1
         return Ticket(p, cost, None)
 
-    def _cost_within_concurrency(self, p: Principal, req: RequestCost) -> int:
+    def _cost_within_concurrency(self, p: Principal, req: Costed) -> int:
         """Tokens to book against the client's TPM; a 429 when it is at its concurrency cap."""
         cfg = p.cfg
         assert cfg is not None
         if cfg.max_concurrency and p.in_flight >= cfg.max_concurrency:
             raise self._refuse(p, "concurrency", 1.0)
-        return req.prompt + (req.max_completion or 0) if p.tok is not None else 0
+        if p.tok is None:
+            return 0
+        prompt, most = req.tokens()
+        return prompt + (most or 0)
 
     def _book_local(self, p: Principal, cost: int, share: int) -> None:
         now = time.monotonic()

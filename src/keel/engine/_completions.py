@@ -20,9 +20,8 @@ import orjson
 from keel._assembly import StreamAssembler
 from keel._classify import Dialect, ErrorKind, transport_error
 from keel._text_assembly import TextCompletionAssembler
-from keel._tokens import input_tokens
+from keel._tokens import completion_budget, input_tokens
 from keel.engine._embeddings import input_count
-from keel.engine._limits import RequestCost
 from keel.engine._operation import Operation, Usage
 from keel.engine._upstream import AttemptFailed
 from keel.engine._validate import bad, check_depth, check_model, parse_object
@@ -50,18 +49,6 @@ def check_completions_request(
     return body
 
 
-class PromptCost(RequestCost):
-    """A text completion's tokens: its prompt, and up to ``max_tokens`` of output."""
-
-    __slots__ = ()
-
-    @property
-    def prompt(self) -> int:
-        if self._prompt is None:
-            self._prompt = input_tokens(self.body.get("prompt"))
-        return self._prompt
-
-
 def _finished(choice: object) -> bool:
     return (
         type(choice) is dict
@@ -83,8 +70,9 @@ class Completions(Operation):
     def check(self, body: dict[str, Any]) -> dict[str, Any]:
         return check_completions_request(body)
 
-    def cost(self, body: Mapping[str, Any]) -> RequestCost:
-        return PromptCost(body)
+    def estimate(self, body: Mapping[str, Any]) -> tuple[int, int | None]:
+        # Its prompt, and up to max_tokens of output.
+        return input_tokens(body.get("prompt")), completion_budget(body)
 
     def answer(self, raw: bytes, body: Mapping[str, Any]) -> Usage:
         """Every choice with its text and a finish_reason (else it is not known to be whole)."""

@@ -34,12 +34,14 @@ GRAIN = 0.01  # seconds: deadlines are rounded up to this
 class Entry:
     """One registered deadline. ``cancel()`` withdraws it (idempotent)."""
 
-    __slots__ = ("_owner", "callback", "slot")
+    __slots__ = ("_owner", "bucket", "callback")
 
     def __init__(self, owner: Deadlines, callback: Callable[[], object] | None) -> None:
         self._owner = owner
         self.callback = callback
-        self.slot = -1
+        # The set of its slot while it is registered (withdrawing it is one discard, no
+        # lookup of the slot); None once it fired or before it was registered.
+        self.bucket: set[Entry] | None = None
 
     def fire(self) -> None:
         if self.callback is not None:
@@ -47,7 +49,7 @@ class Entry:
 
     def cancel(self) -> None:
         self.callback = None  # no reference cycle through a bound method outlives us
-        bucket = self._owner._slots.get(self.slot)
+        bucket = self.bucket
         if bucket is not None:
             bucket.discard(self)  # an empty slot stays until ``_arm`` passes it
 
@@ -76,12 +78,14 @@ class Deadlines:
         return Timeout(self, when)
 
     def _add(self, entry: Entry, when: float) -> None:
-        slot = entry.slot = int(when / GRAIN) + 1
+        slot = int(when / GRAIN) + 1
         bucket = self._slots.get(slot)
         if bucket is not None:
             bucket.add(entry)
+            entry.bucket = bucket
             return
-        self._slots[slot] = {entry}  # (in before ``_arm``, which drops empty slots)
+        bucket = self._slots[slot] = {entry}  # (in before ``_arm``, which drops empty slots)
+        entry.bucket = bucket
         heapq.heappush(self._heap, slot)
         if self._armed < 0 or slot < self._armed:
             self._arm()
@@ -113,7 +117,7 @@ class Deadlines:
             if bucket:
                 due.extend(bucket)
         for entry in due:
-            entry.slot = -1
+            entry.bucket = None
             try:
                 entry.fire()
             except Exception as exc:  # one broken callback must not strand the others
@@ -133,7 +137,7 @@ class Timeout(Entry):
         # Entry's fields set here, not through super().__init__: one call fewer per request.
         self._owner = owner
         self.callback = None  # fire() below: no bound method, no reference cycle
-        self.slot = -1
+        self.bucket = None
         self._when = when
         self._task: asyncio.Task[object] | None = None
         self._cancelling = 0

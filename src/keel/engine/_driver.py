@@ -366,7 +366,7 @@ async def _hedged(
         if not done and (alt := plan.hedge_target(dep)) is not None:
             # A hedge is opportunistic: it goes only if the alternate's limiter (and
             # breaker) let it through at once, and it counts against its limits.
-            alt_permit = try_acquire(alt, call.cost, time.monotonic())
+            alt_permit = try_acquire(alt, call, time.monotonic())
             if alt_permit is not None:
                 plan.hedged(alt)
                 if call.record is not None:
@@ -432,7 +432,7 @@ def _admit(plan: Plan[Deployment], dep: Deployment, call: Call) -> Permit | None
     """The attempt the plan proposes, let through at once when nothing limits it (the common
     case: a plain call, no coroutine); None: ask ``_queue``. Either way a permit means the
     attempt has started (``_started``)."""
-    permit = try_acquire(dep, call.cost, time.monotonic())
+    permit = try_acquire(dep, call, time.monotonic())
     return None if permit is None else _started(plan, dep, permit)
 
 
@@ -447,7 +447,7 @@ async def _queue(
     panic = not dep.breaker.would_admit(now) and keel.router.all_open(call.model, now)
     wait = plan.queue_bound(asyncio.get_running_loop().time())
     try:
-        permit = await acquire(dep, call.cost, call.priority, now + wait, panic)
+        permit = await acquire(dep, call, call.priority, now + wait, panic)
     except Saturated as sat:
         plan.refused(dep, sat.reason, sat.retry_after, sat.soon, dep.breaker.down)
         return None

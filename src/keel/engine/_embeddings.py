@@ -19,7 +19,6 @@ import orjson
 
 from keel._classify import ErrorKind, transport_error
 from keel._tokens import input_tokens
-from keel.engine._limits import RequestCost
 from keel.engine._operation import Operation, Usage
 from keel.engine._upstream import AttemptFailed
 from keel.engine._validate import bad, check_depth, check_model, parse_object
@@ -86,22 +85,6 @@ def check_embeddings_request(
     return body
 
 
-class InputCost(RequestCost):
-    """An embeddings request's tokens: its input, and no output."""
-
-    __slots__ = ()
-
-    @property
-    def prompt(self) -> int:
-        if self._prompt is None:
-            self._prompt = input_tokens(self.body.get("input"))
-        return self._prompt
-
-    @property
-    def max_completion(self) -> int:
-        return 0
-
-
 def _malformed(why: str) -> AttemptFailed:
     return AttemptFailed(transport_error(ErrorKind.PROTOCOL, f"upstream returned {why}"))
 
@@ -118,8 +101,8 @@ class Embeddings(Operation):
     def check(self, body: dict[str, Any]) -> dict[str, Any]:
         return check_embeddings_request(body)
 
-    def cost(self, body: Mapping[str, Any]) -> RequestCost:
-        return InputCost(body)
+    def estimate(self, body: Mapping[str, Any]) -> tuple[int, int | None]:
+        return input_tokens(body.get("input")), 0  # its input, and no output
 
     def answer(self, raw: bytes, body: Mapping[str, Any]) -> Usage:
         """One embedding per input; the usage with its (absent) completion tokens as 0, so

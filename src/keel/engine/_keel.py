@@ -32,7 +32,7 @@ from keel.engine._auth import Authenticator, Principal
 from keel.engine._deadlines import Deadlines
 from keel.engine._deployment import Deployment
 from keel.engine._errors import KeelError
-from keel.engine._limits import PRIORITIES, RequestCost, apply_remote_health, holds_back
+from keel.engine._limits import PRIORITIES, apply_remote_health, holds_back
 from keel.engine._observe import new_record, refused_record
 from keel.engine._operation import CHAT, Operation
 from keel.engine._router import Router
@@ -65,7 +65,6 @@ class Call:
     priority: int  # 0 interactive, 1 batch
     max_wait: float  # seconds an attempt may queue at a deployment
     deadline: float  # loop time: the whole request
-    cost: RequestCost
     wants_usage: bool = False  # the client asked for a stream's usage chunk
     op: Operation = CHAT  # the endpoint (``keel.engine._operation``)
     ticket: Ticket | None = None  # the client's booked limits
@@ -76,6 +75,15 @@ class Call:
     # A Responses request (keel.engine._responses): what deployments with ``api: responses``
     # are sent as it is; ``body`` is its chat translation, for the others.
     responses: dict[str, Any] | None = None
+    _tokens: tuple[int, int | None] | None = None  # ``tokens()``, once asked
+
+    def tokens(self) -> tuple[int, int | None]:
+        """``Costed``: its operation's token estimate of its body, made at the first ask (only
+        TPM limits ask; the client's and the deployment's share it)."""
+        t = self._tokens
+        if t is None:
+            t = self._tokens = self.op.estimate(self.body)
+        return t
 
 
 class Keel:
@@ -421,7 +429,7 @@ class Keel:
         # gathers them into a dict first (per request: ~0.7 µs for a call of ten).
         call = Call(
             rid, body, model, streaming, principal, PRIORITIES[priority], max_wait, deadline,
-            op.cost(body), wants_usage, op,
+            wants_usage, op,
         )  # fmt: skip
         if self.observers:
             call.record = new_record(call, headers, self.log_bodies)
@@ -437,12 +445,12 @@ class Keel:
 
     async def admit(self, call: Call) -> None:
         """Book the client's limits (a 429 ``KeelError`` when over them)."""
-        call.ticket = await self.admission.admit(call.principal, call.cost)
+        call.ticket = await self.admission.admit(call.principal, call)
 
     def admit_local(self, call: Call) -> None:
         """``admit`` without Redis: a plain call (a coroutine per request costs more than the
         booking itself)."""
-        call.ticket = self.admission.admit_local(call.principal, call.cost)
+        call.ticket = self.admission.admit_local(call.principal, call)
 
     def done(self, call: Call) -> None:
         """The request is over: free the client's concurrency, reconcile its tokens."""

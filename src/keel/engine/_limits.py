@@ -38,7 +38,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from keel._classify import ErrorKind, UpstreamError
 from keel._concurrency import Aimd, Hold, RateAimd
@@ -103,31 +103,39 @@ class Saturated(Exception):
         self.soon = soon
 
 
-class RequestCost:
-    """What a request will cost in tokens, estimated lazily (only deployments with a TPM
-    limit ever ask)."""
+class Costed(Protocol):
+    """What a request will cost in tokens, as the client's and the deployment's TPM limits
+    ask it: a ``Call`` (its operation's estimate, made at the first ask), or a ``RequestCost``."""
 
-    __slots__ = ("_max", "_prompt", "body")
+    def tokens(self) -> tuple[int, int | None]:
+        """(estimated prompt tokens, the client's cap on output tokens or None)."""
+        ...
+
+
+def chat_tokens(body: Mapping[str, Any]) -> tuple[int, int | None]:
+    """A chat completion body's ``Costed.tokens()``."""
+    msgs = body.get("messages")
+    return (
+        prompt_tokens(msgs if isinstance(msgs, list) else [], body.get("tools")),
+        completion_budget(body),
+    )
+
+
+class RequestCost:
+    """A chat body's ``Costed``, estimated lazily and once (for a limit asked without a
+    ``Call``)."""
+
+    __slots__ = ("_tokens", "body")
 
     def __init__(self, body: Mapping[str, Any]) -> None:
         self.body = body
-        self._prompt: int | None = None
-        self._max: int | None = -1  # -1: not looked up yet (client and deployment both ask)
+        self._tokens: tuple[int, int | None] | None = None
 
-    @property
-    def prompt(self) -> int:
-        if self._prompt is None:
-            msgs = self.body.get("messages")
-            self._prompt = prompt_tokens(
-                msgs if isinstance(msgs, list) else [], self.body.get("tools")
-            )
-        return self._prompt
-
-    @property
-    def max_completion(self) -> int | None:
-        if self._max == -1:
-            self._max = completion_budget(self.body)
-        return self._max
+    def tokens(self) -> tuple[int, int | None]:
+        t = self._tokens
+        if t is None:
+            t = self._tokens = chat_tokens(self.body)
+        return t
 
 
 @dataclass(slots=True, eq=False)
@@ -265,7 +273,7 @@ class DeploymentLimiter:
 
     # -- acquire -------------------------------------------------------------------------------
 
-    def try_take(self, req: RequestCost, now: float) -> Permit | None:
+    def try_take(self, req: Costed, now: float) -> Permit | None:
         """The fast path of ``acquire``: a permit at once when nothing could make this
         request wait — no shared state, nobody queued, a free slot, every rate bucket rested
         (its theoretical arrival time not after now, so any request conforms and booking it
@@ -290,8 +298,8 @@ class DeploymentLimiter:
             paced.book(now, 1.0)
         cost = prompt = 0
         if tok is not None:
-            prompt = req.prompt
-            cost = self.calibration.cost(prompt, req.max_completion)
+            prompt, most = req.tokens()
+            cost = self.calibration.cost(prompt, most)
             if cost:
                 tok.book(now, float(cost))
         if rq is not None:
@@ -300,7 +308,7 @@ class DeploymentLimiter:
         epoch = self.aimd.epoch if self.aimd is not None else 0
         return Permit(now, self.in_flight, epoch, cost, prompt)
 
-    async def acquire(self, req: RequestCost, priority: int, wait_until: float) -> Permit:
+    async def acquire(self, req: Costed, priority: int, wait_until: float) -> Permit:
         """A permit, after waiting at most until ``wait_until`` (monotonic); else Saturated."""
         if self.waiting or self.in_flight >= self.cap():
             await self._queue_for_slot(priority, wait_until)
@@ -310,8 +318,8 @@ class DeploymentLimiter:
             cost = 0
             prompt = 0
             if self.tok is not None:
-                prompt = req.prompt
-                cost = self.calibration.cost(prompt, req.max_completion)
+                prompt, most = req.tokens()
+                cost = self.calibration.cost(prompt, most)
             lease = None
             if self.rate_limited(time.monotonic()) or (self.max_concurrency and self._shared_up()):
                 self.pacing += 1
@@ -760,7 +768,7 @@ class DeploymentLimiter:
 # --- the driver's two calls --------------------------------------------------------------------
 
 
-def try_acquire(dep: Deployment, req: RequestCost, now: float) -> Permit | None:
+def try_acquire(dep: Deployment, req: Costed, now: float) -> Permit | None:
     """``acquire`` without waiting, for the common case: a healthy closed breaker (``admit``
     would say NORMAL) and a limiter with nothing to enforce right now
     (``DeploymentLimiter.try_take``). None: call ``acquire``.
@@ -785,7 +793,7 @@ def try_acquire(dep: Deployment, req: RequestCost, now: float) -> Permit | None:
 
 
 async def acquire(
-    dep: Deployment, req: RequestCost, priority: int, wait_until: float, panic: bool = False
+    dep: Deployment, req: Costed, priority: int, wait_until: float, panic: bool = False
 ) -> Permit:
     """Let one attempt through to ``dep`` (waiting at most until ``wait_until``, monotonic),
     or raise Saturated. ``panic``: every breaker of the plan is open, let it through anyway."""

@@ -25,7 +25,7 @@ import orjson
 
 from keel._assembly import StreamAssembler
 from keel._classify import Dialect, ErrorKind, transport_error
-from keel.engine._limits import RequestCost
+from keel.engine._limits import chat_tokens
 from keel.engine._upstream import AttemptFailed
 from keel.engine._validate import check_chat_request, parse_object
 
@@ -71,9 +71,9 @@ class Operation:
         """A library caller's dict, checked the same way."""
         raise NotImplementedError
 
-    def cost(self, body: Mapping[str, Any]) -> RequestCost:
-        """Its token estimate, asked only where a TPM limit applies."""
-        return RequestCost(body)
+    def estimate(self, body: Mapping[str, Any]) -> tuple[int, int | None]:
+        """Its token estimate (``Costed.tokens()``), asked only where a TPM limit applies."""
+        return chat_tokens(body)
 
     # -- the answer -------------------------------------------------------------------------------
 

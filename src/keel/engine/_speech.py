@@ -27,7 +27,7 @@ from keel.engine._deployment import Deployment
 from keel.engine._driver import _admit, _gave_up, _queue, _settle
 from keel.engine._errors import KeelError
 from keel.engine._keel import Call, Keel
-from keel.engine._limits import PRIORITIES, Permit, RequestCost
+from keel.engine._limits import PRIORITIES, Permit
 from keel.engine._upstream import (
     AttemptFailed,
     _client_timeout,
@@ -98,7 +98,6 @@ def speech_call(
         priority=PRIORITIES[priority],
         max_wait=queue.batch_max_wait if priority == "batch" else queue.interactive_max_wait,
         deadline=asyncio.get_running_loop().time() + keel.config.retry.deadline,
-        cost=RequestCost(body),
     )
 
 
