@@ -157,9 +157,18 @@ def for_seconds(seconds: float) -> Callable[[], bool]:
     return lambda: time.monotonic() >= end
 
 
-async def metrics(gateway_url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+# The key /metrics is read with: a gateway that asks its clients for a key asks its scraper too
+# (an open gateway ignores it).
+SCRAPE_KEY = "sk-client"
+
+
+async def metrics(
+    gateway_url: str, as_key: str = SCRAPE_KEY
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Samples of GET /metrics as {(name, sorted labels): value}."""
-    async with aiohttp.ClientSession() as s, s.get(gateway_url + "/metrics") as r:
+    auth = {"authorization": f"Bearer {as_key}"}
+    async with aiohttp.ClientSession() as s, s.get(gateway_url + "/metrics", headers=auth) as r:
+        assert r.status == 200, (r.status, await r.text())
         text = await r.text()
     out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
     for fam in text_string_to_metric_families(text):
@@ -168,19 +177,26 @@ async def metrics(gateway_url: str) -> dict[tuple[str, tuple[tuple[str, str], ..
     return out
 
 
-async def metric(gateway_url: str, name: str, **labels: str) -> float | None:
+async def metric(
+    gateway_url: str, name: str, *, as_key: str = SCRAPE_KEY, **labels: str
+) -> float | None:
     want = tuple(sorted(labels.items()))
-    return (await metrics(gateway_url)).get((name, want))
+    return (await metrics(gateway_url, as_key)).get((name, want))
 
 
 async def wait_metric(
-    gateway_url: str, name: str, pred: Callable[[float | None], bool], **labels: str
+    gateway_url: str,
+    name: str,
+    pred: Callable[[float | None], bool],
+    *,
+    as_key: str = SCRAPE_KEY,
+    **labels: str,
 ) -> float:
     """Poll /metrics (the gateway's own report) until ``pred(value)``; returns the time taken.
     Bounded by 5 s."""
     t0 = time.monotonic()
     while True:
-        value = await metric(gateway_url, name, **labels)
+        value = await metric(gateway_url, name, as_key=as_key, **labels)
         if pred(value):
             return time.monotonic() - t0
         if time.monotonic() - t0 > 5.0:

@@ -232,7 +232,7 @@ async def test_drain_lets_the_stream_in_flight_finish_and_sends_nothing_new(
             )
             assert status == 200 and done["changed"] and done["deployment"]["state"] == "drained"
             assert done["deployment"]["in_flight"] == 1  # the stream, still going
-            async with s.get(u + "/metrics") as m:  # a drain is not a benched key
+            async with s.get(u + "/metrics", headers=CLIENT) as m:  # a drain is not a benched key
                 assert f'keel_deployment_benched{{deployment="{drained}",reason=""}} 0.0' in (
                     await m.text()
                 )

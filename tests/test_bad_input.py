@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -330,6 +331,32 @@ async def test_metrics_need_the_metrics_key_when_one_is_set(
         async with s.get(url, headers={"authorization": f"Bearer {METRICS_KEY}"}) as r:
             assert r.status == 200
             assert "keel_upstream_attempts" in await r.text()
+
+
+async def test_metrics_follow_the_client_auth_rules_without_a_metrics_key(
+    sims: tuple[SimProcess, SimProcess], tmp_path: Path
+) -> None:
+    """No server.metrics_key: /metrics asks for what /v1/models asks for (a client's key, or
+    the admin key); without one, the same 401 as the API — key names and budgets are not
+    shown to anyone who could not call the gateway."""
+    cfg = {
+        "server": {"api_keys": [CLIENT_KEY], "admin_key": "sk-admin-metrics-7"},
+        "models": {"solo": {"deployments": [{"base_url": sims[0].base_url, "api_key": UPSTREAM_KEY_A}]}},
+    }  # fmt: skip
+    with spawn_gateway(cfg, workdir=str(tmp_path)) as gw:
+        url = gw.base_url.removesuffix("/v1") + "/metrics"
+        async with aiohttp.ClientSession() as s:
+            for authorization in (None, "Bearer sk-wrong"):
+                headers = {} if authorization is None else {"authorization": authorization}
+                async with s.get(url, headers=headers) as r:
+                    body = await r.json()
+                    assert_openai_error(r.status, body, 401)
+                    assert "sk-wrong" not in str(body)
+                async with s.get(gw.base_url + "/models", headers=headers) as r:
+                    assert r.status == 401  # the same rule
+            for key in (CLIENT_KEY, "sk-admin-metrics-7"):
+                async with s.get(url, headers={"authorization": f"Bearer {key}"}) as r:
+                    assert r.status == 200 and "keel_upstream_attempts" in await r.text()
 
 
 @pytest.mark.parametrize(

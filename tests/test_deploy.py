@@ -113,7 +113,10 @@ def exported(
             )
             with urllib.request.urlopen(req, timeout=10) as r:
                 assert r.status == 200
-            with urllib.request.urlopen(gw.url + "/metrics", timeout=10) as r:
+            scrape = urllib.request.Request(
+                gw.url + "/metrics", headers={"authorization": "Bearer sk-app-deploy"}
+            )
+            with urllib.request.urlopen(scrape, timeout=10) as r:
                 text = r.read().decode()
     finally:
         redis.kill()

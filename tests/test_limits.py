@@ -287,7 +287,7 @@ async def test_client_rpm_limit_is_a_429_with_openai_headers(admission_gw) -> No
     async with sdk(gw, "sk-open") as other:  # other clients are not affected
         await other.chat.completions.create(model="m", messages=ask())
     refused = await metric(
-        gw.url, "keel_client_rate_limited_total", client="paced", limit="requests"
+        gw.url, "keel_client_rate_limited_total", as_key="sk-open", client="paced", limit="requests"
     )
     assert refused == 1
 
@@ -305,7 +305,13 @@ async def test_client_tpm_and_concurrency_limits(admission_gw) -> None:
                 model="m", messages=ask(f"{unique()} [[sim:slow_first=0.5]]")
             )
         )
-        await wait_metric(gw.url, "keel_deployment_in_flight", lambda v: v == 1, deployment="m/0")
+        await wait_metric(
+            gw.url,
+            "keel_deployment_in_flight",
+            lambda v: v == 1,
+            as_key="sk-open",
+            deployment="m/0",
+        )
         with pytest.raises(openai.RateLimitError) as info:
             await single.chat.completions.create(model="m", messages=ask())
         assert "concurrent" in info.value.message
@@ -344,11 +350,19 @@ async def test_interactive_requests_are_admitted_before_batch_under_saturation(
         )  # fmt: skip
 
     def waiting(n: int):
-        return wait_metric(gw.url, "keel_deployment_waiting", lambda v: v == n, deployment="one")
+        return wait_metric(
+            gw.url, "keel_deployment_waiting", lambda v: v == n, as_key="sk-open", deployment="one"
+        )
 
     async with aiohttp.ClientSession() as s:
         hold = asyncio.create_task(send(s, "hold", "batch", " [[sim:slow_first=0.8]]"))
-        await wait_metric(gw.url, "keel_deployment_in_flight", lambda v: v == 1, deployment="one")
+        await wait_metric(
+            gw.url,
+            "keel_deployment_in_flight",
+            lambda v: v == 1,
+            as_key="sk-open",
+            deployment="one",
+        )
         batch = [asyncio.create_task(send(s, f"b{i}", "batch")) for i in range(4)]
         await waiting(4)
         inter = [asyncio.create_task(send(s, f"i{i}", "interactive")) for i in range(3)]
@@ -368,7 +382,13 @@ async def test_interactive_requests_are_admitted_before_batch_under_saturation(
     async with aiohttp.ClientSession() as s:
         tag = tag2
         hold = asyncio.create_task(send(s, "hold", "batch", " [[sim:slow_first=0.15]]"))
-        await wait_metric(gw.url, "keel_deployment_in_flight", lambda v: v == 1, deployment="one")
+        await wait_metric(
+            gw.url,
+            "keel_deployment_in_flight",
+            lambda v: v == 1,
+            as_key="sk-open",
+            deployment="one",
+        )
         batch = [asyncio.create_task(send(s, f"b{i}", "batch")) for i in range(4)]
         await waiting(4)
         inter = [asyncio.create_task(send(s, f"i{i}", "interactive")) for i in range(3)]

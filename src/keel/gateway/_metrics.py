@@ -134,15 +134,28 @@ async def metrics(request: web.Request) -> web.Response:
     from keel.gateway._app import KEEL_KEY, METRICS_KEY
 
     keel = request.app[KEEL_KEY]
-    key = keel.config.server.metrics_key
-    if key is not None and not presents(request.headers, key.get_secret_value()):
-        return error_response(
-            KeelError(
-                401,
-                "GET /metrics needs the gateway's metrics key (server.metrics_key) as a bearer "
-                "token.",
-                code="invalid_api_key",
+    server = keel.config.server
+    key = server.metrics_key
+    if key is not None:
+        # The scraper's own key: a client's key (virtual or not) is not an operator's.
+        if not presents(request.headers, key.get_secret_value()):
+            return error_response(
+                KeelError(
+                    401,
+                    "GET /metrics needs the gateway's metrics key (server.metrics_key) as a "
+                    "bearer token.",
+                    code="invalid_api_key",
+                )
             )
-        )
+    else:
+        # No scraper key: the same rules as /v1/models — a gateway that asks its clients for
+        # a key does not show its key names, budgets and traffic to anyone without one (the
+        # admin key opens it too). An open gateway's metrics stay open.
+        try:
+            keel.authenticate(request.headers)
+        except KeelError as exc:
+            admin = server.admin_key
+            if admin is None or not presents(request.headers, admin.get_secret_value()):
+                return error_response(exc)
     body = generate_latest(request.app[METRICS_KEY])
     return web.Response(body=body, headers={"content-type": CONTENT_TYPE_LATEST})
