@@ -177,9 +177,9 @@ class ServerConfig(_Strict):
     port: int = Field(4000, ge=0, le=65535)
     max_body_bytes: int = Field(8 * 1024 * 1024, gt=0)
     api_keys: list[SecretStr] = []  # empty → any bearer token is accepted (local use)
-    # Bearer token a scraper must send for GET /metrics; None: open (bind to a private
-    # interface, or put it behind the ingress). Client keys do not open it: a client is not
-    # an operator.
+    # Bearer token a scraper must send for GET /metrics (client keys do not open it then: a
+    # client is not an operator). None: /v1/models's rules — open on an open gateway, else a
+    # client's key or the admin key.
     metrics_key: SecretStr | None = None
     # Client connections (nginx's defaults): the request headers must arrive within
     # header_timeout of their first byte, a request body must not stall for body_timeout, a
