@@ -115,12 +115,7 @@ class VirtualKey:
         """Before a request: refuse it when the budget is spent. A stream already running
         when the budget runs out finishes (it is charged at its end)."""
         budget = self.budget
-        if budget is None:
-            return
-        # spent(), inline: this runs before every request of a key with a budget.
-        current = self.service.period_starts.get(self.period, 0.0)
-        spent = (self.db_spend if self.db_period == current else 0.0) + self.pending
-        if spent + self.flushing >= budget:
+        if budget is not None and self.spent() >= budget:
             raise KeelError(
                 429,
                 budget_message(self.name, budget, self.period),
@@ -134,8 +129,7 @@ class VirtualKey:
         rates = service.rates.get(call.model)
         if rates is None:
             return
-        # A non-stream request's usage is the upstream's report as it stands.
-        usage = call.usage if call.transcript is None else spent_usage(call)
+        usage = spent_usage(call)
         if usage is None:
             return
         usd = cost(usage, rates)
