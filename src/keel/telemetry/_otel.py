@@ -364,13 +364,8 @@ class Telemetry:
         # per request there remain the ids and times, the request id, the token counts, the
         # first-token time and error messages.
         error_type = rec.error_type
-        if len(attempts) == 1:  # the common case: the key without a tuple per attempt
-            a = attempts[0]
-            err = a.error
-            shape: tuple[Any, ...] = (
-                a.deployment, a.n, a.kind, a.ok, a.continuation,
-                err.kind if err is not None else None, err.status if err is not None else 0,
-            )  # fmt: skip
+        if len(attempts) == 1:  # the common case: the key without a tuple of tuples
+            shape = _attempt_shape(attempts[0])
         else:
             shape = tuple(map(_attempt_shape, attempts))
         key = (
