@@ -30,7 +30,7 @@ import os
 import random
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -105,6 +105,14 @@ def _one_layout(
         + f"{len(head_a)}s{u_a}s" + (event if ft_a else "") + "H16sH8sH8sBQBQ"
     )  # fmt: skip
     return struct.Struct(fmt).pack, head_r, head_a
+
+
+def _usage(usage: Mapping[str, Any] | None) -> bytes:
+    """An attempt span's token-count attributes from the upstream's usage (ints only)."""
+    if usage is None:
+        return b""
+    p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    return otlp.usage_attrs(p if type(p) is int else None, c if type(c) is int else None)
 
 
 def _attempt_shape(a: Attempt) -> tuple[Any, ...]:
@@ -402,12 +410,7 @@ class Telemetry:
             if rec.output_tokens is not None
             else b""
         )
-        usage = a.usage
-        if usage is None:
-            u_a = b""
-        else:
-            p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
-            u_a = otlp.usage_attrs(p if type(p) is int else None, c if type(c) is int else None)
+        u_a = _usage(a.usage)
         ft_r, ft_a = rec.first_token_ns, a.first_token_ns
         layout = (len(rid), len(u_r), len(u_a), ft_r != 0, ft_a != 0, parent is not None)
         packs = template[2]
@@ -472,12 +475,7 @@ class Telemetry:
                                   span_id, 0x39, a.start_ns, 0x41, a.end_ns or end_ns)  # fmt: skip
             own += 8
             body += state + const
-            usage = a.usage
-            if usage is not None:
-                p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
-                body += otlp.usage_attrs(
-                    p if type(p) is int else None, c if type(c) is int else None
-                )
+            body += _usage(a.usage)
             if a.first_token_ns:
                 body += _FIRST_TOKEN[0] + _FIXED64(a.first_token_ns) + _FIRST_TOKEN[1]
             if a.error is not None:
