@@ -240,10 +240,10 @@ class Plan(Generic[D]):
             # This round of this group is over: retry what may succeed, or move on.
             # (after the commit, only those that can still continue the answer)
             s = self._s
-            again = [d for d in s.again if self.eligible(d)] if s is not None else None
-            free = bool(again) and not self._swept and all(map(self._waits_for_room, again or ()))
+            again = [d for d in s.again if self.eligible(d)] if s is not None else []
+            free = bool(again) and not self._swept and all(map(self._waits_for_room, again))
             if again and (free or self._round < self.policy.max_retries_per_deployment):
-                assert s is not None
+                assert s is not None  # (retries exist only after a setback)
                 # A round whose every retry waits for room at a deployment that queues (a
                 # learned wall) is not a round of retries: it costs no rounds (the attempt
                 # cap and the deadline still bound it) — a client must not fail on a wall
