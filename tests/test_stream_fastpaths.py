@@ -120,6 +120,9 @@ _READS = [
     [b"data: a\n\n\n\ndata: b\n\n"],
     [b"data: \n\n", b"\n\n", b"data: z\n\n"],
     [b"x\n\n", b"data: after a stray line\n\n"],
+    # after the first read (the BOM question settled): one event, or one and a blank line,
+    # or two lines in one event
+    [b"data: first\n\n", b"data: a\n\n\n\n", b"data: b\nc\n\n", b"data: one\n\n"],
 ]
 
 

@@ -101,7 +101,9 @@ class SSEDecoder:
             or _CR in data  # an int membership test is a plain memchr
         ):
             return None
-        if data.count(_LF) == 2:  # one event per read, like an LLM's tokens: no split
+        # One event per read, like an LLM's tokens: no split. (Its first LF is the one before
+        # the last; ``find`` of a byte is a memchr, a count walks every byte.)
+        if data.find(_LF) == len(data) - 2:
             return [data[6:-2]] if data[:6] == b"data: " else None
         blocks = data.split(b"\n\n")
         blocks.pop()  # the b"" after the last event
