@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
-from keel._assembly import Frame, FrameKind, StreamAssembler
+from keel._assembly import Frame, FrameKind, StreamAssembler, _token
 from keel._sse import Comment, ServerSentEvent, SSEDecoder
 
 BASE = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
@@ -70,6 +70,9 @@ def _general(asm: StreamAssembler, data: str) -> Frame:
         _chunk({"content": "x", "role": "assistant"}),  # role already known
         _chunk({"content": "x"}, "stop"),  # a finish: general path
         _chunk({"content": "x"}, usage={"prompt_tokens": 1}),
+        _chunk({"content": "x"}, usage=None),
+        _chunk({"content": "x"}, error=None),  # a null error: a chunk all the same
+        _chunk({"content": "x"}, type="chunk"),
         _chunk({"tool_calls": [{"index": 0, "function": {"arguments": "{"}}]}),
         _chunk({"content": 5}),  # wrong type: INVALID, as the general path says
         orjson.dumps({**BASE, "choices": [{"index": 1, "delta": {"content": "n=2"}}]}),
@@ -192,3 +195,9 @@ def test_feed_data_after_done_is_ignored_like_feed() -> None:
     assert asm.done
     frame = asm.feed_data(_chunk({"content": "late"}))
     assert frame.kind is FrameKind.IGNORED and frame.raw is None
+
+
+def test_the_canonical_frame_is_the_constructors() -> None:
+    obj = orjson.loads(_chunk({"content": "hi"}))
+    assert _token(None, obj, "hi", b"raw") == Frame(FrameKind.CHUNK, None, obj, "hi", raw=b"raw")
+    assert _token("d", obj, "", None) == Frame(FrameKind.CHUNK, "d", obj, "")
