@@ -126,6 +126,9 @@ _READS = [
     # after the first read (the BOM question settled): one event, or one and a blank line,
     # or two lines in one event
     [b"data: first\n\n", b"data: a\n\n\n\n", b"data: b\nc\n\n", b"data: one\n\n"],
+    # reads that end in one LF, or are one or two LFs
+    [b"data: first\n\n", b"\n", b"data: x\n", b"\n", b"\n\n", b"data: y\n\n"],
+    [b"data: first\n\n", b"data: a\n\ndata: b\n", b"\n", b"data: half"],
 ]
 
 
