@@ -48,6 +48,7 @@ def r429(after: float) -> UpstreamError:
 
 OK = "ok"
 COMMIT = "commit"  # the attempt commits the stream, then fails with the next outcome
+MORE = "more"  # a continuation shows the client 3 more tokens, then fails with the next outcome
 NO_ROOM = ("refused", False)
 HELD_BACK = ("refused", True)
 
@@ -91,6 +92,9 @@ def drive(plan: Plan[Dep], script: list[Any], now: float = 0.0) -> list[str]:
             if outcome == COMMIT:
                 plan.commit(d.dep)
                 plan.shown(3, tool_call=False)
+                outcome = script.pop(0)
+            elif outcome == MORE:
+                plan.shown(plan.tokens + 3, tool_call=False)
                 outcome = script.pop(0)
             if outcome == OK:
                 plan.succeeded(d.dep)
@@ -234,6 +238,32 @@ CASES = [
         [COMMIT, RESET, OK],
         ["try a", "try b (continue)"],
         {"token_limit": 4},
+    ),
+    # Progress: an attempt that showed the client more before it broke (the commit too)
+    # costs no attempt of the cap and starts the retry rounds over.
+    (
+        "an attempt that showed more costs no attempt",
+        {"g": [A, B]},
+        [COMMIT, RESET, RESET, RESET, RESET, OK],
+        ["try a", "try b (continue)", "wait", "try a (continue)", "try b (continue)", "wait",
+         "give up: gave up after 4 attempts"],
+        {"policy": Policy(max_attempts=3)},
+    ),
+    (
+        "each piece of a long answer is progress",
+        {"g": [A, B]},
+        [COMMIT, RESET, MORE, RESET, MORE, RESET, RESET, OK],
+        ["try a", "try b (continue)", "wait", "try a (continue)", "try b (continue)", "wait",
+         "try a (continue)"],
+        {"policy": Policy(max_attempts=3)},
+    ),
+    (
+        "progress starts the rounds over",
+        {"g": [A]},
+        [COMMIT, RESET, RESET, MORE, RESET, RESET, RESET, OK],
+        ["try a", "wait", "try a (continue)", "wait", "try a (continue)", "wait",
+         "try a (continue)", "wait", "try a (continue)", "give up"],
+        {"policy": Policy(max_retries_per_deployment=2)},
     ),
     # Output moderation: the group decides.
     ("content filter: pass", {"g": [A, B]}, [FILTERED], ["try a", "finish content_filter"], {}),
