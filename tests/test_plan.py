@@ -189,6 +189,21 @@ CASES = [
         ["try a: refused", "wait", "try a"],
         {},
     ),
+    # Retries are counted per deployment: one held back (nothing sent) keeps its turns.
+    (
+        "held back while its sibling fails: its turn comes",
+        {"g": [A, B]},
+        [HELD_BACK, E500] * 4 + [OK],
+        ["try a: refused", "try b", "wait"] * 4 + ["try a"],
+        {},
+    ),
+    (
+        "held back for ever: max_attempts rounds",
+        {"g": [A]},
+        [HELD_BACK] * 9,
+        ["try a: refused", "wait"] * 8 + ["try a: refused", "give up"],
+        {},
+    ),
     (
         "full everywhere",
         {"g": [A, B]},
