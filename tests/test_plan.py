@@ -255,23 +255,7 @@ CASES = [
         {"token_limit": 4},
     ),
     # Progress: an attempt that showed the client more before it broke (the commit too)
-    # costs no attempt of the cap and starts the retry rounds over.
-    (
-        "an attempt that showed more costs no attempt",
-        {"g": [A, B]},
-        [COMMIT, RESET, RESET, RESET, RESET, OK],
-        ["try a", "try b (continue)", "wait", "try a (continue)", "try b (continue)", "wait",
-         "give up: gave up after 4 attempts"],
-        {"policy": Policy(max_attempts=3)},
-    ),
-    (
-        "each piece of a long answer is progress",
-        {"g": [A, B]},
-        [COMMIT, RESET, MORE, RESET, MORE, RESET, RESET, OK],
-        ["try a", "try b (continue)", "wait", "try a (continue)", "try b (continue)", "wait",
-         "try a (continue)"],
-        {"policy": Policy(max_attempts=3)},
-    ),
+    # starts the retry rounds over; it is still an attempt of the cap.
     (
         "progress starts the rounds over",
         {"g": [A]},
@@ -279,6 +263,14 @@ CASES = [
         ["try a", "wait", "try a (continue)", "wait", "try a (continue)", "wait",
          "try a (continue)", "wait", "try a (continue)", "give up"],
         {"policy": Policy(max_retries_per_deployment=2)},
+    ),
+    (
+        "progress is still an attempt of the cap",
+        {"g": [A, B]},
+        [COMMIT, RESET, MORE, RESET, MORE, RESET, OK],
+        ["try a", "try b (continue)", "wait", "try a (continue)",
+         "give up: gave up after 3 attempts"],
+        {"policy": Policy(max_attempts=3)},
     ),
     # Output moderation: the group decides.
     ("content filter: pass", {"g": [A, B]}, [FILTERED], ["try a", "finish content_filter"], {}),

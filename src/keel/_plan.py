@@ -188,7 +188,6 @@ class Plan(Generic[D]):
     committed: bool = False  # the client has seen part of the answer
     patient: bool = False  # an attempt timed out: the configured first_token from now on
     tokens: int = 0  # content chunks the client has seen
-    _progress: int = 0  # attempts that showed the client more before they broke (``shown``)
     # -- where the walk is
     _group: int = -1
     _round: int = 0
@@ -230,7 +229,7 @@ class Plan(Generic[D]):
                 limit = self.token_limit
                 if self.committed and limit is not None and self.tokens >= limit:
                     return self._stop(Finish("length"))  # the cut fell on the client's limit
-                if self.count - self._progress >= self.policy.max_attempts:
+                if self.count >= self.policy.max_attempts:
                     return self._stop(GiveUp(f"gave up after {self.count} attempts"))
                 if now >= self.deadline:
                     return self._stop(GiveUp("request deadline exceeded"))
@@ -410,13 +409,12 @@ class Plan(Generic[D]):
         """What the client has seen so far, told when a streamed attempt failed: ``tokens``
         content chunks; a tool call (which cannot be spliced) ends all hope of continuing.
         An attempt that showed the client more of the answer before it broke was progress,
-        as the commit is: the retry rounds start over and it costs no attempt of
-        ``max_attempts`` — a long answer in a storm is continued several times, and each
-        piece it got is not a failure to count (bounded still: each such attempt adds to
-        the answer, and the budget and the deadline hold)."""
+        as the commit is: the retry rounds start over (a long answer in a storm is continued
+        several times; its rounds ran out while each continuation added to it). Still an
+        attempt of ``max_attempts``: a deployment that cuts every stream after a few tokens
+        must not be continued, prompt re-sent each time, until the answer is whole."""
         if tokens > self.tokens:
             self._round = 0
-            self._progress += 1
             if self._s is not None:
                 self._s.rounds.clear()
         self.tokens = tokens
