@@ -13,7 +13,7 @@ import pytest
 from keel._backoff import MAX_RATIO, RetryBudget
 from keel._concurrency import HOLD_PAUSE, Aimd, Hold, RateAimd
 from keel._evidence import Cause, LoadEvidence, binomial_tail
-from keel._health import Admit, Breaker, BreakerGroup, BreakerState
+from keel._health import RAMP_DOUBLING, Admit, Breaker, BreakerGroup, BreakerState
 from keel._plan import Policy
 from test_plan import E500, OK, A, B, drive, make_plan
 
@@ -393,7 +393,7 @@ def test_held_for_says_when_a_suspect_stops_counting() -> None:
     assert b.held_for(1.05) == pytest.approx(0.05)  # the first suspect (1.0) ages out at 1.1
     b.record(Admit.SUSPECT, 1.0, True, 1.06)  # it answered: no more suspects, the ramp
     assert b.admit(1.07) is Admit.NORMAL and b.ramping(1.07) and not b.healthy
-    assert b.held_for(1.07) == pytest.approx(1 / 50 / 2**0.1)  # the ramp's next start
+    assert b.held_for(1.07) == pytest.approx(1 / 50 / 2 ** (0.01 / RAMP_DOUBLING))  # next start
     b.open(2.0)
     assert b.held_for(2.5) is None
 
@@ -405,10 +405,10 @@ RAMP_START = 50.0  # starts/s: the suspects' own pace (5 per SUSPECT_HORIZON)
     ("since_first", "spacing"),
     [
         (0.0, 1 / RAMP_START),  # the gate's pace at first
-        (0.1, 1 / (2 * RAMP_START)),  # doubling every RAMP_DOUBLING
-        (0.3, 1 / (8 * RAMP_START)),
-        (0.5, 1 / (32 * RAMP_START)),
-        (0.54, None),  # past RAMP_END a second: the ramp is over, no gate at all
+        (RAMP_DOUBLING, 1 / (2 * RAMP_START)),  # doubling every RAMP_DOUBLING
+        (3 * RAMP_DOUBLING, 1 / (8 * RAMP_START)),
+        (5 * RAMP_DOUBLING, 1 / (32 * RAMP_START)),
+        (5.4 * RAMP_DOUBLING, None),  # past RAMP_END a second: over, no gate at all
     ],
 )
 def test_after_its_first_answer_a_fresh_deployment_ramps(

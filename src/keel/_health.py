@@ -13,7 +13,9 @@ Breaker (closed → open → half-open → closed). What opens it distinguishes 
 * **the ramp** (TCP's slow start, paced): after its first success a fresh deployment is not
   handed every request that waited at that gate at once. Its starts are paced, from the gate's
   own pace (``failures`` per ``SUSPECT_HORIZON``) doubling every ``RAMP_DOUBLING`` seconds, until
-  ``RAMP_END`` a second (half a second on): a limit keel does not know yet — a rate window that
+  ``RAMP_END`` a second (a quarter of a second on; a slower ramp held the in-flight count low
+  long enough to be a baseline, and random refusals after it looked like a concurrency step:
+  tests/test_load_noise.py): a limit keel does not know yet — a rate window that
   says nothing but "too many requests" — refuses the few paced starts sent before the limiter
   has seen a burst of refusals and holds, not everything that waited (a 20 per 2 s window
   refused 15 of the 35 sent in its first 0.2 s; paced, 4).
@@ -77,8 +79,8 @@ class Admit(IntEnum):
 
 
 SUSPECT_HORIZON = 0.1  # seconds: a suspect still running after this is not a fast failure
-RAMP_DOUBLING = 0.1  # seconds: the ramp's pace doubles this often
-RAMP_END = 2000.0  # starts per second: a ramp this fast is over (4.3 doublings from 50/s)
+RAMP_DOUBLING = 0.05  # seconds: the ramp's pace doubles this often
+RAMP_END = 2000.0  # starts per second: a ramp this fast is over (5.3 doublings from 50/s)
 _BUCKETS = 10
 DOWN_RATIO = 0.9  # failing this share of the window's attempts is plainly down
 RELATIVE_MARGIN = 0.25  # fail this much more often than the siblings (and twice as often)
