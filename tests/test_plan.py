@@ -254,23 +254,14 @@ CASES = [
         ["try a", "try b (continue)"],
         {"token_limit": 4},
     ),
-    # Progress: an attempt that showed the client more before it broke (the commit too)
-    # starts the retry rounds over; it is still an attempt of the cap.
+    # An attempt that showed the client more before it broke (a deployment that cuts every
+    # stream) does not start the rounds over: the rounds end, the fallback continues.
     (
-        "progress starts the rounds over",
-        {"g": [A]},
-        [COMMIT, RESET, RESET, MORE, RESET, RESET, RESET, OK],
-        ["try a", "wait", "try a (continue)", "wait", "try a (continue)", "wait",
-         "try a (continue)", "wait", "try a (continue)", "give up"],
-        {"policy": Policy(max_retries_per_deployment=2)},
-    ),
-    (
-        "progress is still an attempt of the cap",
-        {"g": [A, B]},
+        "a continuation that shows more still spends the rounds",
+        {"g": [A], "f": [B]},
         [COMMIT, RESET, MORE, RESET, MORE, RESET, OK],
-        ["try a", "try b (continue)", "wait", "try a (continue)",
-         "give up: gave up after 3 attempts"],
-        {"policy": Policy(max_attempts=3)},
+        ["try a", "wait", "try a (continue)", "wait", "try a (continue)", "try b (continue)"],
+        {"policy": Policy(max_retries_per_deployment=2)},
     ),
     # Output moderation: the group decides.
     ("content filter: pass", {"g": [A, B]}, [FILTERED], ["try a", "finish content_filter"], {}),

@@ -406,17 +406,8 @@ class Plan(Generic[D]):
             self._s.rounds.clear()
 
     def shown(self, tokens: int, tool_call: bool) -> None:
-        """What the client has seen so far, told when a streamed attempt failed: ``tokens``
-        content chunks; a tool call (which cannot be spliced) ends all hope of continuing.
-        An attempt that showed the client more of the answer before it broke was progress,
-        as the commit is: the retry rounds start over (a long answer in a storm is continued
-        several times; its rounds ran out while each continuation added to it). Still an
-        attempt of ``max_attempts``: a deployment that cuts every stream after a few tokens
-        must not be continued, prompt re-sent each time, until the answer is whole."""
-        if tokens > self.tokens:
-            self._round = 0
-            if self._s is not None:
-                self._s.rounds.clear()
+        """What the client has seen so far: ``tokens`` content chunks; a tool call (which
+        cannot be spliced) ends all hope of continuing."""
         self.tokens = tokens
         if tool_call:
             self.spliceable = False
