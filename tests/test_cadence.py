@@ -15,6 +15,7 @@ from keel._cadence import (
     FLOOR,
     MIN_SAMPLES,
     PREFILL_BYTES_PER_S,
+    RELOOK,
     Cadence,
     FirstToken,
 )
@@ -95,6 +96,25 @@ def test_the_late_first_token_bound(
     first: FirstToken, ceiling: float, request_bytes: int, bound: float
 ) -> None:
     assert first.bound(ceiling, request_bytes) == bound
+
+
+@pytest.mark.parametrize(
+    ("first", "now", "due"),
+    [
+        # sent at 10, its own end (deadline, total) at 70, the ceiling 60 s
+        (FirstToken(), 10.0, 10.0 + RELOOK),  # nothing known: looked at again soon
+        (FirstToken(), 69.5, 70.0),  # ... never past its own end
+        (usual(0.05, MIN_SAMPLES - 1), 12.0, 12.0 + RELOOK),  # not yet trusted
+        (usual(0.05), 12.0, 10.0 + FIRST_FLOOR),  # learned meanwhile: its bound from now on
+        (usual(0.05), 16.0, 10.0 + FIRST_FLOOR),  # ... which may be over already: late
+        (usual(30.0), 12.0, 70.0),  # a slow deployment's bound: the ceiling
+    ],
+    ids=["unknown", "own-end", "too-few", "learned", "late", "slow"],
+)
+def test_a_first_token_wait_judged_again_while_the_bound_is_learned(
+    first: FirstToken, now: float, due: float
+) -> None:
+    assert first.due(10.0, 70.0, 60.0, 0, now) == pytest.approx(due)
 
 
 def test_a_slower_deployment_raises_its_own_bound() -> None:
@@ -179,6 +199,38 @@ async def test_a_first_token_far_later_than_usual_is_tried_again_long_before_fir
     assert FIRST_FLOOR <= took < FIRST_FLOOR + 3.0, f"{took:.1f} s"
     tag = prompt.rsplit("#", 1)[1].split()[0]
     assert len(_timed_out(tag, paced)) == 2  # the late one, then the retry
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["non-stream", "stream"])
+async def test_an_attempt_silent_on_a_fresh_deployment_is_cut_once_its_pace_is_learned(
+    paced: SimProcess, streaming: bool
+) -> None:
+    """The very first attempt of a fresh deployment is silent before its headers, while the
+    next ones answer at once: it is judged again as the deployment's usual first token is
+    learned (a storm's stalls in the first second waited out the 60 s ``first_token``)."""
+    import asyncio
+
+    fault = "slow_first=30*1" if streaming else "stall*1"
+
+    async def one(gw: Keel, prompt: str) -> str:
+        if streaming:
+            chunks = [c async for c in gw.stream(_body(prompt))]
+            return "".join(
+                c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]
+            )
+        return str((await gw.chat(_body(prompt)))["choices"][0]["message"]["content"])
+
+    async with Keel.from_config(_one(paced)) as gw:
+        prompt = unique("stuck") + f" [[sim:{fault}]]"
+        t = time.monotonic()
+        stuck = asyncio.create_task(one(gw, prompt))
+        for _ in range(MIN_SAMPLES):  # meanwhile the deployment shows how soon it answers
+            assert await one(gw, unique("soon"))
+        text = await stuck
+        took = time.monotonic() - t
+    assert text == answer_text(prompt)
+    assert FIRST_FLOOR <= took < FIRST_FLOOR + RELOOK + 3.0, f"{took:.1f} s"
+    assert len(_timed_out(prompt.rsplit("#", 1)[1].split()[0], paced)) == 2
 
 
 async def test_a_request_cut_for_lateness_once_waits_the_configured_bound_after(

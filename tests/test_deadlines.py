@@ -105,3 +105,24 @@ async def test_someone_elses_cancellation_wins() -> None:
     task.cancel()  # ...and the client leaves in the same loop iteration: CancelledError wins
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def test_a_judged_timeout_waits_as_long_as_it_is_told_then_expires() -> None:
+    """``judged``: when it comes, ``again(now)`` says until when to wait (a bound being
+    learned); it expires when that is not later than now."""
+    d = Deadlines()
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    looks: list[float] = []
+
+    def again(now: float) -> float:
+        looks.append(now - t0)
+        return now + 0.02 if len(looks) < 3 else now  # twice more, then late
+
+    with pytest.raises(TimeoutError), d.judged(t0 + 0.02, again):
+        await asyncio.sleep(5)
+    assert len(looks) == 3 and looks[-1] < 0.06 + 3 * GRAIN + 0.05
+    assert len(d) == 0
+    with d.judged(loop.time() + 5, again) as t:  # in time: never asked
+        await asyncio.sleep(0.01)
+    assert not t.expired and len(looks) == 3 and len(d) == 0

@@ -134,6 +134,9 @@ def test_a_deployment_that_never_answered_goes_as_a_suspect() -> None:
     assert first is not None
     first.ok = True
     release(d, first)
+    now = time.monotonic()
+    assert d.breaker.ramping(now) and not d.breaker.healthy  # its starts paced, for a while
+    assert try_acquire(d, RequestCost(REQ), now + 1.0) is not None  # a second on: no gate
     assert d.breaker.proven and d.breaker.healthy
 
 

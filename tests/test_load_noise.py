@@ -69,6 +69,36 @@ def test_a_hintless_concurrency_wall_is_learned_from_evidence(wording: str, tmp_
     assert limit is not None and c - 1 <= limit <= c + 1
 
 
+def test_a_hintless_rate_windows_first_burst_costs_a_few_refusals(tmp_path) -> None:
+    """20 requests per sliding 2 s window, DashScope's hint-less 429, 30 clients starting
+    together, 45 requests: no client failure, and the window's first span refuses a few
+    attempts, not a burst. (Released at once when its first answer came, the start-up gate
+    let 15 go into a full window; the ramp paces them, and the hold catches the first few
+    refusals.)"""
+    started: list[int] = []
+
+    def payload(i: int) -> dict[str, Any]:
+        started.append(i)
+        return body(f"r{i}")
+
+    args = ("--rate-limit", "20", "--rate-window", "2", "--rate-sliding", "--latency", "0.1",
+            "--wall-wording", "dashscope")  # fmt: skip
+    with (
+        spawn_sim(*args) as sim,
+        spawn_gateway({"models": {"m": {"deployments": [dep(sim.base_url)]}}},
+                      workdir=str(tmp_path)) as gw,
+    ):  # fmt: skip
+        results = asyncio.run(closed_loop([gw.base_url], 30, lambda: len(started) >= 45, payload))
+        log = sim.log()
+    first = min(e.t_open for e in log)
+    span = [e for e in log if e.t_open < first + 2.0]
+    refused = [e for e in span if e.status == 429]
+    print(f"\nrate window 20/2s: {len(results)} requests; first span {len(refused)}/{len(span)} refused")
+    failed = [(r.status, r.error) for r in results if r.status != 200]
+    assert len(results) >= 45 and not failed, failed
+    assert len(refused) <= 8
+
+
 def test_random_refusals_do_not_shrink_the_concurrency_limit(tmp_path) -> None:
     """10 % random 429 + 5 % random 503 on two deployments, 24 clients: every request gets
     its answer and no deployment gets an adaptive limit at all (the evidence says noise)."""

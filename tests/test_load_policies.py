@@ -13,7 +13,7 @@ import pytest
 from keel._backoff import MAX_RATIO, RetryBudget
 from keel._concurrency import HOLD_PAUSE, Aimd, Hold, RateAimd
 from keel._evidence import Cause, LoadEvidence, binomial_tail
-from keel._health import Admit, Breaker, BreakerGroup, BreakerState
+from keel._health import RAMP_DOUBLING, Admit, Breaker, BreakerGroup, BreakerState
 from keel._plan import Policy
 from test_plan import E500, OK, A, B, drive, make_plan
 
@@ -271,6 +271,9 @@ def test_the_plan_books_each_retry_outcome_to_the_budget(script, booked) -> None
 
 
 def _group(n: int, **kw) -> list[Breaker]:
+    """``n`` breakers of one group, past their start-up (the suspects' gate and the ramp after
+    it have tests of their own: ``proven=False``)."""
+    kw.setdefault("proven", True)
     g = BreakerGroup()
     out = [Breaker(failures=5, min_requests=20, window=10.0, **kw) for _ in range(n)]
     for b in out:
@@ -384,14 +387,59 @@ def test_an_unreachable_streak_marks_the_breaker_down_others_do_not() -> None:
 
 
 def test_held_for_says_when_a_suspect_stops_counting() -> None:
-    (b,) = _group(1)
+    (b,) = _group(1, proven=False)
     hows = [b.admit(1.0 + i * 0.01) for i in range(6)]  # not proven yet: five suspects
     assert hows[:5] == [Admit.SUSPECT] * 5 and hows[5] is Admit.REFUSED
     assert b.held_for(1.05) == pytest.approx(0.05)  # the first suspect (1.0) ages out at 1.1
-    b.record(Admit.SUSPECT, 1.0, True, 1.06)  # it answered: proven, no more holding back
-    assert b.admit(1.07) is Admit.NORMAL and b.healthy
+    b.record(Admit.SUSPECT, 1.0, True, 1.06)  # it answered: no more suspects, the ramp
+    assert b.admit(1.07) is Admit.NORMAL and b.ramping(1.07) and not b.healthy
+    assert b.held_for(1.07) == pytest.approx(1 / 50 / 2 ** (0.01 / RAMP_DOUBLING))  # next start
     b.open(2.0)
     assert b.held_for(2.5) is None
+
+
+RAMP_START = 50.0  # starts/s: the suspects' own pace (5 per SUSPECT_HORIZON)
+
+
+@pytest.mark.parametrize(
+    ("since_first", "spacing"),
+    [
+        (0.0, 1 / RAMP_START),  # the gate's pace at first
+        (RAMP_DOUBLING, 1 / (2 * RAMP_START)),  # doubling every RAMP_DOUBLING
+        (3 * RAMP_DOUBLING, 1 / (8 * RAMP_START)),
+        (5 * RAMP_DOUBLING, 1 / (32 * RAMP_START)),
+        (5.4 * RAMP_DOUBLING, None),  # past RAMP_END a second: over, no gate at all
+    ],
+)
+def test_after_its_first_answer_a_fresh_deployment_ramps(
+    since_first: float, spacing: float | None
+) -> None:
+    """TCP's slow start, paced: the starts that waited at the start-up gate are not all let
+    go at once (a rate window that says nothing but 429 refused 15 of that burst)."""
+    (b,) = _group(1, proven=False)
+    assert b.admit(1.0) is Admit.SUSPECT
+    b.record(Admit.SUSPECT, 1.0, True, 1.1)  # the first answer: the ramp starts
+    now = 1.1 + since_first
+    assert b.admit(now) is Admit.NORMAL
+    if spacing is None:
+        assert b.healthy and not b.ramping(now) and b.admit(now) is Admit.NORMAL
+        return
+    assert b.ramping(now) and not b.healthy
+    assert b.admit(now) is Admit.REFUSED  # one start per spacing
+    assert b.held_for(now) == pytest.approx(spacing)
+    assert b.admit(now + spacing * 1.001) is Admit.NORMAL
+
+
+def test_a_failure_streak_in_the_ramp_is_judged_by_suspects() -> None:
+    """A deployment that answered once and then cannot be reached (it died in its first
+    second) is held back as in any failure streak, not paced as a ramp."""
+    (b,) = _group(1, proven=False)
+    b.admit(1.0)
+    b.record(Admit.SUSPECT, 1.0, True, 1.1)
+    assert b.admit(1.1) is Admit.NORMAL
+    b.record(Admit.NORMAL, 1.1, False, 1.11, down=True)
+    hows = [b.admit(1.12) for _ in range(5)]
+    assert hows == [Admit.SUSPECT] * 4 + [Admit.REFUSED]  # failures - streak at once
 
 
 @pytest.mark.parametrize(

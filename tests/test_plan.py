@@ -48,6 +48,7 @@ def r429(after: float) -> UpstreamError:
 
 OK = "ok"
 COMMIT = "commit"  # the attempt commits the stream, then fails with the next outcome
+MORE = "more"  # a continuation shows the client 3 more tokens, then fails with the next outcome
 NO_ROOM = ("refused", False)
 HELD_BACK = ("refused", True)
 
@@ -91,6 +92,9 @@ def drive(plan: Plan[Dep], script: list[Any], now: float = 0.0) -> list[str]:
             if outcome == COMMIT:
                 plan.commit(d.dep)
                 plan.shown(3, tool_call=False)
+                outcome = script.pop(0)
+            elif outcome == MORE:
+                plan.shown(plan.tokens + 3, tool_call=False)
                 outcome = script.pop(0)
             if outcome == OK:
                 plan.succeeded(d.dep)
@@ -185,6 +189,21 @@ CASES = [
         ["try a: refused", "wait", "try a"],
         {},
     ),
+    # Retries are counted per deployment: one held back (nothing sent) keeps its turns.
+    (
+        "held back while its sibling fails: its turn comes",
+        {"g": [A, B]},
+        [HELD_BACK, E500] * 4 + [OK],
+        ["try a: refused", "try b", "wait"] * 4 + ["try a"],
+        {},
+    ),
+    (
+        "held back for ever: max_attempts rounds",
+        {"g": [A]},
+        [HELD_BACK] * 9,
+        ["try a: refused", "wait"] * 8 + ["try a: refused", "give up"],
+        {},
+    ),
     (
         "full everywhere",
         {"g": [A, B]},
@@ -234,6 +253,15 @@ CASES = [
         [COMMIT, RESET, OK],
         ["try a", "try b (continue)"],
         {"token_limit": 4},
+    ),
+    # An attempt that showed the client more before it broke (a deployment that cuts every
+    # stream) does not start the rounds over: the rounds end, the fallback continues.
+    (
+        "a continuation that shows more still spends the rounds",
+        {"g": [A], "f": [B]},
+        [COMMIT, RESET, MORE, RESET, MORE, RESET, OK],
+        ["try a", "wait", "try a (continue)", "wait", "try a (continue)", "try b (continue)"],
+        {"policy": Policy(max_retries_per_deployment=2)},
     ),
     # Output moderation: the group decides.
     ("content filter: pass", {"g": [A, B]}, [FILTERED], ["try a", "finish content_filter"], {}),

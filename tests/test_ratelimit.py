@@ -219,7 +219,7 @@ def test_breaker_limits_suspects_during_a_streak() -> None:
         b.record(how, 0.002, False, 0.003)
     assert b.state(0.004) is BreakerState.OPEN  # 5 attempts in all
     # a success ends a streak: everything flows again
-    b2 = Breaker(failures=5)
+    b2 = Breaker(failures=5, proven=True)  # past its start-up (the ramp: test_load_policies)
     b2.record(b2.admit(0.0), 0.0, False, 0.0)
     how = b2.admit(0.0)
     b2.record(how, 0.0, True, 0.1)

@@ -69,6 +69,7 @@ FIRST_FLOOR = 5.0  # seconds: a first token is never judged late sooner
 PREFILL_BYTES_PER_S = 4000.0  # ~1,000 prompt tokens a second: what the floor adds per byte
 FIRST_MEAN_GAIN = 0.125  # RFC 6298's alpha
 FIRST_DEV_GAIN = 0.25  # RFC 6298's beta
+RELOOK = 1.0  # seconds: how often a wait for a first token not known yet is judged again
 
 
 @dataclass(slots=True)
@@ -103,3 +104,20 @@ class FirstToken:
         if learned > b:
             b = learned
         return b if b < ceiling else ceiling
+
+    def due(
+        self, sent: float, limit: float, ceiling: float, request_bytes: int, now: float
+    ) -> float:
+        """Before the usual first token is known, an attempt sent at ``sent`` waits for it
+        by the bound as it stands *now*, looked at again every ``RELOOK`` seconds: the
+        deployment's first answers teach it within a second or two, and an attempt that
+        stalled in its first moments must not wait out the ceiling (60 s) for lack of them
+        (a storm's non-stream stalls at start-up were its slowest failures). ``limit``: the
+        attempt's own end (the request's deadline, ``timeouts.total``). When to look again;
+        ``now`` or earlier: it is late."""
+        end = sent + self.bound(ceiling, request_bytes)
+        if end > limit:
+            end = limit
+        if self.learned < 0.0 and end > now + RELOOK:
+            return now + RELOOK
+        return end

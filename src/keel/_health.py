@@ -10,6 +10,15 @@ Breaker (closed → open → half-open → closed). What opens it distinguishes 
   only ``failures - streak`` may be in flight at once, so a burst of requests cannot all land on
   a dead deployment (connection refused answers in a millisecond, so its suspects never last a
   second) before the streak opens the breaker.
+* **the ramp** (TCP's slow start, paced): after its first success a fresh deployment is not
+  handed every request that waited at that gate at once. Its starts are paced, from the gate's
+  own pace (``failures`` per ``SUSPECT_HORIZON``) doubling every ``RAMP_DOUBLING`` seconds, until
+  ``RAMP_END`` a second (a quarter of a second on; a slower ramp held the in-flight count low
+  long enough to be a baseline, and random refusals after it looked like a concurrency step:
+  tests/test_load_noise.py): a limit keel does not know yet — a rate window that
+  says nothing but "too many requests" — refuses the few paced starts sent before the limiter
+  has seen a burst of refusals and holds, not everything that waited (a 20 per 2 s window
+  refused 15 of the 35 sent in its first 0.2 s; paced, 4).
 * **a run of failures no bad luck explains**: ``failures`` in a row of any kind when the fleet
   (the group's deployments, pooled) is healthy, more when attempts fail anyway — as many as
   random faults at the fleet's failure rate would produce less than ``RUN_ALPHA`` of the time
@@ -70,6 +79,8 @@ class Admit(IntEnum):
 
 
 SUSPECT_HORIZON = 0.1  # seconds: a suspect still running after this is not a fast failure
+RAMP_DOUBLING = 0.05  # seconds: the ramp's pace doubles this often
+RAMP_END = 2000.0  # starts per second: a ramp this fast is over (5.3 doublings from 50/s)
 _BUCKETS = 10
 DOWN_RATIO = 0.9  # failing this share of the window's attempts is plainly down
 RELATIVE_MARGIN = 0.25  # fail this much more often than the siblings (and twice as often)
@@ -129,8 +140,11 @@ class Breaker:
     why: str = ""  # what opened it last (for logs and errors)
     # Until its first success a deployment is treated like one in a failure streak (at most
     # ``failures`` attempts at once in its first moments): a dead one found at start-up costs
-    # ``failures`` attempts, not one per request of the first burst.
+    # ``failures`` attempts, not one per request of the first burst. Then the ramp.
     proven: bool = False
+    # From the first success on, until the ramp is over (``proven``), starts are paced.
+    ramp_since: float = math.inf
+    _ramp_next: float = 0.0  # the ramp's next start, no sooner
     _suspects: list[float] = field(default_factory=list)  # start times of suspects in flight
     _ok: list[int] = field(default_factory=lambda: [0] * _BUCKETS)
     _bad: list[int] = field(default_factory=lambda: [0] * _BUCKETS)
@@ -153,6 +167,8 @@ class Breaker:
                 return Admit.REFUSED
             self.probing = True
             return Admit.PROBE
+        if not self.streak and now >= self.ramp_since:
+            return self._ramp(now)
         if self.streak or not self.proven:
             horizon = now - SUSPECT_HORIZON
             live = sum(1 for t in self._suspects if t > horizon)
@@ -162,10 +178,32 @@ class Breaker:
             return Admit.SUSPECT
         return Admit.NORMAL
 
+    def _ramp(self, now: float) -> Admit:
+        """A start in the ramp: at most one per ``1 / rate``; the ramp is over (``proven``)
+        once that rate reaches ``RAMP_END``."""
+        rate = self.failures / SUSPECT_HORIZON * 2.0 ** ((now - self.ramp_since) / RAMP_DOUBLING)
+        if rate >= RAMP_END:
+            self.proven = True
+            self.ramp_since = math.inf
+            return Admit.NORMAL
+        if now < self._ramp_next:
+            return Admit.REFUSED
+        self._ramp_next = now + 1.0 / rate
+        return Admit.NORMAL
+
+    def ramping(self, now: float) -> bool:
+        """Is the deployment in its ramp (answered, starts still paced)?"""
+        return not self.proven and now >= self.ramp_since
+
     def held_for(self, now: float) -> float | None:
-        """When ``admit`` refused only because of suspects in flight: seconds until the
-        oldest of them stops counting. None when it refused for another reason."""
-        if self.state(now) is not BreakerState.CLOSED or not self._suspects:
+        """When ``admit`` refused only because of suspects in flight or the ramp's pace:
+        seconds until the oldest of them stops counting, or the ramp's next start. None when
+        it refused for another reason."""
+        if self.state(now) is not BreakerState.CLOSED:
+            return None
+        if not self.streak and now >= self.ramp_since:
+            return max(0.0, self._ramp_next - now)
+        if not self._suspects:
             return None
         horizon = now - SUSPECT_HORIZON
         live = [t for t in self._suspects if t > horizon]
@@ -179,8 +217,8 @@ class Breaker:
 
     @property
     def healthy(self) -> bool:
-        """Closed, answered before, no failure streak: ``admit`` would say NORMAL and change
-        nothing."""
+        """Closed, answered before and past the ramp, no failure streak: ``admit`` would say
+        NORMAL and change nothing."""
         return not self.streak and not self.opens and self.proven
 
     def record(
@@ -212,7 +250,8 @@ class Breaker:
             return False
         if ok:
             self.streak = self.run = 0
-            self.proven = True
+            if not self.proven and self.ramp_since == math.inf:
+                self.ramp_since = self._ramp_next = now  # answered: the ramp starts
             i = self._slot(now)
             self._ok[i] += 1
             if how is Admit.PROBE or (self.opens and now >= self.open_until):

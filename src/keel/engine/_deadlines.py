@@ -17,7 +17,9 @@ Two uses:
   it needs no await): on expiry the task is cancelled and the ``CancelledError`` comes out as
   ``TimeoutError``, unless somebody else (a client that left) cancelled the task too, in
   which case the cancellation wins;
-* ``call_at(when, callback)`` — a cancellable callback (the stream watchdog's timer).
+* ``call_at(when, callback)`` — a cancellable callback (the stream watchdog's timer);
+* ``judged(when, again)`` — a ``timeout`` that asks ``again(now)`` when it comes whether to
+  wait longer (a bound that is still being learned).
 """
 
 from __future__ import annotations
@@ -76,6 +78,11 @@ class Deadlines:
     def timeout(self, when: float) -> Timeout:
         """``with deadlines.timeout(when):`` — ``asyncio.timeout_at(when)`` on this wheel."""
         return Timeout(self, when)
+
+    def judged(self, when: float, again: Callable[[float], float]) -> Timeout:
+        """``timeout(when)`` whose end is judged again when it comes: ``again(now)`` says
+        until when to wait now (``now`` or earlier: it expires)."""
+        return Judged(self, when, again)
 
     def _add(self, entry: Entry, when: float) -> None:
         slot = int(when / GRAIN) + 1
@@ -172,3 +179,21 @@ class Timeout(Entry):
             and exc_type is asyncio.CancelledError
         ):
             raise TimeoutError from exc
+
+
+class Judged(Timeout):
+    """See ``Deadlines.judged``. Single use."""
+
+    __slots__ = ("_again",)
+
+    def __init__(self, owner: Deadlines, when: float, again: Callable[[float], float]) -> None:
+        super().__init__(owner, when)
+        self._again = again
+
+    def fire(self) -> None:
+        now = self._owner.loop.time()
+        when = self._again(now)
+        if when > now:
+            self._owner._add(self, when)  # (the wheel arms for it after this callback)
+            return
+        super().fire()

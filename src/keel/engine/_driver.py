@@ -41,6 +41,7 @@ from keel.engine._upstream import (
     FrameReader,
     accepted,
     attempt_limit,
+    first_token_timer,
     post,
     refused,
     send,
@@ -84,10 +85,16 @@ async def complete(keel: Keel, call: Call) -> tuple[bytes, dict[str, str]]:
                 payload = keel.upstream_body(call.body, dep)
             # A whole answer far later than the deployment's usual one: try elsewhere.
             ceiling = dep.timeouts.first_token
-            bound = ceiling if d.patient else dep.answer_time.bound(ceiling, len(payload))
+            usual = dep.answer_time
+            bound = ceiling if d.patient else usual.bound(ceiling, len(payload))
             sent = loop.time()
+            limit = attempt_limit(dep, call.deadline, deadlines, bound)
             try:
-                with deadlines.timeout(attempt_limit(dep, call.deadline, deadlines, bound)):
+                with (
+                    deadlines.timeout(limit)
+                    if d.patient or usual.learned >= 0.0  # (the common case: no call)
+                    else first_token_timer(deadlines, dep, limit, usual, len(payload))
+                ):
                     resp = await send(session, dep.urls[wire], dep, payload)
                     if not accepted(dep, resp):
                         rejected, resp = resp, None  # refused() closes it
@@ -101,8 +108,10 @@ async def complete(keel: Keel, call: Call) -> tuple[bytes, dict[str, str]]:
                 if resp is not None:
                     resp.close()
                 phase = "before the response" if resp is None else "while reading the response"
+                if not d.patient:
+                    bound = usual.bound(ceiling, len(payload))  # (learned meanwhile, maybe)
                 if bound < ceiling and isinstance(exc, TimeoutError):
-                    phase += _late(bound, dep.answer_time.mean)
+                    phase += _late(bound, usual.mean)
                 _settle(call, plan, dep, permit, transport_failure(exc, phase).error)
                 continue
             except BaseException:
@@ -233,7 +242,10 @@ async def _attempt(
     # A first token far later than the deployment's usual one: try elsewhere (keel._cadence).
     ceiling = dep.timeouts.first_token
     first = ceiling if patient else dep.first_token.bound(ceiling, len(payload))
-    resp = await post(session, dep.urls[op], dep, payload, call.deadline, deadlines, first)
+    resp = await post(
+        session, dep.urls[op], dep, payload, call.deadline, deadlines, first,
+        None if patient else dep.first_token,
+    )  # fmt: skip
     asm = op.assembler(dep.dialect)
     take = t.take(asm, dep.name, mode)  # type: ignore[arg-type]
     # A stall judged by the deployment's usual pace is only worth it where it can be repaired:

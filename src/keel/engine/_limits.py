@@ -833,6 +833,8 @@ async def acquire(
             if is_open
             else "holding back during a failure streak"
             if dep.breaker.streak
+            else "ramping up after its first answer"
+            if dep.breaker.ramping(now)
             else "holding back until its first answer"
         )
         raise Saturated(

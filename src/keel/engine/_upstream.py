@@ -19,10 +19,10 @@ from collections.abc import Awaitable
 import aiohttp
 
 from keel._assembly import Frame, FrameKind, StreamAssembler
-from keel._cadence import FLOOR, Cadence
+from keel._cadence import FLOOR, Cadence, FirstToken
 from keel._classify import ErrorKind, UpstreamError, classify_response, transport_error
 from keel._sse import Comment, SSEDecoder
-from keel.engine._deadlines import Deadlines, Entry
+from keel.engine._deadlines import Deadlines, Entry, Timeout
 from keel.engine._deployment import Deployment
 
 _CHUNK = FrameKind.CHUNK
@@ -114,6 +114,21 @@ def attempt_limit(
     return min(deadline, deadlines.loop.time() + min(first_token, dep.timeouts.total))
 
 
+def first_token_timer(
+    deadlines: Deadlines, dep: Deployment, limit: float, usual: FirstToken | None, size: int
+) -> Timeout:
+    """The wait for an attempt's first token (a non-stream attempt's whole answer), until
+    ``limit``; while ``usual`` (the deployment's history, None: the configured bound) has not
+    learned a bound, judged again as it learns (``FirstToken.due``)."""
+    if usual is None or usual.learned >= 0.0:
+        return deadlines.timeout(limit)
+    sent, ceiling = deadlines.loop.time(), dep.timeouts.first_token
+    return deadlines.judged(
+        usual.due(sent, limit, ceiling, size, sent),
+        lambda now: usual.due(sent, limit, ceiling, size, now),
+    )
+
+
 async def post(
     session: aiohttp.ClientSession,
     url: str,
@@ -122,10 +137,14 @@ async def post(
     deadline: float,
     deadlines: Deadlines,
     first_token: float,
+    usual: FirstToken | None = None,
 ) -> aiohttp.ClientResponse:
-    """Send the request and wait for a 2xx response's headers (first-token timeout bounds it)."""
+    """Send the request and wait for a 2xx response's headers (first-token timeout bounds it).
+    ``usual``: the deployment's first-token history, when ``first_token`` is its bound and it
+    has not learned one yet: the wait is judged again as it learns (``FirstToken.due``)."""
+    limit = attempt_limit(dep, deadline, deadlines, first_token)
     try:
-        with deadlines.timeout(attempt_limit(dep, deadline, deadlines, first_token)):
+        with first_token_timer(deadlines, dep, limit, usual, len(body)):
             return await _send(session, url, dep, body)
     except AttemptFailed:
         raise
@@ -150,7 +169,7 @@ class _Watchdog:
     when it fires, so the per-chunk cost is two attribute writes."""
 
     __slots__ = (
-        "_ceiling", "_deadlines", "_due", "_handle", "_idle", "_loop", "_min_tokens", "_own", "_resp", "_total", "_window",
+        "_cadence", "_ceiling", "_deadlines", "_due", "_handle", "_idle", "_loop", "_min_tokens", "_own", "_resp", "_total", "_window",
         "_window_end", "_window_tokens", "expired", "first_progress", "progressed", "tokens",
     )  # fmt: skip
 
@@ -170,8 +189,11 @@ class _Watchdog:
         # A silence many times the deployment's usual gap is a stall (keel._cadence), when a
         # stall can be repaired; else only the configured idle bound.
         self._idle = dep.cadence.idle(t.idle) if adaptive else t.idle
-        # The deployment's pace not known yet: this stream's own, re-judged every FLOOR s.
+        # The deployment's pace not known yet: this stream's own, re-judged every FLOOR s
+        # (and the deployment's, once it knows it: a stream stalled after 3 tokens in the
+        # gateway's first second has no pace of its own to show).
         self._own = adaptive and not dep.cadence.known
+        self._cadence = dep.cadence
         self._ceiling = t.idle
         self._min_tokens = t.min_tokens
         self._window = t.min_tokens_window
@@ -199,9 +221,13 @@ class _Watchdog:
             due = self._due
         else:
             if self._own:
-                self._idle = Cadence.own(
-                    self._ceiling, self.first_progress, self.progressed, self.tokens
-                )
+                cadence = self._cadence
+                if cadence.known:  # the deployment's pace was learned meanwhile: judge by it
+                    self._idle, self._own = cadence.idle(self._ceiling), False
+                else:
+                    self._idle = Cadence.own(
+                        self._ceiling, self.first_progress, self.progressed, self.tokens
+                    )
                 if now < self.progressed + self._idle:  # not stalled (yet): look again soon
                     due = min(self.progressed + self._idle, now + FLOOR, self._total)
                 else:
