@@ -185,7 +185,9 @@ async def test_a_connection_that_never_speaks_is_closed_at_the_keepalive_timeout
     reader, writer = await connect(port)
     start = time.monotonic()
     assert await until_closed(reader, KEEPALIVE_T + SLACK + 2) == b""  # closed, nothing said
-    assert KEEPALIVE_T <= time.monotonic() - start < KEEPALIVE_T + SLACK
+    # The server's clock starts when it accepts, a moment before `connect` returns here, and a
+    # loop timer may fire up to its clock resolution early (0.998 s was seen under load).
+    assert KEEPALIVE_T - 0.05 <= time.monotonic() - start < KEEPALIVE_T + SLACK
     writer.close()
 
 
