@@ -112,12 +112,14 @@ async def test_client_booking_fast_path_matches_the_checked_one() -> None:
     p = adm.by_key["k"]
     assert p.req is not None and p.tok is not None
     ticket = await adm.admit(p, RequestCost(REQ))
-    assert ticket is not None and ticket.cost > 0
+    assert ticket is not None
+    cost, lease = ticket
+    assert cost > 0 and lease is None
     now = time.monotonic()
     # one request and the ticket's tokens booked from about now
     assert p.req.tat == pytest.approx(now + p.req.interval, abs=0.05)
-    assert p.tok.tat == pytest.approx(now + ticket.cost * p.tok.interval, abs=0.05)
-    adm.done(ticket, None)
+    assert p.tok.tat == pytest.approx(now + cost * p.tok.interval, abs=0.05)
+    adm.done(p, ticket, None)
 
 
 def test_a_deployment_that_never_answered_goes_as_a_suspect() -> None:

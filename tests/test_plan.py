@@ -118,6 +118,9 @@ NONE = Dep("n", continuation="none")
 CASES = [
     # (id, groups, script, decisions, plan options)
     ("first try", {"g": [A, B]}, [OK], ["try a"], {}),
+    # The first ask starts the first group; one without candidates moves on as any round does.
+    ("an empty first group: the next one", {"g": [], "h": [B]}, [OK], ["try b"], {}),
+    ("no candidates at all", {"g": [], "h": []}, [], ["give up"], {}),
     ("failover before retry", {"g": [A, B]}, [E500, OK], ["try a", "try b"], {}),
     (
         "retry after a round, with backoff",

@@ -219,12 +219,17 @@ class Plan(Generic[D]):
         """What to do now."""
         if self._end is not None:
             return self._end
+        if self._group < 0 and self.groups:
+            # The first ask: the first group's candidates (what the end of a round below comes
+            # to as well, through retry bookkeeping that is still empty).
+            self._group = 0
+            self._pending = self.order(self.groups[0])
         while True:
             pending = self._pending
             while self._next < len(pending):
                 dep = pending[self._next]
                 self._next += 1
-                if not self.eligible(dep):
+                if self.committed and not self.eligible(dep):  # before it, anyone may answer
                     continue
                 limit = self.token_limit
                 if self.committed and limit is not None and self.tokens >= limit:

@@ -454,7 +454,7 @@ class Keel:
 
     def done(self, call: Call) -> None:
         """The request is over: free the client's concurrency, reconcile its tokens."""
-        self.admission.done(call.ticket, call.usage)
+        self.admission.done(call.principal, call.ticket, call.usage)
         meter = call.principal.meter
         if meter is not None:
             meter.charge(call)

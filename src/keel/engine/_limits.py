@@ -723,8 +723,9 @@ class DeploymentLimiter:
         cap = self.hold.cap
         self._configured_cap = min(self._unheld_cap, cap) if self.hold.active else self._unheld_cap
 
-    def on_success_sample(self, permit: Permit) -> None:
-        self.evidence.record(permit.started, permit.in_flight, False)
+    def on_success_limited(self, permit: Permit) -> None:
+        """A success while a hold or a learned pace is on (``_succeeded`` asks only then: the
+        common success records its load evidence and nothing else here)."""
         if self.hold.active and permit.started >= self.hold.since:
             if self._probe_refused:
                 # The window reopened, between the last refused probe and now: pace at what
@@ -868,9 +869,13 @@ def _open_reason(dep: Deployment, back: float) -> str:
     return f"{dep.name}: circuit breaker open for {back:.1f}s"
 
 
-def _usage_int(usage: Mapping[str, Any] | None, key: str) -> int | None:
-    v = usage.get(key) if usage is not None else None
-    return v if type(v) is int else None  # not bool (an int subclass), not float
+def _usage_ints(usage: Mapping[str, Any] | None) -> tuple[int | None, int | None]:
+    """(prompt, completion) tokens an answer's usage reports; None for a count that is not an
+    int (a bool is an int subclass, a float is not a count)."""
+    if usage is None:
+        return None, None
+    p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    return p if type(p) is int else None, c if type(c) is int else None
 
 
 def release(dep: Deployment, permit: Permit) -> None:
@@ -891,16 +896,17 @@ def _succeeded(dep: Deployment, permit: Permit, now: float) -> None:
     lim = dep.limiter
     dep.breaker.record(permit.how, permit.started, True, now)
     usage = permit.usage
-    completion = _usage_int(usage, "completion_tokens")
+    prompt, completion = _usage_ints(usage)
     tokens = completion if completion else lim.calibration.typical_completion
     took = now - permit.started
     dep.latency.observe(took / (tokens if tokens > 1.0 else 1.0), now)
     dep.took.add(took)  # the status page's percentiles
     if lim.aimd is not None:
         lim.aimd.on_success(permit.in_flight, permit.epoch, now)
-    lim.on_success_sample(permit)
+    lim.evidence.record(permit.started, permit.in_flight, False)
+    if lim.hold.active or lim.paced is not None:
+        lim.on_success_limited(permit)
     if usage is not None:
-        prompt = _usage_int(usage, "prompt_tokens")
         if permit.cost and prompt is not None and completion is not None:
             lim.adjust_tokens(prompt + completion - permit.cost)
         if permit.prompt_estimate:
