@@ -99,6 +99,25 @@ def test_the_late_first_token_bound(
 
 
 @pytest.mark.parametrize(
+    ("first", "patience", "bound"),
+    [
+        (usual(0.05), 0, FIRST_FLOOR),
+        (usual(0.05), 1, 2 * FIRST_FLOOR),  # cut once: twice the bound
+        (usual(0.05), 2, 4 * FIRST_FLOOR),  # cut twice: four times
+        (usual(0.05), 4, 60.0),  # never over the ceiling
+        (FirstToken(), 1, 60.0),  # nothing known yet: the configured bound, as before
+    ],
+    ids=["none", "once", "twice", "ceiling", "unknown"],
+)
+def test_each_cut_for_lateness_doubles_the_next_bound(
+    first: FirstToken, patience: int, bound: float
+) -> None:
+    # RFC 6298's backoff: a big request gets the time it needs within a few attempts, and a
+    # second stall is cut at twice the bound, not after the whole first_token ceiling.
+    assert first.bound(60.0, 0, patience) == bound
+
+
+@pytest.mark.parametrize(
     ("first", "now", "due"),
     [
         # sent at 10, its own end (deadline, total) at 70, the ceiling 60 s
@@ -237,7 +256,7 @@ async def test_a_request_cut_for_lateness_once_waits_the_configured_bound_after(
     paced: SimProcess,
 ) -> None:
     """A big request is not cut twice: every attempt answers 6 s late (over the learned 5 s
-    floor), the first attempt is cut, the retry waits (``Try.patient``) and answers."""
+    floor), the first attempt is cut, the retry waits twice the bound (``Try.patience``) and answers."""
     cfg = _one(paced)
     async with Keel.from_config(cfg) as gw:
         for _ in range(MIN_SAMPLES):

@@ -25,6 +25,7 @@ def err(kind: ErrorKind, **kw: Any) -> UpstreamError:
     flags = {
         ErrorKind.SERVER: dict(retryable=True, failover=True),
         ErrorKind.CONNECTION: dict(retryable=True, failover=True),
+        ErrorKind.TIMEOUT: dict(retryable=True, failover=True),
         ErrorKind.RATE_LIMIT: dict(retryable=True, failover=True),
         ErrorKind.CONTEXT_LENGTH: dict(retryable=False, failover=False),
         ErrorKind.AUTH: dict(retryable=False, failover=True, disable_key_for=300.0),
@@ -367,6 +368,25 @@ def test_a_stream_attempt_carries_the_hedge_delay() -> None:
     assert isinstance(d, Try) and d.hedge_after == 0.5
     d = make_plan({"g": [A, B]}).next(0.0)
     assert isinstance(d, Try) and d.hedge_after is None  # the group does not hedge
+
+
+def test_each_attempt_cut_for_lateness_adds_one_to_the_patience_of_the_next() -> None:
+    late = err(ErrorKind.TIMEOUT)
+    plan = make_plan({"g": [A, B]})
+
+    def next_try(now: float = 0.0) -> Try[Dep]:
+        while isinstance(d := plan.next(now), Wait):
+            now = d.until  # the backoff before the second round
+        assert isinstance(d, Try)
+        return d
+
+    patience = []
+    for outcome in (late, late, E500):
+        d = next_try()
+        patience.append(d.patience)
+        plan.started(d.dep)
+        plan.failed(d.dep, outcome)
+    assert [*patience, next_try().patience] == [0, 1, 2, 2]  # a 500 is not late
 
 
 def test_hedge_wins() -> None:

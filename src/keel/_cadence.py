@@ -95,14 +95,17 @@ class FirstToken:
         if self.samples >= MIN_SAMPLES:
             self.learned = FIRST_FACTOR * (self.mean + 4.0 * self.dev)
 
-    def bound(self, ceiling: float, request_bytes: int = 0) -> float:
-        """Seconds after which an attempt of ``request_bytes`` without its first token is late."""
+    def bound(self, ceiling: float, request_bytes: int = 0, patience: int = 0) -> float:
+        """Seconds after which an attempt of ``request_bytes`` without its first token is late;
+        doubled ``patience`` times (attempts of the request already cut for lateness)."""
         learned = self.learned
         if learned < 0.0:
             return ceiling  # fewer than MIN_SAMPLES answers seen
         b = FIRST_FLOOR + request_bytes / PREFILL_BYTES_PER_S
         if learned > b:
             b = learned
+        if patience:
+            b *= 1 << patience
         return b if b < ceiling else ceiling
 
     def due(

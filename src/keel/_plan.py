@@ -32,8 +32,9 @@ deployments that can *continue* the answer are candidates (never inside a tool c
 output moderation ends with ``content_filter`` or fails over (the group's
 ``on_content_filter``), and a late first token is *hedged* on another deployment. A first
 token far later than the deployment's usual one ends the attempt (``keel._cadence.FirstToken``,
-carried out by the driver) once per request: after a timeout, attempts wait the configured
-``first_token`` (``Try.patient``).
+carried out by the driver); each attempt of the request cut for lateness doubles the bound
+for the next (``Try.patience``, RFC 6298's backoff of a retransmission timer): a big request
+gets the time it needs, and a second stall is still cut long before ``first_token``.
 """
 
 from __future__ import annotations
@@ -88,15 +89,15 @@ class Try(Generic[D]):
 
     ``continuation``: the stream is committed; the attempt must continue the answer.
     ``hedge_after``: seconds after which, without a first token, ask ``hedge_target()``.
-    ``patient``: wait the configured ``first_token``, not the deployment's learned bound
-    (``keel._cadence.FirstToken``): an attempt of this request was already cut for lateness
-    — it may just be a big one. If the deployment's limiter cannot let the attempt through
+    ``patience``: how many attempts of this request were cut for lateness; the deployment's
+    learned first-token bound (``keel._cadence.FirstToken``) is doubled that many times, up
+    to the configured ``first_token`` — a late request may just be a big one. If the deployment's limiter cannot let the attempt through
     at once, ``queue_bound()`` says how long it may wait for it."""
 
     dep: D
     continuation: bool = False
     hedge_after: float | None = None
-    patient: bool = False
+    patience: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +187,7 @@ class Plan(Generic[D]):
     last: D | None = None  # the deployment of the latest attempt (or the hedge that won)
     saturated: tuple[str, float | None] | None = None  # the last refusal: reason, retry_after
     committed: bool = False  # the client has seen part of the answer
-    patient: bool = False  # an attempt timed out: the configured first_token from now on
+    patience: int = 0  # attempts cut for lateness (timeouts): each doubles the next bound
     tokens: int = 0  # content chunks the client has seen
     # -- where the walk is
     _group: int = -1
@@ -243,9 +244,9 @@ class Plan(Generic[D]):
                         return self._stop(GiveUp(self._budget_reason()))
                     self._setbacks().charged.add(id(dep))  # its outcome goes back to the budget
                 if self.hedge is None:
-                    return Try(dep, self.committed, None, self.patient)
+                    return Try(dep, self.committed, None, self.patience)
                 hedge_after = None if self.committed else self.hedge.delay()
-                return Try(dep, self.committed, hedge_after, self.patient)
+                return Try(dep, self.committed, hedge_after, self.patience)
             # This round of this group is over: retry what may succeed, or move on.
             # (after the commit, only those that can still continue the answer)
             s = self._s
@@ -357,7 +358,7 @@ class Plan(Generic[D]):
             err = replace(err, failover=True, retryable=False)
         s.tried.append(Tried(dep.name, err))
         if err.kind is ErrorKind.TIMEOUT:
-            self.patient = True  # cut for lateness once: a big request is not cut again
+            self.patience += 1  # a big request may need longer: the next bound is doubled
         penalty = self._penalty(err)
         if hedge:
             return penalty

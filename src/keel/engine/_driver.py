@@ -86,13 +86,13 @@ async def complete(keel: Keel, call: Call) -> tuple[bytes, dict[str, str]]:
             # A whole answer far later than the deployment's usual one: try elsewhere.
             ceiling = dep.timeouts.first_token
             usual = dep.answer_time
-            bound = ceiling if d.patient else usual.bound(ceiling, len(payload))
+            bound = usual.bound(ceiling, len(payload), d.patience)
             sent = loop.time()
             limit = attempt_limit(dep, call.deadline, deadlines, bound)
             try:
                 with (
                     deadlines.timeout(limit)
-                    if d.patient or usual.learned >= 0.0  # (the common case: no call)
+                    if d.patience or usual.learned >= 0.0  # (the common case: no call)
                     else first_token_timer(deadlines, dep, limit, usual, len(payload))
                 ):
                     resp = await send(session, dep.urls[wire], dep, payload)
@@ -108,8 +108,7 @@ async def complete(keel: Keel, call: Call) -> tuple[bytes, dict[str, str]]:
                 if resp is not None:
                     resp.close()
                 phase = "before the response" if resp is None else "while reading the response"
-                if not d.patient:
-                    bound = usual.bound(ceiling, len(payload))  # (learned meanwhile, maybe)
+                bound = usual.bound(ceiling, len(payload), d.patience)  # (learned meanwhile?)
                 if bound < ceiling and isinstance(exc, TimeoutError):
                     phase += _late(bound, usual.mean)
                 _settle(call, plan, dep, permit, transport_failure(exc, phase).error)
@@ -171,13 +170,13 @@ async def stream(keel: Keel, call: Call, sink: Sink) -> None:
                 t.attempts = plan.count
                 if d.hedge_after is not None:
                     if await _hedged(
-                        keel, call, plan, t, sink, dep, permit, d.hedge_after, d.patient
+                        keel, call, plan, t, sink, dep, permit, d.hedge_after, d.patience
                     ):
                         return
                     continue
                 try:
                     usage = await _attempt(
-                        keel, call, plan, t, sink, dep, d.continuation, d.patient
+                        keel, call, plan, t, sink, dep, d.continuation, d.patience
                     )
                 except AttemptFailed as failed:
                     _settle(call, plan, dep, permit, failed.error)
@@ -212,10 +211,10 @@ async def _attempt(
     sink: Sink,
     dep: Deployment,
     continuing: bool,
-    patient: bool,
+    patience: int,
 ) -> Mapping[str, Any]:
     """One streamed attempt, from the request to the last frame. Returns its usage.
-    ``patient``: wait the configured first_token, not the deployment's learned bound."""
+    ``patience``: attempts of this request cut for lateness (``Try.patience``)."""
     mode = dep.continuation if continuing else None
     op = call.op
     if mode is not None:
@@ -241,10 +240,10 @@ async def _attempt(
     started = deadlines.loop.time()
     # A first token far later than the deployment's usual one: try elsewhere (keel._cadence).
     ceiling = dep.timeouts.first_token
-    first = ceiling if patient else dep.first_token.bound(ceiling, len(payload))
+    first = dep.first_token.bound(ceiling, len(payload), patience)
     resp = await post(
         session, dep.urls[op], dep, payload, call.deadline, deadlines, first,
-        None if patient else dep.first_token,
+        None if patience else dep.first_token,
     )  # fmt: skip
     asm = op.assembler(dep.dialect)
     take = t.take(asm, dep.name, mode)  # type: ignore[arg-type]
@@ -366,12 +365,12 @@ async def _hedged(
     dep: Deployment,
     permit: Permit,
     delay: float,
-    patient: bool,
+    patience: int,
 ) -> bool:
     """An attempt on ``dep`` that races a second deployment when its first token is late.
     The first to commit wins and cancels the other. Every attempt's outcome is settled here;
     True when one of them completed the stream."""
-    first = asyncio.create_task(_attempt(keel, call, plan, t, sink, dep, False, patient))
+    first = asyncio.create_task(_attempt(keel, call, plan, t, sink, dep, False, patience))
     racers = call.racers = {first: (dep, permit)}
     try:
         done, _ = await asyncio.wait({first}, timeout=delay)
@@ -386,7 +385,7 @@ async def _hedged(
                 t.attempts = plan.count
                 alt.in_flight += 1
                 second = asyncio.create_task(
-                    _attempt(keel, call, plan, t, sink, alt, False, patient)
+                    _attempt(keel, call, plan, t, sink, alt, False, patience)
                 )
                 racers[second] = (alt, alt_permit)
         pending = set(racers)
