@@ -49,6 +49,19 @@ def run(events: list[dict[str, Any] | str], numbered: bool = True) -> tuple[list
     return frames, asm.finish(), asm
 
 
+def test_bare_data_lines_are_judged_as_responses_events() -> None:
+    # A read without ``event:`` lines reaches the assembler undecoded (``feed_data``): the same
+    # frames as the typed events, not chat chunks judged by the chat fast path.
+    events = [CREATED, MSG, PART, delta("Hel"), delta("lo"), COMPLETED]
+    typed, typed_end, _ = run(events)
+    asm = ResponsesAssembler()
+    bare = [asm.feed_data(orjson.dumps({**e, "sequence_number": i})) for i, e in enumerate(events)]
+    assert [(f.kind, f.data, f.content, f.finish_reason) for f in bare] == [
+        (f.kind, f.data, f.content, f.finish_reason) for f in typed
+    ]
+    assert asm.finish() == typed_end and asm.text == "Hello"
+
+
 def kinds(frames: list[Any]) -> list[str]:
     return [f.kind.value for f in frames]
 

@@ -70,6 +70,9 @@ def _general(asm: StreamAssembler, data: str) -> Frame:
         _chunk({"content": "x", "role": "assistant"}),  # role already known
         _chunk({"content": "x"}, "stop"),  # a finish: general path
         _chunk({"content": "x"}, usage={"prompt_tokens": 1}),
+        _chunk({"content": "x"}, usage=None),
+        _chunk({"content": "x"}, error=None),  # a null error: a chunk all the same
+        _chunk({"content": "x"}, type="chunk"),
         _chunk({"tool_calls": [{"index": 0, "function": {"arguments": "{"}}]}),
         _chunk({"content": 5}),  # wrong type: INVALID, as the general path says
         orjson.dumps({**BASE, "choices": [{"index": 1, "delta": {"content": "n=2"}}]}),
@@ -120,6 +123,12 @@ _READS = [
     [b"data: a\n\n\n\ndata: b\n\n"],
     [b"data: \n\n", b"\n\n", b"data: z\n\n"],
     [b"x\n\n", b"data: after a stray line\n\n"],
+    # after the first read (the BOM question settled): one event, or one and a blank line,
+    # or two lines in one event
+    [b"data: first\n\n", b"data: a\n\n\n\n", b"data: b\nc\n\n", b"data: one\n\n"],
+    # reads that end in one LF, or are one or two LFs
+    [b"data: first\n\n", b"\n", b"data: x\n", b"\n", b"\n\n", b"data: y\n\n"],
+    [b"data: first\n\n", b"data: a\n\ndata: b\n", b"\n", b"data: half"],
 ]
 
 
@@ -189,3 +198,18 @@ def test_feed_data_after_done_is_ignored_like_feed() -> None:
     assert asm.done
     frame = asm.feed_data(_chunk({"content": "late"}))
     assert frame.kind is FrameKind.IGNORED and frame.raw is None
+
+
+@pytest.mark.parametrize("piece", ["hi", ""])
+def test_the_canonical_frame_is_the_constructors(piece: str) -> None:
+    """The fast path stores a frame's fields itself: every one of them, as the dataclass
+    would (``==`` compares them all; one left unset would raise)."""
+    payload = _chunk({"content": piece})
+    obj = orjson.loads(payload)
+    opening = _chunk({"role": "assistant", "content": ""})
+    by_bytes, by_text = StreamAssembler(), StreamAssembler()
+    by_bytes.feed_data(opening)
+    by_text.feed_data(opening)
+    assert by_bytes.feed_data(payload) == Frame(FrameKind.CHUNK, None, obj, piece, raw=payload)
+    text = payload.decode()
+    assert by_text.feed(ServerSentEvent(text)) == Frame(FrameKind.CHUNK, text, obj, piece)

@@ -86,6 +86,9 @@ class Frame:
         return text
 
 
+_new_frame = object.__new__
+
+
 @dataclass(slots=True)
 class ToolCall:
     index: int
@@ -189,22 +192,27 @@ class StreamAssembler:
                 obj = _loads(raw)  # valid UTF-8 JSON, or it raises
             except _JSONDecodeError:
                 pass  # [DONE], a keep-alive, invalid JSON or UTF-8: as ``feed`` says
-            else:
-                piece = self._canonical(obj)
-                if piece is not None:  # the data text is decoded only if someone asks
-                    return Frame(_CHUNK, None, obj, piece, None, None, raw)
-                return self._judged(raw.decode(), obj, raw)
+            else:  # the data text is decoded only if someone asks
+                return self._canonical(None, obj, raw) or self._judged(raw.decode(), obj, raw)
         return self.feed(ServerSentEvent(raw.decode("utf-8", "replace")))
 
-    def _canonical(self, obj: Any) -> str | None:
+    def _canonical(self, data: str | None, obj: Any, raw: bytes | None) -> Frame | None:
         """Fast path, nearly every chunk of a stream after the first: one choice, index 0, a
         delta with (at most) content, no finish_reason — taken in (as ``_chunk`` would) and
-        its content returned. None for anything else (usage, role, tool calls, a finish, odd
-        types, not a chunk at all), which ``_parsed`` judges; nothing is taken in then."""
+        its frame returned. None for anything else (usage, role, tool calls, a finish, odd
+        types, not a chunk at all), which ``_judged`` judges; nothing is taken in then."""
         if type(obj) is not dict or self._meta_open:
             return None
         choices = obj.get("choices")
-        if type(choices) is not list or len(choices) != 1 or "usage" in obj:
+        # A usage, error or type key at all (even null) is for ``_judged``: a key test is
+        # cheaper than reading the value.
+        if (
+            type(choices) is not list
+            or len(choices) != 1
+            or "usage" in obj
+            or "error" in obj
+            or "type" in obj
+        ):
             return None
         choice = choices[0]
         if type(choice) is not dict or choice.get("finish_reason"):
@@ -217,8 +225,6 @@ class StreamAssembler:
             or index != 0
             or "tool_calls" in delta
             or (self.role is None and "role" in delta)
-            or obj.get("error")
-            or obj.get("type") == "error"
         ):
             return None
         piece = delta.get("content")
@@ -230,14 +236,23 @@ class StreamAssembler:
             self._parts.append(piece)
         self._choices.add(0)
         self.chunks += 1
-        return piece
+        # ``Frame(CHUNK, data, obj, piece, raw=raw)``, its fields stored here: one is made per
+        # relayed chunk, and the dataclass ``__init__`` called through the class costs ~400
+        # instructions more (cachegrind). tests/test_stream_fastpaths.py pins it to the
+        # constructor.
+        f = _new_frame(Frame)
+        f.kind = _CHUNK
+        f._data = data
+        f.obj = obj
+        f.content = piece
+        f.finish_reason = None
+        f.error = None
+        f.raw = raw
+        return f
 
     def _parsed(self, data: str, obj: Any, raw: bytes | None) -> Frame:
         """A ``data:`` event of the default type, parsed as JSON."""
-        piece = self._canonical(obj)
-        if piece is not None:
-            return Frame(_CHUNK, data, obj, piece, None, None, raw)
-        return self._judged(data, obj, raw)
+        return self._canonical(data, obj, raw) or self._judged(data, obj, raw)
 
     def _judged(self, data: str, obj: Any, raw: bytes | None) -> Frame:
         """A parsed ``data:`` event that is not the canonical chunk (``_canonical``)."""

@@ -55,6 +55,12 @@ class ResponsesAssembler(StreamAssembler):
     started: bool = False  # response.created arrived
     _by_output: dict[int, int] = field(default_factory=dict)  # output_index → tool-call index
 
+    def feed_data(self, raw: bytes) -> Frame:
+        # The reader hands over a read of bare ``data:`` lines undecoded (a provider or proxy
+        # that drops the ``event:`` lines): a Responses event is still judged by its own
+        # ``type``, never by the chat chunk's fast path that ``StreamAssembler`` would take.
+        return self.feed(ServerSentEvent(raw.decode("utf-8", "replace")))
+
     def feed(self, event: ServerSentEvent) -> Frame:
         data = event.data
         if self.done:

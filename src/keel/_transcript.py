@@ -46,7 +46,7 @@ class Transcript:
     __slots__ = (
         "attempts", "chunk_object", "clock", "commit_ms", "commit_tokens", "committed",
         "completion_tokens", "continued", "current", "finish_choice", "meta", "owner",
-        "prompt_tokens", "sent", "tokens", "tool_calls", "usage_payload", "wants_usage",
+        "prompt_tokens", "sent", "tool_calls", "usage_payload", "wants_usage",
     )  # fmt: skip
 
     def __init__(
@@ -70,7 +70,6 @@ class Transcript:
         self.owner: Take | None = None  # the attempt that committed the stream
         self.current: Take | None = None  # the latest attempt
         self.sent: list[str] = []  # content deltas the client has (or will have) seen
-        self.tokens = 0  # content chunks in ``sent``
         self.tool_calls = False  # the client has seen (part of) a tool call
         self.meta: Meta = (None, None, None)
         self.continued: list[dict[str, Any]] = []  # the repairs, for the terminal chunk
@@ -83,6 +82,11 @@ class Transcript:
     @property
     def text(self) -> str:
         return "".join(self.sent)
+
+    @property
+    def tokens(self) -> int:
+        """Content chunks the client has (or will have) seen."""
+        return len(self.sent)
 
     def take(self, asm: StreamAssembler, deployment: str, mode: Mode | None = None) -> Take:
         """A new attempt's part. ``mode``: it continues the committed answer that way."""
@@ -191,18 +195,18 @@ class Take:
         the attempt commit the stream — the caller commits the sink before sending ``out``.
         Raises ``Lost`` when a rival attempt committed first."""
         t = self._t
+        content = f.content
+        # A usage-only chunk (no choices, so no content): held, not relayed.
         obj = f.obj
-        if obj is not None and not obj.get("choices") and obj.get("usage"):
+        if not content and obj is not None and not obj.get("choices") and obj.get("usage"):
             self._usage(obj["usage"], f.raw if f.raw is not None else f.data.encode())
             return False
-        content = f.content
         if self._hot and f.finish_reason is None:  # a token of the committed stream
             raw = f.raw
             out.append(raw if raw is not None else f.data.encode())
             if content:
                 self.relayed += 1
                 t.sent.append(content)
-                t.tokens += 1
             if not t.tool_calls and self._asm.has_tool_calls:
                 t.tool_calls = True
             return False
@@ -221,7 +225,6 @@ class Take:
             if content:
                 self.relayed += 1
                 t.sent.append(content)
-                t.tokens += 1
             if not t.tool_calls and self._asm.has_tool_calls:
                 t.tool_calls = True
             return False
@@ -253,9 +256,7 @@ class Take:
         elif t.owner is not self:
             raise Lost
         self._hot = self.mode is None
-        for text in self.texts:
-            t.sent.append(text)
-            t.tokens += 1
+        t.sent.extend(self.texts)
         t.tool_calls = t.tool_calls or self._asm.has_tool_calls
         out.extend(self.pending)
         self.pending = []
@@ -273,7 +274,6 @@ class Take:
         data, content = self.finish
         if content:
             t.sent.append(content)
-            t.tokens += 1
         if not t.tool_calls and self._asm.has_tool_calls:
             t.tool_calls = True
         return data
