@@ -293,10 +293,18 @@ def test_each_operation_estimates_its_own_body_once() -> None:
     emb = {"input": ["abcdefgh", "ab"], "max_tokens": 7}
     assert EMBEDDINGS.estimate(emb) == (2 + 1, 0)  # no output, whatever the body says
     assert COMPLETIONS.estimate({"prompt": [[1, 2, 3]], "max_completion_tokens": 4}) == (3, 4)
-    cost = RequestCost(chat)  # a chat body's, without a Call
-    assert cost.tokens() == (9, 50) and cost.tokens() is cost.tokens()
-    call = Call("r", emb, "m", False, Principal("p"), 0, 1.0, 9.0, op=EMBEDDINGS)
-    assert call.tokens() == (3, 0) and call.tokens() is call.tokens()  # once per request
+    # Once per request: a body changed after the first ask changes nothing. (Not ``is``: the
+    # compiled build, setup.py, keeps a tuple unboxed and returns an equal, new one per ask.)
+    body = dict(chat)
+    cost = RequestCost(body)  # a chat body's, without a Call
+    assert cost.tokens() == (9, 50)
+    body["max_tokens"] = 7
+    assert cost.tokens() == (9, 50)
+    body = dict(emb)
+    call = Call("r", body, "m", False, Principal("p"), 0, 1.0, 9.0, op=EMBEDDINGS)
+    assert call.tokens() == (3, 0)
+    body["input"] = ["a" * 400]
+    assert call.tokens() == (3, 0)
 
 
 def test_calibration_learns_the_upstream_tokenizer() -> None:

@@ -14,6 +14,8 @@ from typing import Annotated, Any
 
 import typer
 
+import keel
+
 # keel per --auth mode (keel.bench._targets.keel_name): the ones paired against the two
 # baselines, keel-off (no client) and keel-limits (the same client, not authenticated)
 _AUTH_TARGETS = ("keel", "keel-limits", "keel-virtual", "keel-jwt")
@@ -99,6 +101,12 @@ def bench(
     def say(msg: str) -> None:
         typer.echo(f"[{time.monotonic() - t0:6.1f}s] {msg}", err=True)
 
+    # The gateways run on this interpreter, so on this keel: say which build it is up front.
+    native = keel.compiled()
+    typer.echo(
+        f"keel: compiled ({len(native)} modules, mypyc)" if native else "keel: pure Python",
+        err=True,
+    )
     workdir = tempfile.mkdtemp(prefix="keel-bench-")
     results: dict[str, Any] = {}
     notes: list[str] = []
@@ -162,6 +170,7 @@ def bench(
             "seconds": round(time.monotonic() - t0, 1),
             "python": platform.python_version(),
             "machine": platform.machine(),
+            "keel_compiled": list(native),  # keel.compiled(): empty for pure Python
             "cpus": os.cpu_count(),
             "gateway_cores": sorted(gw_cores),
             "load_cores": sorted(load_cores),

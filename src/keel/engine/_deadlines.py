@@ -131,7 +131,10 @@ class Deadlines:
                 self.loop.call_exception_handler(
                     {"message": "deadline callback failed", "exception": exc}
                 )
-        if self._handle is None:  # a callback may have registered (and armed) already
+        # A callback may have registered (and armed) already. Asked of ``_armed``, not
+        # ``_handle``: mypy narrows ``_handle`` to None from the assignment above across the
+        # calls, and the compiled module (setup.py) trusts that and raises TypeError.
+        if self._armed < 0:
             self._arm()
 
 

@@ -507,7 +507,10 @@ class DeploymentLimiter:
                 # This call failed, whether or not Redis is declared down yet: never more
                 # than the local 1/N, and a lease we could not take is a slot we do not have
                 # (retried shortly; once Redis is down the local 1/N cap decides).
-                if self.max_concurrency and (shared.up or self.in_flight > self.cap()):
+                # ``_shared_up()``, not ``shared.up``: mypy keeps the ``if``'s narrowing to True
+                # across the await (which may have declared Redis down), and the compiled
+                # module (setup.py) would trust it.
+                if self.max_concurrency and (self._shared_up() or self.in_flight > self.cap()):
                     return _Booking(False, 0.0, full=True)
                 share = shared.peers
         now = time.monotonic()
