@@ -346,3 +346,36 @@ def _stable(headers: Any) -> dict[str, str]:
     """The headers that must match (ids and dates differ between any two responses)."""
     keep = ("content-type", "x-should-retry", "retry-after", "allow", "x-keel-attempts")
     return {k: headers[k].split(";")[0] for k in keep if k in headers}
+
+
+async def test_a_deployment_passed_over_for_a_sibling_with_room_keeps_its_turn(
+    sims: tuple[SimProcess, SimProcess],
+) -> None:
+    """The favoured deployment (weight; paced at one start a second) fails its first attempt;
+    the sibling fails every attempt. Each round the favoured one comes first, its next start
+    still a second away, and is passed over because the sibling has room — which must leave
+    it its turn: once the sibling's retries are spent, the request waits for the favoured
+    one's next start and gets the exact answer. (Dropped from the plan instead, the request
+    failed after five attempts, none of them a second look at the favoured one: a storm lost
+    requests that way.)"""
+    a, b = sims
+    cfg = {
+        "retry": {"backoff_base": 0.01, "backoff_cap": 0.05},
+        "breaker": {"enabled": False},
+        "models": {
+            "favoured": {
+                "deployments": [
+                    {"name": "fav-a", "base_url": a.base_url, "api_key": UPSTREAM_KEY_A,
+                     "weight": 1000, "rpm": 60},
+                    {"name": "fav-b", "base_url": b.base_url, "api_key": UPSTREAM_KEY_B,
+                     "dialect": "dashscope", "weight": 1},
+                ]
+            }
+        },
+    }  # fmt: skip
+    prompt = unique("passed over [[sim@a:e500*1]] [[sim@b:e500]]")
+    async with Keel.from_config(cfg) as k:
+        done = await k.chat(user(prompt, model="favoured"))
+    assert done["choices"][0]["message"]["content"] == answer_text(prompt)
+    assert [e.status for e in entries(a, prompt)] == [500, 200]
+    assert [e.status for e in entries(b, prompt)] == [500] * 4  # its 1 + 3 retries, all spent

@@ -316,6 +316,21 @@ def test_ejected_when_failing_much_more_than_the_siblings(
     assert _feed(me, mine, 100, 1.0) is opens
 
 
+@pytest.mark.parametrize(
+    ("mine", "sibling", "opens"),
+    [
+        (0.65, 0.30, False),  # equal faults (47 %) read this unequal in a storm's first second
+        (0.80, 0.10, True),  # twenty attempts are enough when the difference is this large
+    ],
+)
+def test_a_small_window_ejects_only_beyond_chance(mine: float, sibling: float, opens: bool) -> None:
+    """Twenty attempts each: a difference that luck deals equal deployments often keeps both
+    in service (the margin and the factor of two alone would eject the first)."""
+    me, other = _group(2)
+    _feed(other, sibling, 20, 1.0)
+    assert _feed(me, mine, 20, 1.0) is opens
+
+
 def test_alone_the_configured_ratio_is_the_threshold() -> None:
     (b,) = _group(1)
     assert _feed(b, 0.5, 40, 1.0)

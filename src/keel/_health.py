@@ -26,7 +26,8 @@ Breaker (closed → open → half-open → closed). What opens it distinguishes 
   in its group has no fleet: ``failures`` in a row.
 * **much worse than its siblings** (Envoy's outlier detection): with at least ``min_requests``
   attempts in the window, a failure ratio of at least ``RELATIVE_MARGIN`` above the pooled
-  ratio of the other (closed) deployments of its group *and* twice it. When the whole fleet is noisy
+  ratio of the other (closed) deployments of its group *and* twice it, by more than chance
+  explains (``RELATIVE_Z`` standard errors: a small window of equal faults reads unequal often). When the whole fleet is noisy
   (a provider-wide incident, random faults everywhere) nobody is ejected for it: ejecting one
   would only pile its traffic onto equally noisy siblings. A relative ejection is refused when
   it would leave more than ``max_ejection`` of the group open (the rest would be overloaded);
@@ -86,6 +87,19 @@ DOWN_RATIO = 0.9  # failing this share of the window's attempts is plainly down
 RELATIVE_MARGIN = 0.25  # fail this much more often than the siblings (and twice as often)
 FLEET_MIN = 10  # attempts in the window before the fleet's failure ratio is trusted
 RUN_ALPHA = 1e-4  # a run of failures this unlikely under the fleet's failure rate is no bad luck
+# A relative ejection needs the difference to be this many standard errors (a two-proportion
+# z-test): two deployments failing 47 % each read 64 % and 30 % after twenty-odd attempts often
+# enough that one of them was ejected in one storm run in three, and its share of the traffic
+# then exhausted retries on the other.
+RELATIVE_Z = 4.0
+
+
+def _beyond_chance(bad: int, n: int, sib_bad: int, sib_n: int) -> bool:
+    """Is ``bad`` of ``n`` failing more often than ``sib_bad`` of ``sib_n`` by more than
+    chance explains (``RELATIVE_Z`` standard errors of the difference, pooled)?"""
+    p = (bad + sib_bad) / (n + sib_n)
+    se = math.sqrt(p * (1.0 - p) * (1.0 / n + 1.0 / sib_n))
+    return bad / n - sib_bad / sib_n >= RELATIVE_Z * se
 
 
 @dataclass(eq=False, slots=True)
@@ -99,8 +113,9 @@ class BreakerGroup:
         self.members.append(breaker)
         breaker.peers = self
 
-    def siblings_ratio(self, me: Breaker, now: float) -> float | None:
-        """The pooled failure ratio of the other members, or None without enough data."""
+    def siblings(self, me: Breaker, now: float) -> tuple[int, int] | None:
+        """The other (closed) members' window, pooled: (failed, attempts), or None without
+        enough data."""
         ok_n = bad_n = 0
         for b in self.members:
             if b is not me and now >= b.open_until:
@@ -109,7 +124,7 @@ class BreakerGroup:
                 bad_n += f
         if ok_n + bad_n < me.min_requests:
             return None
-        return bad_n / (ok_n + bad_n)
+        return bad_n, ok_n + bad_n
 
     def may_eject(self, me: Breaker, now: float) -> bool:
         """Would one more open breaker stay within ``max_ejection`` of the group? (Alone in
@@ -327,11 +342,15 @@ class Breaker:
         peers = self.peers
         if peers is None or len(peers.members) < 2:  # alone: nobody to compare with
             return f"{bad_n} of {n} attempts failed" if mine >= self.failure_ratio else ""
-        sib = peers.siblings_ratio(self, now)
-        if sib is None:  # the siblings are open or idle: nothing to be worse than
+        pooled = peers.siblings(self, now)
+        if pooled is None:  # the siblings are open or idle: nothing to be worse than
             return ""
+        sib_bad, sib_n = pooled
+        sib = sib_bad / sib_n
         if mine < sib + RELATIVE_MARGIN or mine < 2.0 * sib:
             return ""  # the fleet is noisy, not this deployment
+        if not _beyond_chance(bad_n, n, sib_bad, sib_n):
+            return ""  # worse in this window, but by no more than luck deals equal ones
         if not peers.may_eject(self, now):
             return ""
         return f"{mine:.0%} of attempts failed, its group {sib:.0%}"

@@ -33,7 +33,7 @@ from keel._transcript import Lost, Transcript
 from keel.engine._deployment import Deployment
 from keel.engine._errors import KeelError, final_error, unavailable_error
 from keel.engine._keel import Call, Keel
-from keel.engine._limits import Permit, Saturated, acquire, release, try_acquire
+from keel.engine._limits import Permit, Saturated, acquire, holds_back, release, try_acquire
 from keel.engine._responses import RESPONSES, native_body, native_payload
 from keel.engine._sinks import ClientGone, Sink
 from keel.engine._upstream import (
@@ -460,7 +460,16 @@ async def _queue(
     try:
         permit = await acquire(dep, call, call.priority, now + wait, panic)
     except Saturated as sat:
-        plan.refused(dep, sat.reason, sat.retry_after, sat.soon, dep.breaker.down)
+        # Passed over because a later candidate had room (no wait offered) while paused or
+        # paced: full only for the moment, so it keeps its turn for the next round. Dropped
+        # from the plan instead, a request whose one attempt there failed spent its retries on
+        # the sibling alone and failed after five attempts with the other one never asked
+        # again (tests/test_library.py). Not behind a learned hold: a storm's bursts can
+        # misread as a low concurrency wall, and a turn kept there queued requests for 10 s.
+        soon = sat.soon or (
+            wait == 0.0 and dep.breaker.would_admit(now) and not dep.drained and not holds_back(dep)
+        )
+        plan.refused(dep, sat.reason, sat.retry_after, soon, dep.breaker.down)
         return None
     return _started(plan, dep, permit)
 
