@@ -27,7 +27,8 @@ Breaker (closed → open → half-open → closed). What opens it distinguishes 
 * **much worse than its siblings** (Envoy's outlier detection): with at least ``min_requests``
   attempts in the window, a failure ratio of at least ``RELATIVE_MARGIN`` above the pooled
   ratio of the other (closed) deployments of its group *and* twice it, by more than chance
-  explains (``RELATIVE_Z`` standard errors: a small window of equal faults reads unequal often). When the whole fleet is noisy
+  explains (``RELATIVE_Z`` standard errors: a small window of equal faults often reads
+  unequal). When the whole fleet is noisy
   (a provider-wide incident, random faults everywhere) nobody is ejected for it: ejecting one
   would only pile its traffic onto equally noisy siblings. A relative ejection is refused when
   it would leave more than ``max_ejection`` of the group open (the rest would be overloaded);
