@@ -220,16 +220,20 @@ async def test_a_first_token_far_later_than_usual_is_tried_again_long_before_fir
     assert len(_timed_out(tag, paced)) == 2  # the late one, then the retry
 
 
-@pytest.mark.parametrize("streaming", [False, True], ids=["non-stream", "stream"])
+@pytest.mark.parametrize(
+    ("streaming", "fault"),
+    [(False, "stall*1"), (True, "slow_first=30*1"), (True, "stall=0*1")],
+    ids=["non-stream", "stream", "stream-silent-after-headers"],
+)
 async def test_an_attempt_silent_on_a_fresh_deployment_is_cut_once_its_pace_is_learned(
-    paced: SimProcess, streaming: bool
+    paced: SimProcess, streaming: bool, fault: str
 ) -> None:
-    """The very first attempt of a fresh deployment is silent before its headers, while the
-    next ones answer at once: it is judged again as the deployment's usual first token is
-    learned (a storm's stalls in the first second waited out the 60 s ``first_token``)."""
+    """The very first attempt of a fresh deployment is silent before its headers (or, for
+    the last case, sends its headers and role chunk and then nothing), while the next ones
+    answer at once: it is judged again as the deployment's usual first token is learned (a
+    storm's stalls in the first second waited out the 60 s ``first_token``; the one after
+    its headers hung a storm request for the client's whole 60 s)."""
     import asyncio
-
-    fault = "slow_first=30*1" if streaming else "stall*1"
 
     async def one(gw: Keel, prompt: str) -> str:
         if streaming:

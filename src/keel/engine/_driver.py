@@ -241,16 +241,17 @@ async def _attempt(
     # A first token far later than the deployment's usual one: try elsewhere (keel._cadence).
     ceiling = dep.timeouts.first_token
     first = dep.first_token.bound(ceiling, len(payload), patience)
-    resp = await post(
-        session, dep.urls[op], dep, payload, call.deadline, deadlines, first,
-        None if patience else dep.first_token,
-    )  # fmt: skip
+    usual = None if patience else dep.first_token
+    resp = await post(session, dep.urls[op], dep, payload, call.deadline, deadlines, first, usual)
     asm = op.assembler(dep.dialect)
     take = t.take(asm, dep.name, mode)  # type: ignore[arg-type]
     # A stall judged by the deployment's usual pace is only worth it where it can be repaired:
     # the answer can be continued (this deployment at least can continue it).
     adaptive = plan.spliceable and not t.tool_calls and dep.continuation != "none"
-    reader = FrameReader(resp, dep, asm, call.deadline, started + first, deadlines, adaptive)
+    reader = FrameReader(
+        resp, dep, asm, call.deadline, started + first, deadlines, adaptive, usual, started,
+        len(payload),
+    )  # fmt: skip
     read = resp.content.readany
     clean = False
     try:

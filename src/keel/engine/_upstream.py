@@ -169,8 +169,8 @@ class _Watchdog:
     when it fires, so the per-chunk cost is two attribute writes."""
 
     __slots__ = (
-        "_cadence", "_ceiling", "_deadlines", "_due", "_handle", "_idle", "_loop", "_min_tokens", "_own", "_resp", "_total", "_window",
-        "_window_end", "_window_tokens", "expired", "first_progress", "progressed", "tokens",
+        "_cadence", "_ceiling", "_deadlines", "_due", "_first_ceiling", "_handle", "_idle", "_loop", "_min_tokens", "_own", "_resp", "_sent", "_size", "_total",
+        "_usual", "_window", "_window_end", "_window_tokens", "expired", "first_progress", "progressed", "tokens",
     )  # fmt: skip
 
     def __init__(
@@ -181,6 +181,9 @@ class _Watchdog:
         first: float,
         deadlines: Deadlines,
         adaptive: bool = False,
+        usual: FirstToken | None = None,
+        sent: float = 0.0,
+        size: int = 0,
     ) -> None:
         self._deadlines = deadlines
         self._loop = deadlines.loop
@@ -201,11 +204,22 @@ class _Watchdog:
         self._window_tokens = 0
         self._total = min(deadline, self._loop.time() + t.total)
         self._due = min(first, self._total)
+        # The first-token bound was the ceiling because the deployment had not learned its
+        # usual one yet (``post``'s ``usual``): judge the wait again as it learns, as for the
+        # headers — a stream that sent its headers and then nothing must not wait 60 s.
+        self._usual = usual if usual is not None and usual.learned < 0.0 else None
+        self._sent, self._size, self._first_ceiling = sent, size, t.first_token
         self.progressed = 0.0  # loop time of the last content; 0 until the first token
         self.first_progress = 0.0
         self.tokens = 0  # content chunks so far
         self.expired = ""
-        self._handle: Entry = deadlines.call_at(self._due, self._fire)
+        self._handle: Entry = deadlines.call_at(self._first_due(self._loop.time()), self._fire)
+
+    def _first_due(self, now: float) -> float:
+        usual = self._usual
+        if usual is None:
+            return self._due
+        return usual.due(self._sent, self._due, self._first_ceiling, self._size, now)
 
     def first_token(self, now: float) -> None:
         """Switch from the first-token deadline to the idle/throughput checks."""
@@ -218,7 +232,7 @@ class _Watchdog:
     def _fire(self) -> None:
         now = self._loop.time()
         if not self.progressed:
-            due = self._due
+            due = self._first_due(now)
         else:
             if self._own:
                 cadence = self._cadence
@@ -282,10 +296,17 @@ class FrameReader:
         first_token_deadline: float,
         deadlines: Deadlines,
         adaptive: bool = False,
+        usual: FirstToken | None = None,
+        sent: float = 0.0,
+        size: int = 0,
     ) -> None:
+        """``usual``, ``sent``, ``size``: as for ``post`` — the deployment's first-token
+        history when the bound is its own, the attempt's send time and request size."""
         self._decoder = SSEDecoder()
         self._asm = assembler
-        self._dog = _Watchdog(resp, dep, deadline, first_token_deadline, deadlines, adaptive)
+        self._dog = _Watchdog(
+            resp, dep, deadline, first_token_deadline, deadlines, adaptive, usual, sent, size
+        )
         self._time = deadlines.loop.time
 
     def frames(self, data: bytes) -> list[Frame]:
