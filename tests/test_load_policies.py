@@ -12,7 +12,7 @@ import pytest
 
 from keel._backoff import MAX_RATIO, RetryBudget
 from keel._concurrency import HOLD_PAUSE, Aimd, Hold, RateAimd
-from keel._evidence import Cause, LoadEvidence, binomial_tail
+from keel._evidence import Cause, LoadEvidence, Verdict, binomial_tail
 from keel._health import RAMP_DOUBLING, Admit, Breaker, BreakerGroup, BreakerState
 from keel._plan import Policy
 from test_plan import E500, OK, A, B, drive, make_plan
@@ -473,7 +473,7 @@ def test_before_the_first_success_running_attempts_are_the_evidence(
     ev = LoadEvidence()
     for f in refused_at:
         ev.record(0.0, f, True)
-    v = ev.judge(0.01, running)
+    v = ev.judge(0.01, [(0.0, f) for f in range(1, running + 1)])  # sent first, let in
     assert (v.cause, v.limit) == (cause, limit)
 
 
@@ -569,6 +569,47 @@ def test_a_burst_of_refusals(outcomes: list[bool], burst: bool) -> None:
     for i, r in enumerate(outcomes):
         ev.record(i * 0.01, 5, r)
     assert ev.burst() is burst
+
+
+def _storm_burst() -> tuple[LoadEvidence, list[tuple[float, int]]]:
+    """A storm's burst of sends, as the evidence sees it a few milliseconds later: six
+    answers at low concurrency just before, then 24 sent at once (in flight 1..24), of which
+    8 random refusals and 2 random 500s have come back while the other 14 still stream."""
+    ev = LoadEvidence()
+    for i in range(6):
+        ev.record(0.6 + 0.05 * i, 1 + i % 2, False)
+    refused = {3, 6, 8, 11, 14, 17, 20, 23}
+    failed = {5, 16}
+    running = []
+    for f in range(1, 25):
+        t = 1.0 + 0.0001 * f
+        if f in refused or f in failed:
+            ev.record(t, f, f in refused)
+        else:
+            running.append((t, f))
+    return ev, running
+
+
+def test_a_burst_of_sends_is_not_read_as_a_wall_while_its_successes_still_stream() -> None:
+    """Refusals come back at once, successes do not: read from the ended attempts alone, a
+    burst's random refusals look like a concurrency wall of ~2 (and like a burst of
+    refusals: a hold), which queued storm requests for 10 s. The running attempts are the
+    evidence that settles it: 8 of 24 refused, all over the in-flight range."""
+    ev, running = _storm_burst()
+    assert ev.judge(1.01) == Verdict(Cause.CONCURRENCY, limit=2)  # without them: misread
+    assert ev.burst()
+    ev, running = _storm_burst()
+    assert ev.judge(1.01, running).cause is Cause.UNKNOWN  # too few samples to say noise yet
+    assert not ev.burst(running)
+
+
+def test_a_spent_window_is_a_burst_whatever_ran_before_it() -> None:
+    """Streams let in before a window closed still run; everything sent since is refused."""
+    ev = LoadEvidence()
+    running = [(0.1 * i, i + 1) for i in range(10)]  # long streams, sent before
+    for i in range(8):
+        ev.record(1.0 + 0.01 * i, 11, True)
+    assert ev.burst(running)
 
 
 def test_random_refusals_rarely_look_like_a_burst() -> None:

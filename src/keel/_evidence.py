@@ -18,20 +18,27 @@ of load" (the refusal rate of the rest of the samples, with a Laplace prior so t
 of samples cannot look certain). A verdict needs a tail below ``alpha`` and at least
 ``min_refusals`` refusals behind it, so random faults almost never look like load (fewer than
 one in a thousand refusals under 15 % random refusals: tests/test_load_policies.py) while a
-real wall is recognised from its first bunch. Before anything has succeeded, the attempts still
-running stand in for successes: a wall's first burst is many refusals, all sent with more in
-flight than are running now.
+real wall is recognised from its first bunch.
 
 Samples are (send time, in flight at send including the request itself, refused?) of every
 attempt that ended (a 500 or a reset was not refused for load: it counts as not refused, so
 random failures cannot leave only refusals to look at). They are kept for
-``horizon`` seconds (at most ``size``), so a wall that goes away is forgotten.
+``horizon`` seconds (at most ``size``), so a wall that goes away is forgotten. The attempts
+still *running* are evidence too, of being let in: a refusal comes back within milliseconds
+while a success streams for seconds, so the ended samples alone over-represent refusals —
+a storm's burst of sends returns its random refusals back to back while its successes are
+still streaming, and read without the running ones it looked like a concurrency wall of ~2
+(requests then queued 10 s behind a limit of 1). ``judge`` and ``burst`` take them as
+(send time, in flight at send); before anything has succeeded they are the only let-in
+samples there are: a wall's first burst is many refusals, all sent with more in flight than
+are running now.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -118,17 +125,17 @@ class LoadEvidence:
             self._drop()
             self._dirty = True
 
-    def judge(self, now: float, running: int = 0) -> Verdict:
+    def judge(self, now: float, running: Sequence[tuple[float, int]] = ()) -> Verdict:
         """What the refusals of the last ``horizon`` seconds are evidence of. ``running``:
-        attempts still open on the deployment (refusals come back at once, so before the
-        first success has *ended* these are the ones that were let in)."""
+        (send time, in flight at send) of the attempts still open on the deployment, let
+        in so far (module docstring)."""
         self._expire(now)
         if self._dirty or running:
             self._cached = self._judge(now, running)
             self._dirty = False
         return self._cached
 
-    def _judge(self, now: float, running: int) -> Verdict:
+    def _judge(self, now: float, running: Sequence[tuple[float, int]]) -> Verdict:
         refused = sum(self._r)
         n = len(self._r)
         if refused < self.min_refusals:
@@ -138,14 +145,11 @@ class LoadEvidence:
             # this: ``running`` let in and still working, every refusal sent with more than
             # that in flight. Anything else needs a success to compare with.
             # A wall refuses everything above it: many refusals, none at or below ``running``.
-            if (
-                running
-                and refused >= max(2 * self.min_refusals, running)
-                and min(self._f) > running
-            ):
-                return Verdict(Cause.CONCURRENCY, limit=running)
+            k = len(running)
+            if k and refused >= max(2 * self.min_refusals, k) and min(self._f) > k:
+                return Verdict(Cause.CONCURRENCY, limit=k)
             return UNKNOWN
-        samples = self._while_refusing()
+        samples = self._while_refusing(running)
         limit = self._concurrency(samples)
         if limit is not None:
             return Verdict(Cause.CONCURRENCY, limit=limit)
@@ -155,15 +159,19 @@ class LoadEvidence:
         # evidence that the refusals are random.
         return NOISE if len(samples) >= self.noise_min else UNKNOWN
 
-    def _while_refusing(self) -> list[tuple[float, int, bool]]:
+    def _while_refusing(
+        self, running: Sequence[tuple[float, int]] = ()
+    ) -> list[tuple[float, int, bool]]:
         """The samples in the order they were *sent*, from ``lead`` seconds before the first
         refusal on. Sent order: samples arrive in the order the attempts ended, and a refusal
         ends at once while a success takes seconds, so a burst of sends (32 clients starting
         together) returns its random refusals back to back. From the first refusal on: both
         tests compare refusals with the outcomes around them, and a clean stretch before
         refusals began (a provider that just turned noisy) is no baseline for them — against
-        it, the first random refusals would look concentrated anywhere."""
-        order = sorted(zip(self._t, self._f, self._r, strict=True), key=_sent)
+        it, the first random refusals would look concentrated anywhere. The ``running``
+        attempts are among them, as let in."""
+        order = [*zip(self._t, self._f, self._r, strict=True), *((t, f, False) for t, f in running)]
+        order.sort(key=_sent)
         first = next(t for t, _, r in order if r) - self.lead
         return [s for s in order if s[0] >= first]
 
@@ -213,16 +221,30 @@ class LoadEvidence:
         p = (refused + 1) / (len(samples) + 2)
         return binomial_tail(both, after_refusal, p) < self.alpha
 
-    def burst(self, last: int = 8) -> bool:
-        """Are refusals at least half of the ``last`` outcomes recorded? A closed window or a
-        full upstream refuses everything sent at it; random refusals (5 % of attempts) make
-        such a run about once in 2,500 outcomes."""
+    def burst(self, running: Sequence[tuple[float, int]] = (), last: int = 8) -> bool:
+        """Are refusals at least half of the ``last`` outcomes recorded, and at least half of
+        everything sent since the first of them (the ``running`` attempts, let in so far,
+        included)? A closed window or a full upstream refuses everything sent at it; random
+        refusals (5 % of attempts) make such a run about once in 2,500 outcomes — but among
+        the first outcomes of a burst of sends they are the majority, since they come back
+        first (module docstring): what was let in meanwhile and still runs tells them apart."""
         if len(self._r) < last:
             return False
         refused = 0
+        since = math.inf
         for i in range(1, last + 1):
-            refused += self._r[-i]
-        return 2 * refused >= last
+            if self._r[-i]:
+                refused += 1
+                since = min(since, self._t[-i])
+        if 2 * refused < last:
+            return False
+        sent = refused_since = 0
+        for t, r in zip(self._t, self._r, strict=True):
+            if t >= since:
+                sent += 1
+                refused_since += r
+        sent += sum(1 for t, _ in running if t >= since)
+        return 2 * refused_since >= sent
 
     def accepted_rate(self, now: float, over_until: float | None = None) -> float:
         """Accepted starts per second over the last ``rate_span`` seconds (or since the

@@ -199,6 +199,10 @@ class DeploymentLimiter:
     learned_tpm: int | None = None
     calibration: Calibration = field(default_factory=Calibration)
     in_flight: int = 0
+    # The attempts let through and not released yet (by id): their send times and in-flight
+    # counts are load evidence too — a refusal comes back at once, a success streams for
+    # seconds (keel._evidence). Insertion-ordered, so the oldest comes first.
+    running: dict[int, Permit] = field(default_factory=dict)
     waiting: int = 0
     pacing: int = 0  # of in_flight, still waiting for their rate slot (not sent yet)
     _due: list[float] = field(default_factory=list)  # when the sleeping ones' slots come
@@ -306,7 +310,9 @@ class DeploymentLimiter:
             rq.book(now, 1.0)
         self.in_flight += 1
         epoch = self.aimd.epoch if self.aimd is not None else 0
-        return Permit(now, self.in_flight, epoch, cost, prompt)
+        permit = Permit(now, self.in_flight, epoch, cost, prompt)
+        self.running[id(permit)] = permit
+        return permit
 
     async def acquire(self, req: Costed, priority: int, wait_until: float) -> Permit:
         """A permit, after waiting at most until ``wait_until`` (monotonic); else Saturated."""
@@ -341,7 +347,9 @@ class DeploymentLimiter:
         sent = self.in_flight - self.pacing
         if self.pacing:
             sent += sum(1 for d in self._due if d <= now)
-        return Permit(now, sent, epoch, cost, prompt, lease)
+        permit = Permit(now, sent, epoch, cost, prompt, lease)
+        self.running[id(permit)] = permit
+        return permit
 
     async def _queue_for_slot(self, priority: int, wait_until: float) -> None:
         cfg = self.config.queue
@@ -623,7 +631,7 @@ class DeploymentLimiter:
         self.evidence.record(permit.started, permit.in_flight, True)
         prev = self.verdict
         # this attempt's slot is freed after the verdict: the others are still running
-        v = self.evidence.judge(now, self.in_flight - 1)
+        v = self.evidence.judge(now, self.others(permit))
         raised = v.cause is Cause.CONCURRENCY and (v.limit or 0) >= (prev.limit or 0)
         if not raised and self.at_wall(permit, now, slack=1):
             # A refusal at a learned wall, by a count that may lag the upstream's (answers
@@ -646,6 +654,10 @@ class DeploymentLimiter:
             # An early burst looked like a concurrency wall; the refusals since say rate.
             self.aimd.forget()
         return v
+
+    def others(self, permit: Permit) -> list[tuple[float, int]]:
+        """(send time, in flight at send) of the attempts running beside ``permit``."""
+        return [(p.started, p.in_flight) for p in self.running.values() if p is not permit]
 
     def at_wall(self, permit: Permit, now: float, slack: int = 0) -> bool:
         """Was this refusal sent at (or within ``slack`` counts below) a learned wall?"""
@@ -683,7 +695,7 @@ class DeploymentLimiter:
     def held(self, permit: Permit, now: float) -> None:
         """A hint-less refusal for load that no verdict explains: hold the queue — when it
         is one of a burst (a stray 429 in a noisy fleet is not a closed window)."""
-        if not self.hold.active and not self.evidence.burst():
+        if not self.hold.active and not self.evidence.burst(self.others(permit)):
             return
         news = not (self.hold.active and permit.started < self.hold.since)
         if news and (permit.in_flight == 1 or self.rate_aimd.active) and not self.wall(now):
@@ -763,6 +775,7 @@ class DeploymentLimiter:
 
     def release_slot(self, permit: Permit) -> None:
         self.in_flight -= 1
+        self.running.pop(id(permit), None)
         if permit.lease is not None:
             self._drop_lease(permit.lease)
         if self._waiters:
@@ -1002,7 +1015,9 @@ def _refused(
                        "limit": aimd.slots or 0},
             )  # fmt: skip
         if wall or (
-            permit.in_flight > v.limit and not lim.hold.active and not lim.evidence.burst()
+            permit.in_flight > v.limit
+            and not lim.hold.active
+            and not lim.evidence.burst(lim.others(permit))
         ):
             return  # waiting does not lift a concurrency wall; finishing requests does
         # Below the step, in a burst of refusals, or a hold is on: the hold judges them (a
