@@ -203,3 +203,15 @@ async def test_requests_a_pause_releases_together_count_each_other_in_flight() -
     lim.pause(0.05)
     permits = await asyncio.gather(*(lim.acquire(REQ, 0, time.monotonic() + 5) for _ in range(4)))
     assert [p.in_flight for p in permits] == [4, 4, 4, 4] and lim.pacing == 0
+
+
+def test_the_running_attempts_let_in_are_those_the_upstream_answered() -> None:
+    """The load evidence counts a running attempt as let in once its 2xx headers came: not
+    one sent a moment ago, whose refusal may be on its way back (keel._evidence)."""
+    lim = limiter()
+    let_in, on_the_way, refused = (lim.try_take(REQ, 1.0 + i) for i in range(3))
+    assert let_in is not None and on_the_way is not None and refused is not None
+    let_in.answered = True
+    assert lim.others(refused) == [(1.0, 1)]
+    lim.release_slot(let_in)
+    assert lim.others(refused) == [] and len(lim.running) == 2

@@ -336,6 +336,33 @@ def test_the_queue_bound_is_zero_while_a_later_candidate_has_room() -> None:
     assert full.queue_bound(3.9) == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize(
+    ("room", "open_to_it", "queued", "again"),
+    [
+        ({"b"}, True, False, True),  # passed over while paused: keeps its turn
+        (set(), True, False, False),  # offered a wait and refused all the same
+        ({"b"}, False, False, False),  # its breaker (or a drain) said no
+        ({"b"}, True, True, False),  # behind a learned limit: that limit's own wait
+    ],
+)
+def test_a_deployment_passed_over_for_a_sibling_with_room_keeps_its_turn(
+    room: set[str], open_to_it: bool, queued: bool, again: bool
+) -> None:
+    plan = make_plan({"g": [A, B]}, room=room, queued=lambda d: queued)
+    d = plan.next(0.0)
+    assert isinstance(d, Try) and d.dep is A
+    plan.queue_bound(0.0)
+    plan.refused(A, "a: paused by the upstream", None, soon=False, open_to_it=open_to_it)
+    d = plan.next(0.0)
+    assert isinstance(d, Try) and d.dep is B
+    plan.started(B)
+    plan.failed(B, E500)
+    wait = plan.next(0.0)
+    assert isinstance(wait, Wait)
+    d = plan.next(wait.until)
+    assert isinstance(d, Try) and d.dep is (A if again else B)
+
+
 def test_a_tool_call_after_the_commit_ends_all_continuation() -> None:
     plan = make_plan({"g": [A, B]})
     plan.next(0.0)

@@ -195,6 +195,7 @@ class Plan(Generic[D]):
     _pending: Sequence[D] = ()
     _next: int = 0
     _swept: bool = False
+    _passed_over: bool = False  # queue_bound offered no wait: a later candidate had room
     _end: GiveUp | Finish | None = None
     _s: _Setbacks[D] | None = None  # what went wrong so far (``_setbacks()``)
 
@@ -300,7 +301,8 @@ class Plan(Generic[D]):
         (Asked only when the limiter cannot let it through at once: the common case pays
         nothing for it.)"""
         later = self._pending[self._next :]
-        if any(self.eligible(d) and self.has_room(d) for d in later):
+        self._passed_over = any(self.eligible(d) and self.has_room(d) for d in later)
+        if self._passed_over:
             return 0.0
         return max(0.0, min(self.max_wait, self.deadline - now))
 
@@ -318,13 +320,29 @@ class Plan(Generic[D]):
     # -- facts ------------------------------------------------------------------------------------
 
     def refused(
-        self, dep: D, reason: str, retry_after: float | None, soon: bool, down: bool = False
+        self,
+        dep: D,
+        reason: str,
+        retry_after: float | None,
+        soon: bool,
+        down: bool = False,
+        open_to_it: bool = False,
     ) -> None:
         """The deployment's limiter or breaker turned the attempt away (nothing was sent).
         ``soon``: only for the moment — worth another look next round; ``down``: its breaker
-        is open because it could not be reached. ``saturated`` names every deployment that
+        is open because it could not be reached; ``open_to_it``: its breaker admits and it is
+        not drained (only its limiter said no). ``saturated`` names every deployment that
         turned it away (each with its own reason, which names the cause), with the soonest
-        retry-after."""
+        retry-after.
+
+        One passed over because ``queue_bound`` offered it no wait (a later candidate had
+        room) while it was only paused or paced keeps its turn for the next round: dropped
+        instead, a request whose one attempt on the sibling failed spent its retries there
+        alone (tests/test_library.py). Not one behind a learned limit (``queued``): there
+        the wait is the limit's own, and a turn kept for it queued requests behind it."""
+        passed_over, self._passed_over = self._passed_over, False
+        if passed_over and open_to_it and not (self.queued is not None and self.queued(dep)):
+            soon = True
         s = self._setbacks()
         if down:
             s.down.add(id(dep))

@@ -247,9 +247,10 @@ def scenario_wall(seed: int, direct: bool = True) -> dict[str, Any]:
 
 def scenario_rate(seed: int, direct: bool = True) -> dict[str, Any]:
     """20 per sliding 2 s window, 30 clients, 150 requests; OpenAI's wording (exact
-    retry-after and x-ratelimit-* headers) and DashScope's (nothing but the 429)."""
+    retry-after and x-ratelimit-* headers), DashScope's and a bare proxy's (nothing but the
+    429)."""
     out: dict[str, Any] = {}
-    for wording in ("openai", "dashscope"):
+    for wording in ("openai", "dashscope", "bare"):
         args = ("--rate-limit", str(RATE_N), "--rate-window", str(RATE_S), "--rate-sliding",
                 "--wall-wording", wording, "--latency", "0.1")  # fmt: skip
         with spawn_sim("--name", "rate", *args) as sim:

@@ -33,7 +33,7 @@ from keel._transcript import Lost, Transcript
 from keel.engine._deployment import Deployment
 from keel.engine._errors import KeelError, final_error, unavailable_error
 from keel.engine._keel import Call, Keel
-from keel.engine._limits import Permit, Saturated, acquire, holds_back, release, try_acquire
+from keel.engine._limits import Permit, Saturated, acquire, release, try_acquire
 from keel.engine._responses import RESPONSES, native_body, native_payload
 from keel.engine._sinks import ClientGone, Sink
 from keel.engine._upstream import (
@@ -99,6 +99,7 @@ async def complete(keel: Keel, call: Call) -> tuple[bytes, dict[str, str]]:
                     if not accepted(dep, resp):
                         rejected, resp = resp, None  # refused() closes it
                         raise await refused(dep, rejected)
+                    permit.answered = True
                     raw = await resp.read()
                 call.usage = wire.answer(raw, call.body)
             except AttemptFailed as failed:
@@ -176,7 +177,7 @@ async def stream(keel: Keel, call: Call, sink: Sink) -> None:
                     continue
                 try:
                     usage = await _attempt(
-                        keel, call, plan, t, sink, dep, d.continuation, d.patience
+                        keel, call, plan, t, sink, dep, permit, d.continuation, d.patience
                     )
                 except AttemptFailed as failed:
                     _settle(call, plan, dep, permit, failed.error)
@@ -210,10 +211,12 @@ async def _attempt(
     t: Transcript,
     sink: Sink,
     dep: Deployment,
+    permit: Permit,
     continuing: bool,
     patience: int,
 ) -> Mapping[str, Any]:
     """One streamed attempt, from the request to the last frame. Returns its usage.
+    ``permit``: its limiter's, told when the upstream let it in (``Permit.answered``);
     ``patience``: attempts of this request cut for lateness (``Try.patience``)."""
     mode = dep.continuation if continuing else None
     op = call.op
@@ -243,6 +246,7 @@ async def _attempt(
     first = dep.first_token.bound(ceiling, len(payload), patience)
     usual = None if patience else dep.first_token
     resp = await post(session, dep.urls[op], dep, payload, call.deadline, deadlines, first, usual)
+    permit.answered = True
     asm = op.assembler(dep.dialect)
     take = t.take(asm, dep.name, mode)  # type: ignore[arg-type]
     # A stall judged by the deployment's usual pace is only worth it where it can be repaired:
@@ -371,7 +375,7 @@ async def _hedged(
     """An attempt on ``dep`` that races a second deployment when its first token is late.
     The first to commit wins and cancels the other. Every attempt's outcome is settled here;
     True when one of them completed the stream."""
-    first = asyncio.create_task(_attempt(keel, call, plan, t, sink, dep, False, patience))
+    first = asyncio.create_task(_attempt(keel, call, plan, t, sink, dep, permit, False, patience))
     racers = call.racers = {first: (dep, permit)}
     try:
         done, _ = await asyncio.wait({first}, timeout=delay)
@@ -386,7 +390,7 @@ async def _hedged(
                 t.attempts = plan.count
                 alt.in_flight += 1
                 second = asyncio.create_task(
-                    _attempt(keel, call, plan, t, sink, alt, False, patience)
+                    _attempt(keel, call, plan, t, sink, alt, alt_permit, False, patience)
                 )
                 racers[second] = (alt, alt_permit)
         pending = set(racers)
@@ -461,16 +465,8 @@ async def _queue(
     try:
         permit = await acquire(dep, call, call.priority, now + wait, panic)
     except Saturated as sat:
-        # Passed over because a later candidate had room (no wait offered) while paused or
-        # paced: full only for the moment, so it keeps its turn for the next round. Dropped
-        # from the plan instead, a request whose one attempt there failed spent its retries on
-        # the sibling alone and failed after five attempts with the other one never asked
-        # again (tests/test_library.py). Not behind a learned hold: a storm's bursts can
-        # misread as a low concurrency wall, and a turn kept there queued requests for 10 s.
-        soon = sat.soon or (
-            wait == 0.0 and dep.breaker.would_admit(now) and not dep.drained and not holds_back(dep)
-        )
-        plan.refused(dep, sat.reason, sat.retry_after, soon, dep.breaker.down)
+        open_to_it = dep.breaker.would_admit(now) and not dep.drained
+        plan.refused(dep, sat.reason, sat.retry_after, sat.soon, dep.breaker.down, open_to_it)
         return None
     return _started(plan, dep, permit)
 

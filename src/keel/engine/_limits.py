@@ -147,6 +147,9 @@ class Permit:
     prompt_estimate: int = 0
     lease: str | None = None  # shared concurrency lease id
     how: Admit = Admit.NORMAL
+    # The upstream answered with 2xx headers: let in (the load evidence counts it so while it
+    # still runs; one sent a moment ago may be a refusal on its way back).
+    answered: bool = False
     # the outcome, filled in by the driver
     ok: bool = False
     error: UpstreamError | None = None
@@ -656,8 +659,15 @@ class DeploymentLimiter:
         return v
 
     def others(self, permit: Permit) -> list[tuple[float, int]]:
-        """(send time, in flight at send) of the attempts running beside ``permit``."""
-        return [(p.started, p.in_flight) for p in self.running.values() if p is not permit]
+        """(send time, in flight at send) of the attempts running beside ``permit`` that the
+        upstream has let in (answered 2xx): not those whose answer has not come yet — a
+        pause's end sends twenty at once, and counted as let in while their refusals were on
+        the way back they hid a concurrency wall's step (it read as a rate: 30 % of capacity)."""
+        return [
+            (p.started, p.in_flight)
+            for p in self.running.values()
+            if p.answered and p is not permit
+        ]
 
     def at_wall(self, permit: Permit, now: float, slack: int = 0) -> bool:
         """Was this refusal sent at (or within ``slack`` counts below) a learned wall?"""
