@@ -34,7 +34,7 @@ class _Response:
     async def write(self, data: bytes) -> None:
         raise ClientConnectionResetError("Cannot write to closing transport")
 
-    async def write_eof(self) -> None:
+    async def write_eof(self, data: bytes = b"") -> None:  # (the last chunks come with it)
         raise ClientConnectionResetError("Cannot write to closing transport")
 
 

@@ -154,7 +154,9 @@ class Timeout(Entry):
         self.expired = False
 
     def __enter__(self) -> Timeout:
-        task = current_task()
+        # Asked with the loop: without one, current_task asks get_running_loop, which makes a
+        # getpid syscall (CPython 3.11 checks for a fork) on every attempt.
+        task = current_task(self._owner.loop)
         if task is None:
             raise RuntimeError("Deadlines.timeout() must be used inside a task")
         self._task = task

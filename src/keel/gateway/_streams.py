@@ -113,8 +113,7 @@ async def serve_sse(request: web.Request, src: Source, after: int, rid: str) -> 
         except KeelError as exc:  # fell behind the buffer's byte cap
             error = exc
         body = orjson.dumps(error.body) if error is not None else None
-        await response.write(sse_end_ids(sid, src.next_seq, body))
-        await response.write_eof()
+        await response.write_eof(sse_end_ids(sid, src.next_seq, body))  # one write, as SSESink.end
         return response
     except ConnectionError:
         # The client left while we wrote (the handler is usually cancelled instead); the
@@ -132,8 +131,7 @@ async def serve_sse(request: web.Request, src: Source, after: int, rid: str) -> 
             return error_response(_shutting_down(), rid)
         body = orjson.dumps(_shutting_down().body)
         with contextlib.suppress(ConnectionError):
-            await response.write(sse_end_ids(src.sid.encode(), src.next_seq, body))
-            await response.write_eof()
+            await response.write_eof(sse_end_ids(src.sid.encode(), src.next_seq, body))
         return response
     finally:
         src.detach()
