@@ -32,13 +32,8 @@ class ResponsesSSESink(SSESink):
     async def send(self, chunks: list[bytes]) -> None:
         await self._write(sse_events(chunks))
 
-    async def end(self, chunks: list[bytes]) -> None:
-        if self.ended or self.response is None:
-            return
-        self.ended = True
-        if chunks:
-            await self._write(sse_events(chunks))
-        await self._eof()
+    def _last(self, chunks: list[bytes]) -> bytes:
+        return sse_events(chunks) if chunks else b""  # the terminal event is among them
 
 
 async def responses(request: web.Request) -> web.StreamResponse:

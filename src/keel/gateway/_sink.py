@@ -124,7 +124,22 @@ class SSESink:
             return
         self.ended = True
         try:
-            await self.response.write_eof(sse_end(chunks))
+            await self.response.write_eof(self._last(chunks))
+        except ConnectionError:
+            if self.left:
+                raise ClientGone from None
+            raise
+
+    def _last(self, chunks: list[bytes]) -> bytes:
+        """The stream's last bytes (``end``): its last chunks and the single ``[DONE]``."""
+        return sse_end(chunks)
+
+    async def _write(self, data: bytes) -> None:
+        """A write that says ClientGone when the client has left (for a framing whose
+        ``send`` is a coroutine of its own: ResponsesSSESink)."""
+        assert self.response is not None
+        try:
+            await self.response.write(data)
         except ConnectionError:
             if self.left:
                 raise ClientGone from None
