@@ -29,9 +29,10 @@ while a success streams for seconds, so the ended samples alone over-represent r
 a storm's burst of sends returns its random refusals back to back while its successes are
 still streaming, and read without the running ones it looked like a concurrency wall of ~2
 (requests then queued 10 s behind a limit of 1). ``judge`` and ``burst`` take them as
-(send time, in flight at send); before anything has succeeded they are the only let-in
-samples there are: a wall's first burst is many refusals, all sent with more in flight than
-are running now.
+(send time, in flight at send), the ones the upstream has answered 2xx (the caller's choice:
+one whose answer has not come yet may be a refusal on its way back); before anything has
+succeeded they are the only let-in samples there are: a wall's first burst is many refusals,
+all sent with more in flight than are running now.
 """
 
 from __future__ import annotations
