@@ -1,19 +1,20 @@
-"""Opt-in compiled build: ``KEEL_MYPYC=1 pip install .`` compiles keel's pure policy modules with
-mypyc (about -42k instructions per non-stream request, docs/performance.md); without the
-variable this is plain setuptools and the metadata is pyproject.toml's. See _build/keel_backend.py.
+"""The compiled build: a wheel (``pip install .``) compiles keel's pure, per-request modules with
+mypyc when a C compiler is there (about -60k instructions per non-stream request,
+docs/performance.md); ``KEEL_MYPYC=0``, editable installs and sdists are plain setuptools.
+The backend (_build/keel_backend.py) decides and sets ``KEEL_MYPYC=1`` for this file. The
+metadata is pyproject.toml's either way.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import sys
-import sysconfig
 
 from setuptools import setup
 
-# Pure, fully annotated, and on the per-request path. Not keel/_plan.py: its generic slotted
-# dataclasses do not compile (mypyc cannot write a type's __dict__).
+# Pure (no I/O), fully annotated, and on the per-request or per-frame path; a module that
+# subclasses a compiled class is compiled too (an interpreted class cannot inherit from a
+# compiled one). What mypyc does not take: generic dataclasses (``_plan`` uses plain classes),
+# ``object.__new__`` on a compiled class (``_assembly`` uses the class's own ``__new__``).
 COMPILED = [
     "src/keel/_health.py",
     "src/keel/_tokens.py",
@@ -26,13 +27,26 @@ COMPILED = [
     "src/keel/engine/_balancer.py",
     "src/keel/engine/_limits.py",
     "src/keel/engine/_deadlines.py",
+    "src/keel/engine/_admission.py",
+    "src/keel/engine/_validate.py",
+    "src/keel/_sse.py",
+    "src/keel/_classify.py",
+    "src/keel/engine/_operation.py",
+    "src/keel/engine/_router.py",
+    "src/keel/engine/_auth.py",
+    "src/keel/_assembly.py",
+    "src/keel/_transcript.py",
+    "src/keel/_text_assembly.py",
+    "src/keel/_hints.py",
+    "src/keel/_responses_wire.py",
+    "src/keel/engine/_responses.py",
+    "src/keel/engine/_embeddings.py",
+    "src/keel/engine/_completions.py",
+    "src/keel/_plan.py",
+    "src/keel/_hedge.py",
 ]
 
-if os.environ.get("KEEL_MYPYC") == "1":
-    # Without a C compiler the build would fail pages into the compiler's output: say it in one line.
-    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
-    if shutil.which(cc) is None:
-        sys.exit(f"keel: KEEL_MYPYC=1 needs a C compiler ({cc} not found); unset it for pure Python")
+if os.environ.get("KEEL_MYPYC") == "1":  # set by the backend: a wheel, a C compiler there
     from mypyc.build import mypycify
 
     # Type errors are reported for the compiled modules only (CI's mypy checks the rest; the

@@ -86,7 +86,9 @@ class Frame:
         return text
 
 
-_new_frame = object.__new__
+# ``Frame.__new__`` is ``object.__new__`` in pure Python; compiled (setup.py), mypyc's own,
+# which allocates the native object (``object.__new__`` refuses a compiled class).
+_new_frame = Frame.__new__
 
 
 @dataclass(slots=True)

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Generic, Literal, Protocol, TypeVar
 
 from keel._backoff import RetryBudget, backoff_delay
@@ -83,7 +83,6 @@ class Policy:
 # -- decisions ------------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
 class Try(Generic[D]):
     """Start an attempt on ``dep``.
 
@@ -91,13 +90,31 @@ class Try(Generic[D]):
     ``hedge_after``: seconds after which, without a first token, ask ``hedge_target()``.
     ``patience``: how many attempts of this request were cut for lateness; the deployment's
     learned first-token bound (``keel._cadence.FirstToken``) is doubled that many times, up
-    to the configured ``first_token`` — a late request may just be a big one. If the deployment's limiter cannot let the attempt through
-    at once, ``queue_bound()`` says how long it may wait for it."""
+    to the configured ``first_token`` — a late request may just be a big one. If the
+    deployment's limiter cannot let the attempt through at once, ``queue_bound()`` says how
+    long it may wait for it.
 
-    dep: D
-    continuation: bool = False
-    hedge_after: float | None = None
-    patience: int = 0
+    (A plain class, as ``Plan`` and ``_Setbacks``: mypyc compiles no generic dataclass.)"""
+
+    __slots__ = ("continuation", "dep", "hedge_after", "patience")
+
+    def __init__(
+        self,
+        dep: D,
+        continuation: bool = False,
+        hedge_after: float | None = None,
+        patience: int = 0,
+    ) -> None:
+        self.dep = dep
+        self.continuation = continuation
+        self.hedge_after = hedge_after
+        self.patience = patience
+
+    def __repr__(self) -> str:
+        return (
+            f"Try(dep={self.dep!r}, continuation={self.continuation}, "
+            f"hedge_after={self.hedge_after}, patience={self.patience})"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,64 +162,96 @@ class Tried:
 # -- the plan -------------------------------------------------------------------------------------
 
 
-@dataclass(slots=True, eq=False)
 class _Setbacks(Generic[D]):
     """What went wrong so far in one request: made at its first failure, refusal or budgeted
     retry, so a request whose first attempt succeeds (nearly all of them) builds none of it."""
 
-    tried: list[Tried] = field(default_factory=list)
-    again: list[D] = field(default_factory=list)  # retry these next round
-    hints: list[float] = field(default_factory=list)  # their retry-after hints
-    later: list[D] = field(default_factory=list)  # unreachable: once more after everything
-    load_refused: set[int] = field(default_factory=set)  # id() of deps that refused for load
-    refusals: dict[int, str] = field(default_factory=dict)  # id(dep) → why it turned us away
-    charged: set[int] = field(default_factory=set)  # id() of deps running a budgeted retry
-    down: set[int] = field(default_factory=set)  # id() of deps found down (for the error)
-    held: set[int] = field(default_factory=set)  # id() of deps held back this round (``soon``)
-    rounds: dict[int, int] = field(default_factory=dict)  # id(dep) → rounds it failed in
+    __slots__ = (
+        "again", "charged", "down", "held", "hints", "later", "load_refused", "refusals",
+        "rounds", "tried",
+    )  # fmt: skip
+
+    def __init__(self) -> None:
+        self.tried: list[Tried] = []
+        self.again: list[D] = []  # retry these next round
+        self.hints: list[float] = []  # their retry-after hints
+        self.later: list[D] = []  # unreachable: once more after everything
+        self.load_refused: set[int] = set()  # id() of deps that refused for load
+        self.refusals: dict[int, str] = {}  # id(dep) → why it turned us away
+        self.charged: set[int] = set()  # id() of deps running a budgeted retry
+        self.down: set[int] = set()  # id() of deps found down (for the error)
+        self.held: set[int] = set()  # id() of deps held back this round (``soon``)
+        self.rounds: dict[int, int] = {}  # id(dep) → rounds it failed in
 
 
-@dataclass(slots=True, eq=False)
 class Plan(Generic[D]):
     """One request's attempts. ``groups``: the group names in order; ``order(group)``: that
     group's candidates, best first (asked when the plan reaches it); ``has_room(dep)``: the
-    deployment could take an attempt right now without queueing."""
+    deployment could take an attempt right now without queueing. ``deadline`` is on the
+    clock of ``next()``: the whole request, waits included; ``max_wait``: seconds an attempt
+    may queue at a deployment; ``hedge``: the group's policy, when it hedges;
+    ``spliceable``: a committed answer can be continued (one choice); ``token_limit``: the
+    client's max_tokens / max_completion_tokens; ``queued(dep)``: the deployment's limiter
+    now holds excess requests back itself (a learned concurrency limit or pace), so a retry
+    there after a load refusal waits for room, adding no load.
 
-    groups: Sequence[str]
-    order: Callable[[str], Sequence[D]]
-    has_room: Callable[[D], bool]
-    policy: Policy
-    budget: RetryBudget
-    deadline: float  # the clock of next(); the whole request, waits included
-    max_wait: float = 10.0  # seconds an attempt may queue at a deployment
-    hedge: HedgePolicy | None = None  # the group's, when it hedges
-    spliceable: bool = True  # a committed answer can be continued (one choice)
-    token_limit: int | None = None  # the client's max_tokens / max_completion_tokens
-    # The deployment's limiter now holds excess requests back itself (a learned concurrency
-    # limit or pace): a retry there after a load refusal waits for room, adding no load.
-    queued: Callable[[D], bool] | None = None
-    rng: random.Random | None = None
-    # -- what happened (read by the driver for headers and errors)
-    count: int = 0  # attempts started (hedges included)
-    last: D | None = None  # the deployment of the latest attempt (or the hedge that won)
-    saturated: tuple[str, float | None] | None = None  # the last refusal: reason, retry_after
-    committed: bool = False  # the client has seen part of the answer
-    patience: int = 0  # attempts cut for lateness (timeouts): each doubles the next bound
-    tokens: int = 0  # content chunks the client has seen
-    # -- where the walk is
-    _group: int = -1
-    _round: int = 0
-    _pending: Sequence[D] = ()
-    _next: int = 0
-    _swept: bool = False
-    _passed_over: bool = False  # queue_bound offered no wait: a later candidate had room
-    _end: GiveUp | Finish | None = None
-    _s: _Setbacks[D] | None = None  # what went wrong so far (``_setbacks()``)
+    A plain class with ``__slots__`` rather than a dataclass: mypyc compiles no generic
+    dataclass, and the opt-in compiled build (setup.py) compiles this module."""
 
-    def __post_init__(self) -> None:
-        self.budget.record_request()
-        if self.hedge is not None:
-            self.hedge.on_request()
+    __slots__ = (
+        "_end", "_group", "_next", "_passed_over", "_pending", "_round", "_s", "_swept",
+        "budget", "committed", "count", "deadline", "groups", "has_room", "hedge", "last",
+        "max_wait", "order", "patience", "policy", "queued", "rng", "saturated", "spliceable",
+        "token_limit", "tokens",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        groups: Sequence[str],
+        order: Callable[[str], Sequence[D]],
+        has_room: Callable[[D], bool],
+        policy: Policy,
+        budget: RetryBudget,
+        deadline: float,
+        max_wait: float = 10.0,
+        hedge: HedgePolicy | None = None,
+        spliceable: bool = True,
+        token_limit: int | None = None,
+        queued: Callable[[D], bool] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.groups = groups
+        self.order = order
+        self.has_room = has_room
+        self.policy = policy
+        self.budget = budget
+        self.deadline = deadline
+        self.max_wait = max_wait
+        self.hedge = hedge
+        self.spliceable = spliceable
+        self.token_limit = token_limit
+        self.queued = queued
+        self.rng = rng
+        # -- what happened (read by the driver for headers and errors)
+        self.count = 0  # attempts started (hedges included)
+        self.last: D | None = None  # the latest attempt's deployment (or the winning hedge's)
+        # The last refusal: reason, retry_after.
+        self.saturated: tuple[str, float | None] | None = None
+        self.committed = False  # the client has seen part of the answer
+        self.patience = 0  # attempts cut for lateness (timeouts): each doubles the next bound
+        self.tokens = 0  # content chunks the client has seen
+        # -- where the walk is
+        self._group = -1
+        self._round = 0
+        self._pending: Sequence[D] = ()
+        self._next = 0
+        self._swept = False
+        self._passed_over = False  # queue_bound offered no wait: a later candidate had room
+        self._end: GiveUp | Finish | None = None
+        self._s: _Setbacks[D] | None = None  # what went wrong so far (``_setbacks()``)
+        budget.record_request()
+        if hedge is not None:
+            hedge.on_request()
 
     @property
     def tried(self) -> list[Tried]:

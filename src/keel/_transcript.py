@@ -161,7 +161,7 @@ class Take:
     them), what it relayed, its usage, its held terminal chunk."""
 
     __slots__ = (
-        "_asm",
+        "_assembler",
         "_hot",
         "_t",
         "_trimmer",
@@ -176,7 +176,7 @@ class Take:
 
     def __init__(self, transcript: Transcript, asm: StreamAssembler, mode: Mode | None) -> None:
         self._t = transcript
-        self._asm = asm
+        self._assembler = asm
         self.mode = mode
         self._trimmer = OverlapTrimmer(transcript.text) if mode == "instruct" else None
         self.pending: list[bytes] = []  # payloads held until the commit
@@ -207,7 +207,7 @@ class Take:
             if content:
                 self.relayed += 1
                 t.sent.append(content)
-            if not t.tool_calls and self._asm.has_tool_calls:
+            if not t.tool_calls and self._assembler.has_tool_calls:
                 t.tool_calls = True
             return False
         if self.mode is not None:
@@ -225,7 +225,7 @@ class Take:
             if content:
                 self.relayed += 1
                 t.sent.append(content)
-            if not t.tool_calls and self._asm.has_tool_calls:
+            if not t.tool_calls and self._assembler.has_tool_calls:
                 t.tool_calls = True
             return False
         if content:
@@ -251,13 +251,13 @@ class Take:
         if committing:
             t.owner = self  # before any await: exactly one winner
             t.committed = True
-            asm = self._asm
+            asm = self._assembler
             t.meta = (asm.id, asm.created, asm.model)
         elif t.owner is not self:
             raise Lost
         self._hot = self.mode is None
         t.sent.extend(self.texts)
-        t.tool_calls = t.tool_calls or self._asm.has_tool_calls
+        t.tool_calls = t.tool_calls or self._assembler.has_tool_calls
         out.extend(self.pending)
         self.pending = []
         self.texts = []
@@ -274,7 +274,7 @@ class Take:
         data, content = self.finish
         if content:
             t.sent.append(content)
-        if not t.tool_calls and self._asm.has_tool_calls:
+        if not t.tool_calls and self._assembler.has_tool_calls:
             t.tool_calls = True
         return data
 
@@ -288,17 +288,17 @@ class Take:
     @property
     def finish_reasons(self) -> dict[int, str]:
         """The terminal finish_reason of each choice this attempt saw (observers read it)."""
-        return self._asm.finish_reasons
+        return self._assembler.finish_reasons
 
     def usage(self) -> dict[str, Any]:
         """The attempt's usage, for the limiter (token reconciliation, latency per token)."""
-        return self._asm.usage or {"completion_tokens": self.relayed}
+        return self._assembler.usage or {"completion_tokens": self.relayed}
 
     # -- pieces -----------------------------------------------------------------------------------
 
     def _ready(self, f: Frame) -> bool:
         """Enough is held to commit (the role chunk alone is not worth committing for)."""
-        if not (f.content or self._asm.has_tool_calls):
+        if not (f.content or self._assembler.has_tool_calls):
             return False
         t = self._t
         if t.committed or (not t.commit_tokens and not t.commit_ms):
