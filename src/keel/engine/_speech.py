@@ -154,6 +154,7 @@ async def open_speech(keel: Keel, call: Call) -> Speech:
                     if not accepted(dep, resp):
                         rejected, resp = resp, None  # refused() closes it
                         raise await refused(dep, rejected)
+                    permit.answered = True  # let in: the load evidence counts it so
                     first = await resp.content.readany()
                 if not first:
                     raise AttemptFailed(
