@@ -68,7 +68,9 @@ def prompt_tokens(messages: Sequence[Any], tools: Any = None) -> int:
     for m in messages:
         if not isinstance(m, dict):  # parsed JSON: a dict (an ABC check costs ~4x more)
             continue
-        n += PER_MESSAGE + _content_tokens(m.get("content"))
+        c = m.get("content")
+        # A string (the common message) counted here: no frame of ``_content_tokens`` for it.
+        n += PER_MESSAGE + (text_tokens(c) if type(c) is str else _content_tokens(c))
         calls = m.get("tool_calls")
         if calls:
             n += text_tokens(str(calls))
