@@ -431,7 +431,10 @@ class Keel:
             meter.check()  # a 429 when its budget is spent
         priority = self.admission.priority(headers, principal)
         settings = self.settings
-        now = asyncio.get_running_loop().time()
+        # The engine's loop once started (asyncio.get_running_loop() makes a getpid syscall
+        # per call in CPython 3.11, to notice a fork).
+        deadlines = self.deadlines
+        now = (deadlines.loop if deadlines is not None else asyncio.get_running_loop()).time()
         deadline = now + settings.deadline
         streaming = op.streams and bool(body.get("stream"))
         wants_usage = False

@@ -260,7 +260,13 @@ class DeploymentLimiter:
         )
 
     def has_capacity(self, now: float) -> bool:
-        if self.waiting or self.in_flight >= self.cap() or now < self.paused_until:
+        aimd = self.aimd
+        # ``cap()``'s common case read here, without its frame (the balancer asks per request).
+        if (aimd is None or not aimd.active) and self.shared is None:
+            cap = self._configured_cap
+        else:
+            cap = self.cap()
+        if self.waiting or self.in_flight >= cap or now < self.paused_until:
             return False
         if self._rate_head is not None or self._rate_waiters or now < self._saturated_until:
             return False

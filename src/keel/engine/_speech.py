@@ -142,7 +142,7 @@ async def open_speech(keel: Keel, call: Call) -> Speech:
             resp: aiohttp.ClientResponse | None = None
             try:
                 with deadlines.timeout(
-                    attempt_limit(dep, call.deadline, deadlines, dep.timeouts.first_token)
+                    attempt_limit(dep, call.deadline, deadlines, dep.first_token_timeout)
                 ):
                     resp = await session.post(
                         _url(dep),
