@@ -68,7 +68,9 @@ def prompt_tokens(messages: Sequence[Any], tools: Any = None) -> int:
     for m in messages:
         if not isinstance(m, dict):  # parsed JSON: a dict (an ABC check costs ~4x more)
             continue
-        n += PER_MESSAGE + _content_tokens(m.get("content"))
+        c = m.get("content")
+        # A string (the common message) counted here: no frame of ``_content_tokens`` for it.
+        n += PER_MESSAGE + (text_tokens(c) if type(c) is str else _content_tokens(c))
         calls = m.get("tool_calls")
         if calls:
             n += text_tokens(str(calls))
@@ -97,11 +99,14 @@ def input_tokens(value: Any) -> int:
 
 
 def completion_budget(body: Mapping[str, Any]) -> int | None:
-    """The client's own cap on output tokens, if it set one."""
-    for key in ("max_completion_tokens", "max_tokens"):
-        v = body.get(key)
-        if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
-            return v
+    """The client's own cap on output tokens, if it set one (``max_completion_tokens`` first).
+    Written out rather than looped over the two keys: this runs for every request."""
+    v = body.get("max_completion_tokens")
+    if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+        return v
+    v = body.get("max_tokens")
+    if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+        return v
     return None
 
 

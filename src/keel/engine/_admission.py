@@ -55,7 +55,7 @@ class Admission:
     def priority(headers: Mapping[str, str], principal: Principal) -> str:
         value = headers.get("x-keel-priority")
         if value is None:
-            return principal.cfg.priority if principal.cfg is not None else "interactive"
+            return principal.priority
         value = value.strip().lower()
         if value not in PRIORITIES:
             raise KeelError(
@@ -97,9 +97,8 @@ class Admission:
 
     def _cost_within_concurrency(self, p: Principal, req: Costed) -> int:
         """Tokens to book against the client's TPM; a 429 when it is at its concurrency cap."""
-        cfg = p.cfg
-        assert cfg is not None
-        if cfg.max_concurrency and p.in_flight >= cfg.max_concurrency:
+        most = p.max_concurrency
+        if most and p.in_flight >= most:
             raise self._refuse(p, "concurrency", 1.0)
         if p.tok is None:
             return 0

@@ -175,7 +175,10 @@ class Timeout(Entry):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.cancel()
+        # ``cancel()``, inline (a timeout's callback is None already): one frame fewer.
+        bucket = self.bucket
+        if bucket is not None:
+            bucket.discard(self)
         # As asyncio.timeout: our own cancellation becomes TimeoutError, anyone else's stays.
         if (
             self.expired

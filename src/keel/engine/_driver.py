@@ -84,7 +84,7 @@ async def complete(keel: Keel, call: Call) -> tuple[bytes, dict[str, str]]:
             else:
                 payload = keel.upstream_body(call.body, dep)
             # A whole answer far later than the deployment's usual one: try elsewhere.
-            ceiling = dep.timeouts.first_token
+            ceiling = dep.first_token_timeout
             usual = dep.answer_time
             bound = usual.bound(ceiling, len(payload), d.patience)
             sent = loop.time()
@@ -242,7 +242,7 @@ async def _attempt(
     assert session is not None and deadlines is not None
     started = deadlines.loop.time()
     # A first token far later than the deployment's usual one: try elsewhere (keel._cadence).
-    ceiling = dep.timeouts.first_token
+    ceiling = dep.first_token_timeout
     first = dep.first_token.bound(ceiling, len(payload), patience)
     usual = None if patience else dep.first_token
     resp = await post(session, dep.urls[op], dep, payload, call.deadline, deadlines, first, usual)

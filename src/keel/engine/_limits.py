@@ -260,7 +260,13 @@ class DeploymentLimiter:
         )
 
     def has_capacity(self, now: float) -> bool:
-        if self.waiting or self.in_flight >= self.cap() or now < self.paused_until:
+        aimd = self.aimd
+        # ``cap()``'s common case read here, without its frame (the balancer asks per request).
+        if (aimd is None or not aimd.active) and self.shared is None:
+            cap = self._configured_cap
+        else:
+            cap = self.cap()
+        if self.waiting or self.in_flight >= cap or now < self.paused_until:
             return False
         if self._rate_head is not None or self._rate_waiters or now < self._saturated_until:
             return False
@@ -285,6 +291,7 @@ class DeploymentLimiter:
         request wait — no shared state, nobody queued, a free slot, every rate bucket rested
         (its theoretical arrival time not after now, so any request conforms and booking it
         at ``now`` is what ``_book`` would do). None: take the full path."""
+        aimd = self.aimd
         if (
             self.shared is not None
             or self.waiting
@@ -293,7 +300,9 @@ class DeploymentLimiter:
             or now < self._saturated_until
             or now < self.paused_until
             or now < self.win_until
-            or self.in_flight >= self.cap()
+            # ``cap()``, inline (no shared state here): its common case without its frame.
+            or self.in_flight
+            >= (self._configured_cap if aimd is None or not aimd.active else self.cap())
         ):
             return None
         rq, tok, paced = self.req, self.tok, self.paced
@@ -312,7 +321,7 @@ class DeploymentLimiter:
         if rq is not None:
             rq.book(now, 1.0)
         self.in_flight += 1
-        epoch = self.aimd.epoch if self.aimd is not None else 0
+        epoch = aimd.epoch if aimd is not None else 0
         permit = Permit(now, self.in_flight, epoch, cost, prompt)
         self.running[id(permit)] = permit
         return permit
@@ -895,15 +904,6 @@ def _open_reason(dep: Deployment, back: float) -> str:
     return f"{dep.name}: circuit breaker open for {back:.1f}s"
 
 
-def _usage_ints(usage: Mapping[str, Any] | None) -> tuple[int | None, int | None]:
-    """(prompt, completion) tokens an answer's usage reports; None for a count that is not an
-    int (a bool is an int subclass, a float is not a count)."""
-    if usage is None:
-        return None, None
-    p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    return p if type(p) is int else None, c if type(c) is int else None
-
-
 def release(dep: Deployment, permit: Permit) -> None:
     """Report the attempt's outcome (``permit.ok`` / ``permit.error``) and free its slot."""
     if permit.released:
@@ -922,7 +922,17 @@ def _succeeded(dep: Deployment, permit: Permit, now: float) -> None:
     lim = dep.limiter
     dep.breaker.record(permit.how, permit.started, True, now)
     usage = permit.usage
-    prompt, completion = _usage_ints(usage)
+    # The (prompt, completion) tokens the usage reports, read here (no helper frame per
+    # success); None for a count that is not an int (a bool is an int subclass, a float is
+    # not a count).
+    prompt: int | None = None
+    completion: int | None = None
+    if usage is not None:
+        p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if type(p) is int:
+            prompt = p
+        if type(c) is int:
+            completion = c
     tokens = completion if completion else lim.calibration.typical_completion
     took = now - permit.started
     dep.latency.observe(took / (tokens if tokens > 1.0 else 1.0), now)

@@ -71,9 +71,10 @@ class Operation:
         """A library caller's dict, checked the same way."""
         raise NotImplementedError
 
-    def estimate(self, body: Mapping[str, Any]) -> tuple[int, int | None]:
-        """Its token estimate (``Costed.tokens()``), asked only where a TPM limit applies."""
-        return chat_tokens(body)
+    # Its token estimate of a body (``Costed.tokens()``), asked only where a TPM limit
+    # applies: a chat body's unless overridden. The function itself, not a method calling
+    # it: one frame fewer per request.
+    estimate = staticmethod(chat_tokens)
 
     # -- the answer -------------------------------------------------------------------------------
 

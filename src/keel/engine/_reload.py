@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from keel._backoff import RetryBudget
 from keel.config import GatewayConfig, load_config
-from keel.engine._keel import hedge_policy, policies
+from keel.engine._keel import RequestSettings, hedge_policy, policies
 from keel.engine._limits import apply_remote_health
 from keel.engine._router import Router
 
@@ -83,6 +83,7 @@ def reload(keel: Keel, new: GatewayConfig | None = None) -> dict[str, Any]:
         )
     # One assignment each, no await between them: a request starting now sees all or none.
     keel.config, keel.router, keel.hedges = config, router, hedges
+    keel.settings = RequestSettings.of(config)
     keel.policies = policies(config)
     shared = keel.shared
     if shared is not None:  # other replicas' health decisions for the new set of deployments

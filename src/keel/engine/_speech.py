@@ -30,7 +30,6 @@ from keel.engine._keel import Call, Keel
 from keel.engine._limits import PRIORITIES, Permit
 from keel.engine._upstream import (
     AttemptFailed,
-    _client_timeout,
     accepted,
     attempt_limit,
     refused,
@@ -143,13 +142,13 @@ async def open_speech(keel: Keel, call: Call) -> Speech:
             resp: aiohttp.ClientResponse | None = None
             try:
                 with deadlines.timeout(
-                    attempt_limit(dep, call.deadline, deadlines, dep.timeouts.first_token)
+                    attempt_limit(dep, call.deadline, deadlines, dep.first_token_timeout)
                 ):
                     resp = await session.post(
                         _url(dep),
                         data=orjson.dumps({**call.body, "model": dep.model}),
                         headers=dep.request_headers,
-                        timeout=_client_timeout(dep.timeouts.connect),
+                        timeout=dep.client_timeout,
                     )
                     if not accepted(dep, resp):
                         rejected, resp = resp, None  # refused() closes it

@@ -34,31 +34,14 @@ class AttemptFailed(Exception):
         self.error = error
 
 
-_CLIENT_TIMEOUTS: dict[float, aiohttp.ClientTimeout] = {}
-
-
-def _client_timeout(connect: float) -> aiohttp.ClientTimeout:
-    """aiohttp's own timer only for connecting (one ClientTimeout per value, not per request:
-    building one costs ~1.5 µs); our deadlines bound the rest."""
-    t = _CLIENT_TIMEOUTS.get(connect)
-    if t is None:
-        t = _CLIENT_TIMEOUTS[connect] = aiohttp.ClientTimeout(total=None, sock_connect=connect)
-    return t
-
-
 def send(
     session: aiohttp.ClientSession, url: str, dep: Deployment, body: bytes
 ) -> Awaitable[aiohttp.ClientResponse]:
     """The upstream POST to ``url`` (the deployment's for the operation, ``dep.urls[op]``),
     for the caller to await (a plain function: no coroutine frame of its own for every
     wake-up of the request to pass through). No timer of its own: the caller's one deadline
-    bounds it; aiohttp's times only the connect."""
-    return session.post(
-        url,
-        data=body,
-        headers=dep.request_headers,
-        timeout=_client_timeout(dep.timeouts.connect),
-    )
+    bounds it; aiohttp's times only the connect (``Deployment.client_timeout``)."""
+    return session.post(url, data=body, headers=dep.request_headers, timeout=dep.client_timeout)
 
 
 def accepted(dep: Deployment, resp: aiohttp.ClientResponse) -> bool:
@@ -111,7 +94,7 @@ def attempt_limit(
 ) -> float:
     """When the attempt's wait for its first token (``first_token`` seconds: the configured
     bound, or the deployment's learned one) ends, within the request's deadline."""
-    return min(deadline, deadlines.loop.time() + min(first_token, dep.timeouts.total))
+    return min(deadline, deadlines.loop.time() + min(first_token, dep.total_timeout))
 
 
 def first_token_timer(

@@ -12,6 +12,10 @@ from keel.engine._errors import KeelError
 # keel re-serialises every body it forwards, so it accepts only what it can send on.
 MAX_DEPTH = 254
 _BOM = b"\xef\xbb\xbf"
+# The keys that must be positive integers when present, in the order they are checked (the
+# first bad one is named).
+_POSITIVE_INTS_ORDER = ("max_tokens", "max_completion_tokens", "n")
+_POSITIVE_INTS = frozenset(_POSITIVE_INTS_ORDER)
 
 
 def bad(message: str, param: str | None = None, code: str | None = None) -> KeelError:
@@ -94,10 +98,11 @@ def check_chat_request(body: dict[str, Any], *, depth_checked: bool = False) -> 
     opts = body.get("stream_options")
     if opts is not None and not isinstance(opts, dict):
         raise bad("'stream_options' must be an object.", param="stream_options")
-    for key in ("max_tokens", "max_completion_tokens", "n"):
-        v = body.get(key)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            raise bad(f"'{key}' must be a positive integer.", param=key)
+    if not _POSITIVE_INTS.isdisjoint(body):  # (most bodies have none: one test in C)
+        for key in _POSITIVE_INTS_ORDER:
+            v = body.get(key)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise bad(f"'{key}' must be a positive integer.", param=key)
     return body
 
 

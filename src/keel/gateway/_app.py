@@ -66,7 +66,7 @@ def endpoint(op: Operation) -> Handler:
             try:
                 headers = request.headers
                 principal = keel.authenticate(headers)
-                limit = keel.config.server.max_body_bytes
+                limit = keel.settings.max_body_bytes
                 length = request.content_length
                 if length is not None and length > limit:
                     raise too_large(limit)
