@@ -36,6 +36,9 @@ from keel.testing import SimProcess, spawn_sim
 
 PER_KIND = 12  # requests of each kind per round
 IDLE = 0.3  # keel's idle timeout: a stalled stream is closed by keel's watchdog after this
+# A stream stalled before its first token is cut after this (then retried): each round waits
+# it out twice (12 such streams, 8 at a time), so it sets most of this test's length.
+FIRST_TOKEN = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +51,7 @@ def sim() -> Iterator[SimProcess]:
 async def gateway(sim: SimProcess) -> AsyncIterator[str]:
     cfg = parse_config(
         {
-            "timeouts": {"idle": IDLE, "first_token": 5},
+            "timeouts": {"idle": IDLE, "first_token": FIRST_TOKEN},
             "retry": {"backoff_base": 0.001, "backoff_cap": 0.01},
             "breaker": {"enabled": False},  # faults on every request are the point here
             "models": {"m": {"deployments": [{"base_url": sim.base_url, "api_key": "sk-x"}]}},

@@ -57,6 +57,8 @@ def _run_cells(
                 sim.clear_log()  # keep the simulator's log small
         for t in who:
             out.setdefault(t.name, {})[key] = c.median_of(runs[t.name])
+            # Every repeat as measured: the spread says how far one median can be trusted.
+            out[t.name][key]["runs"] = runs[t.name]
             if t.name != "bare" and "bare" in runs:
                 out[t.name][key]["paired_vs_bare"] = c.paired_ratios(runs[t.name], runs["bare"])
             for base, suffix in _AUTH_BASELINES.items():  # --auth: the same pairs
